@@ -1,0 +1,22 @@
+"""onnxforge's optimizer: a pure library (no web) to load, inspect, optimize and evaluate ONNX models."""
+
+from optimizer.errors import (
+    CalibrationError,
+    ExternalDataError,
+    InvalidModelError,
+    OptimizerError,
+    PassError,
+    UnsupportedModelError,
+)
+from optimizer.loading import LoadedModel, load_model
+
+__all__ = [
+    "CalibrationError",
+    "ExternalDataError",
+    "InvalidModelError",
+    "LoadedModel",
+    "OptimizerError",
+    "PassError",
+    "UnsupportedModelError",
+    "load_model",
+]

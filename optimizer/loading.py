@@ -1,0 +1,191 @@
+"""Load a user's model and prove it is usable before anything else touches it.
+
+Checks, in order: it parses as ONNX, its external data (if any) is present and stays inside the
+model's folder, its IR version is one the installed ONNX Runtime accepts (lowered when the opsets
+allow), the ONNX checker and shape inference accept it, and ONNX Runtime can create a session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, helper
+
+from optimizer.errors import ExternalDataError, InvalidModelError, UnsupportedModelError
+from optimizer.runtime import SessionSettings, create_session, max_supported_ir_version
+
+
+@dataclass
+class LoadedModel:
+    """A validated model, its weights in memory, and what loading had to change."""
+
+    proto: onnx.ModelProto
+    sha256: str
+    size_bytes: int
+    original_ir_version: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ir_version(self) -> int:
+        return self.proto.ir_version
+
+    def to_bytes(self) -> bytes:
+        return self.proto.SerializeToString()
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph and its subgraphs (If/Loop/Scan bodies) that may hold external data."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_tensors(sub)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _all_tensors(model.graph) if external_data_helper.uses_external_data(t)]
+
+
+def _check_external_location(tensor: onnx.TensorProto, base_dir: Path | None) -> None:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    location = info.location
+    if base_dir is None:
+        raise ExternalDataError(
+            f"tensor {tensor.name!r} keeps its data in an external file ({location!r}) that did not come "
+            "with the model: upload the model with its data files, or save it with all tensors inside "
+            "(onnx.save_model(model, path, save_as_external_data=False))"
+        )
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise ExternalDataError(
+            f"tensor {tensor.name!r} points at external data {location!r}: only relative paths inside "
+            "the model's folder are allowed"
+        )
+    root = base_dir.resolve()
+    target = (root / location).resolve()
+    if not target.is_relative_to(root):
+        raise ExternalDataError(
+            f"tensor {tensor.name!r} points at external data {location!r}, which lies outside the model's "
+            "folder: refusing to read it"
+        )
+    if not target.is_file():
+        raise ExternalDataError(
+            f"tensor {tensor.name!r} needs the external data file {location!r}, which is missing: upload it "
+            "together with the model"
+        )
+
+
+def _parse(data: bytes) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError("the file is empty: expected an ONNX model (.onnx)")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(
+            f"the file is not a valid ONNX model (protobuf parse failed: {exc}); it may be truncated or "
+            "not an .onnx file at all"
+        ) from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise InvalidModelError(
+            "the file parsed but holds no ONNX graph or opset: it is not an ONNX model (was it "
+            "truncated, or saved by another tool?)"
+        )
+    return model
+
+
+def _lower_ir_version(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Lower a too-new IR version to what ONNX Runtime accepts when the opsets allow it."""
+    supported = max_supported_ir_version()
+    if model.ir_version <= supported:
+        return
+    opsets = [(o.domain or "ai.onnx", o.version) for o in model.opset_import]
+    try:
+        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:  # noqa: BLE001 - unknown domain versions: assume the opsets need nothing newer
+        needed = 3
+    if needed > supported:
+        raise UnsupportedModelError(
+            f"the model's opsets {opsets} need ONNX IR version {needed}, but the installed ONNX Runtime "
+            f"supports at most {supported}: upgrade onnxruntime or export with an older opset"
+        )
+    notes.append(
+        f"IR version lowered from {model.ir_version} to {supported}: the installed ONNX Runtime accepts "
+        f"at most {supported} and the model's opsets {opsets} allow it"
+    )
+    model.ir_version = supported
+
+
+def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None) -> LoadedModel:
+    """Load and validate a model from a path or bytes.
+
+    `base_dir` is the folder that external data files must lie in; for a path it defaults to the
+    model's folder, for bytes there is none (external data is then refused).
+    Raises an OptimizerError subclass that says what is wrong; never a bare library error.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidModelError(f"cannot read the model file {path}: {exc.strerror}") from None
+        base = Path(base_dir) if base_dir is not None else path.parent
+    else:
+        data = bytes(source)
+        base = Path(base_dir) if base_dir is not None else None
+
+    model = _parse(data)
+    notes: list[str] = []
+    original_ir = model.ir_version
+
+    external = _external_tensors(model)
+    for tensor in external:
+        _check_external_location(tensor, base)
+    if external:
+        assert base is not None  # _check_external_location refused otherwise
+        external_data_helper.load_external_data_for_model(model, str(base))
+        notes.append(f"{len(external)} tensors loaded from external data files")
+
+    _lower_ir_version(model, notes)
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown reason"
+        raise InvalidModelError(f"the ONNX checker refuses the model: {first_line}") from None
+    except Exception as exc:  # noqa: BLE001 - shape inference errors surface as various types
+        raise InvalidModelError(f"the ONNX checker refuses the model: {exc}") from None
+
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidModelError(f"ONNX shape inference fails on the model: {exc}") from None
+
+    try:
+        create_session(model.SerializeToString(), SessionSettings(optimization_level="disabled"))
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"ONNX Runtime cannot load the model: {message}. Check that every op is a standard ONNX op "
+            "(or one ONNX Runtime implements) and that the opset is supported"
+        ) from None
+
+    return LoadedModel(
+        proto=model,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        original_ir_version=original_ir,
+        notes=notes,
+    )

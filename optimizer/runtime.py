@@ -1,0 +1,143 @@
+"""The one place that creates ONNX Runtime sessions and chooses the execution provider.
+
+The benchmark, the accuracy check and the service's predict path all call `create_session`, so the
+latency a report shows is measured with the same provider and threading that serve.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA}
+
+_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How a session runs. The defaults are the serving defaults."""
+
+    provider: str = "cpu"  # "cpu" or "cuda"; see resolve_provider
+    intra_op_threads: int = 0  # 0 lets ONNX Runtime use one thread per physical core
+    inter_op_threads: int = 1
+    # Idle spinning threads steal time from a second session timed on the same cores (an identical
+    # model measured 1.38x "faster"); A/B benchmarks turn it off on both sides.
+    allow_spinning: bool = True
+    optimization_level: str = "all"
+
+
+def _tiny_model(ir_version: int, opset: int = 13) -> bytes:
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+@functools.cache
+def max_supported_ir_version() -> int:
+    """The highest ONNX IR version the installed ONNX Runtime loads.
+
+    No ONNX Runtime API reports it, so probe with a one-node model, newest first.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for ir_version in range(onnx.IR_VERSION, 3, -1):
+        try:
+            ort.InferenceSession(_tiny_model(ir_version), options, providers=[CPU])
+            return ir_version
+        except Exception:  # noqa: BLE001 - refusal is the answer we probe for
+            continue
+    return 3
+
+
+def cuda_is_usable(available: Sequence[str] | None = None) -> bool:
+    """True only when onnxruntime-gpu is installed *and* a session really gets the CUDA provider.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even without a GPU and silently falls back to
+    CPU at session creation, so the list alone proves nothing.
+    """
+    available = ort.get_available_providers() if available is None else available
+    if CUDA not in available:
+        return False
+    return _cuda_session_works()
+
+
+@functools.cache
+def _cuda_session_works() -> bool:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(_tiny_model(8), options, providers=[CUDA, CPU])
+    except Exception:  # noqa: BLE001
+        return False
+    return session.get_providers()[0] == CUDA
+
+
+def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None) -> str:
+    """Turn "auto" | "cpu" | "cuda" into the provider that will really serve ("cpu" or "cuda").
+
+    "auto" picks CUDA only when it really works here. Asking for "cuda" where it does not work
+    falls back to "cpu" with a warning rather than failing: the report says what was used.
+    """
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown provider {requested!r}: use auto, cpu or cuda")
+    if requested == "cpu":
+        return "cpu"
+    usable = cuda_is_usable() if cuda_usable is None else cuda_usable
+    if usable:
+        return "cuda"
+    if requested == "cuda":
+        log.warning("CUDA was requested but is not usable here (no onnxruntime-gpu or no GPU); using CPU")
+    return "cpu"
+
+
+def create_session(model: bytes | str | Path, settings: SessionSettings | None = None) -> ort.InferenceSession:
+    """Create an ONNX Runtime session with the given settings (the only place sessions are made)."""
+    settings = settings or SessionSettings()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[settings.optimization_level]
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    providers = [CUDA, CPU] if settings.provider == "cuda" else [CPU]
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=providers)
+
+
+def session_provider(session: ort.InferenceSession) -> str:
+    """What the session really runs on ("cuda" or "cpu"), not what was asked for."""
+    return "cuda" if session.get_providers()[0] == CUDA else "cpu"
+
+
+def default_threads() -> int:
+    """Threads per session when the user says nothing: all cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
