@@ -1,0 +1,125 @@
+"""Loading refuses what cannot work, with a message that says what to fix, and lowers IR versions it can."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optimizer import ExternalDataError, InvalidModelError, UnsupportedModelError, load_model
+from optimizer.runtime import max_supported_ir_version
+from tests import models
+
+
+def test_valid_model_loads_with_hash_and_size() -> None:
+    data = models.mlp().SerializeToString()
+    loaded = load_model(data)
+    assert loaded.size_bytes == len(data)
+    assert len(loaded.sha256) == 64
+    assert loaded.ir_version == models.IR_VERSION
+    assert loaded.notes == []
+
+
+def test_loads_from_path(tmp_path: Path) -> None:
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.cnn(), path)
+    assert len(load_model(path).proto.graph.node) == len(models.cnn().graph.node)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "empty"),
+        (np.random.default_rng(0).bytes(4096), "not a valid ONNX model"),
+        (b"hello, I am a text file\n", "not"),
+    ],
+)
+def test_garbage_is_refused(data: bytes, expected: str) -> None:
+    with pytest.raises(InvalidModelError, match=expected):
+        load_model(data)
+
+
+def test_truncated_model_is_refused() -> None:
+    data = models.cnn().SerializeToString()
+    with pytest.raises(InvalidModelError):
+        load_model(data[: len(data) // 2])
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidModelError, match="cannot read"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_checker_failure_names_the_problem() -> None:
+    model = models.mlp()
+    model.graph.node[0].input[1] = "no_such_tensor"  # MatMul reads a tensor nobody produces
+    with pytest.raises(InvalidModelError, match="checker refuses"):
+        load_model(model.SerializeToString())
+
+
+def test_unknown_custom_op_is_unsupported() -> None:
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph(
+        [node], "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    with pytest.raises(UnsupportedModelError, match="ONNX Runtime cannot load"):
+        load_model(model.SerializeToString())
+
+
+def test_too_new_ir_version_is_lowered_and_noted() -> None:
+    model = models.mlp()
+    model.ir_version = max_supported_ir_version() + 1
+    loaded = load_model(model.SerializeToString())
+    assert loaded.ir_version == max_supported_ir_version()
+    assert loaded.original_ir_version == max_supported_ir_version() + 1
+    assert any("IR version lowered" in note for note in loaded.notes)
+
+
+def _model_with_external_weight(tmp_path: Path, location: str) -> bytes:
+    """An MLP whose first weight claims to live in an external file at `location`."""
+    model = models.mlp()
+    weight = model.graph.initializer[0]
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    del weight.external_data[:]
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", location
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../../etc/passwd", "sub/../../secret.bin"])
+def test_external_data_escape_is_refused(tmp_path: Path, location: str) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_model_with_external_weight(tmp_path, location))
+    with pytest.raises(ExternalDataError, match="outside|only relative"):
+        load_model(path)
+
+
+def test_external_data_without_files_is_refused_for_bytes(tmp_path: Path) -> None:
+    with pytest.raises(ExternalDataError, match="did not come with the model"):
+        load_model(_model_with_external_weight(tmp_path, "weights.bin"))
+
+
+def test_missing_external_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_model_with_external_weight(tmp_path, "weights.bin"))
+    with pytest.raises(ExternalDataError, match="missing"):
+        load_model(path)
+
+
+def test_external_data_inside_the_folder_loads(tmp_path: Path) -> None:
+    model = models.mlp()
+    expected = numpy_helper.to_array(model.graph.initializer[0])
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    loaded = load_model(tmp_path / "model.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.proto.graph.initializer[0]), expected)
+    assert any("external data" in note for note in loaded.notes)
