@@ -1,0 +1,308 @@
+"""Does a variant still compute what the FP32 original computes? Compare their outputs on held-back samples.
+
+Whole-tensor numbers alone are not enough: a detector's single output often holds boxes (0-320) and
+class scores (0-1) side by side, and the whole-tensor cosine stays at 0.999 while every score is
+wrong (INT8 gives the tensor one scale and the scores round to 0). So besides max/mean absolute
+difference, cosine similarity and top-1 agreement, every output of rank >= 3 is also cut into slices
+along its channel axis, and each slice is judged against its *own* range.
+
+The rules, in one place:
+- Cosine similarity and the absolute differences are taken over all samples at once (flattened).
+- Relative error is ||candidate - reference||_2 / ||reference||_2.
+- NaN or Inf in the candidate where the reference is finite fails the output. Positions where the
+  reference itself is not finite are left out of every metric.
+- Top-1 agreement is measured where an output looks like class scores: a float output of rank 2
+  ([batch, classes], classes >= 2) unless its name says it is an embedding/hidden state/feature
+  vector, or a float output of rank >= 3 whose name says logits or probabilities (argmax over the
+  last axis). A row agrees when the candidate's argmax is a maximum of the reference row (ties in the
+  reference count as agreement). `Tolerance.class_outputs` overrides the guess.
+- Slice check (channel axis): rank 3 -> the last axis when it is <= 1024 (detector heads
+  [N, boxes, 4+classes]), else axis 1 when that is <= 1024 ([N, 4+classes, boxes]); rank >= 4 ->
+  axis 1 (ONNX's NCHW channels); rank <= 2 -> none (classifier columns over a few samples are noise;
+  top-1 and cosine judge those). `Tolerance.channel_axis` overrides the guess for checked outputs.
+  Per slice: normalized max error = max|a-b| / (max(ref slice) - min(ref slice)) and cosine
+  similarity; the worst slice of each is reported. A slice whose reference is constant is normalized
+  by the whole tensor's range instead, and a slice whose reference is all zero has no cosine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from optimizer.errors import OptimizerError
+
+SLICE_AXIS_MAX = 1024  # more slices than this are positions, not channels
+_EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|encod|token|vector", re.IGNORECASE)
+_LOGITS_NAME = re.compile(r"logit|prob", re.IGNORECASE)
+
+
+class ToleranceError(OptimizerError, ValueError):
+    """The accuracy tolerance a user gave is impossible or names outputs the model does not have."""
+
+
+@dataclass
+class Tolerance:
+    """When a variant's outputs count as the same as the original's. Defaults are the strict gate.
+
+    `outputs` names the outputs that matter (None: all); the others are still measured and reported
+    but cannot fail the variant. Set `min_slice_cosine` and `max_slice_error` to None to skip the
+    slice check.
+    """
+
+    min_cosine: float = 0.99
+    min_top1: float = 0.99
+    max_abs: float | None = None
+    outputs: list[str] | None = None
+    channel_axis: int | None = None  # None: the rule in the module docstring
+    # Measured here: dynamic INT8 transformers keep slice cosine >= 0.9997 and err by <= 2% of a slice's
+    # range. Broken slices (scores rounded to 0 or 2 levels, or scrambled) sit at cosine <= 0.8 or err by
+    # >= 60% of their range. The error limit is the backstop for slices whose offset flatters cosine.
+    min_slice_cosine: float | None = 0.98
+    max_slice_error: float | None = 0.25
+    class_outputs: list[str] | None = None  # outputs to judge on top-1 (None: guess from shape and name)
+
+    def __post_init__(self) -> None:
+        for name in ("min_cosine", "min_slice_cosine"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ToleranceError(f"{name} must lie between -1 and 1 (cosine similarity), got {value}")
+        if not 0.0 <= self.min_top1 <= 1.0:
+            raise ToleranceError(f"min_top1 is a fraction of agreeing rows between 0 and 1, got {self.min_top1}")
+        for name in ("max_abs", "max_slice_error"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ToleranceError(f"{name} must be >= 0 or unset, got {value}")
+
+
+@dataclass
+class SliceResult:
+    """The worst slice of one output along its channel axis, for each slice metric."""
+
+    axis: int
+    count: int
+    worst_error_index: int
+    worst_error: float  # max|a-b| / range of the reference slice
+    worst_cosine_index: int | None  # None when no slice has a non-zero reference
+    worst_cosine: float | None
+
+
+@dataclass
+class OutputAccuracy:
+    """Every metric for one output over all held-back samples, and whether it passed."""
+
+    name: str
+    checked: bool  # False: measured but not one of Tolerance.outputs, so it cannot fail the variant
+    shape: list[int] | None  # of the first sample's reference
+    elements: int = 0
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    relative_error: float | None = None
+    cosine: float | None = None
+    top1: float | None = None  # None: not class scores
+    nonfinite: int = 0  # candidate NaN/Inf where the reference is finite
+    slices: SliceResult | None = None
+    passed: bool = True
+    reason: str | None = None
+
+
+@dataclass
+class AccuracyReport:
+    passed: bool
+    reason: str | None
+    samples: int
+    outputs: dict[str, OutputAccuracy] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: plain Python types only, NaN/Inf as None."""
+        return _json_safe(asdict(self))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def run_outputs(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Run `session` once per feed and return each run's outputs by name (the input `compare` takes)."""
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, feed), strict=True)) for feed in feeds]
+
+
+def is_class_scores(name: str, array: np.ndarray) -> bool:
+    """The top-1 rule from the module docstring, for one output's reference array."""
+    if not np.issubdtype(array.dtype, np.floating) or array.ndim < 2 or array.shape[-1] < 2:
+        return False
+    if array.ndim == 2:
+        return not _EMBEDDING_NAME.search(name)
+    return bool(_LOGITS_NAME.search(name))
+
+
+def default_channel_axis(shape: Sequence[int]) -> int | None:
+    """The slice-check axis rule from the module docstring."""
+    if len(shape) == 3:
+        if shape[2] <= SLICE_AXIS_MAX:
+            return 2
+        return 1 if shape[1] <= SLICE_AXIS_MAX else None
+    if len(shape) >= 4:
+        return 1
+    return None
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _top1(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
+    agree = total = 0
+    for r, c in zip(ref, cand, strict=True):
+        r2 = r.reshape(-1, r.shape[-1]).astype(np.float64)
+        c2 = c.reshape(-1, c.shape[-1]).astype(np.float64)
+        picked = np.take_along_axis(r2, np.nanargmax(np.where(np.isfinite(c2), c2, -np.inf), axis=1)[:, None], 1)
+        agree += int(np.sum(picked[:, 0] >= np.nanmax(r2, axis=1)))
+        total += r2.shape[0]
+    return agree / total if total else 1.0
+
+
+def _slices(ref: list[np.ndarray], cand: list[np.ndarray], axis: int) -> SliceResult:
+    """Per-slice normalized max error and cosine along `axis`, pooled over all samples."""
+    r = np.concatenate([np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) for x in ref]).astype(np.float64)
+    c = np.concatenate([np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) for x in cand]).astype(np.float64)
+    valid = np.isfinite(r) & np.isfinite(c)
+    r, c = np.where(valid, r, 0.0), np.where(valid, c, 0.0)
+    lo = np.where(valid, r, np.inf).min(axis=0)
+    hi = np.where(valid, r, -np.inf).max(axis=0)
+    span = np.where(np.isfinite(hi - lo), hi - lo, 0.0)
+    seen = np.isfinite(hi)
+    tensor_span = float(hi[seen].max() - lo[seen].min()) if seen.any() else 0.0
+    tensor_span = max(tensor_span, 1e-12)
+    # A constant reference slice has no range of its own: judge it against the whole tensor's range.
+    denom = np.where(span > 1e-6 * tensor_span, span, tensor_span)
+    errors = np.abs(r - c).max(axis=0) / denom
+    ref_norm, cand_norm = np.linalg.norm(r, axis=0), np.linalg.norm(c, axis=0)
+    peak = np.abs(r).max(axis=0)
+    has_signal = peak > 1e-6 * max(float(peak.max(initial=0.0)), 1e-30)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosines = np.where(cand_norm > 0, (r * c).sum(axis=0) / (ref_norm * cand_norm), 0.0)
+    worst_err = int(np.argmax(errors))
+    if has_signal.any():
+        judged = np.where(has_signal, cosines, np.inf)
+        worst_cos: int | None = int(np.argmin(judged))
+        worst_cos_value: float | None = float(cosines[worst_cos])
+    else:
+        worst_cos, worst_cos_value = None, None
+    return SliceResult(axis=axis, count=r.shape[1], worst_error_index=worst_err, worst_error=float(errors[worst_err]),
+                       worst_cosine_index=worst_cos, worst_cosine=worst_cos_value)
+
+
+def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | None], tol: Tolerance,
+                    checked: bool) -> OutputAccuracy:
+    result = OutputAccuracy(name=name, checked=checked, shape=[int(d) for d in ref[0].shape])
+
+    def fail(reason: str) -> OutputAccuracy:
+        result.passed, result.reason = False, f"output {name!r}: {reason}"
+        return result
+
+    for i, (r, c) in enumerate(zip(ref, cand, strict=True)):
+        if c is None:
+            return fail(f"missing from the variant's outputs (sample {i})")
+        if r.shape != c.shape:
+            return fail(f"shape {list(c.shape)} differs from the original's {list(r.shape)} (sample {i})")
+    cands: list[np.ndarray] = [c for c in cand if c is not None]
+
+    a = np.concatenate([x.ravel() for x in ref]).astype(np.float64)
+    b = np.concatenate([x.ravel() for x in cands]).astype(np.float64)
+    ref_finite = np.isfinite(a)
+    result.elements = int(a.size)
+    result.nonfinite = int(np.sum(ref_finite & ~np.isfinite(b)))
+    a, b = a[ref_finite], b[ref_finite]
+    if result.nonfinite:
+        return fail(f"{result.nonfinite} NaN/Inf values where the original is finite")
+
+    if a.size:
+        diff = np.abs(a - b)
+        result.max_abs, result.mean_abs = float(diff.max()), float(diff.mean())
+        ref_norm = float(np.linalg.norm(a))
+        result.relative_error = float(np.linalg.norm(a - b) / ref_norm) if ref_norm > 0 else None
+        result.cosine = _cosine(a, b)
+    is_scores = name in tol.class_outputs if tol.class_outputs is not None else is_class_scores(name, ref[0])
+    if is_scores and ref[0].ndim >= 1 and ref[0].shape[-1] >= 2:
+        result.top1 = _top1(ref, cands)
+    explicit = tol.channel_axis is not None and checked  # a user's axis applies to the outputs that matter
+    axis = tol.channel_axis if explicit else default_channel_axis(ref[0].shape)
+    slice_check = tol.min_slice_cosine is not None or tol.max_slice_error is not None
+    if axis is not None and slice_check and a.size:
+        if not -ref[0].ndim <= axis < ref[0].ndim:
+            raise ToleranceError(f"channel_axis {axis} does not exist in output {name!r} of shape "
+                                 f"{list(ref[0].shape)}: name the outputs it applies to, or leave it unset")
+        axis %= ref[0].ndim
+        if len({x.shape[axis] for x in ref}) == 1:
+            result.slices = _slices(ref, cands, axis)
+
+    if tol.max_abs is not None and result.max_abs is not None and result.max_abs > tol.max_abs:
+        return fail(f"max absolute difference {result.max_abs:.4g} > limit {tol.max_abs:.4g}")
+    if result.cosine is not None and result.cosine < tol.min_cosine:
+        return fail(f"cosine similarity {result.cosine:.4f} < limit {tol.min_cosine:.4f}")
+    if result.top1 is not None and result.top1 < tol.min_top1:
+        return fail(f"top-1 agreement {result.top1:.2%} < limit {tol.min_top1:.2%}")
+    s = result.slices
+    if s is not None:
+        where = f"slice {{}} of {s.count} along axis {s.axis}"
+        if tol.min_slice_cosine is not None and s.worst_cosine is not None and s.worst_cosine < tol.min_slice_cosine:
+            return fail(f"{where.format(s.worst_cosine_index)} has cosine similarity {s.worst_cosine:.4f} < limit "
+                        f"{tol.min_slice_cosine:.4f} (whole-tensor cosine {result.cosine:.4f})")
+        if tol.max_slice_error is not None and s.worst_error > tol.max_slice_error:
+            return fail(f"{where.format(s.worst_error_index)} is off by {s.worst_error:.1%} of its own range > "
+                        f"limit {tol.max_slice_error:.1%} (whole-tensor cosine {result.cosine:.4f})")
+    return result
+
+
+def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]],
+            tolerance: Tolerance | None = None) -> AccuracyReport:
+    """Judge a variant's outputs against the original's: one dict of outputs per held-back sample, same order.
+
+    Never raises for a bad variant (that is a failed report); raises ToleranceError when the
+    tolerance names an output the original does not have, ValueError when the two lists differ in length.
+    """
+    tol = tolerance or Tolerance()
+    if not reference:
+        raise ValueError("compare needs at least one sample's outputs")
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference runs but {len(candidate)} candidate runs: pass one per sample")
+    names = list(reference[0])
+    for listed in (tol.outputs or []) + (tol.class_outputs or []):
+        if listed not in names:
+            raise ToleranceError(f"the tolerance names output {listed!r}, but the model's outputs are {names}")
+    checked = set(tol.outputs) if tol.outputs is not None else set(names)
+
+    report = AccuracyReport(passed=True, reason=None, samples=len(reference))
+    reasons = []
+    for name in names:
+        out = _compare_output(name, [run[name] for run in reference], [run.get(name) for run in candidate],
+                              tol, name in checked)
+        report.outputs[name] = out
+        if not out.passed and out.checked:
+            reasons.append(out.reason)
+    if reasons:
+        report.passed, report.reason = False, "; ".join(r for r in reasons if r)
+    return report

@@ -1,0 +1,271 @@
+"""optimizer.accuracy: the guard that decides whether a variant still computes what the original does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from optimizer.accuracy import (
+    Tolerance,
+    ToleranceError,
+    compare,
+    default_channel_axis,
+    is_class_scores,
+    run_outputs,
+)
+from optimizer.errors import OptimizerError
+from optimizer.runtime import SessionSettings, create_session
+from tests.models import cnn, random_feed
+
+
+def _logits(rows: int = 200, classes: int = 10, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"logits": rng.normal(0, 3, (1, classes)).astype(np.float32)} for _ in range(rows)]
+
+
+def _detections(samples: int = 4, boxes: int = 100, classes: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """A detector head [1, boxes, 4+classes]: xyxy boxes in pixels (0-320) beside sigmoid scores (0-1)."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for _ in range(samples):
+        xy = rng.uniform(0, 240, (1, boxes, 2))
+        wh = rng.uniform(4, 80, (1, boxes, 2))
+        scores = 1 / (1 + np.exp(-rng.normal(-2, 2, (1, boxes, classes))))
+        runs.append({"detections": np.concatenate([xy, xy + wh, scores], axis=-1).astype(np.float32)})
+    return runs
+
+
+def _copy(runs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    return [{k: v.copy() for k, v in run.items()} for run in runs]
+
+
+def test_identical_outputs_pass_with_exact_metrics() -> None:
+    ref = _logits()
+    report = compare(ref, _copy(ref))
+    out = report.outputs["logits"]
+    assert report.passed and report.reason is None and report.samples == 200
+    assert out.max_abs == 0.0 and out.mean_abs == 0.0 and out.relative_error == 0.0
+    assert out.cosine == pytest.approx(1.0) and out.top1 == 1.0 and out.nonfinite == 0
+    assert out.elements == 2000 and out.shape == [1, 10]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_candidate_fails(bad: float) -> None:
+    ref = _logits(rows=20)
+    cand = _copy(ref)
+    cand[3]["logits"][0, 2] = bad
+    cand[7]["logits"][0, 5] = bad
+    report = compare(ref, cand)
+    assert not report.passed
+    assert report.outputs["logits"].nonfinite == 2
+    assert "'logits'" in report.reason and "2 NaN/Inf" in report.reason
+
+
+def test_nan_where_the_reference_is_nan_is_left_out() -> None:
+    ref = _logits(rows=20)
+    ref[0]["logits"][0, 0] = np.nan
+    cand = _copy(ref)
+    report = compare(ref, cand)
+    assert report.passed
+    assert report.outputs["logits"].elements == 200 and report.outputs["logits"].cosine == pytest.approx(1.0)
+
+
+def test_swapped_class_scores_fail_on_top1_while_cosine_passes() -> None:
+    ref = _logits(rows=200)
+    cand = _copy(ref)
+    # In 6 of 200 rows (3%) swap the top two classes: a small change in values, a wrong prediction.
+    for run in cand[:6]:
+        row = run["logits"][0]
+        first, second = np.argsort(row)[-1], np.argsort(row)[-2]
+        row[first], row[second] = row[second], row[first]
+    report = compare(ref, cand)
+    out = report.outputs["logits"]
+    assert out.cosine > 0.99
+    assert out.top1 == pytest.approx(194 / 200)
+    assert not report.passed
+    assert "top-1 agreement 97.00% < limit 99.00%" in report.reason
+    assert compare(ref, cand, Tolerance(min_top1=0.95)).passed
+
+
+def test_ties_in_the_reference_count_as_agreement() -> None:
+    ref = [{"logits": np.array([[1.0, 3.0, 3.0, 0.0]], np.float32)}]
+    cand = [{"logits": np.array([[1.0, 2.9, 3.1, 0.0]], np.float32)}]
+    assert compare(ref, cand).outputs["logits"].top1 == 1.0
+
+
+def test_detector_with_broken_scores_fails_on_the_slice_check() -> None:
+    ref = _detections()
+    rng = np.random.default_rng(1)
+    cand = _copy(ref)
+    for run in cand:
+        det = run["detections"]
+        det[..., :4] += rng.normal(0, 0.05, det[..., :4].shape)  # boxes fine
+        det[..., 4:] = 0.0  # every score rounded to zero, as one INT8 scale for 0-320 does
+    report = compare(ref, cand)
+    out = report.outputs["detections"]
+    assert out.cosine > 0.999, "the whole tensor looks fine: that is the trap"
+    assert not report.passed
+    assert out.slices is not None and out.slices.axis == 2 and out.slices.count == 7
+    assert out.slices.worst_cosine_index in (4, 5, 6) and out.slices.worst_cosine == 0.0
+    assert f"slice {out.slices.worst_cosine_index} of 7 along axis 2" in report.reason
+    assert "cosine similarity 0.0000 < limit 0.9800" in report.reason
+
+
+def test_detector_with_scrambled_scores_fails_on_the_slice_check() -> None:
+    ref = _detections()
+    rng = np.random.default_rng(2)
+    cand = _copy(ref)
+    for run in cand:
+        scores = run["detections"][0, :, 4:]
+        scores[:] = scores[rng.permutation(len(scores))]  # plausible values, wrong boxes
+    report = compare(ref, cand)
+    out = report.outputs["detections"]
+    assert out.cosine > 0.999
+    assert not report.passed and out.slices.worst_cosine < 0.9
+    assert "along axis 2 has cosine similarity" in report.reason
+
+
+def test_detector_with_tiny_noise_passes() -> None:
+    ref = _detections()
+    rng = np.random.default_rng(3)
+    cand = _copy(ref)
+    for run in cand:
+        det = run["detections"]
+        det[..., :4] += rng.normal(0, 0.1, det[..., :4].shape)
+        det[..., 4:] += rng.normal(0, 1e-3, det[..., 4:].shape)
+    report = compare(ref, cand)
+    out = report.outputs["detections"]
+    assert report.passed, report.reason
+    assert out.slices.worst_cosine > 0.999 and out.slices.worst_error < 0.02
+
+
+def test_slice_with_an_offset_is_judged_by_its_own_range() -> None:
+    """Values 300-310: scrambling them keeps cosine ~1.0, but the error is most of the slice's range."""
+    rng = np.random.default_rng(4)
+    ref = [{"y": np.stack([rng.uniform(0, 1, (1, 50)), rng.uniform(300, 310, (1, 50))], axis=-1)}]
+    cand = _copy(ref)
+    cand[0]["y"][0, :, 1] = cand[0]["y"][0, rng.permutation(50), 1]
+    report = compare(ref, cand)
+    s = report.outputs["y"].slices
+    assert s.worst_cosine > 0.999 and s.worst_error_index == 1 and s.worst_error > 0.5
+    assert not report.passed and "slice 1 of 2 along axis 2 is off by" in report.reason
+    assert "of its own range" in report.reason
+    assert compare(ref, cand, Tolerance(min_slice_cosine=None, max_slice_error=None)).passed
+
+
+def test_dead_and_constant_slices_do_not_fail_on_noise() -> None:
+    """An all-zero channel has no cosine; a constant one is judged against the whole tensor's range."""
+    rng = np.random.default_rng(5)
+    feature_map = rng.normal(0, 1, (2, 4, 8, 8))
+    feature_map[:, 1] = 0.0
+    feature_map[:, 2] = 7.0
+    ref = [{"features": feature_map}]
+    cand = [{"features": feature_map + rng.normal(0, 1e-4, feature_map.shape)}]
+    report = compare(ref, cand)
+    s = report.outputs["features"].slices
+    assert report.passed, report.reason
+    assert s.axis == 1 and s.count == 4 and s.worst_error < 0.01
+
+
+def test_only_named_outputs_can_fail() -> None:
+    ref = [{**run, "aux": np.ones((1, 3), np.float32)} for run in _logits(rows=5)]
+    cand = _copy(ref)
+    for run in cand:
+        run["aux"] = -run["aux"]
+    assert not compare(ref, cand).passed
+    report = compare(ref, cand, Tolerance(outputs=["logits"]))
+    assert report.passed
+    aux = report.outputs["aux"]
+    assert not aux.checked and not aux.passed and aux.cosine == pytest.approx(-1.0)
+
+
+def test_tolerance_naming_an_unknown_output_is_refused() -> None:
+    ref = _logits(rows=2)
+    with pytest.raises(ToleranceError, match=r"'scores'.*\['logits'\]") as info:
+        compare(ref, _copy(ref), Tolerance(outputs=["scores"]))
+    assert isinstance(info.value, OptimizerError)
+
+
+def test_impossible_tolerances_are_refused() -> None:
+    with pytest.raises(ToleranceError, match="min_cosine"):
+        Tolerance(min_cosine=1.5)
+    with pytest.raises(ToleranceError, match="min_top1"):
+        Tolerance(min_top1=99)
+    with pytest.raises(ToleranceError, match="max_abs"):
+        Tolerance(max_abs=-1)
+
+
+def test_channel_axis_that_does_not_exist_is_refused() -> None:
+    ref = _logits(rows=2)
+    with pytest.raises(ToleranceError, match="channel_axis 3 does not exist in output 'logits'"):
+        compare(ref, _copy(ref), Tolerance(channel_axis=3))
+
+
+def test_max_abs_limit() -> None:
+    ref = _logits(rows=10)
+    cand = _copy(ref)
+    cand[0]["logits"] += 0.01
+    assert compare(ref, cand, Tolerance(max_abs=0.1)).passed
+    report = compare(ref, cand, Tolerance(max_abs=0.001))
+    assert not report.passed and "max absolute difference 0.01 > limit 0.001" in report.reason
+
+
+def test_shape_mismatch_and_missing_output_fail() -> None:
+    ref = _logits(rows=3)
+    wrong_shape = [{"logits": np.zeros((1, 9), np.float32)} for _ in range(3)]
+    report = compare(ref, wrong_shape)
+    assert not report.passed and "shape [1, 9] differs from the original's [1, 10]" in report.reason
+    report = compare(ref, [{"other": r["logits"]} for r in ref])
+    assert not report.passed and "'logits': missing" in report.reason
+    with pytest.raises(ValueError, match="3 reference runs but 2 candidate runs"):
+        compare(ref, ref[:2])
+
+
+def test_to_dict_is_plain_json_without_nan() -> None:
+    ref = _detections(samples=2)
+    cand = _copy(ref)
+    cand[0]["detections"][0, 0, 0] = np.nan
+    data = compare(ref, cand).to_dict()
+    text = json.dumps(data, allow_nan=False)  # raises on NaN or numpy types
+    assert data["passed"] is False and data["outputs"]["detections"]["nonfinite"] == 1
+    assert json.loads(text)["outputs"]["detections"]["cosine"] is None
+    ok = compare(ref, _copy(ref)).to_dict()
+    json.dumps(ok, allow_nan=False)
+    assert ok["outputs"]["detections"]["slices"]["count"] == 7
+
+
+def test_class_score_and_channel_axis_rules() -> None:
+    assert is_class_scores("logits", np.zeros((2, 10), np.float32))
+    assert not is_class_scores("pooled_embedding", np.zeros((2, 384), np.float32))
+    assert not is_class_scores("logits", np.zeros((2, 1), np.float32))
+    assert not is_class_scores("labels", np.zeros((2, 10), np.int64))
+    assert not is_class_scores("last_hidden_state", np.zeros((2, 8, 64), np.float32))
+    assert is_class_scores("token_logits", np.zeros((2, 8, 100), np.float32))
+    assert default_channel_axis([1, 100, 7]) == 2
+    assert default_channel_axis([1, 84, 8400]) == 1
+    assert default_channel_axis([1, 21, 64, 64]) == 1
+    assert default_channel_axis([1, 10]) is None
+
+
+def test_class_outputs_override_the_guess() -> None:
+    rng = np.random.default_rng(6)
+    ref = [{"embedding": rng.normal(0, 1, (4, 16)).astype(np.float32)}]
+    assert compare(ref, _copy(ref)).outputs["embedding"].top1 is None
+    assert compare(ref, _copy(ref), Tolerance(class_outputs=["embedding"])).outputs["embedding"].top1 == 1.0
+
+
+def test_real_sessions_same_model_passes_other_weights_fail() -> None:
+    model = cnn(seed=0)
+    feeds = [random_feed(model, batch=2, seed=i) for i in range(4)]
+    unfused = create_session(model.SerializeToString(), SessionSettings(optimization_level="disabled"))
+    fused = create_session(model.SerializeToString(), SessionSettings(optimization_level="all"))
+    ref = run_outputs(unfused, feeds)
+    assert len(ref) == 4 and ref[0]["logits"].shape == (2, 10)
+    report = compare(ref, run_outputs(fused, feeds))
+    assert report.passed, report.reason
+    assert report.outputs["logits"].max_abs < 1e-4 and report.outputs["logits"].top1 == 1.0
+    other = create_session(cnn(seed=1).SerializeToString())
+    report = compare(ref, run_outputs(other, feeds))
+    assert not report.passed and "'logits'" in report.reason
