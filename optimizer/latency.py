@@ -1,0 +1,212 @@
+"""Time models side by side on the provider that serves, so the ratio between them can be trusted.
+
+A speed-up claimed from two timings taken minutes apart on a shared 2-core machine is noise. So every
+model of a comparison gets its own session (same settings, from `create_session`), is warmed up, and
+then all are run *interleaved*: one run of each per round, rotating which goes first, until enough
+rounds and `target_seconds` have passed. Whatever slows the machine down slows every model alike.
+
+Idle ONNX Runtime threads spin and steal time from the other session on the same cores (an identical
+model measured 1.38x "faster"), so spinning is turned off for every measurement. Absolute numbers are
+then slightly conservative against a spinning serving session; the ratio is what they are for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from optimizer.errors import OptimizerError
+from optimizer.runtime import SessionSettings, create_session, session_provider
+
+ModelSource = bytes | str | Path
+
+
+class BenchmarkError(OptimizerError):
+    """A model could not be timed: its session could not be created, or it refused the inputs."""
+
+
+class BudgetExceededError(BenchmarkError):
+    """The caller's deadline passed before the measurement could start."""
+
+
+@dataclass
+class LatencyStats:
+    """One model's latency at one batch size, from one interleaved measurement."""
+
+    batch: int  # samples per run
+    runs: int  # timed runs (warm-up excluded)
+    session_create_ms: float
+    warmup_runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    # batch * 1000 / p50_ms: the median, like the selection rule, so one stall does not move it.
+    throughput_per_s: float
+    provider: str  # what the session really ran on ("cpu" or "cuda"), not what was asked for
+    deadline_hit: bool = False  # the caller's deadline cut the measurement short of min_runs/target_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Opened:
+    session: ort.InferenceSession
+    create_ms: float
+    provider: str
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None) -> dict[str, _Opened]:
+    """One session per model with spinning off, timing how long each takes to create."""
+    settings = dataclasses.replace(settings or SessionSettings(), allow_spinning=False)
+    opened = {}
+    for name, model in models.items():
+        start = time.perf_counter_ns()
+        try:
+            session = create_session(model, settings)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise BenchmarkError(f"model {name!r} cannot be loaded for timing: {_first_line(exc)}") from None
+        create_ms = (time.perf_counter_ns() - start) / 1e6
+        opened[name] = _Opened(session, create_ms, session_provider(session))
+    return opened
+
+
+def _run(name: str, session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> None:
+    try:
+        session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001
+        expected = [(i.name, i.shape) for i in session.get_inputs()]
+        raise BenchmarkError(
+            f"model {name!r} refused the timing inputs {sorted(feed)}: {_first_line(exc)}. "
+            f"It expects {expected}"
+        ) from None
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _time_interleaved(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], batch: int, *, min_runs: int,
+                      max_runs: int, target_seconds: float, warmup: int,
+                      deadline: float | None) -> dict[str, LatencyStats]:
+    for name, o in opened.items():
+        for _ in range(warmup):
+            _run(name, o.session, feed)
+    names = list(opened)
+    times: dict[str, list[int]] = {name: [] for name in names}
+    target_ns = int(target_seconds * 1e9)
+    deadline_hit = False
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one model's run would be charged to that model alone
+    try:
+        start = time.perf_counter_ns()
+        for rounds in range(max_runs):
+            if rounds >= min_runs and time.perf_counter_ns() - start >= target_ns:
+                break
+            if rounds >= 1 and _past(deadline):
+                deadline_hit = True
+                break
+            k = rounds % len(names)
+            for name in names[k:] + names[:k]:  # rotate who goes first: no model always runs on a warm cache
+                session = opened[name].session
+                t0 = time.perf_counter_ns()
+                _run(name, session, feed)
+                times[name].append(time.perf_counter_ns() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    stats = {}
+    for name in names:
+        ms = np.asarray(times[name], dtype=np.float64) / 1e6
+        p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+        stats[name] = LatencyStats(
+            batch=batch, runs=len(ms), session_create_ms=opened[name].create_ms, warmup_runs=warmup,
+            p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(ms.mean()),
+            throughput_per_s=batch * 1000.0 / p50 if p50 > 0 else 0.0,
+            provider=opened[name].provider, deadline_hit=deadline_hit,
+        )
+    return stats
+
+
+def _check_counts(min_runs: int, max_runs: int, warmup: int) -> None:
+    if not 1 <= min_runs <= max_runs or warmup < 0:
+        raise ValueError(f"need 1 <= min_runs <= max_runs and warmup >= 0, got {min_runs}, {max_runs}, {warmup}")
+
+
+def measure(models: Mapping[str, ModelSource], feed: Mapping[str, np.ndarray],
+            settings: SessionSettings | None = None, *, batch: int = 1, min_runs: int = 20, max_runs: int = 500,
+            target_seconds: float = 2.0, warmup: int = 5, deadline: float | None = None) -> dict[str, LatencyStats]:
+    """Time every model on the same `feed`, interleaved, and return each one's stats by name.
+
+    `batch` is how many samples one run of `feed` holds (for throughput). Runs continue until at
+    least `min_runs` rounds and `target_seconds` have passed, at most `max_runs` rounds. `deadline`
+    (a `time.monotonic()` value) bounds the whole measurement: past it, timing stops after the
+    current round (stats say `deadline_hit`); if it has already passed, BudgetExceededError.
+    """
+    _check_counts(min_runs, max_runs, warmup)
+    if not models:
+        raise ValueError("measure needs at least one model")
+    if _past(deadline):
+        raise BudgetExceededError("the time budget ran out before latency could be measured")
+    opened = _open(models, settings)
+    return _time_interleaved(opened, feed, batch, min_runs=min_runs, max_runs=max_runs,
+                             target_seconds=target_seconds, warmup=warmup, deadline=deadline)
+
+
+def has_dynamic_batch(session: ort.InferenceSession) -> bool:
+    """True when axis 0 of every input is dynamic (a name or unknown), so any batch size can be fed."""
+    inputs = session.get_inputs()
+    return bool(inputs) and all(len(i.shape) >= 1 and not isinstance(i.shape[0], int) for i in inputs)
+
+
+def batch_feed(feed: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The feed with axis 0 cut or repeated to `batch` rows (repeating the rows it has)."""
+    out = {}
+    for name, array in feed.items():
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise ValueError(f"input {name!r} has no batch axis to resize (shape {list(array.shape)})")
+        reps = -(-batch // array.shape[0])
+        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:batch])
+    return out
+
+
+def measure_batches(models: Mapping[str, ModelSource], feed: Mapping[str, np.ndarray],
+                    settings: SessionSettings | None = None, *, batch_sizes: Sequence[int] = (1, 8),
+                    min_runs: int = 20, max_runs: int = 500, target_seconds: float = 2.0, warmup: int = 5,
+                    deadline: float | None = None) -> dict[int, dict[str, LatencyStats]]:
+    """`measure` at each batch size, when every model's batch axis (axis 0 of every input) is dynamic.
+
+    Returns {batch: {model name: stats}}. Sessions are created once and reused; `target_seconds` and
+    the run counts apply per batch size. If any model has a fixed axis 0, only `feed` as given is
+    timed, reported as batch 1. Batch sizes the deadline leaves no time for are left out.
+    """
+    _check_counts(min_runs, max_runs, warmup)
+    if not models or not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("measure_batches needs at least one model and batch sizes >= 1")
+    if _past(deadline):
+        raise BudgetExceededError("the time budget ran out before latency could be measured")
+    opened = _open(models, settings)
+    dynamic = all(has_dynamic_batch(o.session) for o in opened.values())
+    plan = [(b, batch_feed(feed, b)) for b in batch_sizes] if dynamic else [(1, dict(feed))]
+    results: dict[int, dict[str, LatencyStats]] = {}
+    for batch, batch_inputs in plan:
+        if results and _past(deadline):
+            break
+        results[batch] = _time_interleaved(opened, batch_inputs, batch, min_runs=min_runs, max_runs=max_runs,
+                                           target_seconds=target_seconds, warmup=warmup, deadline=deadline)
+    return results
