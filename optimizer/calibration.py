@@ -1,0 +1,435 @@
+"""Calibration sample sets: read a user's `.npz` safely, match it to the model, split off a holdout.
+
+A sample is one complete feed for ONNX Runtime (`{input name: array}`). Static INT8 calibrates on
+`SampleSet.calibration`; the accuracy check compares variants on `SampleSet.holdout`, which never
+contains a calibration sample, so a variant is not judged on the data it was tuned on.
+
+The `.npz` holds one array per model input, in one of two layouts (chosen per input):
+- `arr.ndim == rank + 1`: `arr[i]` is the feed for sample i (any batch size the model accepts);
+- `arr.ndim == rank`: axis 0 is the batch axis; it is split into batch-1 samples (or into chunks of
+  the static batch size when the model fixes it).
+
+Dtype policy (what a cast may do to the user's numbers):
+- same dtype: used as is;
+- float -> float (e.g. float64 -> float32, numpy's default dtype): cast, with a note; refused if a
+  finite value overflows the model's dtype;
+- integer -> integer (e.g. int32 -> int64): cast when every value fits the model's dtype, with a note;
+- anything else (float <-> int, bool, strings) is refused: that conversion is the model's
+  preprocessing (scaling, tokenizing), which we cannot guess.
+NaN and Inf are refused in float inputs: one NaN poisons every min/max range calibration computes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from numpy.lib import format as npy_format
+from onnx import TensorProto, helper
+
+from optimizer.errors import CalibrationError
+
+DEFAULT_MAX_BYTES = 2 * 1024**3  # declared array bytes in one .npz, checked before anything is loaded
+
+Feed = dict[str, np.ndarray]
+Dim = int | str | None  # static size, named dynamic dim, or unnamed dynamic dim
+
+
+@dataclass
+class SampleSet:
+    """Feeds to calibrate on and disjoint feeds to check accuracy on."""
+
+    calibration: list[Feed]
+    holdout: list[Feed]
+    synthetic: bool
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: list[Dim] | None  # None: the model declares no shape (rank unknown)
+
+    def describe(self) -> str:
+        """The declared dims, dynamic ones by name ("batch, 3, 32, 32"); "?" for an unnamed one."""
+        if self.dims is None:
+            return "unknown rank"
+        return ", ".join("?" if d is None else str(d) for d in self.dims)
+
+
+def model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
+    """The inputs a caller must feed: graph inputs that are not initializers (old IR lists both)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            raise CalibrationError(
+                f"input {value.name!r} is not a tensor (sequence, map or optional): calibration sample sets "
+                "support tensor inputs only"
+            )
+        tensor_type = value.type.tensor_type
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except Exception:  # noqa: BLE001 - onnx raises KeyError/ValueError for types numpy lacks
+            raise CalibrationError(
+                f"input {value.name!r} has element type {TensorProto.DataType.Name(tensor_type.elem_type)}, "
+                "which numpy cannot hold: calibration sample sets are not supported for this model"
+            ) from None
+        dims: list[Dim] | None = None
+        if tensor_type.HasField("shape"):
+            dims = []
+            for d in tensor_type.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(int(d.dim_value))
+                else:
+                    dims.append(d.dim_param or None)
+        specs.append(_InputSpec(value.name, dtype, dims))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the .npz without trusting it
+
+
+def _open_zip(path_or_bytes: str | Path | bytes) -> tuple[zipfile.ZipFile, str]:
+    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+        raw = bytes(path_or_bytes)
+        source, handle = f"uploaded .npz ({len(raw)} bytes)", io.BytesIO(raw)
+    else:
+        path = Path(path_or_bytes)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+        source, handle = path.name, path
+    try:
+        return zipfile.ZipFile(handle), source
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise CalibrationError(
+            f"{source} is not a .npz file (not a zip archive): save the samples with "
+            "numpy.savez(path, **{input_name: array})"
+        ) from None
+
+
+def _read_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype an .npy member declares, read from its header only (no array data)."""
+    with archive.open(member) as fp:
+        version = npy_format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def _declared_arrays(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str, np.dtype]:
+    """Check every member's header before loading: numeric dtype, no pickle, total size under max_bytes.
+
+    np.load reads exactly the bytes a header declares, so bounding the declared sizes bounds memory
+    even when the zip's own size fields lie (a zip bomb).
+    """
+    declared: dict[str, np.dtype] = {}
+    total = 0
+    for member in archive.infolist():
+        if member.is_dir():
+            continue
+        if not member.filename.endswith(".npy"):
+            raise CalibrationError(
+                f"{source} contains {member.filename!r}, which is not a numpy array (.npy): a calibration file "
+                "holds only arrays, one per model input"
+            )
+        name = member.filename[: -len(".npy")]
+        try:
+            shape, dtype = _read_header(archive, member)
+        except Exception as exc:  # noqa: BLE001 - corrupt headers raise ValueError, zlib.error, EOFError...
+            raise CalibrationError(f"{source}: array {name!r} is corrupt ({exc}); re-create the file") from None
+        if dtype.hasobject:
+            raise CalibrationError(
+                f"{source}: array {name!r} holds Python objects (a pickle), which are never loaded: save plain "
+                "numeric arrays"
+            )
+        if dtype.kind not in "biuf":
+            raise CalibrationError(
+                f"{source}: array {name!r} has dtype {dtype}, not a number type: save numeric arrays"
+            )
+        total += math.prod(shape) * dtype.itemsize
+        if total > max_bytes:
+            raise CalibrationError(
+                f"{source} declares more than {max_bytes} bytes of arrays (limit reached at {name!r}): send "
+                "fewer samples"
+            )
+        declared[name] = dtype
+    if not declared:
+        raise CalibrationError(f"{source} contains no arrays: save one array per model input")
+    return declared
+
+
+def _load_arrays(raw: str | Path | bytes, source: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+    handle = io.BytesIO(bytes(raw)) if isinstance(raw, bytes | bytearray | memoryview) else raw
+    arrays = {}
+    try:
+        with np.load(handle, allow_pickle=False) as npz:
+            for name in names:
+                arrays[name] = np.ascontiguousarray(npz[name])
+    except Exception as exc:  # noqa: BLE001 - truncated data: zlib.error, EOFError, ValueError, BadZipFile
+        raise CalibrationError(f"{source} is corrupt: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------
+# Matching arrays to the model
+
+
+def _cast(array: np.ndarray, spec: _InputSpec, notes: list[str]) -> np.ndarray:
+    """Apply the dtype policy in the module docstring."""
+    given, wanted = array.dtype, spec.dtype
+    if given == wanted:
+        result = array
+    elif given.kind == "f" and wanted.kind == "f":
+        with np.errstate(over="ignore"):
+            result = array.astype(wanted)
+        if np.count_nonzero(~np.isfinite(result)) > np.count_nonzero(~np.isfinite(array)):
+            raise CalibrationError(
+                f"input {spec.name!r}: values of the {given} array overflow {wanted}, the model's input type: "
+                "scale the data the way the model's preprocessing does"
+            )
+        notes.append(f"input {spec.name!r}: cast {given} to {wanted}")
+    elif given.kind in "iu" and wanted.kind in "iu":
+        info = np.iinfo(wanted)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise CalibrationError(
+                f"input {spec.name!r}: the {given} array has values outside the range of {wanted}, the model's "
+                "input type"
+            )
+        result = array.astype(wanted)
+        notes.append(f"input {spec.name!r}: cast {given} to {wanted}")
+    else:
+        raise CalibrationError(
+            f"input {spec.name!r} expects {wanted} but the array is {given}: convert it the way the model's "
+            f"preprocessing does (e.g. arr.astype(np.{wanted}) after scaling) and save it again"
+        )
+    if result.dtype.kind == "f" and not np.all(np.isfinite(result)):
+        raise CalibrationError(f"input {spec.name!r} contains NaN or Inf values: remove those samples")
+    return result
+
+
+def _shape_mismatch(spec: _InputSpec, given: tuple[int, ...], detail: str) -> CalibrationError:
+    dims = spec.describe()
+    return CalibrationError(
+        f"input {spec.name!r}: expected an array of shape [{dims}] (samples along the batch axis) or "
+        f"[samples, {dims}] (one complete feed per entry), got {list(given)}: {detail}"
+    )
+
+
+def _check_dims(spec: _InputSpec, sample_shape: tuple[int, ...], full_shape: tuple[int, ...]) -> None:
+    assert spec.dims is not None
+    for axis, (want, got) in enumerate(zip(spec.dims, sample_shape, strict=True)):
+        if isinstance(want, int) and want != got:
+            raise _shape_mismatch(spec, full_shape, f"axis {axis} of a sample must be {want}, not {got}")
+        if got == 0:
+            raise _shape_mismatch(spec, full_shape, f"axis {axis} of a sample is empty")
+
+
+def _split(array: np.ndarray, spec: _InputSpec) -> list[np.ndarray]:
+    """One array per sample, in either layout."""
+    if spec.dims is None:  # rank unknown: only the stacked layout is unambiguous
+        if array.ndim < 1 or array.shape[0] == 0:
+            raise CalibrationError(f"input {spec.name!r}: expected [samples, ...], got {list(array.shape)}")
+        return list(array)
+    rank = len(spec.dims)
+    if array.ndim == rank + 1:
+        if array.shape[0] == 0:
+            raise _shape_mismatch(spec, array.shape, "the array holds no samples")
+        _check_dims(spec, array.shape[1:], array.shape)
+        return list(array)
+    if array.ndim == rank and rank >= 1:
+        # Axis 0 is the batch axis: batch-1 samples, or chunks of the batch size the model fixes.
+        step = spec.dims[0] if isinstance(spec.dims[0], int) else 1
+        if array.shape[0] == 0 or array.shape[0] % step:
+            raise _shape_mismatch(spec, array.shape, f"axis 0 must be a non-zero multiple of the batch size {step}")
+        _check_dims(spec, (step, *array.shape[1:]), array.shape)
+        return [array[i : i + step] for i in range(0, array.shape[0], step)]
+    raise _shape_mismatch(spec, array.shape, f"rank {array.ndim} fits neither layout")
+
+
+def _check_shared_dims(specs: list[_InputSpec], sample: Feed) -> None:
+    """A named dynamic dim ('seq', 'batch') must have one size across all inputs of a sample."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for want, got in zip(spec.dims or [], sample[spec.name].shape, strict=False):
+            if not isinstance(want, str):
+                continue
+            if want in seen and seen[want][1] != got:
+                other, size = seen[want]
+                raise CalibrationError(
+                    f"input {spec.name!r} has {want}={got} but input {other!r} has {want}={size}: a dimension "
+                    f"named {want!r} must have the same size in every input of a sample"
+                )
+            seen.setdefault(want, (spec.name, got))
+
+
+def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int, seed: int,
+                  notes: list[str]) -> tuple[list[Feed], list[Feed]]:
+    """Disjoint (calibration, holdout) lists; the holdout never exceeds half the samples."""
+    n = len(samples)
+    if n < 2:
+        raise CalibrationError(
+            f"the calibration set has {n} sample(s); at least 2 are needed (one to calibrate on, one held back "
+            f"for the accuracy check), and {min_holdout * 5} or more give meaningful numbers"
+        )
+    wanted = max(math.ceil(n * holdout_fraction), min_holdout)
+    n_holdout = min(wanted, n // 2)
+    if n_holdout < min_holdout:
+        notes.append(
+            f"only {n} samples: held back {n_holdout} for the accuracy check (fewer than {min_holdout}) and "
+            f"calibrated on {n - n_holdout}; accuracy numbers are rough"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    held = set(order[:n_holdout].tolist())
+    calibration = [s for i, s in enumerate(samples) if i not in held]
+    holdout = [s for i, s in enumerate(samples) if i in held]
+    return calibration, holdout
+
+
+def load_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto, holdout_fraction: float = 0.2,
+                 min_holdout: int = 4, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
+    """Read a user's `.npz`, validate it against the model's inputs and split off the holdout.
+
+    Raises CalibrationError for anything the user must fix (names, dtypes, shapes, a pickle, a
+    corrupt or oversized file), with the input's name and the expected and given shapes.
+    """
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    specs = model_inputs(model)
+    archive, source = _open_zip(path_or_bytes)
+    with archive:
+        declared = _declared_arrays(archive, source, max_bytes)
+    expected = [s.name for s in specs]
+    missing = [n for n in expected if n not in declared]
+    unknown = [n for n in declared if n not in expected]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"no array for input(s) {missing}")
+        if unknown:
+            problems.append(f"array(s) {unknown} match no model input")
+        raise CalibrationError(
+            f"{source}: {'; '.join(problems)}. The model's inputs are {expected}; the file has {list(declared)}. "
+            "Save one array per input, named exactly like the input"
+        )
+
+    arrays = _load_arrays(path_or_bytes, source, expected)
+    notes: list[str] = []
+    per_input: dict[str, list[np.ndarray]] = {}
+    for spec in specs:
+        per_input[spec.name] = _split(_cast(arrays[spec.name], spec, notes), spec)
+    counts = {name: len(parts) for name, parts in per_input.items()}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(
+            f"{source}: the inputs give different numbers of samples {counts}; every input needs one entry per "
+            "sample"
+        )
+    samples = [{name: parts[i] for name, parts in per_input.items()} for i in range(next(iter(counts.values())))]
+    if len(samples) < 2:
+        given = ", ".join(f"{name}: {list(arrays[name].shape)}" for name in expected)
+        raise CalibrationError(
+            f"{source} holds {len(samples)} sample ({given}); at least 2 are needed, one to calibrate on and one "
+            f"held back for the accuracy check ({min_holdout * 5} or more give meaningful numbers). Stack samples "
+            "along a new first axis or along the batch axis"
+        )
+    for sample in samples:
+        _check_shared_dims(specs, sample)
+    calibration, holdout = split_holdout(samples, holdout_fraction, min_holdout, seed, notes)
+    return SampleSet(calibration, holdout, synthetic=False, source=source, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generated inputs and batching
+
+
+def _is_batch_dim(spec: _InputSpec, axis: int) -> bool:
+    """A dynamic dim named like a batch, or dynamic axis 0 when no dim of the input is named so."""
+    dims = spec.dims or []
+    dim = dims[axis]
+    if isinstance(dim, int):
+        return False
+    named = [i for i, d in enumerate(dims) if isinstance(d, str) and "batch" in d.lower()]
+    return axis in named if named else axis == 0
+
+
+def batch_axes(model: onnx.ModelProto) -> dict[str, int] | None:
+    """The dynamic batch axis of each input, or None when some input has none (no batching possible)."""
+    axes = {}
+    for spec in model_inputs(model):
+        found = [axis for axis in range(len(spec.dims or [])) if _is_batch_dim(spec, axis)]
+        if not found:
+            return None
+        axes[spec.name] = found[0]
+    return axes
+
+
+def synthetic_samples(model: onnx.ModelProto, count: int = 8, batch: int = 1, dynamic_dim: int = 8,
+                      seed: int = 0) -> SampleSet:
+    """Generated feeds for the accuracy check when the user sent no samples (holdout only).
+
+    Plausible values rather than uniform noise: normal floats, ones for masks, zeros for token
+    type ids, small non-negative integers elsewhere (ids below any realistic vocabulary size).
+    Dynamic batch dims get `batch`, other dynamic dims `dynamic_dim`.
+    """
+    rng = np.random.default_rng(seed)
+    specs = model_inputs(model)
+    samples = []
+    for _ in range(count):
+        feed = {}
+        for spec in specs:
+            dims = spec.dims if spec.dims is not None else [batch]
+            shape = [d if isinstance(d, int) else (batch if _is_batch_dim(spec, i) else dynamic_dim)
+                     for i, d in enumerate(dims)]
+            lowered = spec.name.lower()
+            if "mask" in lowered:
+                feed[spec.name] = np.ones(shape, spec.dtype)
+            elif spec.dtype.kind == "f":
+                feed[spec.name] = rng.normal(0, 1, size=shape).astype(spec.dtype)
+            elif "token_type" in lowered or "segment" in lowered:
+                feed[spec.name] = np.zeros(shape, spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                feed[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
+        samples.append(feed)
+    note = (f"no calibration set: {count} generated samples (normal floats, ones for masks, small integers "
+            "elsewhere); accuracy on them says little about real inputs")
+    return SampleSet(calibration=[], holdout=samples, synthetic=True, source="synthetic", notes=[note])
+
+
+def batch_feeds(feeds: Sequence[Feed], batch: int, axes: dict[str, int] | None = None) -> list[Feed]:
+    """Concatenate consecutive samples into feeds of `batch` samples (for batched latency).
+
+    `axes` maps input name to its batch axis (see `batch_axes`; default 0). Only full batches are
+    returned so every timed run has the same shape; with fewer samples than `batch`, samples are
+    repeated to fill one batch.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if not feeds:
+        return []
+    pool = list(feeds)
+    if len(pool) < batch:
+        pool = [pool[i % len(pool)] for i in range(batch)]
+    axes = axes or {}
+    batched = []
+    for start in range(0, len(pool) - batch + 1, batch):
+        group = pool[start : start + batch]
+        batched.append({name: np.concatenate([f[name] for f in group], axis=axes.get(name, 0))
+                        for name in group[0]})
+    return batched
