@@ -1,0 +1,174 @@
+"""INT8 dynamic quantization: weights to int8 offline, activations quantized at run time.
+
+No calibration set is needed, which makes it the INT8 pass for MatMul-heavy and recurrent models
+(transformers, RNNs) when the user sent no samples. Calls ONNX Runtime's `quantize_dynamic`.
+
+Also home of what both INT8 passes share: `pre_process` (ONNX Runtime's `quant_pre_process` with
+the fallbacks real models need) and `count_quantized_ops` (the proof that quantization happened).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+from onnx import TensorProto
+from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+from optimizer.errors import PassError
+from optimizer.passes.base import PassResult, verify_runs
+
+PASS_NAME = "int8 dynamic"
+
+# Ops that only exist in a quantized graph. A "quantized" model with none of them is a no-op.
+QUANTIZED_OP_TYPES = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+    "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "DynamicQuantizeLSTM", "QGemm", "QAttention", "QEmbedLayerNormalization",
+})
+
+_WEIGHT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes of a graph and of its subgraphs (If/Loop/Scan bodies)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes.extend(_all_nodes(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+def count_quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each quantized op type the model holds (QLinear* included), subgraphs too."""
+    counts = Counter(
+        node.op_type for node in _all_nodes(model.graph)
+        if node.op_type in QUANTIZED_OP_TYPES or node.op_type.startswith("QLinear")
+    )
+    return dict(sorted(counts.items()))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what a report can show."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def pre_process(model: onnx.ModelProto, workdir: Path, pass_name: str) -> tuple[Path, list[str]]:
+    """Run `quant_pre_process` and return the path of the model to quantize, plus notes.
+
+    Its ORT optimization also turns Constant nodes into initializers, which `quantize_dynamic`
+    requires ("Expected ... to be an initializer"). Symbolic shape inference fails on many real
+    models unless `auto_merge=True`, and on compute inside If branches even then: the last resort
+    skips it (ONNX shape inference still runs).
+    """
+    source = workdir / "input.onnx"
+    onnx.save_model(model, source)
+    target = workdir / "preprocessed.onnx"
+    try:
+        quant_pre_process(str(source), str(target), auto_merge=True)
+        return target, ["quant_pre_process: symbolic shape inference with auto_merge"]
+    except Exception as exc:  # noqa: BLE001 - sympy and ORT raise anything
+        symbolic_error = first_line(exc)
+    try:
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    except Exception as exc:  # noqa: BLE001
+        raise PassError(f"{pass_name}: quant_pre_process failed: {first_line(exc)}") from None
+    return target, [f"quant_pre_process: symbolic shape inference skipped (it failed: {symbolic_error})"]
+
+
+def map_node_names(names: Sequence[str], model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Translate node names of the caller's model into the pre-processed model's names, plus notes.
+
+    quant_pre_process's fusions rename nodes ("MatMul_3" becomes "MatMul_3/MatMulAddFusion"), so a
+    name the caller took from its own model would silently exclude nothing.
+    """
+    present = [n.name for n in _all_nodes(model.graph)]
+    mapped: list[str] = []
+    unmatched: list[str] = []
+    for name in names:
+        matches = [p for p in present if p == name or p.startswith(name + "/")]
+        mapped.extend(matches)
+        if not matches:
+            unmatched.append(name)
+    notes = []
+    if unmatched:
+        notes.append(f"nodes_to_exclude: {unmatched} match no node after quant_pre_process (fused away or misspelled)")
+    return mapped, notes
+
+
+def require_quantized(model: onnx.ModelProto, source: onnx.ModelProto, pass_name: str) -> dict[str, int]:
+    """The quantized op counts, or PassError when the tool quantized nothing (a fake success)."""
+    counts = count_quantized_ops(model)
+    if not counts:
+        ops = ", ".join(sorted({n.op_type for n in source.graph.node}))
+        raise PassError(
+            f"{pass_name} quantized no op: none of the model's top-level ops ({ops}) was quantized. Compute "
+            "inside If/Loop branches is invisible to the quantizer, and some op types have no INT8 kernel; "
+            "the FP32 or FP16 model is the better artifact"
+        )
+    return counts
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    weight_type: Literal["int8", "uint8"] = "int8"
+    # Per-channel weights lifted a transformer's embedding cosine from 0.958 to 0.993 (pitfalls.md).
+    per_channel: bool = False
+    op_types: Sequence[str] | None = None  # None: every type ORT can quantize dynamically
+    nodes_to_exclude: Sequence[str] = ()  # names in the given model; fused nodes keep them as a prefix
+
+
+def run(model: onnx.ModelProto, config: Int8DynamicConfig, feed: dict) -> PassResult:
+    """Quantize weights to int8 with `quantize_dynamic`; PassError if nothing was quantized or it fails to run."""
+    if config.weight_type not in _WEIGHT_TYPES:
+        raise PassError(f"{PASS_NAME}: weight_type must be one of {sorted(_WEIGHT_TYPES)}, not {config.weight_type!r}")
+    with tempfile.TemporaryDirectory(prefix="onnxforge-int8d-") as tmp:
+        workdir = Path(tmp)
+        source, notes = pre_process(model, workdir, PASS_NAME)
+        preprocessed = onnx.load_model(source)
+        excluded, exclude_notes = map_node_names(config.nodes_to_exclude, preprocessed)
+        notes += exclude_notes
+        # quantize_dynamic rewrites Gemm into MatMul + Add named "<gemm>_MatMul" before it applies exclusions.
+        gemms = {n.name for n in preprocessed.graph.node if n.op_type == "Gemm"}
+        excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
+        target = workdir / "quantized.onnx"
+        try:
+            quantize_dynamic(
+                source,
+                target,
+                op_types_to_quantize=list(config.op_types) if config.op_types else None,
+                per_channel=config.per_channel,
+                weight_type=_WEIGHT_TYPES[config.weight_type],
+                nodes_to_exclude=excluded,
+                # Tensors whose type shape inference lost (after contrib-op fusions) are float weights.
+                extra_options={"DefaultTensorType": TensorProto.FLOAT},
+            )
+            quantized = onnx.load_model(target)
+        except Exception as exc:  # noqa: BLE001 - the tool raises anything
+            raise PassError(f"{PASS_NAME}: quantize_dynamic failed: {first_line(exc)}") from None
+    counts = require_quantized(quantized, model, PASS_NAME)
+    verify_runs(quantized, feed, PASS_NAME)
+    changes = {
+        "quantized_ops": counts,
+        "weight_type": config.weight_type,
+        "per_channel": config.per_channel,
+        "nodes_before": len(model.graph.node),
+        "nodes_after": len(quantized.graph.node),
+        "op_histogram_after": op_histogram(quantized),
+    }
+    return PassResult(quantized, changes, notes)
