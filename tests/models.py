@@ -206,6 +206,18 @@ def redundant(seed: int = 0, features: int = 16, classes: int = 4) -> onnx.Model
     )
 
 
+def elementwise(features: int = 16) -> onnx.ModelProto:
+    """Abs -> Sqrt -> Tanh, no weights: nothing for a quantizer to quantize."""
+    b = GraphBuilder(0)
+    x = b.op("Tanh", [b.op("Sqrt", [b.op("Abs", ["features"])])])
+    b.rename_output(x, "values")
+    return b.model(
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", features])],
+        "elementwise",
+    )
+
+
 def random_feed(model: onnx.ModelProto, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for one run: dynamic dims named "batch" get `batch`, any other dynamic dim gets `seq`."""
     rng = np.random.default_rng(seed)
