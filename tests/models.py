@@ -139,7 +139,10 @@ def transformer(seed: int = 0, hidden: int = 64, heads: int = 4, layers: int = 1
     head_dim = hidden // heads
     b = GraphBuilder(seed)
     # Additive mask as BERT exports it: (1 - mask) * -10000, broadcast over heads and query positions.
-    mask = b.op("Unsqueeze", ["attention_mask", b.const(np.array([1, 2], np.int64))])
+    # Two single-axis Unsqueezes (mask[:, None, None, :] in PyTorch): ONNX Runtime's attention fusion
+    # matches exactly this path, and does not fuse Attention after one Unsqueeze with axes [1, 2].
+    mask = b.op("Unsqueeze", ["attention_mask", b.const(np.array([1], np.int64))])
+    mask = b.op("Unsqueeze", [mask, b.const(np.array([2], np.int64))])
     mask = b.op("Cast", [mask], to=TensorProto.FLOAT)
     mask = b.op("Sub", [b.const(np.array(1.0, np.float32)), mask])
     mask = b.op("Mul", [mask, b.const(np.array(-10000.0, np.float32))])
