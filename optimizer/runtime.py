@@ -116,8 +116,14 @@ def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None
     return "cpu"
 
 
-def create_session(model: bytes | str | Path, settings: SessionSettings | None = None) -> ort.InferenceSession:
-    """Create an ONNX Runtime session with the given settings (the only place sessions are made)."""
+def create_session(model: bytes | str | Path, settings: SessionSettings | None = None, *,
+                   save_optimized_to: Path | None = None,
+                   disabled_optimizers: list[str] | None = None) -> ort.InferenceSession:
+    """Create an ONNX Runtime session with the given settings (the only place sessions are made).
+
+    `save_optimized_to` makes ONNX Runtime write the graph it optimized at the settings' level
+    (offline optimization); `disabled_optimizers` turns named graph transformers off.
+    """
     settings = settings or SessionSettings()
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[settings.optimization_level]
@@ -125,9 +131,12 @@ def create_session(model: bytes | str | Path, settings: SessionSettings | None =
     options.inter_op_num_threads = settings.inter_op_threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    if save_optimized_to is not None:
+        options.optimized_model_filepath = str(save_optimized_to)
     providers = [CUDA, CPU] if settings.provider == "cuda" else [CPU]
     source = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(source, options, providers=providers)
+    extra = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
+    return ort.InferenceSession(source, options, providers=providers, **extra)
 
 
 def session_provider(session: ort.InferenceSession) -> str:

@@ -24,13 +24,12 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from optimizer.errors import PassError
 from optimizer.graph_inspect import GraphReport, guess_attention_shape, inspect, is_transformer
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.runtime import CPU, CUDA, SessionSettings, create_session, cuda_is_usable
+from optimizer.runtime import SessionSettings, create_session, cuda_is_usable
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +95,14 @@ def _ort_offline(model: onnx.ModelProto, level: str, provider: str,
                  disabled_optimizers: list[str] | None = None) -> onnx.ModelProto:
     """Let ONNX Runtime optimize the graph at `level` and give back the graph it would run.
 
-    This session is made here rather than in optimizer.runtime.create_session because it is never
-    run: it exists only to write `optimized_model_filepath`, which create_session does not expose.
     (onnxruntime.transformers.optimizer.optimize_by_onnxruntime does the same but imports torch.)
     """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    }[level]
-    options.log_severity_level = 3
-    providers = [CUDA, CPU] if provider == "cuda" else [CPU]
+    settings = SessionSettings(provider=provider, optimization_level=level)
     with tempfile.TemporaryDirectory(prefix="onnxforge-cleanup-") as tmp:
         path = Path(tmp) / "optimized.onnx"
-        options.optimized_model_filepath = str(path)
-        kwargs: dict[str, Any] = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
         try:
-            ort.InferenceSession(model.SerializeToString(), options, providers=providers, **kwargs)
+            create_session(model.SerializeToString(), settings, save_optimized_to=path,
+                           disabled_optimizers=disabled_optimizers)
             return onnx.load(str(path))
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise PassError(f"{PASS_NAME}: ONNX Runtime's {level} graph optimization failed: "
@@ -143,6 +133,8 @@ def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig) -> tuple[
     # The "bert" default turns the 2-D mask into a sequence length, which is only right for
     # right-padded batches; the raw mask is right for every mask a client may send.
     options.use_raw_attention_mask(True)
+    # It warns "Model producer not matched" for any model not exported by PyTorch: noise for our users.
+    logging.getLogger("onnxruntime.transformers.optimizer").setLevel(logging.ERROR)
     try:
         # opt_level=0: no ONNX Runtime pass inside (ours already ran, and its own needs torch).
         fused = optimize_model(model, model_type=config.model_type, num_heads=heads, hidden_size=hidden,
