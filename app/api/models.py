@@ -1,0 +1,238 @@
+"""/v1/models: upload, list, describe, delete, report, artifact download and predict (JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import get_services
+from app.api.multipart import receive_form
+from app.api.schemas import (
+    ErrorOut,
+    ModelOut,
+    ModelSummary,
+    PredictIn,
+    PredictOut,
+    TensorOut,
+    UploadAccepted,
+    VersionOut,
+)
+from app.errors import BadRequestError, MalformedRequestError, NotFoundError
+from app.services.container import Services
+from app.services.registry import pick_serving, serving_variant
+from app.services.uploads import validate_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 503)}
+_TEXT_FIELDS = {"name", "precision", "int8_mode", "calibration_method"}
+_UPLOAD_FORM = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the ONNX model (.onnx)"},
+            "calibration": {"type": "string", "format": "binary",
+                            "description": ".npz with one array per model input (samples along axis 0)"},
+            "name": {"type": "string", "description": "default: from the file name"},
+            "precision": {"type": "string", "enum": ["auto", "fp32", "fp16", "int8"], "default": "auto"},
+            "int8_mode": {"type": "string", "enum": ["static", "dynamic"],
+                          "description": "default: static with a calibration set, else dynamic"},
+            "calibration_method": {"type": "string", "enum": ["minmax", "entropy", "percentile"],
+                                   "default": "minmax"},
+        },
+    }}},
+}
+
+
+def _version_number(text: str, name: str) -> int:
+    if not text.isdigit():
+        raise NotFoundError(f"model {name!r} has no version {text!r}: versions are numbers")
+    return int(text)
+
+
+# -- upload and registry ------------------------------------------------------------------------------
+
+
+@router.post("", status_code=202, response_model=UploadAccepted, responses=_ERRORS,
+             openapi_extra={"requestBody": _UPLOAD_FORM})
+async def upload_model(request: Request, services: Services = Depends(get_services)) -> JSONResponse:
+    """Upload a model (and optionally calibration samples); it is validated now and optimized in the background.
+
+    Uploading an existing name adds a version; the current one keeps serving until the new one is ready.
+    """
+    settings = services.settings
+    form = await receive_form(
+        request.headers, request.stream(), settings.uploads_dir,
+        {"file": (settings.max_model_bytes, "ONNXFORGE_MAX_MODEL_BYTES"),
+         "calibration": (settings.max_calibration_bytes, "ONNXFORGE_MAX_CALIBRATION_BYTES")},
+        _TEXT_FIELDS,
+    )
+    try:
+        model = form.files.get("file")
+        if model is None:
+            raise MalformedRequestError("the form has no `file` field: send the model as e.g. -F file=@model.onnx")
+        calibration = form.files.get("calibration")
+        if calibration is not None and calibration.size == 0 and not calibration.filename:
+            calibration = None  # a form's empty file input
+        validated = await run_in_threadpool(
+            validate_upload, model.path, model.filename, calibration.path if calibration else None, form.fields
+        )
+        accepted = await run_in_threadpool(services.registry.accept, validated)
+    finally:
+        form.cleanup()
+    services.predict.invalidate(accepted.name)
+    status_url = f"{request.scope.get('root_path', '')}/v1/jobs/{accepted.job_id}"
+    body = UploadAccepted(name=accepted.name, version=accepted.version, job_id=accepted.job_id, status_url=status_url)
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Location": status_url})
+
+
+@router.get("", response_model=list[ModelSummary])
+def list_models(services: Services = Depends(get_services)) -> list[ModelSummary]:
+    summaries = []
+    for name, versions in services.registry.names().items():
+        serving = pick_serving(versions)
+        summaries.append(ModelSummary(
+            name=name, serving_version=serving.version if serving else None,
+            serving_variant=serving_variant(serving, None) if serving else None,
+            latest_version=versions[-1].version, latest_status=versions[-1].status, versions=len(versions),
+        ))
+    return summaries
+
+
+@router.get("/{name}", response_model=ModelOut, responses=_ERRORS)
+def describe_model(name: str, services: Services = Depends(get_services)) -> ModelOut:
+    """Versions with their status and jobs, which one serves, its inputs and outputs, and the provider."""
+    versions = services.registry.versions(name)
+    jobs = services.registry.jobs_of([v.id for v in versions])
+    serving = pick_serving(versions)
+    variant = serving_variant(serving, None) if serving else None
+    described = serving or versions[-1]
+    loaded = services.sessions.peek((serving.id, variant)) if serving else None
+    return ModelOut(
+        name=name, serving_version=serving.version if serving else None, serving_variant=variant,
+        provider=loaded.provider if loaded else services.provider,
+        inputs=[TensorOut(**t) for t in loaded_or_declared(loaded, described.inputs, "inputs")],
+        outputs=[TensorOut(**t) for t in loaded_or_declared(loaded, described.outputs, "outputs")],
+        versions=[VersionOut.of(v, jobs.get(v.id)) for v in versions],
+    )
+
+
+def loaded_or_declared(loaded, declared: list[dict[str, Any]], which: str) -> list[dict[str, Any]]:  # noqa: ANN001
+    """What the loaded session says (authoritative) or else what the uploaded file declares."""
+    if loaded is None:
+        return declared
+    return [spec.describe() for spec in getattr(loaded, which)]
+
+
+@router.get("/{name}/versions/{version}", response_model=VersionOut, responses=_ERRORS)
+def describe_version(name: str, version: str, services: Services = Depends(get_services)) -> VersionOut:
+    row = services.registry.resolve(name, _version_number(version, name))
+    return VersionOut.of(row, services.registry.jobs_of([row.id]).get(row.id))
+
+
+@router.delete("/{name}", responses=_ERRORS)
+def delete_model(name: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    """Delete every version (a running optimization is stopped)."""
+    ids = services.registry.delete(name)
+    services.predict.invalidate(name)
+    services.predict.forget(ids)
+    return {"deleted": name, "versions": len(ids)}
+
+
+@router.delete("/{name}/versions/{version}", responses=_ERRORS)
+def delete_version(name: str, version: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    number = _version_number(version, name)
+    ids = services.registry.delete(name, number)
+    services.predict.invalidate(name)
+    services.predict.forget(ids)
+    return {"deleted": name, "version": number}
+
+
+# -- report and artifact ------------------------------------------------------------------------------
+
+
+@router.get("/{name}/report", responses=_ERRORS)
+def model_report(name: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    """The optimizer's report for the serving version: variants, sizes, latency, accuracy, speedup, provider."""
+    row, report = services.registry.report(name)
+    return {"model": row.name, "version": row.version, "selected": row.selected, "report": report}
+
+
+@router.get("/{name}/versions/{version}/report", responses=_ERRORS)
+def version_report(name: str, version: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    row, report = services.registry.report(name, _version_number(version, name))
+    return {"model": row.name, "version": row.version, "selected": row.selected, "report": report}
+
+
+def _artifact(services: Services, name: str, version: int | None, variant: str | None) -> FileResponse:
+    if variant not in (None, "optimized", "original"):
+        raise BadRequestError(f"variant must be optimized or original, not {variant!r}")
+    row, chosen, path = services.registry.artifact(name, version, variant)
+    filename = f"{row.name}-v{row.version}-{chosen}.onnx"
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+
+
+@router.get("/{name}/artifact", response_class=FileResponse, responses=_ERRORS)
+def model_artifact(name: str, variant: str | None = None, services: Services = Depends(get_services)) -> FileResponse:
+    """Download the serving version's ONNX file: `variant` optimized or original (default: the one that serves)."""
+    return _artifact(services, name, None, variant)
+
+
+@router.get("/{name}/versions/{version}/artifact", response_class=FileResponse, responses=_ERRORS)
+def version_artifact(name: str, version: str, variant: str | None = None,
+                     services: Services = Depends(get_services)) -> FileResponse:
+    return _artifact(services, name, _version_number(version, name), variant)
+
+
+# -- predict (JSON) -----------------------------------------------------------------------------------
+
+
+def _decode(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """JSON values -> arrays (dtype fixed later against the model). Ragged lists are refused here."""
+    arrays = {}
+    for name, value in inputs.items():
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError, OverflowError):
+            raise BadRequestError(
+                f"input {name!r} is not a rectangular array of numbers (ragged nested lists?)"
+            ) from None
+        if array.dtype == object and not all(isinstance(v, str) for v in array.flat):
+            raise BadRequestError(f"input {name!r} must hold numbers, booleans or strings (null or objects given)")
+        arrays[name] = array
+    return arrays
+
+
+def _encode(array: np.ndarray) -> Any:  # noqa: ANN401 - nested lists
+    """Array -> JSON-ready nested lists; NaN and infinities (invalid JSON) become null."""
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        return np.where(np.isfinite(array), array, None).tolist()
+    if array.dtype.kind == "S":
+        return np.char.decode(array, "utf-8", "replace").tolist()
+    return array.tolist()
+
+
+async def _predict(services: Services, name: str, version: int | None, body: PredictIn) -> JSONResponse:
+    prediction = await services.predict.predict(name, _decode(body.inputs), version=version, variant=body.variant)
+    return JSONResponse({
+        "model": prediction.model, "version": prediction.version, "variant": prediction.variant,
+        "outputs": {key: _encode(value) for key, value in prediction.outputs.items()},
+    })
+
+
+@router.post("/{name}/predict", response_model=PredictOut, responses=_ERRORS)
+async def predict(name: str, body: PredictIn, services: Services = Depends(get_services)) -> JSONResponse:
+    """Run the serving version; inputs are checked against the model's names, dtypes and shapes (400 names one)."""
+    return await _predict(services, name, None, body)
+
+
+@router.post("/{name}/versions/{version}/predict", response_model=PredictOut, responses=_ERRORS)
+async def predict_version(name: str, version: str, body: PredictIn,
+                          services: Services = Depends(get_services)) -> JSONResponse:
+    return await _predict(services, name, _version_number(version, name), body)

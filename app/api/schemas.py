@@ -1,0 +1,112 @@
+"""Request and response bodies of /v1 (they are also the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.store import Job, ModelVersion
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """The store keeps naive UTC; answers carry the zone."""
+    return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+class UploadAccepted(BaseModel):
+    name: str
+    version: int
+    job_id: str
+    status_url: str
+
+
+class JobOut(BaseModel):
+    id: str
+    model: str
+    version: int
+    status: Literal["queued", "running", "succeeded", "failed"]
+    stage: str | None = Field(description="validate, fuse, calibrate, quantize, evaluate, benchmark")
+    progress: float
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(id=job.id, model=job.name, version=job.version, status=job.status, stage=job.stage,
+                   progress=round(job.progress, 4), error=job.error, attempts=job.attempts,
+                   created_at=utc(job.created_at), started_at=utc(job.started_at), finished_at=utc(job.finished_at))
+
+
+class TensorOut(BaseModel):
+    name: str
+    dtype: str | None
+    shape: list[int | str | None] | None = Field(description="null or a name for a dynamic dimension")
+
+
+class VersionOut(BaseModel):
+    version: int
+    status: Literal["optimizing", "ready", "failed"]
+    created_at: datetime
+    ready_at: datetime | None
+    filename: str
+    sha256: str
+    size_bytes: int
+    has_calibration: bool
+    options: dict[str, Any]
+    selected: str | None = Field(description="the optimizer's chosen variant (e.g. int8_static); null until ready")
+    provider: str | None = Field(description="the provider the worker measured on")
+    error: str | None
+    notes: list[str]
+    job: JobOut | None
+
+    @classmethod
+    def of(cls, row: ModelVersion, job: Job | None) -> VersionOut:
+        return cls(version=row.version, status=row.status, created_at=utc(row.created_at), ready_at=utc(row.ready_at),
+                   filename=row.filename, sha256=row.sha256, size_bytes=row.size_bytes,
+                   has_calibration=row.has_calibration, options=row.options or {}, selected=row.selected,
+                   provider=row.provider, error=row.error, notes=list(row.notes or []),
+                   job=JobOut.of(job) if job is not None else None)
+
+
+class ModelSummary(BaseModel):
+    name: str
+    serving_version: int | None
+    serving_variant: Literal["optimized", "original"] | None
+    latest_version: int
+    latest_status: str
+    versions: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    serving_version: int | None = Field(description="what predict without a version serves; null if none can")
+    serving_variant: Literal["optimized", "original"] | None
+    provider: str = Field(description="what the serving session runs on (read back from ONNX Runtime once loaded)")
+    inputs: list[TensorOut]
+    outputs: list[TensorOut]
+    versions: list[VersionOut]
+
+
+class PredictIn(BaseModel):
+    inputs: dict[str, Any] = Field(description='{"<input name>": nested list or number}; dtypes come from the model')
+    variant: Literal["optimized", "original"] | None = Field(
+        default=None, description="default: optimized once ready, the validated original until then"
+    )
+
+    model_config = {"json_schema_extra": {"example": {"inputs": {"features": [[0.1, 0.2, 0.3]]}}}}
+
+
+class PredictOut(BaseModel):
+    model: str
+    version: int
+    variant: Literal["optimized", "original"]
+    outputs: dict[str, Any] = Field(description="nested lists; NaN and infinities as null")

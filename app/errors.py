@@ -1,0 +1,57 @@
+"""The service's errors. Each class carries its HTTP status; app/api/errors.py maps them in one place.
+
+Services raise these (or optimizer.errors.OptimizerError, which means "the user's model or data is
+bad": 400) with a message that says what is wrong and what to do. Routers never build error answers.
+"""
+
+
+class ServiceError(Exception):
+    """A request the service cannot honour, explained in words."""
+
+    status_code = 500
+
+
+class BadRequestError(ServiceError):
+    """The request is well-formed but its content is wrong (a bad value, an input that does not fit)."""
+
+    status_code = 400
+
+
+class NotFoundError(ServiceError):
+    """An unknown model, version or job."""
+
+    status_code = 404
+
+
+class ConflictError(ServiceError):
+    """The request is valid but the resource is not in a state that allows it (e.g. still optimizing)."""
+
+    status_code = 409
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """The body or an uploaded file is of a kind the service does not take."""
+
+    status_code = 415
+
+
+class MalformedRequestError(ServiceError):
+    """The request body itself is broken (a multipart body that does not parse, a required part missing)."""
+
+    status_code = 422
+
+
+class NotReadyError(ServiceError):
+    """The service (database, storage) cannot answer right now."""
+
+    status_code = 503
+
+
+class ModelLoadError(ServiceError):
+    """A stored model that ONNX Runtime will not load here: the service's problem, not the caller's."""
+
+    status_code = 500

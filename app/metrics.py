@@ -1,0 +1,90 @@
+"""Prometheus metrics, in a registry per app (not the process-global one), so tests can build many apps.
+
+Predict counts and latencies are labelled by model, version and variant, and only recorded once the
+model is known to exist: labels from arbitrary request paths would let any client grow the series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _StateCollector(Collector):
+    """Gauges read when scraped: jobs by status (from the database) and loaded sessions."""
+
+    def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int]) -> None:
+        self.job_counts = job_counts
+        self.sessions_loaded = sessions_loaded
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        jobs = GaugeMetricFamily("onnxforge_jobs", "Optimization jobs by status", labels=["status"])
+        try:
+            for status, count in self.job_counts().items():
+                jobs.add_metric([status], count)
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the database is down
+            pass
+        yield jobs
+        yield GaugeMetricFamily("onnxforge_sessions_loaded", "ONNX Runtime sessions in the cache",
+                                value=self.sessions_loaded())
+
+
+class Metrics:
+    def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "onnxforge_http_requests", "HTTP requests by route template and status",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.predict_requests = Counter(
+            "onnxforge_predict_requests", "Predict requests by model, version, variant and outcome (ok | error)",
+            ["model", "version", "variant", "outcome"], registry=self.registry,
+        )
+        self.predict_latency = Histogram(
+            "onnxforge_predict_latency_seconds", "Predict latency (input checks, queueing and session.run)",
+            ["model", "version", "variant"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(_StateCollector(job_counts, sessions_loaded))
+
+    def observe_predict(self, model: str, version: int, variant: str, started: float, ok: bool) -> None:
+        labels = (model, str(version), variant)
+        self.predict_requests.labels(*labels, "ok" if ok else "error").inc()
+        if ok:
+            self.predict_latency.labels(*labels).observe(time.perf_counter() - started)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class HttpMetricsMiddleware:
+    """Count every request by method, route template (not raw path) and status. Pure ASGI: no body buffering."""
+
+    def __init__(self, app, metrics: Callable[[], Metrics | None]) -> None:  # noqa: ANN001 - ASGI app
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics = self.metrics()
+            if metrics is not None:
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                metrics.http_requests.labels(scope["method"], template, str(status["code"])).inc()

@@ -1,0 +1,122 @@
+"""Check a predict feed against what the session declares: names, dtypes, shapes. Protocol-neutral.
+
+Every refusal is a 400 that names the input, says what was expected and what came. Casting is the
+JSON case: JSON has only numbers and booleans, so /v1 casts them to the model's dtype, but never
+in a way that changes a value (3.5 into an int64 input, 300 into uint8, 1e39 into float32 are refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from app.errors import BadRequestError
+from app.runtime.signature import TensorSpec
+
+_OBJECT = np.dtype(object)
+
+
+def _shape_text(shape: tuple[int | str | None, ...] | None) -> str:
+    if shape is None:
+        return "any shape"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    want = spec.dtype
+    assert want is not None
+    got = array.dtype
+    if got == want:
+        return array
+    refuse = BadRequestError(f"input {spec.name!r} expects {spec.dtype_name} values, got {got.name}")
+    if want == _OBJECT:  # string input
+        if got.kind in "US" or (got == _OBJECT and all(isinstance(v, str) for v in array.flat)):
+            return array.astype(object)
+        raise BadRequestError(f"input {spec.name!r} expects strings, got {got.name}")
+    if got.kind not in "biuf":
+        raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name} numbers, got {got.name} values")
+    if want.kind == "b":
+        if got.kind != "b" and not np.isin(array, (0, 1)).all():
+            raise BadRequestError(f"input {spec.name!r} expects booleans (true/false or 0/1)")
+        return array.astype(np.bool_)
+    if want.kind in "iu":
+        if got.kind == "f" and not (np.isfinite(array).all() and (array == np.trunc(array)).all()):
+            raise BadRequestError(
+                f"input {spec.name!r} expects {spec.dtype_name} integers, got numbers with a fraction, NaN or Inf"
+            )
+        info = np.iinfo(want)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise BadRequestError(f"input {spec.name!r}: values outside the range of {spec.dtype_name}")
+        return array.astype(want)
+    if want.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = array.astype(want)
+        if got.kind == "f" and np.count_nonzero(np.isinf(result)) > np.count_nonzero(np.isinf(array)):
+            raise BadRequestError(f"input {spec.name!r}: values too large for {spec.dtype_name}")
+        if got.kind in "iu" and not np.isfinite(result).all():
+            raise BadRequestError(f"input {spec.name!r}: values too large for {spec.dtype_name}")
+        return result
+    raise refuse
+
+
+def _check_shape(spec: TensorSpec, array: np.ndarray, dims: dict[str, tuple[str, int]]) -> None:
+    if spec.shape is None:
+        return
+    if array.ndim != len(spec.shape):
+        raise BadRequestError(
+            f"input {spec.name!r} expects {len(spec.shape)} dimensions {_shape_text(spec.shape)}, got shape "
+            f"{list(array.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if isinstance(want, int) and want != got:
+            raise BadRequestError(
+                f"input {spec.name!r} expects shape {_shape_text(spec.shape)}, got {list(array.shape)} "
+                f"(axis {axis} must be {want})"
+            )
+        if isinstance(want, str):
+            other = dims.setdefault(want, (spec.name, got))
+            if other[1] != got:
+                raise BadRequestError(
+                    f"input {spec.name!r} has {want}={got} (axis {axis}) but input {other[0]!r} has {want}={other[1]}: "
+                    f"a dimension named {want!r} must have one size across inputs"
+                )
+
+
+def prepare_feed(specs: list[TensorSpec], given: Mapping[str, np.ndarray], *, cast: bool = True,
+                 max_elements: int | None = None) -> dict[str, np.ndarray]:
+    """The feed for session.run, or BadRequestError naming the first input that does not fit.
+
+    `cast=False` demands the exact dtype (protocols that send typed tensors); `cast=True` casts
+    JSON's numbers when no value changes.
+    """
+    expected = {spec.name: spec for spec in specs}
+    unknown = [name for name in given if name not in expected]
+    if unknown:
+        raise BadRequestError(
+            f"unknown input {unknown[0]!r}: the model's inputs are {list(expected)}"
+        )
+    missing = [spec for spec in specs if spec.name not in given]
+    if missing:
+        spec = missing[0]
+        raise BadRequestError(
+            f"missing input {spec.name!r} ({spec.dtype_name}, shape {_shape_text(spec.shape)}): the model's inputs "
+            f"are {list(expected)}"
+        )
+    feed: dict[str, np.ndarray] = {}
+    dims: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        array = given[spec.name]
+        if spec.dtype is None:
+            raise BadRequestError(f"input {spec.name!r} is of type {spec.type}, which predict cannot feed")
+        if max_elements is not None and array.size > max_elements:
+            raise BadRequestError(
+                f"input {spec.name!r} has {array.size} elements, more than the limit of {max_elements} "
+                "(setting ONNXFORGE_MAX_INPUT_ELEMENTS)"
+            )
+        if array.dtype != spec.dtype and not cast:
+            raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name}, got {array.dtype.name}")
+        array = _cast(spec, array)
+        _check_shape(spec, array, dims)
+        feed[spec.name] = array
+    return feed

@@ -1,0 +1,208 @@
+"""The job queue: rows in the database that workers claim, renew and finish.
+
+Claiming is one code path for both databases: `SELECT ... FOR UPDATE SKIP LOCKED` (PostgreSQL lets
+many workers take different jobs at once; SQLite ignores the clause and serializes writers with
+BEGIN IMMEDIATE), then a conditional UPDATE that only succeeds on a row still queued.
+
+A running job holds a lease its worker renews with every heartbeat. Every later write by the worker
+is conditional on still owning the job (same worker id, still running), so a worker that was
+presumed dead and whose job went to another worker cannot overwrite the other's result.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from app.errors import NotFoundError
+from app.store import Database, Job, ModelVersion, utcnow
+
+ACTIVE = ("queued", "running")
+
+
+def new_worker_id() -> str:
+    """host:pid:nonce; the host and pid let a worker on the same machine see that another is dead."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_is_dead(worker_id: str | None) -> bool:
+    """True only when the worker certainly is dead: it ran on this host and its process is gone.
+
+    Workers on other hosts are judged by their lease alone.
+    """
+    if not worker_id:
+        return True
+    host, _, rest = worker_id.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed child that its parent has not reaped yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    version_id: str
+    name: str
+    version: int
+    attempt: int
+    options: dict[str, Any]
+    has_calibration: bool
+
+
+class JobQueue:
+    def __init__(self, db: Database, lease_s: float, max_attempts: int) -> None:
+        self.db = db
+        self.lease = timedelta(seconds=lease_s)
+        self.max_attempts = max_attempts
+
+    # -- reads (API) --------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        with self.db.read() as session:
+            job = session.get(Job, job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        return job
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status, every status present (for /metrics)."""
+        with self.db.read() as session:
+            rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        counts = dict.fromkeys(("queued", "running", "succeeded", "failed"), 0)
+        counts.update({status: n for status, n in rows})
+        return counts
+
+    # -- the worker's side --------------------------------------------------------------------------
+
+    def claim(self, worker_id: str) -> ClaimedJob | None:
+        """Take the oldest queued job, or None when the queue is empty."""
+        now = utcnow()
+        with self.db.write() as session:
+            job = session.scalars(
+                select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if job is None:
+                return None
+            attempt = job.attempts + 1  # read before the UPDATE, which also refreshes `job`
+            taken = session.execute(
+                update(Job).where(Job.id == job.id, Job.status == "queued").values(
+                    status="running", worker_id=worker_id, attempts=Job.attempts + 1, started_at=now,
+                    lease_expires_at=now + self.lease, stage="validate", progress=0.0, runner_pid=None,
+                )
+            ).rowcount
+            if taken != 1:
+                return None
+            version = session.get(ModelVersion, job.version_id)
+            assert version is not None
+            return ClaimedJob(job.id, job.version_id, job.name, job.version, attempt,
+                              dict(version.options or {}), version.has_calibration)
+
+    def _owned(self, job_id: str, worker_id: str):  # noqa: ANN202 - an UPDATE statement
+        return update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+
+    def heartbeat(self, job_id: str, worker_id: str, *, stage: str | None = None, progress: float | None = None,
+                  runner_pid: int | None = None) -> bool:
+        """Renew the lease (and record progress). False: the job is no longer ours (deleted, recovered)."""
+        values: dict[str, Any] = {"lease_expires_at": utcnow() + self.lease}
+        if stage is not None:
+            values["stage"] = stage
+        if progress is not None:
+            values["progress"] = progress
+        if runner_pid is not None:
+            values["runner_pid"] = runner_pid
+        with self.db.write() as session:
+            return session.execute(self._owned(job_id, worker_id).values(**values)).rowcount == 1
+
+    def succeed(self, job: ClaimedJob, worker_id: str, *, report: dict[str, Any], selected: str,
+                provider: str | None) -> bool:
+        """Mark the job succeeded and its version ready to serve, in one transaction."""
+        now = utcnow()
+        with self.db.write() as session:
+            if session.execute(self._owned(job.id, worker_id).values(
+                status="succeeded", progress=1.0, finished_at=now, lease_expires_at=None, error=None,
+            )).rowcount != 1:
+                return False
+            session.execute(update(ModelVersion).where(
+                ModelVersion.id == job.version_id, ModelVersion.status == "optimizing",
+            ).values(status="ready", ready_at=now, report=report, selected=selected, provider=provider, error=None))
+            return True
+
+    def fail(self, job: ClaimedJob, worker_id: str, reason: str) -> bool:
+        with self.db.write() as session:
+            if session.execute(self._owned(job.id, worker_id).values(
+                status="failed", finished_at=utcnow(), lease_expires_at=None, error=reason,
+            )).rowcount != 1:
+                return False
+            _fail_version(session, job.version_id, reason)
+            return True
+
+    def release(self, job: ClaimedJob, worker_id: str) -> bool:
+        """Put a job back in the queue because its worker is shutting down (not the job's fault).
+
+        The interrupted run does not count as an attempt.
+        """
+        with self.db.write() as session:
+            return session.execute(self._owned(job.id, worker_id).values(
+                status="queued", worker_id=None, runner_pid=None, stage=None, progress=0.0, started_at=None,
+                lease_expires_at=None, attempts=Job.attempts - 1,
+                error="interrupted by a worker shutdown; queued again",
+            )).rowcount == 1
+
+    def recover_lost(self, is_dead: Callable[[str | None], bool] = worker_is_dead) -> list[tuple[str, str]]:
+        """Requeue (or fail, after max_attempts) running jobs whose worker is gone.
+
+        A worker is gone when its lease expired, or at once when it ran on this host and its
+        process no longer exists (a restart finds its own dead worker's job without waiting).
+        Returns [(job id, "requeued" | "failed")].
+        """
+        now = utcnow()
+        actions = []
+        with self.db.write() as session:
+            running = session.scalars(
+                select(Job).where(Job.status == "running").with_for_update(skip_locked=True)
+            ).all()
+            for job in running:
+                expired = job.lease_expires_at is None or job.lease_expires_at < now
+                if not expired and not is_dead(job.worker_id):
+                    continue
+                why = "its lease expired" if expired else "its process is gone"
+                if job.attempts < self.max_attempts:
+                    job.status, job.stage, job.progress = "queued", None, 0.0
+                    job.worker_id, job.runner_pid, job.started_at, job.lease_expires_at = None, None, None, None
+                    job.error = (f"attempt {job.attempts} lost its worker ({why}: crashed, killed or the service "
+                                 "stopped); queued again")
+                    actions.append((job.id, "requeued"))
+                else:
+                    job.status, job.finished_at, job.lease_expires_at = "failed", now, None
+                    job.error = (f"the worker running this job stopped {job.attempts} times (last time {why}: "
+                                 f"crashed, killed or the service stopped) during stage {job.stage!r}; giving up. "
+                                 "Upload the model again to retry")
+                    _fail_version(session, job.version_id, job.error)
+                    actions.append((job.id, "failed"))
+        return actions
+
+
+def _fail_version(session, version_id: str, reason: str) -> None:  # noqa: ANN001 - ORM Session
+    session.execute(update(ModelVersion).where(
+        ModelVersion.id == version_id, ModelVersion.status == "optimizing",
+    ).values(status="failed", error=reason))

@@ -1,0 +1,138 @@
+"""Predict, independent of the wire protocol: numpy arrays in, numpy arrays out.
+
+/v1 (JSON) and later /v2 (Open Inference Protocol, binary tensors) decode their request into
+`dict[str, np.ndarray]`, call `PredictService.predict`, and encode the result; nothing about
+versions, variants, sessions or input checks lives in a protocol module.
+
+The request path stays off the database and the disk when it can: which version serves a name is
+remembered for `cache_ttl_s` (the API forgets it at once on its own uploads and deletes; a version
+that a worker finishes starts serving within the TTL), and sessions stay loaded in an LRU cache.
+`session.run` runs in a thread pool: ONNX Runtime releases the GIL, the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import BadRequestError, ModelLoadError, ServiceError
+from app.metrics import Metrics
+from app.runtime.sessions import LoadedSession, SessionCache
+from app.services.inputs import prepare_feed
+from app.services.registry import Registry, serving_variant
+from app.store import ModelVersion
+
+
+@dataclass
+class Prediction:
+    model: str
+    version: int
+    variant: str
+    provider: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class ServingModel:
+    """What a protocol needs to describe or call a model: its version row, variant and loaded session."""
+
+    row: ModelVersion
+    variant: str
+    loaded: LoadedSession
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PredictService:
+    def __init__(self, registry: Registry, sessions: SessionCache, metrics: Metrics, executor: Executor, *,
+                 cache_ttl_s: float = 1.0, max_input_elements: int | None = None) -> None:
+        self.registry = registry
+        self.sessions = sessions
+        self.metrics = metrics
+        self.executor = executor
+        self.cache_ttl_s = cache_ttl_s
+        self.max_input_elements = max_input_elements
+        self._resolved: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
+
+    # -- which version, which session ---------------------------------------------------------------
+
+    async def _resolve(self, name: str, version: int | None) -> ModelVersion:
+        key = (name, version)
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        row = await run_in_threadpool(self.registry.resolve, name, version)
+        if self.cache_ttl_s > 0:
+            self._resolved[key] = (time.monotonic() + self.cache_ttl_s, row)
+        return row
+
+    def invalidate(self, name: str) -> None:
+        """Forget which version serves `name` (after an upload or delete through this API)."""
+        for key in [k for k in self._resolved if k[0] == name]:
+            self._resolved.pop(key, None)
+
+    def forget(self, version_ids: list[str]) -> None:
+        """Drop the sessions of deleted versions."""
+        ids = set(version_ids)
+        self.sessions.evict(lambda key: key[0] in ids)
+
+    async def serving(self, name: str, version: int | None = None, variant: str | None = None) -> ServingModel:
+        """The version, variant and loaded session a request for (name, version, variant) gets."""
+        row = await self._resolve(name, version)
+        chosen = serving_variant(row, variant)
+        key = (row.id, chosen)
+        loaded = self.sessions.get(key)
+        if loaded is None:
+            loop = asyncio.get_running_loop()
+            try:
+                loaded = await loop.run_in_executor(
+                    self.executor, self.sessions.get_or_load, key, lambda: self.registry.model_file(row, chosen)
+                )
+            except ServiceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+                raise ModelLoadError(
+                    f"ONNX Runtime cannot load the {chosen} variant of model {row.name!r} version {row.version} "
+                    f"here: {_first_line(exc)}"
+                ) from None
+        return ServingModel(row, chosen, loaded)
+
+    # -- predict -------------------------------------------------------------------------------------
+
+    async def predict(self, name: str, inputs: Mapping[str, np.ndarray], *, version: int | None = None,
+                      variant: str | None = None, cast: bool = True,
+                      output_names: list[str] | None = None) -> Prediction:
+        """Run the serving variant of a model on `inputs`; BadRequestError (400) names a bad input."""
+        model = await self.serving(name, version, variant)
+        row, loaded = model.row, model.loaded
+        started = time.perf_counter()
+        ok = False
+        try:
+            feed = prepare_feed(loaded.inputs, inputs, cast=cast, max_elements=self.max_input_elements)
+            known = [spec.name for spec in loaded.outputs]
+            if output_names is not None:
+                unknown = [n for n in output_names if n not in known]
+                if unknown:
+                    raise BadRequestError(f"unknown output {unknown[0]!r}: the model's outputs are {known}")
+            names = output_names or known
+            loop = asyncio.get_running_loop()
+            try:
+                values = await loop.run_in_executor(self.executor, loaded.session.run, names, feed)
+            except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
+                raise BadRequestError(
+                    f"ONNX Runtime could not run model {row.name!r} on these inputs: {_first_line(exc)}"
+                ) from None
+            ok = True
+            outputs = dict(zip(names, values, strict=True))
+            return Prediction(row.name, row.version, model.variant, loaded.provider, outputs)
+        finally:
+            self.metrics.observe_predict(row.name, row.version, model.variant, started, ok)

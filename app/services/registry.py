@@ -1,0 +1,218 @@
+"""Models and their versions: accept an upload, say which version serves, delete, hand out artifacts.
+
+Which version serves a name is decided here, in one place: the newest version that is ready; while
+none is ready, the newest one still optimizing (its validated original serves meanwhile). A new
+upload therefore replaces the serving version only once it is ready, and a failed one never does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.errors import ConflictError, NotFoundError
+from app.services.uploads import ValidatedUpload
+from app.storage import ArtifactStore
+from app.storage.base import CALIBRATION, OPTIMIZED, ORIGINAL, artifact_key, version_prefix
+from app.store import Database, Job, ModelVersion, utcnow
+
+VARIANTS = ("optimized", "original")
+_VARIANT_FILES = {"optimized": OPTIMIZED, "original": ORIGINAL}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    name: str
+    version: int
+    job_id: str
+
+
+def serving_variant(version: ModelVersion, requested: str | None) -> str:
+    """The variant a request gets: what it asked for, else optimized once ready, else the original."""
+    if version.status == "failed":
+        raise ConflictError(
+            f"model {version.name!r} version {version.version} failed to optimize and does not serve: "
+            f"{version.error}"
+        )
+    if requested in (None, "optimized") and version.status == "ready":
+        return "optimized"
+    if requested == "optimized":
+        raise ConflictError(
+            f"model {version.name!r} version {version.version} is still optimizing: its optimized variant is not "
+            "ready yet. Omit `variant` (or ask for 'original') to be served the validated original meanwhile"
+        )
+    return "original"
+
+
+def pick_serving(versions: list[ModelVersion]) -> ModelVersion | None:
+    """The newest ready version, else the newest optimizing one; None if all failed."""
+    for status in ("ready", "optimizing"):
+        candidates = [v for v in versions if v.status == status]
+        if candidates:
+            return max(candidates, key=lambda v: v.version)
+    return None
+
+
+class Registry:
+    def __init__(self, db: Database, store: ArtifactStore) -> None:
+        self.db = db
+        self.store = store
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def accept(self, upload: ValidatedUpload) -> Accepted:
+        """Store a validated upload as the name's next version and queue its optimization.
+
+        The version row, the job row and the artifacts appear together: the artifacts are moved in
+        inside the transaction (after the version number is claimed by a flush), and removed again
+        if it does not commit. Version numbers are never reused (deleted versions stay as rows).
+        """
+        for _ in range(5):  # two uploads racing for the same next version number: the loser retries
+            try:
+                return self._accept_once(upload)
+            except IntegrityError:
+                continue
+        raise ConflictError(f"too many concurrent uploads of {upload.name!r}; try again")
+
+    def _accept_once(self, upload: ValidatedUpload) -> Accepted:
+        stored_prefix: str | None = None
+        try:
+            with self.db.write() as session:
+                last = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == upload.name))
+                version = ModelVersion(
+                    name=upload.name, version=(last or 0) + 1, status="optimizing", filename=upload.filename,
+                    sha256=upload.sha256, size_bytes=upload.size_bytes,
+                    has_calibration=upload.calibration_path is not None, options=upload.options.to_dict(),
+                    inputs=upload.inputs, outputs=upload.outputs, notes=upload.notes,
+                )
+                session.add(version)
+                session.flush()  # claims (name, version) now: a racing upload fails here, before any file moves
+                job = Job(version_id=version.id, name=version.name, version=version.version)
+                session.add(job)
+                session.flush()
+                stored_prefix = version_prefix(version.name, version.version)
+                self.store.put_file(artifact_key(version.name, version.version, ORIGINAL), upload.model_path,
+                                    move=True)
+                if upload.calibration_path is not None:
+                    self.store.put_file(artifact_key(version.name, version.version, CALIBRATION),
+                                        upload.calibration_path, move=True)
+                accepted = Accepted(version.name, version.version, job.id)
+        except BaseException:
+            if stored_prefix is not None:
+                self.store.delete_prefix(stored_prefix)
+            raise
+        return accepted
+
+    def delete(self, name: str, version: int | None = None) -> list[str]:
+        """Delete a model (every version) or one version; returns the deleted version ids.
+
+        Rows stay as tombstones (status "deleted"); their jobs, if still queued or running, are
+        failed so the worker stops and discards its work.
+        """
+        now = utcnow()
+        with self.db.write() as session:
+            query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.status != "deleted")
+            if version is not None:
+                query = query.where(ModelVersion.version == version)
+            rows = session.scalars(query).all()
+            if not rows:
+                raise NotFoundError(_missing(name, version))
+            ids = [row.id for row in rows]
+            for row in rows:
+                row.status, row.deleted_at, row.report = "deleted", now, None
+            session.execute(update(Job).where(Job.version_id.in_(ids), Job.status.in_(("queued", "running"))).values(
+                status="failed", finished_at=now, lease_expires_at=None, error="the model version was deleted",
+            ))
+            deleted = [(row.name, row.version) for row in rows]
+        for row_name, row_version in deleted:
+            self.store.delete_prefix(version_prefix(row_name, row_version))
+        return ids
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every live version of a model, oldest first; NotFoundError if there is none."""
+        with self.db.read() as session:
+            rows = list(session.scalars(
+                select(ModelVersion).where(ModelVersion.name == name, ModelVersion.status != "deleted")
+                .order_by(ModelVersion.version)
+            ))
+        if not rows:
+            raise NotFoundError(_missing(name, None))
+        return rows
+
+    def names(self) -> dict[str, list[ModelVersion]]:
+        """Every model with its live versions."""
+        with self.db.read() as session:
+            rows = session.scalars(
+                select(ModelVersion).where(ModelVersion.status != "deleted")
+                .order_by(ModelVersion.name, ModelVersion.version)
+            ).all()
+        models: dict[str, list[ModelVersion]] = {}
+        for row in rows:
+            models.setdefault(row.name, []).append(row)
+        return models
+
+    def jobs_of(self, version_ids: list[str]) -> dict[str, Job]:
+        """The latest job of each version."""
+        with self.db.read() as session:
+            jobs = session.scalars(select(Job).where(Job.version_id.in_(version_ids)).order_by(Job.created_at)).all()
+        return {job.version_id: job for job in jobs}
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The version a request for `name` (and maybe `version`) is about."""
+        if version is not None:
+            with self.db.read() as session:
+                row = session.scalars(select(ModelVersion).where(
+                    ModelVersion.name == name, ModelVersion.version == version, ModelVersion.status != "deleted",
+                )).first()
+            if row is None:
+                raise NotFoundError(_missing(name, version))
+            return row
+        versions = self.versions(name)
+        serving = pick_serving(versions)
+        if serving is None:
+            latest = versions[-1]
+            raise ConflictError(
+                f"no version of model {name!r} can serve: every version failed to optimize (latest, version "
+                f"{latest.version}: {latest.error}). Upload a fixed model"
+            )
+        return serving
+
+    def report(self, name: str, version: int | None = None) -> tuple[ModelVersion, dict[str, Any]]:
+        row = self.resolve(name, version)
+        if row.status != "ready" or row.report is None:
+            raise ConflictError(
+                f"model {name!r} version {row.version} has no report yet: its optimization is "
+                f"{'still running' if row.status == 'optimizing' else row.status}"
+                + (f" ({row.error})" if row.error else "")
+            )
+        return row, row.report
+
+    def artifact(self, name: str, version: int | None, variant: str | None) -> tuple[ModelVersion, str, Path]:
+        """A local path to a version's ONNX file: `variant` optimized | original, None for the one that serves."""
+        row = self.resolve(name, version)
+        chosen = variant or serving_variant(row, None)
+        if chosen == "optimized" and row.status != "ready":
+            raise ConflictError(
+                f"model {name!r} version {row.version} has no optimized variant yet (status {row.status}); "
+                "ask for variant=original"
+            )
+        return row, chosen, self.model_file(row, chosen)
+
+    def model_file(self, row: ModelVersion, variant: str) -> Path:
+        try:
+            return self.store.fetch(artifact_key(row.name, row.version, _VARIANT_FILES[variant]))
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"the {variant} file of model {row.name!r} version {row.version} is gone (deleted meanwhile?)"
+            ) from None
+
+
+def _missing(name: str, version: int | None) -> str:
+    return f"no model {name!r}" if version is None else f"model {name!r} has no version {version}"
+

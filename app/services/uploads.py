@@ -1,0 +1,193 @@
+"""Check an upload before the service accepts it: the file kinds, the model, the calibration set, the options.
+
+Everything here runs before the 202, so a user learns at once what is wrong with what they sent;
+the worker only ever sees models ONNX Runtime can load and sample sets that fit them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from app.errors import BadRequestError, UnsupportedMediaTypeError
+from optimizer.calibration import load_samples
+from optimizer.errors import ExternalDataError
+from optimizer.loading import LoadedModel, load_model
+from optimizer.pipeline import CALIBRATION_METHODS, INT8_MODES, PRECISIONS
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Leading bytes of files people upload by mistake. A binary ONNX model starts with a protobuf field
+# tag (0x08 for ir_version in practice); none of these can start one.
+_NOT_ONNX = [
+    (b"PK\x03\x04", "a ZIP archive (a PyTorch .pt checkpoint or an .npz?)"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89HDF", "an HDF5 file (a Keras .h5 model?)"),
+    (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"),
+    (b"\x80\x03", "a Python pickle (a PyTorch checkpoint?)"),
+    (b"\x80\x04", "a Python pickle (a PyTorch checkpoint?)"),
+    (b"\x80\x05", "a Python pickle (a PyTorch checkpoint?)"),
+]
+
+
+@dataclass
+class UploadOptions:
+    """What the user asks the optimizer for (form fields precision, int8_mode, calibration_method)."""
+
+    precision: str = "auto"
+    int8_mode: str | None = None
+    calibration_method: str = "minmax"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ValidatedUpload:
+    name: str
+    filename: str
+    model_path: Path  # the model to store (rewritten if validation had to lower its IR version)
+    calibration_path: Path | None
+    sha256: str
+    size_bytes: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    options: UploadOptions
+    notes: list[str] = field(default_factory=list)
+
+
+def _choice(fields: dict[str, str], key: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    value = fields.get(key, "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise BadRequestError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def parse_options(fields: dict[str, str], has_calibration: bool) -> UploadOptions:
+    options = UploadOptions(
+        precision=_choice(fields, "precision", PRECISIONS, "auto") or "auto",
+        int8_mode=_choice(fields, "int8_mode", INT8_MODES, None),
+        calibration_method=_choice(fields, "calibration_method", CALIBRATION_METHODS, "minmax") or "minmax",
+    )
+    if options.int8_mode == "static" and not has_calibration:
+        raise BadRequestError(
+            "int8_mode=static needs a calibration set: add a `calibration` .npz with samples for every input, "
+            "or use int8_mode=dynamic"
+        )
+    return options
+
+
+def model_name(explicit: str | None, filename: str | None) -> str:
+    """The name the user gave, or one made from the file name ("My Model.onnx" -> "My-Model")."""
+    if explicit:
+        if not NAME_PATTERN.match(explicit):
+            raise BadRequestError(
+                f"invalid model name {explicit!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return explicit
+    stem = Path(filename or "").stem
+    derived = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")[:64]
+    if not derived:
+        raise BadRequestError("no model name: give a `name` form field (the file name gives none)")
+    return derived
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(n)
+
+
+def _refuse_non_onnx(path: Path) -> None:
+    head = _head(path, 512)
+    for magic, kind in _NOT_ONNX:
+        if head.startswith(magic):
+            raise UnsupportedMediaTypeError(
+                f"the `file` field holds {kind}, not an ONNX model: export the model to ONNX first "
+                "(e.g. torch.onnx.export) and upload the .onnx file"
+            )
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        raise UnsupportedMediaTypeError(
+            "the `file` field holds text, not a binary ONNX model: upload the .onnx file itself"
+        )
+
+
+def _refuse_non_npz(path: Path) -> None:
+    if not _head(path, 4).startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise UnsupportedMediaTypeError(
+            "the `calibration` field is not an .npz file (not a zip archive): save the samples with "
+            "numpy.savez(path, **{input_name: array})"
+        )
+
+
+def _value_infos(values: Any, skip: set[str]) -> list[dict[str, Any]]:  # noqa: ANN401 - protobuf repeated field
+    described = []
+    for value in values:
+        if value.name in skip:
+            continue
+        tensor = value.type.tensor_type
+        dtype = None
+        if value.type.HasField("tensor_type"):
+            try:
+                dtype = ("string" if tensor.elem_type == onnx.TensorProto.STRING
+                         else onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name)
+            except Exception:  # noqa: BLE001 - types numpy lacks (bfloat16, float8...)
+                dtype = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        shape = None
+        if value.type.HasField("tensor_type") and tensor.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        described.append({"name": value.name, "dtype": dtype, "shape": shape})
+    return described
+
+
+def validate_upload(model_path: Path, filename: str | None, calibration_path: Path | None,
+                    fields: dict[str, str]) -> ValidatedUpload:
+    """Validate everything about an upload (blocking: run it off the event loop).
+
+    Raises UnsupportedMediaTypeError (415) for files of the wrong kind, BadRequestError or an
+    optimizer.errors subclass (400) for a bad model, calibration set or option.
+    """
+    name = model_name(fields.get("name", "").strip() or None, filename)
+    options = parse_options(fields, calibration_path is not None)
+    _refuse_non_onnx(model_path)
+    if calibration_path is not None:
+        _refuse_non_npz(calibration_path)
+    # load_model reads external data relative to the file's folder; uploads come as one file, and
+    # each sits alone under a unique name, so a model pointing at external data is refused.
+    try:
+        loaded: LoadedModel = load_model(model_path, base_dir=model_path.parent / f"{model_path.name}.external")
+    except ExternalDataError as exc:
+        raise ExternalDataError(
+            f"{exc}. The service takes the model as one .onnx file: save it with every tensor inside "
+            "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)"
+        ) from None
+    if calibration_path is not None:
+        load_samples(calibration_path, loaded.proto)
+    if loaded.ir_version != loaded.original_ir_version:
+        model_path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
+    initializers = {t.name for t in loaded.proto.graph.initializer}
+    return ValidatedUpload(
+        name=name,
+        filename=filename or f"{name}.onnx",
+        model_path=model_path,
+        calibration_path=calibration_path,
+        sha256=loaded.sha256,
+        size_bytes=loaded.size_bytes,
+        inputs=_value_infos(loaded.proto.graph.input, initializers),
+        outputs=_value_infos(loaded.proto.graph.output, set()),
+        options=options,
+        notes=list(loaded.notes),
+    )

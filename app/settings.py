@@ -1,0 +1,77 @@
+"""The service's one settings object, read from ONNXFORGE_* environment variables.
+
+The defaults are an embedded single-machine service: SQLite and artifacts under ./data, a worker
+process started by the API, CPU or CUDA chosen by what really works here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONNXFORGE_", extra="ignore")
+
+    # Where things live.
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/onnxforge.db"
+    )
+
+    # Serving.
+    host: str = Field(default="127.0.0.1", description="`onnxforge serve` binds here (0.0.0.0 in a container)")
+    port: int = Field(default=8000, ge=0, le=65535)
+    providers: str = Field(default="auto", description="auto | cpu | cuda: the provider sessions are created on")
+    intra_op_threads: int = Field(default=0, ge=0, description="threads per session; 0 = ONNX Runtime's default")
+    inter_op_threads: int = Field(default=1, ge=0)
+    predict_threads: int = Field(default=4, ge=1, description="threads running session.run off the event loop")
+    session_cache_size: int = Field(default=8, ge=1, description="loaded sessions kept, least recently used out")
+    registry_cache_ttl_s: float = Field(
+        default=1.0, ge=0, description="how long predict trusts its view of which version serves (0: always ask)"
+    )
+
+    # Limits.
+    max_model_bytes: int = Field(default=2048 * MiB, ge=1)
+    max_calibration_bytes: int = Field(default=1024 * MiB, ge=1)
+    max_input_elements: int = Field(default=1 << 24, ge=1, description="per predict input")
+
+    # Jobs and the worker.
+    run_worker: bool = Field(default=True, description="start a worker process with the API (embedded default)")
+    worker_poll_s: float = Field(default=1.0, gt=0)
+    job_time_limit_s: float = Field(default=3600.0, gt=0, description="wall-clock limit of one optimization")
+    job_lease_s: float = Field(default=30.0, gt=0, description="a running job whose worker is silent this long is lost")
+    job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker died before giving up")
+    optimize_time_budget_s: float = Field(default=300.0, gt=0, description="the optimizer's own time budget")
+
+    log_level: str = Field(default="info", description="debug | info | warning | error")
+
+    @field_validator("providers")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "cpu", "cuda"):
+            raise ValueError("ONNXFORGE_PROVIDERS must be auto, cpu or cuda")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'onnxforge.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Uploads land here first; on the artifacts' filesystem so that storing them is a rename."""
+        return self.data_dir / "tmp" / "uploads"
+
+    @property
+    def work_dir(self) -> Path:
+        """The worker's scratch space for one job's optimizer output."""
+        return self.data_dir / "tmp" / "work"

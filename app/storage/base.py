@@ -1,0 +1,46 @@
+"""What an artifact store must do, so that a local folder and an S3 bucket are interchangeable.
+
+Keys are relative POSIX paths: `models/<name>/<version>/<file>`. Writers hand over a finished local
+file (`put_file`), never a stream, so every store can make the write atomic: readers see the whole
+artifact or nothing. Readers ask for a local path (`fetch`): a remote store downloads into a local
+cache once, which is what ONNX Runtime and file downloads need anyway.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+ORIGINAL = "original.onnx"
+OPTIMIZED = "optimized.onnx"
+CALIBRATION = "calibration.npz"
+REPORT = "report.json"
+
+
+def artifact_key(name: str, version: int, filename: str) -> str:
+    return f"models/{name}/{version}/{filename}"
+
+
+def version_prefix(name: str, version: int) -> str:
+    return f"models/{name}/{version}/"
+
+
+class ArtifactStore(ABC):
+    @abstractmethod
+    def put_file(self, key: str, source: Path, *, move: bool = False) -> None:
+        """Store a finished local file under `key` atomically; `move` may consume the source."""
+
+    @abstractmethod
+    def fetch(self, key: str) -> Path:
+        """A local path holding the artifact. Raises FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every artifact whose key starts with `prefix` (a version's folder)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise OSError if the store cannot be written right now (readiness)."""

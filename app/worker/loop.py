@@ -1,0 +1,230 @@
+"""The worker's loop: recover lost jobs, claim one, run it in a child process under a time limit, publish.
+
+While the child runs, the worker renews the job's lease with each heartbeat (and records the
+stage and progress the child reports). It stops the child when the job's time limit passes, when
+the job is no longer its own (deleted, or recovered by another worker after a lost lease), or when
+the worker is asked to stop (SIGTERM, SIGINT): the job is then put back in the queue, not failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.services.jobs import ClaimedJob, JobQueue, new_worker_id
+from app.settings import Settings
+from app.storage import ArtifactStore, open_store
+from app.storage.base import CALIBRATION, OPTIMIZED, ORIGINAL, REPORT, artifact_key, version_prefix
+from app.store import Database, ModelVersion
+from app.worker.lifeline import die_with_parent
+from app.worker.runner import RunSpec, run_in_child
+
+log = logging.getLogger("onnxforge.worker")
+
+_RECOVER_EVERY_S = 2.0
+_PROGRESS_WRITE_EVERY_S = 0.5
+
+
+@dataclass
+class _Outcome:
+    kind: str  # done | error | crashed | timeout | lost | stopped
+    detail: str = ""
+    selected: str = ""
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, db: Database | None = None, store: ArtifactStore | None = None) -> None:
+        self.settings = settings
+        self.db = db or Database(settings.resolved_database_url)
+        self.db.create_schema()
+        self.store = store or open_store(settings)
+        self.queue = JobQueue(self.db, settings.job_lease_s, settings.job_max_attempts)
+        self.worker_id = new_worker_id()
+        self._stop = threading.Event()
+        self._mp = multiprocessing.get_context("spawn")
+        self._last_recovery = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        log.info("worker %s started (database %s)", self.worker_id, self.db.engine.url.render_as_string())
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._stop.wait(self.settings.worker_poll_s)
+        log.info("worker %s stopped", self.worker_id)
+
+    def run_once(self) -> bool:
+        """Recover lost jobs (now and then), claim one and run it. False when there was nothing to do."""
+        try:
+            if time.monotonic() - self._last_recovery >= _RECOVER_EVERY_S:
+                self._last_recovery = time.monotonic()
+                for job_id, action in self.queue.recover_lost():
+                    log.warning("job %s lost its worker: %s", job_id, action)
+            job = self.queue.claim(self.worker_id)
+        except SQLAlchemyError as exc:  # the database is down: keep trying, it may come back
+            log.error("cannot reach the database: %s", str(exc).splitlines()[0])
+            return False
+        if job is None:
+            return False
+        self._execute(job)
+        return True
+
+    # -- one job -------------------------------------------------------------------------------------
+
+    def _execute(self, job: ClaimedJob) -> None:
+        log.info("job %s: optimizing %s version %s (attempt %d)", job.id, job.name, job.version, job.attempt)
+        started = time.monotonic()
+        work = self.settings.work_dir / job.id
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        outcome = _Outcome("lost")
+        try:
+            outcome = self._run_child(job, work)
+            self._finish(job, work, outcome)
+        except SQLAlchemyError as exc:
+            # Cannot record the outcome: the lease will expire and the job will be recovered.
+            log.error("job %s: cannot record its outcome, the database failed: %s", job.id, str(exc).splitlines()[0])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log.info("job %s: %s after %.1f s", job.id, outcome.kind, time.monotonic() - started)
+
+    def _run_child(self, job: ClaimedJob, work) -> _Outcome:  # noqa: ANN001 - Path
+        try:
+            model = self.store.fetch(artifact_key(job.name, job.version, ORIGINAL))
+            calibration = (self.store.fetch(artifact_key(job.name, job.version, CALIBRATION))
+                           if job.has_calibration else None)
+        except FileNotFoundError as exc:
+            return _Outcome("error", f"the uploaded files of this version are missing from the store ({exc})")
+        config = {
+            "precision": job.options.get("precision", "auto"),
+            "int8_mode": job.options.get("int8_mode"),
+            "calibration_method": job.options.get("calibration_method", "minmax"),
+            "provider": self.settings.providers,
+            "threads": self.settings.intra_op_threads,
+            "time_budget_s": self.settings.optimize_time_budget_s,
+        }
+        spec = RunSpec(str(model), str(work / "out"), str(calibration) if calibration else None, config)
+        receiver, sender = self._mp.Pipe(duplex=False)
+        child = self._mp.Process(target=run_in_child, args=(spec, sender, os.getpid()),
+                                 name=f"onnxforge-job-{job.id[:8]}", daemon=True)
+        child.start()
+        sender.close()  # the child holds the only writing end: EOF on ours means it is gone
+        try:
+            return self._watch(job, child, receiver)
+        finally:
+            receiver.close()
+            if child.is_alive():
+                child.kill()
+            child.join(5)
+
+    def _watch(self, job: ClaimedJob, child, receiver) -> _Outcome:  # noqa: ANN001 - Process, Connection
+        limit = self.settings.job_time_limit_s
+        deadline = time.monotonic() + limit
+        heartbeat_every = self.settings.job_lease_s / 3
+        stage, progress = "validate", 0.0
+        if not self.queue.heartbeat(job.id, self.worker_id, runner_pid=child.pid):
+            return _Outcome("lost")
+        last_beat = last_write = time.monotonic()
+        dirty = False
+        result: _Outcome | None = None
+        while True:
+            if receiver.poll(0.1):
+                try:
+                    message = receiver.recv()
+                except (EOFError, OSError):
+                    break
+                if message[0] == "progress":
+                    stage, progress, dirty = message[1], max(progress, min(1.0, message[2])), True
+                elif message[0] == "done":
+                    result = _Outcome("done", selected=message[1])
+                elif message[0] == "error":
+                    result = _Outcome("error", message[1])
+            elif not child.is_alive():
+                break
+            now = time.monotonic()
+            if self._stop.is_set():
+                return _Outcome("stopped")
+            if now > deadline:
+                return _Outcome("timeout", f"the optimization exceeded the job time limit of {limit:g} s "
+                                           f"(ONNXFORGE_JOB_TIME_LIMIT_S) during stage {stage!r} and was stopped")
+            if now - last_beat >= heartbeat_every or (dirty and now - last_write >= _PROGRESS_WRITE_EVERY_S):
+                if not self.queue.heartbeat(job.id, self.worker_id, stage=stage, progress=progress):
+                    return _Outcome("lost")
+                last_beat = last_write = now
+                dirty = False
+        child.join(5)
+        if result is not None:
+            return result
+        code = child.exitcode
+        how = f"was killed by {_signal_name(code)}" if code is not None and code < 0 else f"exited with code {code}"
+        return _Outcome("crashed", f"the optimizer process {how} during stage {stage!r} (a crash in ONNX Runtime or "
+                                   "its tools, or out of memory); the service kept running")
+
+    # -- recording the outcome -----------------------------------------------------------------------
+
+    def _finish(self, job: ClaimedJob, work, outcome: _Outcome) -> None:  # noqa: ANN001 - Path
+        if outcome.kind == "stopped":
+            self.queue.release(job, self.worker_id)
+            return
+        if outcome.kind == "lost":
+            log.warning("job %s is no longer ours (deleted or recovered elsewhere); dropping its work", job.id)
+            self._drop_if_deleted(job)
+            return
+        if outcome.kind != "done":
+            if not self.queue.fail(job, self.worker_id, outcome.detail):
+                self._drop_if_deleted(job)
+            return
+        out = work / "out"
+        try:
+            report = json.loads((out / "report.json").read_text())
+            self.store.put_file(artifact_key(job.name, job.version, OPTIMIZED), out / "model.onnx", move=True)
+            self.store.put_file(artifact_key(job.name, job.version, REPORT), out / "report.json", move=True)
+        except (OSError, ValueError) as exc:
+            self.queue.fail(job, self.worker_id, f"could not store the optimized model: {exc}")
+            return
+        if not self.queue.succeed(job, self.worker_id, report=report, selected=outcome.selected,
+                                  provider=report.get("provider")):
+            self._drop_if_deleted(job)
+
+    def _drop_if_deleted(self, job: ClaimedJob) -> None:
+        """A version deleted while its job ran: remove what this worker may have stored for it."""
+        with self.db.read() as session:
+            version = session.get(ModelVersion, job.version_id)
+        if version is None or version.status == "deleted":
+            self.store.delete_prefix(version_prefix(job.name, job.version))
+
+
+def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
+    """Entry point of a worker process (embedded by the API, or `onnxforge worker`)."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(settings)
+    worker.install_signal_handlers()
+    try:
+        worker.run_forever()
+    finally:
+        worker.db.dispose()

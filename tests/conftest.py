@@ -1,0 +1,89 @@
+"""Fixtures for the service tests: a real app (TestClient) on a fresh data folder, and small helpers."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+
+# Small and fast: a short optimizer budget, a short lease so lost jobs are noticed quickly, no
+# caching of which version serves (a test asserts right after a job finishes).
+TEST_SETTINGS: dict[str, Any] = {
+    "providers": "cpu", "intra_op_threads": 1, "worker_poll_s": 0.05, "job_lease_s": 3.0,
+    "registry_cache_ttl_s": 0.0, "optimize_time_budget_s": 4.0, "log_level": "warning",
+}
+
+
+def npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+class Api:
+    """A TestClient with the calls the tests repeat."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    @property
+    def services(self):  # noqa: ANN201 - app.services.container.Services
+        return self.client.app.state.services
+
+    def upload(self, model: onnx.ModelProto | bytes, filename: str = "model.onnx", calibration: bytes | None = None,
+               **fields: str):  # noqa: ANN201 - httpx.Response
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        files = {"file": (filename, data, "application/octet-stream")}
+        if calibration is not None:
+            files["calibration"] = ("samples.npz", calibration, "application/octet-stream")
+        return self.client.post("/v1/models", files=files, data=fields)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, job_id: str, until: Callable[[dict], bool] | None = None, timeout: float = 90) -> dict[str, Any]:
+        """Poll a job until `until(job)` (default: finished). Fails the test on timeout, showing the job."""
+        until = until or (lambda job: job["status"] in ("succeeded", "failed"))
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            assert time.monotonic() < deadline, f"job did not get there in {timeout} s: {job}"
+            time.sleep(0.02)
+
+    def predict(self, name: str, feed: dict[str, Any], version: int | None = None, **extra: Any):  # noqa: ANN201
+        path = f"/v1/models/{name}" + (f"/versions/{version}" if version is not None else "") + "/predict"
+        inputs = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in feed.items()}
+        return self.client.post(path, json={"inputs": inputs, **extra})
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def serve(data_dir: Path) -> Callable[..., Any]:
+    """`with serve(run_worker=False, **settings) as api:` runs the app's lifespan (and worker) around the block."""
+
+    @contextmanager
+    def run(**overrides: Any) -> Iterator[Api]:
+        settings = Settings(**{"data_dir": data_dir, **TEST_SETTINGS, **overrides})
+        with TestClient(create_app(settings)) as client:
+            yield Api(client)
+
+    return run
