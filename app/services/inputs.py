@@ -46,7 +46,10 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
                 f"input {spec.name!r} expects {spec.dtype_name} integers, got numbers with a fraction, NaN or Inf"
             )
         info = np.iinfo(want)
-        if array.size and (array.min() < info.min or array.max() > info.max):
+        # For floats compare with the exclusive upper bound: float(2**63 - 1) rounds up to 2**63, which
+        # would pass a `> info.max` test and then wrap around in the cast.
+        too_big = (array.max() >= float(info.max) + 1) if got.kind == "f" else (array.max() > info.max)
+        if array.size and (array.min() < info.min or too_big):
             raise BadRequestError(f"input {spec.name!r}: values outside the range of {spec.dtype_name}")
         return array.astype(want)
     if want.kind == "f":
