@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -25,13 +28,34 @@ from app.settings import Settings
 from app.storage import ArtifactStore, open_store
 from app.storage.base import CALIBRATION, OPTIMIZED, ORIGINAL, REPORT, artifact_key, version_prefix
 from app.store import Database, ModelVersion
-from app.worker.lifeline import die_with_parent
-from app.worker.runner import RunSpec, run_in_child
+from app.worker.lifeline import die_with_parent, pdeathsig_preexec
+from app.worker.runner import RunSpec
 
 log = logging.getLogger("onnxforge.worker")
 
 _RECOVER_EVERY_S = 2.0
 _PROGRESS_WRITE_EVERY_S = 0.5
+
+
+class _Messages:
+    """JSON lines from the child's pipe, read without blocking longer than a timeout."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+        self._buffer = b""
+
+    def read(self, timeout: float) -> list[list]:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            self.closed = True
+            return []
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 @dataclass
@@ -57,7 +81,6 @@ class Worker:
         self.queue = JobQueue(self.db, settings.job_lease_s, settings.job_max_attempts)
         self.worker_id = new_worker_id()
         self._stop = threading.Event()
-        self._mp = multiprocessing.get_context("spawn")
         self._last_recovery = 0.0
 
     def stop(self) -> None:
@@ -111,7 +134,7 @@ class Worker:
             shutil.rmtree(work, ignore_errors=True)
         log.info("job %s: %s after %.1f s", job.id, outcome.kind, time.monotonic() - started)
 
-    def _run_child(self, job: ClaimedJob, work) -> _Outcome:  # noqa: ANN001 - Path
+    def _run_child(self, job: ClaimedJob, work: Path) -> _Outcome:
         try:
             model = self.store.fetch(artifact_key(job.name, job.version, ORIGINAL))
             calibration = (self.store.fetch(artifact_key(job.name, job.version, CALIBRATION))
@@ -127,20 +150,29 @@ class Worker:
             "time_budget_s": self.settings.optimize_time_budget_s,
         }
         spec = RunSpec(str(model), str(work / "out"), str(calibration) if calibration else None, config)
-        receiver, sender = self._mp.Pipe(duplex=False)
-        child = self._mp.Process(target=run_in_child, args=(spec, sender, os.getpid()),
-                                 name=f"onnxforge-job-{job.id[:8]}", daemon=True)
-        child.start()
-        sender.close()  # the child holds the only writing end: EOF on ours means it is gone
+        read_fd, write_fd = os.pipe()
         try:
-            return self._watch(job, child, receiver)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "app.worker.runner", str(write_fd)], stdin=subprocess.PIPE,
+                pass_fds=(write_fd,), preexec_fn=pdeathsig_preexec(os.getpid()),  # the worker is single-threaded
+            )
         finally:
-            receiver.close()
-            if child.is_alive():
+            os.close(write_fd)  # the child holds the only writing end: EOF on ours means it is gone
+        try:
+            assert child.stdin is not None
+            child.stdin.write(spec.to_json().encode())
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; _watch explains from the exit code
+        try:
+            return self._watch(job, child, _Messages(read_fd))
+        finally:
+            os.close(read_fd)
+            if child.poll() is None:
                 child.kill()
-            child.join(5)
+            child.wait(5)
 
-    def _watch(self, job: ClaimedJob, child, receiver) -> _Outcome:  # noqa: ANN001 - Process, Connection
+    def _watch(self, job: ClaimedJob, child: subprocess.Popen, messages: _Messages) -> _Outcome:
         limit = self.settings.job_time_limit_s
         deadline = time.monotonic() + limit
         heartbeat_every = self.settings.job_lease_s / 3
@@ -150,20 +182,14 @@ class Worker:
         last_beat = last_write = time.monotonic()
         dirty = False
         result: _Outcome | None = None
-        while True:
-            if receiver.poll(0.1):
-                try:
-                    message = receiver.recv()
-                except (EOFError, OSError):
-                    break
+        while not messages.closed:
+            for message in messages.read(timeout=0.1):
                 if message[0] == "progress":
                     stage, progress, dirty = message[1], max(progress, min(1.0, message[2])), True
                 elif message[0] == "done":
                     result = _Outcome("done", selected=message[1])
                 elif message[0] == "error":
                     result = _Outcome("error", message[1])
-            elif not child.is_alive():
-                break
             now = time.monotonic()
             if self._stop.is_set():
                 return _Outcome("stopped")
@@ -175,17 +201,19 @@ class Worker:
                     return _Outcome("lost")
                 last_beat = last_write = now
                 dirty = False
-        child.join(5)
+        try:
+            code = child.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
         if result is not None:
             return result
-        code = child.exitcode
         how = f"was killed by {_signal_name(code)}" if code is not None and code < 0 else f"exited with code {code}"
         return _Outcome("crashed", f"the optimizer process {how} during stage {stage!r} (a crash in ONNX Runtime or "
                                    "its tools, or out of memory); the service kept running")
 
     # -- recording the outcome -----------------------------------------------------------------------
 
-    def _finish(self, job: ClaimedJob, work, outcome: _Outcome) -> None:  # noqa: ANN001 - Path
+    def _finish(self, job: ClaimedJob, work: Path, outcome: _Outcome) -> None:
         if outcome.kind == "stopped":
             self.queue.release(job, self.worker_id)
             return

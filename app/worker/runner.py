@@ -1,20 +1,21 @@
 """The child process that runs one optimization (`optimizer.pipeline.optimize`) and reports back.
 
-It talks to its worker through a pipe: ("progress", stage, fraction) while it runs, then exactly one
-("done", selected) or ("error", message). Dying without a message (a crash in native code, a kill)
-is for the worker to explain from the exit code.
+Started by the worker as `python -m app.worker.runner <fd>` with the job's RunSpec as JSON on stdin.
+It writes JSON lines to file descriptor <fd>: ["progress", stage, fraction] while it runs, then
+exactly one ["done", selected] or ["error", message]. Dying without a message (a crash in native
+code, a kill) is for the worker to explain from the exit code.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import sys
 import traceback
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from app.worker.lifeline import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -24,25 +25,39 @@ class RunSpec:
     calibration_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # optimizer.pipeline.OptimizeConfig fields
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
-def run_in_child(spec: RunSpec, conn: Connection, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the worker to handle
-    # Imported here, in the child: the worker process itself never loads the optimizer.
+
+def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
     from optimizer.errors import OptimizerError
     from optimizer.pipeline import OptimizeConfig, optimize
 
-    def progress(stage: str, fraction: float) -> None:
-        conn.send(("progress", str(stage), float(fraction)))
-
     try:
         result = optimize(spec.model_path, out_dir=spec.out_dir, config=OptimizeConfig(**spec.config),
-                          calibration=spec.calibration_path, progress=progress)
-        conn.send(("done", result.selected))
+                          calibration=spec.calibration_path,
+                          progress=lambda stage, fraction: send(["progress", str(stage), float(fraction)]))
+        send(["done", result.selected])
     except OptimizerError as exc:
-        conn.send(("error", str(exc)))
+        send(["error", str(exc)])
     except Exception as exc:  # noqa: BLE001 - every failure must reach the job as a reason
-        logging.getLogger(__name__).error("optimizer failed:\n%s", traceback.format_exc())
-        conn.send(("error", f"the optimizer failed unexpectedly: {type(exc).__name__}: {exc}"))
+        logging.getLogger("onnxforge.runner").error("optimizer failed:\n%s", traceback.format_exc())
+        send(["error", f"the optimizer failed unexpectedly: {type(exc).__name__}: {exc}"])
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the worker to handle
+    out = os.fdopen(int(sys.argv[1]), "wb", buffering=0)
+
+    def send(message: list) -> None:
+        out.write((json.dumps(message) + "\n").encode())
+
+    spec = RunSpec(**json.loads(sys.stdin.read()))
+    try:
+        run(spec, send)
     finally:
-        conn.close()
+        out.close()
+
+
+if __name__ == "__main__":
+    main()
