@@ -35,11 +35,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from app.main import create_app
 
     settings = _settings(args, host=args.host, port=args.port, run_worker=False if args.no_worker else None)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

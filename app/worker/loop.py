@@ -132,7 +132,8 @@ class Worker:
             log.error("job %s: cannot record its outcome, the database failed: %s", job.id, str(exc).splitlines()[0])
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        log.info("job %s: %s after %.1f s", job.id, outcome.kind, time.monotonic() - started)
+        result = {"done": "succeeded", "stopped": "put back in the queue"}.get(outcome.kind, outcome.kind)
+        log.info("job %s: %s after %.1f s %s", job.id, result, time.monotonic() - started, outcome.detail)
 
     def _run_child(self, job: ClaimedJob, work: Path) -> _Outcome:
         try:

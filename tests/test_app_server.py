@@ -1,0 +1,102 @@
+"""The real thing: `python -m app.cli serve` under uvicorn on 127.0.0.1, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app.store import Database, Job
+from optimizer.runtime import create_session
+from tests import models
+from tests.conftest import TEST_SETTINGS, npz
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path):  # noqa: ANN201 - yields (base url, process, data dir)
+    port = _free_port()
+    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()}}
+    data = tmp_path / "data"
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed when the fixture ends
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data),
+         "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, "the server exited at start"
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.1)
+    try:
+        yield base, process, data
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def test_served_over_http_from_upload_to_predict_and_clean_shutdown(server) -> None:  # noqa: ANN001
+    base, process, data = server
+    model = models.cnn()
+    samples = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
+    with httpx.Client(base_url=base, timeout=30) as client:
+        accepted = client.post("/v1/models", files={
+            "file": ("cnn.onnx", model.SerializeToString()), "calibration": ("images.npz", npz(image=samples)),
+        }, data={"precision": "auto"})
+        assert accepted.status_code == 202, accepted.text
+        status_url = accepted.json()["status_url"]
+        deadline = time.monotonic() + 90
+        while (job := client.get(status_url).json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+        assert job["status"] == "succeeded", job
+
+        report = client.get("/v1/models/cnn/report").json()["report"]
+        assert {v["name"] for v in report["variants"]} >= {report["baseline"], report["selected"]}
+
+        feed = models.random_feed(model, batch=2, seed=3)
+        expected = create_session(model.SerializeToString()).run(None, feed)[0]
+        served = client.post("/v1/models/cnn/predict", json={"inputs": {"image": feed["image"].tolist()}}).json()
+        got = np.asarray(served["outputs"]["logits"], np.float32)
+        cosine = float(got.ravel() @ expected.ravel() / (np.linalg.norm(got) * np.linalg.norm(expected)))
+        assert served["variant"] == "optimized" and cosine > 0.99
+
+        bad = client.post("/v1/models/cnn/predict", json={"inputs": {"image": [[1.0, 2.0]]}})
+        assert bad.status_code == 400 and "'image'" in bad.json()["error"]
+        assert client.get("/docs").status_code == 200
+        assert 'onnxforge_predict_requests_total{model="cnn",outcome="ok"' in client.get("/metrics").text
+
+    db = Database(f"sqlite:///{data / 'onnxforge.db'}")
+    with db.read() as session:
+        worker_pid = int(session.get(Job, job["id"]).worker_id.split(":")[1])
+    db.dispose()
+    process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal so a supervisor sees why it stopped.
+    assert process.wait(30) in (0, -signal.SIGTERM)
+    log = (data.parent / "server.log").read_text()
+    assert "Application shutdown complete" in log and "worker " in log and " stopped" in log
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker_pid}").exists():
+        assert time.monotonic() < deadline, "the worker outlived the service"
+        time.sleep(0.05)
