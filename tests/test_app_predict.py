@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.errors import BadRequestError
 from app.main import create_app
 from app.settings import Settings
 from optimizer.runtime import create_session
@@ -68,7 +69,7 @@ BAD_INPUTS = {
     "dims that must agree": (_encoder_feed(attention_mask=np.ones((3, 4), int).tolist()),
                              "'attention_mask' has batch=3"),
     "strings for floats": (_encoder_feed(hidden_states=[[["a"] * 64] * 4] * 2),
-                           "input 'hidden_states' expects float32"),
+                           "input 'hidden_states' expects float32 numbers, got strings"),
     "fraction for int64": (_encoder_feed(attention_mask=[[1, 0.5, 1, 1]] * 2), "input 'attention_mask' expects int64"),
     "null values": (_encoder_feed(attention_mask=[[1, None, 1, 1]] * 2), "input 'attention_mask' must hold numbers"),
     "ragged lists": (_encoder_feed(attention_mask=[[1, 1, 1, 1], [1]]), "input 'attention_mask' is not a rectangular"),
@@ -176,3 +177,20 @@ def test_deleted_model_stops_serving_and_its_session_is_dropped(serve) -> None: 
         assert len(api.services.sessions) == 0
         assert api.predict("gone", models.random_feed(models.mlp())).status_code == 404
         assert api.client.delete("/v1/models/gone").status_code == 404
+
+
+def test_typed_protocols_get_no_casting() -> None:
+    """/v2 sends typed tensors: a dtype mismatch is refused instead of cast (cast=False)."""
+    from app.runtime.signature import signature_of
+    from app.services.inputs import prepare_feed
+
+    inputs, _ = signature_of(create_session(models.transformer().SerializeToString()))
+    feed = models.random_feed(models.transformer(), batch=1, seq=3)
+    assert prepare_feed(inputs, feed, cast=False)["attention_mask"].dtype == np.int64
+    feed["attention_mask"] = feed["attention_mask"].astype(np.int32)
+    with pytest.raises(BadRequestError, match="input 'attention_mask' expects int64, got int32"):
+        prepare_feed(inputs, feed, cast=False)
+    assert prepare_feed(inputs, feed, cast=True)["attention_mask"].dtype == np.int64
+    with pytest.raises(BadRequestError, match="'hidden_states' has 3 elements, more than the limit of 2"):
+        prepare_feed(inputs, {"hidden_states": np.zeros((1, 3, 64), np.float32)[:, :, :1],
+                              "attention_mask": np.ones((1, 3), np.int64)}, max_elements=2)

@@ -117,13 +117,13 @@ def describe_model(name: str, services: Services = Depends(get_services)) -> Mod
     return ModelOut(
         name=name, serving_version=serving.version if serving else None, serving_variant=variant,
         provider=loaded.provider if loaded else services.provider,
-        inputs=[TensorOut(**t) for t in loaded_or_declared(loaded, described.inputs, "inputs")],
-        outputs=[TensorOut(**t) for t in loaded_or_declared(loaded, described.outputs, "outputs")],
+        inputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.inputs, "inputs")],
+        outputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.outputs, "outputs")],
         versions=[VersionOut.of(v, jobs.get(v.id)) for v in versions],
     )
 
 
-def loaded_or_declared(loaded, declared: list[dict[str, Any]], which: str) -> list[dict[str, Any]]:  # noqa: ANN001
+def _loaded_or_declared(loaded, declared: list[dict[str, Any]], which: str) -> list[dict[str, Any]]:  # noqa: ANN001
     """What the loaded session says (authoritative) or else what the uploaded file declares."""
     if loaded is None:
         return declared

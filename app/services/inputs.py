@@ -17,6 +17,11 @@ from app.runtime.signature import TensorSpec
 _OBJECT = np.dtype(object)
 
 
+def _kind(dtype: np.dtype) -> str:
+    """How a user would call what they sent."""
+    return {"U": "strings", "S": "strings", "O": "objects", "b": "booleans"}.get(dtype.kind, dtype.name)
+
+
 def _shape_text(shape: tuple[int | str | None, ...] | None) -> str:
     if shape is None:
         return "any shape"
@@ -29,13 +34,12 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     got = array.dtype
     if got == want:
         return array
-    refuse = BadRequestError(f"input {spec.name!r} expects {spec.dtype_name} values, got {got.name}")
     if want == _OBJECT:  # string input
         if got.kind in "US" or (got == _OBJECT and all(isinstance(v, str) for v in array.flat)):
             return array.astype(object)
-        raise BadRequestError(f"input {spec.name!r} expects strings, got {got.name}")
+        raise BadRequestError(f"input {spec.name!r} expects strings, got {_kind(got)}")
     if got.kind not in "biuf":
-        raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name} numbers, got {got.name} values")
+        raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name} numbers, got {_kind(got)}")
     if want.kind == "b":
         if got.kind != "b" and not np.isin(array, (0, 1)).all():
             raise BadRequestError(f"input {spec.name!r} expects booleans (true/false or 0/1)")
@@ -60,7 +64,7 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         if got.kind in "iu" and not np.isfinite(result).all():
             raise BadRequestError(f"input {spec.name!r}: values too large for {spec.dtype_name}")
         return result
-    raise refuse
+    raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name} values, got {_kind(got)}")
 
 
 def _check_shape(spec: TensorSpec, array: np.ndarray, dims: dict[str, tuple[str, int]]) -> None:
@@ -118,7 +122,7 @@ def prepare_feed(specs: list[TensorSpec], given: Mapping[str, np.ndarray], *, ca
                 "(setting ONNXFORGE_MAX_INPUT_ELEMENTS)"
             )
         if array.dtype != spec.dtype and not cast:
-            raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name}, got {array.dtype.name}")
+            raise BadRequestError(f"input {spec.name!r} expects {spec.dtype_name}, got {_kind(array.dtype)}")
         array = _cast(spec, array)
         _check_shape(spec, array, dims)
         feed[spec.name] = array
