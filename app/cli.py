@@ -1,6 +1,7 @@
 """The `onnxforge` command (console entry point `app.cli:main`): the outermost layer, nothing imports it.
 
-Subcommands: `serve` (the API, with its worker unless --no-worker) and `worker` (a worker alone).
+Subcommands: `optimize`, `inspect` and `bench` drive the optimizer library on files; `serve` (the API,
+with its worker unless --no-worker) and `worker` (a worker alone) run the service.
 Each subcommand is a `_add_<name>(subparsers)` that registers its arguments and its handler; the
 handlers import what they need, so `onnxforge --help` stays fast.
 """
@@ -82,12 +83,144 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_worker)
 
 
+# -- optimize / inspect / bench: the optimizer library from the shell ------------------------------------
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    import json
+
+    from optimizer import OptimizerError
+    from optimizer.pipeline import OptimizeConfig, optimize
+    from optimizer.report_table import summary
+
+    config = OptimizeConfig(precision=args.precision, int8_mode=args.int8_mode,
+                            calibration_method=args.calibration_method, provider=args.provider,
+                            time_budget_s=args.time_budget)
+    try:
+        result = optimize(args.model, out_dir=args.out, config=config, calibration=args.calibration,
+                          progress=None if args.quiet else lambda stage, f: print(f"[{f:4.0%}] {stage}",
+                                                                                    file=sys.stderr))
+    except OptimizerError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        print(summary(result.report))
+        print(f"\nwrote {result.model_path} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
+    from optimizer.pipeline import CALIBRATION_METHODS, INT8_MODES, PRECISIONS
+
+    parser = subparsers.add_parser("optimize", help="optimize a model file and write model.onnx + report.json",
+                                   description="Fuse, quantize, check accuracy and time every variant; write the "
+                                               "one to serve as DIR/model.onnx and the evidence as DIR/report.json.")
+    parser.add_argument("model", type=Path, help="the .onnx file")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--calibration", type=Path, help=".npz with one array per model input")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--int8-mode", choices=INT8_MODES, help="default: static with --calibration, else dynamic")
+    parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole job (default 300)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(handler=_optimize)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from optimizer import OptimizerError, load_model
+    from optimizer.graph_inspect import inspect
+
+    try:
+        report = inspect(load_model(args.model).proto).to_dict()
+    except OptimizerError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}: {report['node_count']} nodes, {report['parameter_count']:,} parameters "
+          f"({report['parameter_bytes'] / 1024:.1f} KiB), IR {report['ir_version']}, opsets {report['opsets']}")
+    for kind in ("inputs", "outputs"):
+        for t in report[kind]:
+            print(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}")
+    print("ops: " + ", ".join(f"{op} {n}" for op, n in report["op_histogram"].items()))
+    if report["fused"]:
+        print("already fused: " + ", ".join(f"{op} {n}" for op, n in report["fused"].items()))
+    for chain in report["fusable"]:
+        print(f"fusable: {chain['pattern']} x{chain['count']}")
+    for finding in report["redundant"]:
+        print(f"redundant: {finding['op']} {', '.join(finding['nodes'])}: {finding['reason']}")
+    return 0
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("inspect", help="what a model holds: ops, parameters, redundant nodes, fusions",
+                                   description="Validate a model and print what one would look for in Netron.")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_inspect)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from optimizer import OptimizerError, load_model
+    from optimizer.calibration import load_samples, synthetic_samples
+    from optimizer.latency import measure_batches
+    from optimizer.runtime import SessionSettings, resolve_provider
+
+    try:
+        first = load_model(args.models[0]).proto
+        samples = load_samples(args.inputs, first) if args.inputs else synthetic_samples(first, count=1)
+        feed = (samples.calibration or samples.holdout)[0]
+        settings = SessionSettings(provider=resolve_provider(args.provider), intra_op_threads=args.threads)
+        models = {str(path): path for path in args.models}
+        results = measure_batches(models, feed, settings, batch_sizes=tuple(args.batch),
+                                  target_seconds=args.seconds)
+    except OptimizerError as exc:
+        return _fail(str(exc))
+    print(f"{'model':40} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'per s':>9} {'vs first':>8}")
+    for batch, stats in results.items():
+        base = stats[str(args.models[0])].p50_ms
+        for name, s in stats.items():
+            print(f"{name[-40:]:40} {batch:5d} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} "
+                  f"{s.throughput_per_s:9.1f} {base / s.p50_ms if s.p50_ms else np.nan:7.2f}x")
+    print(f"provider {next(iter(next(iter(results.values())).values())).provider}; models timed interleaved, "
+          "spinning off; 'vs first' = first model's p50 / this model's p50")
+    return 0
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="time models side by side (interleaved, same inputs)",
+                                   description="Time several models on the same inputs, interleaved so that the "
+                                               "ratios hold on a noisy machine.")
+    parser.add_argument("models", type=Path, nargs="+")
+    parser.add_argument("--inputs", type=Path, help=".npz with one array per input (default: generated inputs)")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per batch size")
+    parser.set_defaults(handler=_bench)
+
+
 # -- entry point ----------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxforge", description="Optimize ONNX models and serve them.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_optimize(subparsers)
+    _add_inspect(subparsers)
+    _add_bench(subparsers)
     _add_serve(subparsers)
     _add_worker(subparsers)
     return parser
