@@ -60,6 +60,11 @@ def test_inspect_prints_findings_and_json(cnn_files: tuple[Path, Path], capsys: 
 
 def test_bench_times_models_side_by_side(cnn_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     model, npz = cnn_files
-    assert main(["bench", str(model), str(model), "--inputs", str(npz), "--seconds", "0.1", "--batch", "1"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(model)[-40:])]
-    assert len(lines) == 2
+    copy = model.with_name("copy.onnx")
+    copy.write_bytes(model.read_bytes())
+    assert main(["bench", str(model), str(copy), "--inputs", str(npz), "--seconds", "0.1", "--batch", "1", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.endswith("x") and ".onnx" in line]
+    assert [(r[0].rsplit("/", 1)[-1], r[1]) for r in rows] == [("cnn.onnx", "1"), ("copy.onnx", "1"),
+                                                               ("cnn.onnx", "4"), ("copy.onnx", "4")]
+    assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
