@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -43,28 +44,53 @@ def fp16_candidate(provider: str) -> Candidate:
                      lambda m, s: fp16.run(m, config, s.holdout[0]))
 
 
-def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True) -> Candidate:
-    config = int8_dynamic.Int8DynamicConfig(weight_type=weight_type, per_channel=per_channel)
-    suffix = "s8" if weight_type == "int8" else "u8"
-    return Candidate(f"int8-dynamic-{suffix}{'-pc' if per_channel else ''}", "int8",
-                     {"mode": "dynamic", "weight_type": weight_type, "per_channel": per_channel},
-                     lambda m, s: int8_dynamic.run(m, config, s.holdout[0]))
+def _excluding(name: str, settings: dict[str, Any], exclude: tuple[str, ...], suffix: str) -> str:
+    """Record a mixed-precision exclusion list in the settings and the name."""
+    if exclude:
+        settings["exclude_nodes"] = list(exclude)
+        return f"{name}-{suffix}" if suffix else name
+    return name
+
+
+def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclude: tuple[str, ...] = (),
+                      suffix: str = "") -> Candidate:
+    """Dynamic INT8; `exclude` names nodes of the source model to keep in float (a repair)."""
+    config = int8_dynamic.Int8DynamicConfig(weight_type=weight_type, per_channel=per_channel,
+                                            nodes_to_exclude=exclude)
+    wt = "s8" if weight_type == "int8" else "u8"
+    settings: dict[str, Any] = {"mode": "dynamic", "weight_type": weight_type, "per_channel": per_channel}
+    name = _excluding(f"int8-dynamic-{wt}{'-pc' if per_channel else ''}", settings, exclude, suffix)
+    return Candidate(name, "int8", settings, lambda m, s: int8_dynamic.run(m, config, s.holdout[0]))
 
 
 def static_candidate(method: str = "minmax", quant_format: str = "qdq", activation_type: str = "int8",
-                     op_types: tuple[str, ...] | None = None) -> Candidate:
+                     op_types: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
+                     suffix: str = "") -> Candidate:
+    """Static INT8 (per-channel S8 weights); `exclude` names nodes to keep in float (a repair)."""
     config = int8_static.Int8StaticConfig(method=method, quant_format=quant_format, activation_type=activation_type,
-                                          op_types=op_types)
+                                          op_types=op_types, nodes_to_exclude=exclude)
+    settings: dict[str, Any] = {"mode": "static", "method": method, "format": quant_format,
+                                "activation_type": activation_type, "weight_type": "int8", "per_channel": True,
+                                "op_types": list(op_types) if op_types else "all"}
+    name = _excluding(static_name(method, quant_format, activation_type, op_types), settings, exclude, suffix)
+    return Candidate(name, "int8", settings, lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0]))
+
+
+def static_name(method: str, quant_format: str, activation_type: str, op_types: tuple[str, ...] | None) -> str:
     act = "s8" if activation_type == "int8" else "u8"
-    scope = "heavy" if op_types else "all"
-    return Candidate(f"int8-static-{method}-{quant_format}-{act}s8-{scope}", "int8",
-                     {"mode": "static", "method": method, "format": quant_format,
-                      "activation_type": activation_type, "weight_type": "int8", "per_channel": True,
-                      "op_types": list(op_types) if op_types else "all"},
-                     lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0]))
+    return f"int8-static-{method}-{quant_format}-{act}s8-{'heavy' if op_types else 'all'}"
 
 
-def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, has_calibration: bool) -> Plan:
+def static_twin(settings: dict[str, Any], *, method: str | None = None, quant_format: str | None = None,
+                exclude: tuple[str, ...] = (), suffix: str = "") -> Candidate:
+    """The static candidate with the same settings as a report row, one of them changed."""
+    op_types = None if settings["op_types"] == "all" else tuple(settings["op_types"])
+    return static_candidate(method or settings["method"], quant_format or settings["format"],
+                            settings["activation_type"], op_types, exclude=exclude, suffix=suffix)
+
+
+def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, has_calibration: bool,
+         fp16_on_cpu: bool | None = None) -> Plan:
     """The candidates for a request. `int8_mode` is already resolved when precision is int8."""
     result = Plan()
     if precision == "fp32":
@@ -77,12 +103,28 @@ def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, h
         else:
             result.candidates.append(static_candidate(method))
     else:  # auto
-        result = auto_plan(provider=provider, method=method, has_calibration=has_calibration)
+        result = auto_plan(provider=provider, method=method, has_calibration=has_calibration,
+                           fp16_on_cpu=fp16_on_cpu)
     return result
 
 
-def auto_plan(*, provider: str, method: str, has_calibration: bool) -> Plan:
-    """A short, measured list: what tends to pay on this provider, each checked and timed by the pipeline."""
+def cpu_has_fp16_arithmetic() -> bool:
+    """True when the CPU computes in FP16 natively (x86 AVX512-FP16, ARM FP16 SIMD)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_fp16" in flags or "asimdhp" in flags
+
+
+def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None) -> Plan:
+    """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
+
+    Static candidates are calibrated with MinMax here whatever `method` says: latency does not
+    depend on the calibration method, so the auto search only calibrates again with Percentile and
+    Entropy the format/type/scope combinations that measured faster than FP32 and failed accuracy.
+    """
+    del method  # the probe always uses MinMax (see above); other methods are a later, pruned step
     result = Plan()
     if provider == "cuda":
         result.candidates.append(fp16_candidate(provider))
@@ -90,11 +132,19 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool) -> Plan:
                                "ops without acceleration (they fall back to CPU kernels); FP16 is the GPU win"})
         return result
     result.candidates.append(dynamic_candidate("int8", per_channel=True))
+    result.candidates.append(dynamic_candidate("uint8", per_channel=True))
     if has_calibration:
-        result.candidates.append(static_candidate(method, activation_type="uint8", op_types=HEAVY_OPS))
-        result.candidates.append(static_candidate(method, activation_type="uint8"))
+        for quant_format in ("qdq", "qoperator"):
+            for activation_type in ("uint8", "int8"):
+                for op_types in (None, HEAVY_OPS):
+                    result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types))
     else:
-        result.skipped.append({"name": "int8-static", "reason": "no calibration set was given"})
-    result.skipped.append({"name": "fp16", "reason": "FP16 on most CPUs runs through Cast nodes around ops "
-                           "without FP16 kernels and is not faster; it is tried on CUDA"})
+        result.skipped.append({"name": "int8-static", "reason": "no calibration set was given: static INT8 needs "
+                               "real inputs to calibrate activation ranges on"})
+    if fp16_on_cpu if fp16_on_cpu is not None else cpu_has_fp16_arithmetic():
+        result.candidates.append(fp16_candidate(provider))
+    else:
+        result.skipped.append({"name": "fp16", "reason": "this CPU has no FP16 arithmetic (no avx512_fp16/asimdhp): "
+                               "ONNX Runtime's CPU kernels would run FP16 through Casts (measured 0.94-1.06x of "
+                               "FP32 on such CPUs); set fp16_on_cpu to try it anyway"})
     return result

@@ -14,22 +14,24 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from optimizer import candidates as candidate_lists
-from optimizer.accuracy import Tolerance, compare, run_outputs
+from optimizer.accuracy import Tolerance, run_outputs
+from optimizer.auto import AutoSearch
 from optimizer.calibration import SampleSet, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
 from optimizer.errors import CalibrationError, OptimizerError
 from optimizer.graph_inspect import inspect
-from optimizer.latency import LatencyStats, measure_batches
+from optimizer.latency import measure_batches
 from optimizer.loading import LoadedModel, load_model
 from optimizer.passes import cleanup
 from optimizer.runtime import SessionSettings, create_session, resolve_provider
+from optimizer.variants import Built, VariantReport, build, describe, evaluate, set_latency
+
+__all__ = ["OptimizeConfig", "OptimizationResult", "VariantReport", "optimize"]
 
 #: Called with (stage, progress 0..1). Stages: validate, fuse, calibrate, quantize, evaluate, benchmark.
 ProgressCallback = Callable[[str, float], None]
@@ -61,7 +63,11 @@ class OptimizeConfig:
     outputs: list[str] | None = None  # the outputs whose accuracy matters (None: all)
     time_budget_s: float = 300.0
     benchmark_seconds: float = 2.0  # timing per batch size, all variants interleaved
-    batch_sizes: tuple[int, ...] = (1, 8)
+    batch_sizes: tuple[int, ...] = (1, 8)  # the smallest one is the one the winner is chosen at
+    # auto only:
+    auto_candidates: tuple[str, ...] | None = None  # probe only these candidate names (None: the whole grid)
+    auto_prune_by_latency: bool = True  # False: calibrate and repair every failing variant, however slow
+    fp16_on_cpu: bool | None = None  # None: try FP16 on the CPU only when it has FP16 arithmetic
 
     def validate(self) -> None:
         """Refuse settings that cannot work, with the allowed values in the message."""
@@ -80,47 +86,16 @@ class OptimizeConfig:
 
 
 @dataclass
-class VariantReport:
-    """One row of the report: a variant, what happened to it and what it measured."""
-
-    name: str
-    precision: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    status: str = "ok"  # ok | failed | rejected | skipped
-    reason: str | None = None
-    size_bytes: int | None = None
-    node_count: int | None = None
-    build_s: float | None = None
-    latency_ms: dict[str, float] | None = None  # at the selection batch size
-    throughput_per_s: float | None = None
-    latency_by_batch: dict[str, dict[str, Any]] = field(default_factory=dict)
-    accuracy: dict[str, Any] | None = None
-    changes: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class OptimizationResult:
     report: dict[str, Any]
     model_path: Path  # the selected variant, written to out_dir/model.onnx
     selected: str
 
 
-@dataclass
-class _Built:
-    row: VariantReport
-    model: onnx.ModelProto | None = None
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _samples(loaded: LoadedModel, calibration: str | Path | bytes | None, config: OptimizeConfig) -> SampleSet:
@@ -139,52 +114,11 @@ def _int8_mode(config: OptimizeConfig, samples: SampleSet) -> str:
     return mode
 
 
-def _describe(model: onnx.ModelProto, row: VariantReport) -> None:
-    row.size_bytes = model.ByteSize()
-    row.node_count = len(model.graph.node)
-
-
-def _evaluate(model: onnx.ModelProto, reference: list[dict], samples: SampleSet, settings: SessionSettings,
-              tolerance: Tolerance, row: VariantReport) -> None:
-    """Judge accuracy on the held-back samples; a variant that cannot run there fails."""
-    try:
-        session = create_session(model.SerializeToString(), settings)
-        outputs = run_outputs(session, samples.holdout)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
-        row.status, row.reason = "failed", f"does not run on the held-back samples: {_first_line(exc)}"
-        return
-    report = compare(reference, outputs, tolerance)
-    row.accuracy = report.to_dict()
-    if not report.passed:
-        row.status, row.reason = "rejected", f"accuracy below tolerance: {report.reason}"
-
-
-def _build(candidate: Candidate, source: onnx.ModelProto, samples: SampleSet, deadline: float) -> _Built:
-    row = VariantReport(name=candidate.name, precision=candidate.precision, settings=candidate.settings)
-    if time.monotonic() >= deadline:
-        row.status, row.reason = "skipped", "the job's time budget ran out before this variant was built"
-        return _Built(row)
-    started = time.perf_counter()
-    try:
-        result = candidate.build(source, samples)
-    except OptimizerError as exc:
-        row.status, row.reason = "failed", str(exc)
-        return _Built(row)
-    except Exception as exc:  # noqa: BLE001 - a tool's bug must not end the job
-        row.status, row.reason = "failed", f"{type(exc).__name__} in ONNX Runtime's tools: {_first_line(exc)}"
-        return _Built(row)
-    finally:
-        row.build_s = round(time.perf_counter() - started, 3)
-    row.changes, row.notes = result.changes, result.notes
-    _describe(result.model, row)
-    return _Built(row, result.model)
-
-
-def _benchmark(built: dict[str, _Built], samples: SampleSet, settings: SessionSettings, config: OptimizeConfig,
-               deadline: float) -> None:
-    """Time every variant that runs correctly, interleaved with the baseline, at each batch size."""
+def _benchmark(built: dict[str, Built], samples: SampleSet, settings: SessionSettings, config: OptimizeConfig,
+               deadline: float, statuses: tuple[str, ...] = ("ok", "rejected")) -> None:
+    """Time every variant with one of `statuses` (and the baseline), interleaved, at each batch size."""
     timed = {name: b.model.SerializeToString() for name, b in built.items()
-             if b.model is not None and b.row.status in ("ok", "rejected")}
+             if b.model is not None and (b.row.status in statuses or name == BASELINE)}
     remaining = max(deadline - time.monotonic(), 1.0)
     target = min(config.benchmark_seconds, remaining / (2 * len(config.batch_sizes)))
     by_batch = measure_batches(timed, samples.holdout[0], settings, batch_sizes=config.batch_sizes,
@@ -194,12 +128,7 @@ def _benchmark(built: dict[str, _Built], samples: SampleSet, settings: SessionSe
         for name, s in stats.items():
             built[name].row.latency_by_batch[str(batch)] = s.to_dict()
             if batch == selection_batch:
-                _set_latency(built[name].row, s)
-
-
-def _set_latency(row: VariantReport, stats: LatencyStats) -> None:
-    row.latency_ms = {k: round(getattr(stats, f"{k}_ms"), 4) for k in ("p50", "p90", "p99", "mean")}
-    row.throughput_per_s = round(stats.throughput_per_s, 2)
+                set_latency(built[name].row, s)
 
 
 def _select(rows: list[VariantReport]) -> tuple[str, str]:
@@ -259,31 +188,51 @@ def optimize(
     tolerance = config.tolerance()
     reference = run_outputs(create_session(original.SerializeToString(), settings), samples.holdout)
 
-    built: dict[str, _Built] = {}
+    built: dict[str, Built] = {}
     base_row = VariantReport(name=BASELINE, precision="fp32", settings={"source": "the uploaded model"})
-    _describe(original, base_row)
-    built[BASELINE] = _Built(base_row, original)
+    describe(original, base_row)
+    built[BASELINE] = Built(base_row, original)
 
     notify("fuse", 0.1)
     fuse = Candidate(FUSED, "fp32", {"pass": "cleanup", "level": "basic"},
                      lambda m, s: cleanup.run(m, cleanup.CleanupConfig(provider=provider), feed=s.holdout[0]))
-    built[FUSED] = _build(fuse, original, samples, build_deadline)
+    built[FUSED] = build(fuse, original, samples, build_deadline)
     source = built[FUSED].model if built[FUSED].model is not None else original
+    steps = {"validate_and_fuse": round(time.monotonic() - started, 3)}
 
-    plan = candidate_lists.plan(config.precision, provider=provider, int8_mode=int8_mode,
-                                method=config.calibration_method, has_calibration=not samples.synthetic)
-    for i, candidate in enumerate(plan.candidates):
-        stage = "calibrate" if candidate.settings.get("mode") == "static" else "quantize"
-        notify(stage, 0.2 + 0.5 * i / max(len(plan.candidates), 1))
-        built[candidate.name] = _build(candidate, source, samples, build_deadline)
-
-    notify("evaluate", 0.7)
-    for name, b in built.items():
-        if name != BASELINE and b.model is not None:
-            _evaluate(b.model, reference, samples, settings, tolerance, b.row)
+    search: AutoSearch | None = None
+    skipped: list[dict[str, str]] = []
+    if config.precision == "auto" and provider == "cpu":
+        if built[FUSED].model is not None:
+            evaluate(built[FUSED].model, reference, samples, settings, tolerance, built[FUSED].row)
+        search = AutoSearch(
+            source=source, samples=samples, settings=settings, tolerance=tolerance, reference=reference,
+            provider=provider, deadline=build_deadline, built=built,
+            fp32_name=FUSED if built[FUSED].row.status == "ok" else BASELINE, batch=min(config.batch_sizes),
+            probe_seconds=max(config.benchmark_seconds / 2, 0.1), prune_by_latency=config.auto_prune_by_latency,
+            only=config.auto_candidates, fp16_on_cpu=config.fp16_on_cpu, notify=notify,
+        )
+        search.run()
+        skipped = search.skipped
+    else:
+        plan = candidate_lists.plan(config.precision, provider=provider, int8_mode=int8_mode,
+                                    method=config.calibration_method, has_calibration=not samples.synthetic,
+                                    fp16_on_cpu=config.fp16_on_cpu)
+        skipped = plan.skipped
+        for i, candidate in enumerate(plan.candidates):
+            stage = "calibrate" if candidate.settings.get("mode") == "static" else "quantize"
+            notify(stage, 0.2 + 0.5 * i / max(len(plan.candidates), 1))
+            built[candidate.name] = build(candidate, source, samples, build_deadline)
+        notify("evaluate", 0.7)
+        for name, b in built.items():
+            if name != BASELINE and b.model is not None:
+                evaluate(b.model, reference, samples, settings, tolerance, b.row)
 
     notify("benchmark", 0.8)
-    _benchmark(built, samples, settings, config, deadline)
+    benchmark_started = time.monotonic()
+    # auto times only the variants that passed (the others keep their probe timing): fewer sessions, more runs each
+    _benchmark(built, samples, settings, config, deadline, statuses=("ok",) if search else ("ok", "rejected"))
+    steps["benchmark"] = round(time.monotonic() - benchmark_started, 3)
     rows = [b.row for b in built.values()]
     selected, why = _select(rows)
     selected_model = built[selected].model
@@ -306,7 +255,7 @@ def optimize(
             "samples": len(samples.calibration), "holdout_samples": len(samples.holdout), "notes": samples.notes,
         },
         "variants": [asdict(r) for r in rows],
-        "skipped_candidates": plan.skipped,
+        "skipped_candidates": skipped,
         "baseline": BASELINE,
         "selected": selected,
         "selection_reason": why,
@@ -315,6 +264,9 @@ def optimize(
         "size_ratio": round(chosen.size_bytes / base.size_bytes, 4) if base.size_bytes else None,
         "duration_s": round(time.monotonic() - started, 3),
     }
+    if search is not None:
+        report["auto"] = search.report(selected, why)
+        report["auto"]["steps_s"] = {**steps, **search.steps_s, "benchmark": steps["benchmark"]}
     _atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     notify("benchmark", 1.0)
     return OptimizationResult(report=report, model_path=model_path, selected=selected)

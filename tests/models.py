@@ -86,6 +86,31 @@ def cnn(seed: int = 0, channels: tuple[int, ...] = (8, 16), image: int = 32, cla
     )
 
 
+def detector(seed: int = 0, channels: tuple[int, ...] = (8, 16), image: int = 16, outputs: int = 5,
+             box_scale: float = 300.0) -> onnx.ModelProto:
+    """Conv-Relu blocks and a 1x1 Conv head whose channel 0 is a box coordinate (~box_scale) and the
+    others are scores (~1), side by side in one output [batch, outputs, H, W], as detectors export it.
+
+    One INT8 scale for that output rounds every score away: the model that breaks static INT8 in its
+    last layer and is repaired by leaving the head Conv in float.
+    """
+    b = GraphBuilder(seed)
+    x, in_ch = "image", 3
+    for out_ch in channels:
+        x = b.op("Conv", [x, b.weight(out_ch, in_ch, 3, 3), b.weight(out_ch, scale=0.1)], pads=[1, 1, 1, 1])
+        x = b.op("Relu", [x])
+        in_ch = out_ch
+    head = b.rng.normal(0, 1.0 / np.sqrt(in_ch), size=(outputs, in_ch, 1, 1)).astype(np.float32)
+    head[0] *= box_scale
+    x = b.op("Conv", [x, b.const(head), b.weight(outputs, scale=0.1)])
+    b.rename_output(x, "detections")
+    return b.model(
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, image, image])],
+        [helper.make_tensor_value_info("detections", TensorProto.FLOAT, ["batch", outputs, image, image])],
+        "detector",
+    )
+
+
 def mlp(seed: int = 0, features: int = 64, hidden: int = 128, classes: int = 10) -> onnx.ModelProto:
     """MatMul+Add+Relu layers: input [batch,features] -> logits [batch,classes]."""
     b = GraphBuilder(seed)

@@ -1,0 +1,311 @@
+"""precision=auto on the CPU: search the INT8/FP16 recipes by measuring, cheapest work first, then repair.
+
+No single recipe is safe on real models (pitfalls.md: QOperator U8S8 is fastest and breaks accuracy
+on half of them, QDQ S8S8 is slower than FP32 on most), so auto builds and measures instead of
+guessing, in steps that each decide what the next one is worth:
+
+1. probe: every recipe that is cheap to build (dynamic S8/U8 per-channel; static MinMax in QDQ and
+   QOperator, S8S8 and U8S8, all ops and Conv/MatMul/Gemm only) is built, judged on the held-back
+   samples and timed once, interleaved with the FP32 models at the selection batch size;
+2. methods: latency does not depend on the calibration method, so Percentile and then Entropy
+   (slow, memory-hungry) calibrate only the combinations that measured faster than fused FP32 and
+   faster than the best variant that already passes, and failed accuracy with MinMax;
+3. repair: the fastest failing INT8 combinations are re-quantized with nodes left in float: first
+   the output head (cheap, costs no speed on real models), then the most sensitive nodes by
+   `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8 of them, until one passes.
+A repaired variant is timed with all others: float islands add Q/DQ boundaries and can make it
+slower than FP32, in which case the selection rule rejects it like any other.
+Everything past the budget's build deadline is skipped and listed with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from optimizer import sensitivity
+from optimizer.accuracy import Tolerance
+from optimizer.calibration import SampleSet
+from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, static_name, static_twin
+from optimizer.latency import BenchmarkError, measure_batches
+from optimizer.runtime import SessionSettings
+from optimizer.variants import Built, build, evaluate, first_line
+
+#: Failing INT8 combinations the repair step works on (fastest first).
+MAX_REPAIR_TARGETS = 2
+#: How many of the most sensitive tensors' nodes each repair attempt leaves in float.
+REPAIR_STEPS = (1, 2, 4, 8)
+#: Tensors that lose less than this (mean relative error per channel) are not worth leaving in float.
+MIN_TENSOR_ERROR = 0.02
+LATER_METHODS = ("percentile", "entropy")
+
+Notify = Callable[[str, float], None]
+
+
+@dataclass
+class AutoSearch:
+    """One auto search over a fused FP32 `source`; rows land in `built`, shared with the pipeline."""
+
+    source: onnx.ModelProto
+    samples: SampleSet
+    settings: SessionSettings
+    tolerance: Tolerance
+    reference: list[dict]
+    provider: str
+    deadline: float  # monotonic time after which nothing more is built
+    built: dict[str, Built]  # holds the baseline and fused rows already
+    fp32_name: str  # the FP32 variant every candidate must beat (fused, or the original when fusing failed)
+    batch: int = 1
+    probe_seconds: float = 1.0
+    prune_by_latency: bool = True  # False: every failing combination is worth work (tests: no timing)
+    only: tuple[str, ...] | None = None  # probe only these candidate names
+    fp16_on_cpu: bool | None = None
+    notify: Notify = field(default=lambda stage, fraction: None)
+    steps_s: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    repairs: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for step, fn in (("probe_build", self._probe), ("probe_benchmark", self._time_probe),
+                         ("calibration_methods", self._other_methods), ("repair", self._repair)):
+            started = time.perf_counter()
+            fn()
+            self.steps_s[step] = round(time.perf_counter() - started, 3)
+
+    def _probe(self) -> None:
+        plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
+                         fp16_on_cpu=self.fp16_on_cpu)
+        self.skipped += plan.skipped
+        chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
+        self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
+                         for c in plan.candidates if c not in chosen]
+        for i, candidate in enumerate(chosen):
+            self.notify("calibrate" if candidate.settings.get("mode") == "static" else "quantize",
+                        0.2 + 0.3 * i / max(len(chosen), 1))
+            self._add(candidate)
+
+    def _time_probe(self) -> None:
+        """One short interleaved timing of everything that runs: what is worth calibrating or repairing."""
+        self.notify("benchmark", 0.5)
+        timed = {n: b.model.SerializeToString() for n, b in self.built.items()
+                 if b.model is not None and b.row.status in ("ok", "rejected")}
+        try:
+            by_batch = measure_batches(timed, self.samples.holdout[0], self.settings, batch_sizes=(self.batch,),
+                                       min_runs=10, target_seconds=self.probe_seconds, deadline=self.deadline)
+        except BenchmarkError as exc:
+            self.decisions.append(f"probe timing failed ({first_line(exc)}): no candidate is pruned by latency")
+            return
+        for stats in by_batch.values():
+            for name, s in stats.items():
+                self.built[name].row.probe_latency_ms = {"p50": round(s.p50_ms, 4), "p90": round(s.p90_ms, 4)}
+
+    def _other_methods(self) -> None:
+        self.notify("calibrate", 0.55)
+        static = [b.row for b in self.built.values()
+                  if b.row.settings.get("mode") == "static" and b.row.settings.get("method") == "minmax"]
+        for row in sorted(static, key=self._probe_p50):
+            later = [static_twin(row.settings, method=m) for m in LATER_METHODS]
+            if row.status in ("failed", "skipped"):
+                self._skip(later, f"its MinMax twin {row.name} did not build ({row.status})")
+                continue
+            if row.status == "ok":
+                self._skip(later, f"its MinMax twin {row.name} already passes, and the calibration method does "
+                                  "not change latency")
+                continue
+            why_not = self._not_worth_work(row)
+            if why_not:
+                self._skip(later, why_not)
+                continue
+            for i, candidate in enumerate(later):
+                if time.monotonic() >= self.deadline:
+                    self._skip(later[i:], "the job's time budget ran out")
+                    break
+                if self._add(candidate).row.status == "ok":
+                    self._skip(later[i + 1:], f"{candidate.name} already passes")
+                    break
+
+    def _repair(self) -> None:
+        self.notify("quantize", 0.65)
+        rows = [b.row for b in self.built.values()
+                if b.row.precision == "int8" and b.row.status == "rejected" and "exclude_nodes" not in b.row.settings]
+        targets, seen = [], set()
+        for row in sorted(rows, key=self._probe_p50):
+            combo = self._combo(row.settings)
+            if combo in seen or self._combo_passes(combo):
+                continue
+            seen.add(combo)
+            why_not = self._not_worth_work(row)
+            if why_not:
+                self.skipped.append({"name": f"{row.name} (repair)", "reason": why_not})
+            elif len(targets) < MAX_REPAIR_TARGETS:
+                targets.append(row)
+            else:
+                self.skipped.append({"name": f"{row.name} (repair)",
+                                     "reason": f"only the {MAX_REPAIR_TARGETS} fastest failing variants are repaired"})
+        for row in targets:
+            self.repairs.append(self._repair_one(row))
+
+    # -- repair of one variant -------------------------------------------------------------------
+
+    def _repair_one(self, row: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {"target": row.name, "attempts": [], "ranking": None, "passed": None}
+        head = tuple(sensitivity.head_nodes(self.source))
+        record["head_nodes"] = list(head)
+        if self._attempt(row, head, "repair-head", "output head in float", record):
+            return record
+        if row.settings.get("mode") != "static":
+            record["note"] = ("sensitivity ranking reads QDQ activations; a dynamic variant gets only the head "
+                              "repair")
+            return record
+        ranking = self._ranking(row, record)
+        if not ranking:
+            return record
+        worth = [t for t in ranking if t.error >= MIN_TENSOR_ERROR] or ranking[:1]
+        tried: set[tuple[str, ...]] = set()
+        for k in REPAIR_STEPS:
+            nodes = list(head)
+            for loss in worth[:k]:
+                nodes += [n for n in loss.nodes if n not in nodes]
+            key = tuple(sorted(nodes))
+            if key in tried:
+                continue
+            tried.add(key)
+            if self._attempt(row, tuple(nodes), f"repair-top{k}", f"output head and the {k} most sensitive "
+                             "tensors' nodes in float", record):
+                return record
+            if k >= len(worth):
+                break
+        return record
+
+    def _ranking(self, row: Any, record: dict[str, Any]) -> list[sensitivity.TensorLoss]:
+        """Rank tensors on the QDQ model with the target's activation type and scope (built in the probe)."""
+        op_types = None if row.settings["op_types"] == "all" else tuple(row.settings["op_types"])
+        twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types)
+        twin = self.built.get(twin_name)
+        if twin is None or twin.model is None:
+            record["note"] = f"no QDQ twin ({twin_name}) to rank sensitive nodes on"
+            return []
+        if time.monotonic() >= self.deadline:
+            record["note"] = "the job's time budget ran out before the sensitivity ranking"
+            return []
+        started = time.perf_counter()
+        try:
+            ranking = sensitivity.rank(twin.model, self.samples.calibration)
+        except Exception as exc:  # noqa: BLE001 - ORT's debug tools raise anything
+            record["note"] = f"sensitivity ranking failed: {first_line(exc)}"
+            return []
+        record["ranking_s"] = round(time.perf_counter() - started, 3)
+        record["ranking"] = [t.to_dict() for t in ranking[:10]]
+        return ranking
+
+    def _attempt(self, row: Any, exclude: tuple[str, ...], suffix: str, what: str, record: dict[str, Any]) -> bool:
+        if not exclude:
+            return False
+        if row.settings.get("mode") == "static":
+            candidate = static_twin(row.settings, exclude=exclude, suffix=suffix)
+        else:
+            candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
+                                          suffix=suffix)
+        candidate.settings.update({"repair_of": row.name, "repair": what})
+        if time.monotonic() >= self.deadline:
+            self.skipped.append({"name": candidate.name, "reason": "the job's time budget ran out"})
+            return False
+        built = self._add(candidate)
+        record["attempts"].append({"name": candidate.name, "excluded_nodes": list(exclude),
+                                   "status": built.row.status, "reason": built.row.reason})
+        if built.row.status == "ok":
+            record["passed"] = candidate.name
+            return True
+        return False
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _add(self, candidate: Candidate) -> Built:
+        built = build(candidate, self.source, self.samples, self.deadline)
+        if built.model is not None:
+            evaluate(built.model, self.reference, self.samples, self.settings, self.tolerance, built.row)
+        self.built[candidate.name] = built
+        return built
+
+    def _skip(self, candidates: list[Candidate], reason: str) -> None:
+        self.skipped += [{"name": c.name, "reason": reason} for c in candidates]
+
+    def _probe_p50(self, row: Any) -> float:
+        return row.probe_latency_ms["p50"] if row.probe_latency_ms else float("inf")
+
+    @staticmethod
+    def _combo(settings: dict[str, Any]) -> tuple:
+        """What decides latency: everything but the calibration method."""
+        if settings.get("mode") == "static":
+            return ("static", settings["format"], settings["activation_type"], str(settings["op_types"]))
+        return ("dynamic", settings.get("weight_type"), settings.get("per_channel"))
+
+    def _combo_passes(self, combo: tuple) -> bool:
+        return any(b.row.status == "ok" and b.row.precision == "int8" and self._combo(b.row.settings) == combo
+                   for b in self.built.values())
+
+    def _not_worth_work(self, row: Any) -> str | None:
+        """Why more work on this failing variant cannot pay, by the probe timing; None if it may."""
+        if not self.prune_by_latency:
+            return None
+        p50 = self._probe_p50(row)
+        fp32 = self.built[self.fp32_name].row.probe_latency_ms
+        if fp32 is None or p50 == float("inf"):
+            return None  # no timing to prune by
+        if p50 >= fp32["p50"]:
+            return (f"{row.name} measured {p50:.3f} ms vs {self.fp32_name} {fp32['p50']:.3f} ms in the probe: "
+                    "neither another calibration method nor float islands make it faster")
+        passing = [b.row for b in self.built.values()
+                   if b.row.status == "ok" and b.row.precision != "fp32" and b.row.probe_latency_ms]
+        best = min(passing, key=self._probe_p50, default=None)
+        if best is not None and p50 >= self._probe_p50(best):
+            return f"{best.name} already passes and measured faster ({self._probe_p50(best):.3f} ms vs {p50:.3f} ms)"
+        return None
+
+    # -- report ----------------------------------------------------------------------------------
+
+    def report(self, selected: str, reason: str) -> dict[str, Any]:
+        chosen = self.built[selected].row
+        return {
+            "rule": ("the fastest variant by p50 latency at batch "
+                     f"{self.batch} that passes the accuracy guard on held-back samples and beats the original; "
+                     "when none does, the original model is served"),
+            "selected": selected,
+            "selection_reason": reason,
+            "excluded_nodes": chosen.settings.get("exclude_nodes", []),
+            "fp32_reference": self.fp32_name,
+            "candidates": [table_row(b.row) for b in self.built.values()],
+            "repairs": self.repairs,
+            "skipped": self.skipped,
+            "decisions": self.decisions,
+            "steps_s": self.steps_s,
+        }
+
+
+def _accuracy_summary(accuracy: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not accuracy:
+        return None
+    outputs = {}
+    for name, out in accuracy.get("outputs", {}).items():
+        slices = out.get("slices") or {}
+        outputs[name] = {"passed": out.get("passed"), "cosine": out.get("cosine"), "top1": out.get("top1"),
+                         "worst_slice_cosine": slices.get("worst_cosine"),
+                         "worst_slice_error": slices.get("worst_error")}
+    return {"passed": accuracy.get("passed"), "outputs": outputs}
+
+
+def table_row(row: Any) -> dict[str, Any]:
+    """One line of the auto table: final timing when the variant was in the final benchmark, else the probe's."""
+    final = row.latency_ms
+    latency = {"p50": final["p50"], "p90": final["p90"], "timing": "final"} if final else (
+        {**row.probe_latency_ms, "timing": "probe"} if row.probe_latency_ms else None)
+    return {"name": row.name, "precision": row.precision, "settings": row.settings,
+            "accuracy": _accuracy_summary(row.accuracy), "latency_ms": latency, "size_bytes": row.size_bytes,
+            "status": row.status, "reason": row.reason, "build_s": row.build_s}

@@ -1,0 +1,129 @@
+"""precision=auto: the grid, the pruning, the mixed-precision repair and the time budget, on small built models.
+
+Timing decides pruning in real runs; these tests turn latency pruning off (auto_prune_by_latency=False)
+so what they assert does not depend on how fast this machine happens to be.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from optimizer import sensitivity
+from optimizer.passes import int8_static
+from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
+from tests import models
+
+FAST = {"benchmark_seconds": 0.2, "batch_sizes": (1,)}
+QDQ_U8 = "int8-static-minmax-qdq-u8s8-all"
+GRID = {"int8-dynamic-s8-pc", "int8-dynamic-u8-pc"} | {
+    f"int8-static-minmax-{fmt}-{act}s8-{scope}"
+    for fmt in ("qdq", "qoperator") for act in ("u8", "s8") for scope in ("all", "heavy")
+}
+
+
+def _npz(model: onnx.ModelProto, samples: int = 24) -> bytes:
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(samples)]
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
+    return buffer.getvalue()
+
+
+def _row(report: dict, name: str) -> dict:
+    return next(c for c in report["auto"]["candidates"] if c["name"] == name)
+
+
+def test_a_head_that_breaks_int8_is_left_in_float_and_the_repair_passes(tmp_path: Path) -> None:
+    model = models.detector()
+    head = model.graph.node[-1].name
+    config = OptimizeConfig(auto_candidates=(QDQ_U8,), auto_prune_by_latency=False, **FAST)
+    report = optimize(model.SerializeToString(), out_dir=tmp_path, config=config, calibration=_npz(model)).report
+
+    broken = _row(report, QDQ_U8)
+    assert broken["status"] == "rejected"
+    assert "slice" in broken["reason"] and "detections" in broken["reason"]
+    # one scale for boxes (~300) and scores (~1): the whole tensor looks fine, the score channels do not
+    assert broken["accuracy"]["outputs"]["detections"]["cosine"] > 0.99
+    assert broken["accuracy"]["outputs"]["detections"]["worst_slice_cosine"] < 0.5
+
+    repair = report["auto"]["repairs"][0]
+    assert repair["target"] == QDQ_U8
+    assert repair["head_nodes"] == [head]
+    repaired = _row(report, repair["passed"])
+    assert repaired["settings"]["exclude_nodes"] == [head]
+    assert repaired["settings"]["repair_of"] == QDQ_U8
+    assert repaired["accuracy"]["passed"] is True
+    assert repaired["accuracy"]["outputs"]["detections"]["worst_slice_cosine"] > 0.98
+    assert repaired["status"] in ("ok", "rejected")  # rejected only for being slower than the original
+    assert repaired["latency_ms"]["timing"] == "final"  # a repair is timed, not only scored
+    if repaired["status"] == "rejected":
+        assert "slower" in repaired["reason"]
+    # no calibration method saves that head: both were tried, both fail the same way
+    for method in ("percentile", "entropy"):
+        assert _row(report, f"int8-static-{method}-qdq-u8s8-all")["status"] == "rejected"
+    assert report["selected"] in (BASELINE, "fused", repair["passed"])
+    assert report["auto"]["excluded_nodes"] == (repaired["settings"]["exclude_nodes"]
+                                                if report["selected"] == repair["passed"] else [])
+    assert set(report["auto"]["steps_s"]) >= {"probe_build", "probe_benchmark", "calibration_methods", "repair",
+                                              "benchmark"}
+    assert json.loads((tmp_path / "report.json").read_text())["auto"]["repairs"][0]["passed"] == repair["passed"]
+
+
+def test_sensitivity_ranks_the_broken_head_first_and_little_else() -> None:
+    model = models.detector()
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(12)]
+    qdq = int8_static.run(model, int8_static.Int8StaticConfig(activation_type="uint8"), feeds[:8], feeds[8]).model
+    ranking = sensitivity.rank(qdq, feeds[:8])
+    assert ranking[0].tensor == "detections"
+    assert ranking[0].nodes == [model.graph.node[-1].name]
+    assert ranking[0].error > 0.5  # the score channels are gone
+    assert all(t.error < 0.05 for t in ranking[1:])  # the Relu tensors quantize well (folded Relu is not loss)
+    assert {t.tensor for t in ranking} >= {"image", "detections"}
+
+
+def test_head_nodes_follow_chains_to_the_last_heavy_node() -> None:
+    assert sensitivity.head_nodes(models.detector()) == [models.detector().graph.node[-1].name]
+    mlp = models.mlp()
+    last_add, last_matmul = mlp.graph.node[-1].name, mlp.graph.node[-2].name
+    assert sensitivity.head_nodes(mlp) == [last_add, last_matmul]  # the bias Add adds a weight: a chain
+    assert sensitivity.head_nodes(mlp, limit=1) == [last_add]
+    # LayerNorm's Div merges two activations: the walk stops there instead of crossing the whole network
+    names = [n.name for n in models.transformer().graph.node]
+    assert names[-3].startswith("Div")
+    assert sensitivity.head_nodes(models.transformer()) == [names[-1], names[-2], names[-3]]
+
+
+def test_when_nothing_is_faster_the_original_or_fused_fp32_is_served(tmp_path: Path) -> None:
+    report = optimize(models.elementwise().SerializeToString(), out_dir=tmp_path,
+                      config=OptimizeConfig(auto_prune_by_latency=False, **FAST)).report
+    assert report["selected"] in (BASELINE, "fused")
+    rows = {c["name"]: c for c in report["auto"]["candidates"]}
+    for name in ("int8-dynamic-s8-pc", "int8-dynamic-u8-pc"):
+        assert rows[name]["status"] == "failed"
+        assert "quantized no op" in rows[name]["reason"]
+    skipped = {s["name"]: s["reason"] for s in report["auto"]["skipped"]}
+    assert "calibration set" in skipped["int8-static"]
+    assert "int8-static-minmax-qdq-u8s8-all" not in rows
+    assert report["auto"]["excluded_nodes"] == []
+    assert report["auto"]["repairs"] == []
+    assert "fastest" in report["auto"]["rule"]
+
+
+def test_a_tiny_budget_skips_the_grid_with_reasons_and_still_writes_the_report(tmp_path: Path) -> None:
+    model = models.cnn()
+    config = OptimizeConfig(time_budget_s=0.001, fp16_on_cpu=False, **FAST)
+    report = optimize(model.SerializeToString(), out_dir=tmp_path, config=config, calibration=_npz(model)).report
+    rows = {c["name"]: c for c in report["auto"]["candidates"]}
+    assert set(rows) >= GRID  # the whole CPU grid was planned ...
+    for name in GRID:  # ... and none of it built
+        assert rows[name]["status"] == "skipped"
+        assert "time budget" in rows[name]["reason"]
+    assert "fp16" in {s["name"] for s in report["auto"]["skipped"]}
+    assert report["selected"] == BASELINE
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["auto"]["selected"] == BASELINE
+    assert (tmp_path / "model.onnx").exists()
