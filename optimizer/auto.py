@@ -9,7 +9,12 @@ guessing, in steps that each decide what the next one is worth:
    samples and timed once, interleaved with the FP32 models at the selection batch size;
 2. methods: latency does not depend on the calibration method, so Percentile and then Entropy
    (slow, memory-hungry) calibrate only the combinations that measured faster than fused FP32 and
-   faster than the best variant that already passes, and failed accuracy with MinMax;
+   faster than the best variant that already passes, and failed accuracy with MinMax. The ranges
+   a method computes depend on the scope only (not on format or activation type), so a method
+   that failed on the fastest combination of a scope is not tried on its slower twins. Collected
+   statistics are not shared between methods: ORT's Entropy and Percentile collectors build
+   different histograms (value range vs absolute value), so each calibrates on its own, in chunks
+   bounded by memory (int8_static);
 3. repair: the fastest failing INT8 combinations are re-quantized with nodes left in float: first
    the output head (cheap, costs no speed on real models), then the most sensitive nodes by
    `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8 of them, until one passes.
@@ -110,6 +115,7 @@ class AutoSearch:
         self.notify("calibrate", 0.55)
         static = [b.row for b in self.built.values()
                   if b.row.settings.get("mode") == "static" and b.row.settings.get("method") == "minmax"]
+        failed: dict[tuple[str, str], str] = {}  # (scope, method) -> the variant it failed on
         for row in sorted(static, key=self._probe_p50):
             later = [static_twin(row.settings, method=m) for m in LATER_METHODS]
             if row.status in ("failed", "skipped"):
@@ -123,13 +129,21 @@ class AutoSearch:
             if why_not:
                 self._skip(later, why_not)
                 continue
+            scope = str(row.settings["op_types"])
             for i, candidate in enumerate(later):
+                method = candidate.settings["method"]
                 if time.monotonic() >= self.deadline:
                     self._skip(later[i:], "the job's time budget ran out")
                     break
+                if (scope, method) in failed:
+                    # The ranges a method computes depend on the scope (which tensors) only, not on the format
+                    # or activation type: a faster twin already showed they do not pass.
+                    self._skip([candidate], f"{method} ranges for this scope already failed on {failed[scope, method]}")
+                    continue
                 if self._add(candidate).row.status == "ok":
                     self._skip(later[i + 1:], f"{candidate.name} already passes")
                     break
+                failed[scope, method] = candidate.name
 
     def _repair(self) -> None:
         self.notify("quantize", 0.65)
