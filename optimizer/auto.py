@@ -16,8 +16,9 @@ guessing, in steps that each decide what the next one is worth:
    different histograms (value range vs absolute value), so each calibrates on its own, in chunks
    bounded by memory (int8_static);
 3. repair: the fastest failing INT8 combinations are re-quantized with nodes left in float: first
-   the output head (cheap, costs no speed on real models), then the most sensitive nodes by
-   `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8 of them, until one passes.
+   the output head (cheap, costs no speed on real models), then the producers and consumers of the
+   most sensitive tensors by `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8
+   tensors, until one passes.
 A repaired variant is timed with all others: float islands add Q/DQ boundaries and can make it
 slower than FP32, in which case the selection rule rejects it like any other.
 Everything past the budget's build deadline is skipped and listed with its reason.
@@ -184,15 +185,17 @@ class AutoSearch:
         worth = [t for t in ranking if t.error >= MIN_TENSOR_ERROR] or ranking[:1]
         tried: set[tuple[str, ...]] = set()
         for k in REPAIR_STEPS:
-            nodes = list(head)
+            # The head is not added here: the ranking lists the output tensor when it matters, and every
+            # node left in float that does not need to be adds Q/DQ boundaries.
+            nodes: list[str] = []
             for loss in worth[:k]:
                 nodes += [n for n in loss.nodes if n not in nodes]
             key = tuple(sorted(nodes))
             if key in tried:
                 continue
             tried.add(key)
-            if self._attempt(row, tuple(nodes), f"repair-top{k}", f"output head and the {k} most sensitive "
-                             "tensors' nodes in float", record):
+            if self._attempt(row, tuple(nodes), f"repair-top{k}", f"the nodes of the {k} most sensitive "
+                             "tensors in float", record):
                 return record
             if k >= len(worth):
                 break

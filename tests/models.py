@@ -87,17 +87,26 @@ def cnn(seed: int = 0, channels: tuple[int, ...] = (8, 16), image: int = 32, cla
 
 
 def detector(seed: int = 0, channels: tuple[int, ...] = (8, 16), image: int = 16, outputs: int = 5,
-             box_scale: float = 300.0) -> onnx.ModelProto:
+             box_scale: float = 300.0, hidden_outlier: float = 1.0) -> onnx.ModelProto:
     """Conv-Relu blocks and a 1x1 Conv head whose channel 0 is a box coordinate (~box_scale) and the
     others are scores (~1), side by side in one output [batch, outputs, H, W], as detectors export it.
 
     One INT8 scale for that output rounds every score away: the model that breaks static INT8 in its
-    last layer and is repaired by leaving the head Conv in float.
+    last layer and is repaired by leaving the head Conv in float. `hidden_outlier` scales channel 0 of
+    the first block's output (and divides the next Conv's weights for it, so the function is the
+    same): an activation outlier in the middle of the network that breaks INT8 away from the head.
     """
     b = GraphBuilder(seed)
     x, in_ch = "image", 3
-    for out_ch in channels:
-        x = b.op("Conv", [x, b.weight(out_ch, in_ch, 3, 3), b.weight(out_ch, scale=0.1)], pads=[1, 1, 1, 1])
+    for i, out_ch in enumerate(channels):
+        w = b.rng.normal(0, 1.0 / np.sqrt(in_ch * 9), size=(out_ch, in_ch, 3, 3)).astype(np.float32)
+        bias = b.rng.normal(0, 0.1, size=out_ch).astype(np.float32)
+        if i == 0:
+            w[0] *= hidden_outlier
+            bias[0] *= hidden_outlier
+        elif i == 1:
+            w[:, 0] /= hidden_outlier
+        x = b.op("Conv", [x, b.const(w), b.const(bias)], pads=[1, 1, 1, 1])
         x = b.op("Relu", [x])
         in_ch = out_ch
     head = b.rng.normal(0, 1.0 / np.sqrt(in_ch), size=(outputs, in_ch, 1, 1)).astype(np.float32)

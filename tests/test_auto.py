@@ -127,3 +127,25 @@ def test_a_tiny_budget_skips_the_grid_with_reasons_and_still_writes_the_report(t
     written = json.loads((tmp_path / "report.json").read_text())
     assert written["auto"]["selected"] == BASELINE
     assert (tmp_path / "model.onnx").exists()
+
+
+def test_an_outlier_inside_the_network_is_found_by_the_sensitivity_ranking_and_left_in_float(tmp_path: Path) -> None:
+    # channel 0 of the first block is 300x the others: one INT8 scale for that activation rounds the
+    # other channels away, far from the head, so leaving the head in float cannot help
+    model = models.detector(channels=(8, 16, 16), box_scale=1.0, hidden_outlier=300.0)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    config = OptimizeConfig(auto_candidates=(QDQ_U8,), auto_prune_by_latency=False, **FAST)
+    report = optimize(model.SerializeToString(), out_dir=tmp_path, config=config, calibration=_npz(model)).report
+
+    assert _row(report, QDQ_U8)["status"] == "rejected"
+    repair = report["auto"]["repairs"][0]
+    head, ranked = repair["attempts"]
+    assert head["excluded_nodes"] == [convs[-1]] and head["status"] == "rejected"
+    assert repair["ranking"][0]["tensor"] == model.graph.node[1].output[0]  # the first block's Relu output
+    assert repair["ranking"][0]["nodes"] == convs[:2]  # its producer (Relu folded into Conv) and consumer
+    assert ranked["excluded_nodes"] == convs[:2]
+    assert repair["passed"] == ranked["name"]
+    repaired = _row(report, ranked["name"])
+    assert repaired["accuracy"]["passed"] is True
+    assert repaired["settings"]["exclude_nodes"] == convs[:2]
+    assert repaired["latency_ms"]["timing"] == "final"
