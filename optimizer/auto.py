@@ -126,7 +126,7 @@ class AutoSearch:
                 self._skip(later, f"its MinMax twin {row.name} already passes, and the calibration method does "
                                   "not change latency")
                 continue
-            why_not = self._not_worth_work(row)
+            why_not = self.not_worth_work(row)
             if why_not:
                 self._skip(later, why_not)
                 continue
@@ -156,7 +156,7 @@ class AutoSearch:
             if combo in seen or self._combo_passes(combo):
                 continue
             seen.add(combo)
-            why_not = self._not_worth_work(row)
+            why_not = self.not_worth_work(row)
             if why_not:
                 self.skipped.append({"name": f"{row.name} (repair)", "reason": why_not})
             elif len(targets) < MAX_REPAIR_TARGETS:
@@ -268,7 +268,7 @@ class AutoSearch:
         return any(b.row.status == "ok" and b.row.precision == "int8" and self._combo(b.row.settings) == combo
                    for b in self.built.values())
 
-    def _not_worth_work(self, row: Any) -> str | None:
+    def not_worth_work(self, row: Any) -> str | None:
         """Why more work on this failing variant cannot pay, by the probe timing; None if it may."""
         if not self.prune_by_latency:
             return None

@@ -14,8 +14,13 @@ import numpy as np
 import onnx
 
 from optimizer import sensitivity
+from optimizer.accuracy import Tolerance
+from optimizer.auto import AutoSearch
+from optimizer.calibration import synthetic_samples
 from optimizer.passes import int8_static
 from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
+from optimizer.runtime import SessionSettings
+from optimizer.variants import Built, VariantReport
 from tests import models
 
 FAST = {"benchmark_seconds": 0.2, "batch_sizes": (1,)}
@@ -149,3 +154,23 @@ def test_an_outlier_inside_the_network_is_found_by_the_sensitivity_ranking_and_l
     assert repaired["accuracy"]["passed"] is True
     assert repaired["settings"]["exclude_nodes"] == convs[:2]
     assert repaired["latency_ms"]["timing"] == "final"
+
+
+def _probed(name: str, status: str, p50: float, precision: str = "int8") -> Built:
+    row = VariantReport(name=name, precision=precision, status=status, probe_latency_ms={"p50": p50, "p90": p50})
+    return Built(row)
+
+
+def test_latency_pruning_spends_work_only_where_it_can_pay() -> None:
+    model = models.mlp()
+    built = {"fused": _probed("fused", "ok", 2.0, "fp32"), "fast-ok": _probed("fast-ok", "ok", 1.0),
+             "fastest-bad": _probed("fastest-bad", "rejected", 0.5), "mid-bad": _probed("mid-bad", "rejected", 1.5),
+             "slow-bad": _probed("slow-bad", "rejected", 3.0)}
+    search = AutoSearch(source=model, samples=synthetic_samples(model), settings=SessionSettings(),
+                        tolerance=Tolerance(), reference=[], provider="cpu", deadline=0.0, built=built,
+                        fp32_name="fused")
+    assert search.not_worth_work(built["fastest-bad"].row) is None
+    assert "fast-ok already passes" in search.not_worth_work(built["mid-bad"].row)
+    assert "vs fused 2.000 ms" in search.not_worth_work(built["slow-bad"].row)
+    search.prune_by_latency = False
+    assert search.not_worth_work(built["slow-bad"].row) is None
