@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimizer.auto import format_table, worst_accuracy  # noqa: E402
 from optimizer.pipeline import OptimizeConfig, optimize  # noqa: E402
 from tests import models  # noqa: E402
 
@@ -69,24 +70,6 @@ def _npz(feeds: list[dict[str, np.ndarray]]) -> bytes:
     return buffer.getvalue()
 
 
-def _accuracy(row: dict[str, Any]) -> str:
-    acc = row.get("accuracy")
-    if not acc:
-        return "-"
-    outs = acc["outputs"].values()
-
-    def worst(key: str) -> float | None:
-        values = [o[key] for o in outs if o.get(key) is not None]
-        return min(values) if values else None
-
-    parts = [f"cos {worst('cosine'):.4f}" if worst("cosine") is not None else ""]
-    if worst("top1") is not None:
-        parts.append(f"top1 {worst('top1'):.1%}")
-    if worst("worst_slice_cosine") is not None:
-        parts.append(f"slice {worst('worst_slice_cosine'):.3f}")
-    return " ".join(p for p in parts if p)
-
-
 def _p50(row: dict[str, Any]) -> float | None:
     return row["latency_ms"]["p50"] if row.get("latency_ms") else None
 
@@ -102,27 +85,15 @@ def run_one(title: str, model: bytes | str, feeds: Feeds, args: argparse.Namespa
     auto = report["auto"]
     rows = auto["candidates"]
     base = _p50(next(r for r in rows if r["name"] == "original"))
-    print(f"\n## {title}   ({time.perf_counter() - started:.0f}s, steps {auto['steps_s']})")
-    print(f"{'candidate':50} {'status':9} {'p50 ms':>9} {'timing':>6} {'vs orig':>8}  accuracy")
-    for r in rows:
-        p50 = _p50(r)
-        mark = "*" if r["name"] == report["selected"] else " "
-        ratio = f"{base / p50:.2f}x" if p50 and base else "-"
-        timing = r["latency_ms"]["timing"] if r.get("latency_ms") else "-"
-        print(f"{mark}{r['name']:49} {r['status']:9} {p50 if p50 else float('nan'):9.3f} {timing:>6} {ratio:>8}  "
-              f"{_accuracy(r)}")
-        if r["status"] in ("failed",) and r.get("reason"):
-            print(f"{'':12}{r['reason'][:150]}")
-    for repair in auto["repairs"]:
-        print(f"repair of {repair['target']}: head {repair['head_nodes']}, passed: {repair['passed']}; "
-              + "; ".join(f"{a['name']} excl {len(a['excluded_nodes'])} -> {a['status']}" for a in repair["attempts"]))
+    print(f"\n## {title}   ({time.perf_counter() - started:.0f}s)")
+    print(format_table(report))
     singles = [r for r in rows if r["precision"] != "fp32" and "exclude_nodes" not in r["settings"]
                and r["status"] == "ok" and _p50(r)]
     best_single = min(singles, key=_p50, default=None)
     chosen = next(r for r in rows if r["name"] == report["selected"])
     speedup = base / _p50(chosen) if _p50(chosen) else 1.0
     single = base / _p50(best_single) if best_single else 1.0
-    print(f"winner: {report['selected']} {speedup:.2f}x, {_accuracy(chosen)}; excluded nodes: "
+    print(f"winner: {report['selected']} {speedup:.2f}x, {worst_accuracy(chosen.get('accuracy'))}; excluded nodes: "
           f"{auto['excluded_nodes']}; best single recipe that passes: "
           f"{best_single['name'] + f' {single:.2f}x' if best_single else 'none (FP32)'}")
     return speedup, single

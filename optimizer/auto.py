@@ -326,3 +326,48 @@ def table_row(row: Any) -> dict[str, Any]:
     return {"name": row.name, "precision": row.precision, "settings": row.settings,
             "accuracy": _accuracy_summary(row.accuracy), "latency_ms": latency, "size_bytes": row.size_bytes,
             "status": row.status, "reason": row.reason, "build_s": row.build_s}
+
+
+def worst_accuracy(accuracy: dict[str, Any] | None) -> str:
+    """The worst cosine, top-1 and slice cosine over the outputs, as one short string."""
+    if not accuracy:
+        return "-"
+    outs = accuracy["outputs"].values()
+    parts = []
+    for key, label, spec in (("cosine", "cos", ".4f"), ("top1", "top1", ".1%"), ("worst_slice_cosine", "slice", ".3f")):
+        values = [o[key] for o in outs if o.get(key) is not None]
+        if values:
+            parts.append(f"{label} {format(min(values), spec)}")
+    return " ".join(parts) or "-"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """report["auto"] as text: one line per candidate (p50, ratio to the original, accuracy, status), the winner."""
+    auto = report["auto"]
+    rows = auto["candidates"]
+    base = next((r["latency_ms"]["p50"] for r in rows if r["name"] == "original" and r.get("latency_ms")), None)
+    header = f"{'candidate':52} {'status':9} {'p50 ms':>9} {'p90 ms':>9} {'timing':>6} {'vs orig':>8}  accuracy"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lat = r.get("latency_ms") or {}
+        ratio = f"{base / lat['p50']:.2f}x" if base and lat.get("p50") else "-"
+        mark = "*" if r["name"] == auto["selected"] else " "
+        p50 = f"{lat['p50']:9.3f}" if lat else f"{'-':>9}"
+        p90 = f"{lat['p90']:9.3f}" if lat else f"{'-':>9}"
+        lines.append(f"{mark}{r['name']:51} {r['status']:9} {p50} {p90} {lat.get('timing', '-'):>6} {ratio:>8}  "
+                     f"{worst_accuracy(r.get('accuracy'))}")
+        if r["status"] in ("failed", "skipped") and r.get("reason"):
+            lines.append(f"{'':10}{r['reason'][:160]}")
+    for repair in auto["repairs"]:
+        tried = "; ".join(f"{a['name']} ({len(a['excluded_nodes'])} in float): {a['status']}"
+                          for a in repair["attempts"])
+        lines.append(f"repair of {repair['target']}: {tried or 'nothing tried'}"
+                     + (f" [{repair['note']}]" if repair.get("note") else ""))
+    for skipped in auto["skipped"]:
+        lines.append(f"not tried: {skipped['name']}: {skipped['reason'][:140]}")
+    lines.append(f"selected: {auto['selected']} ({auto['selection_reason']})")
+    if auto["excluded_nodes"]:
+        lines.append(f"left in float: {', '.join(auto['excluded_nodes'])}")
+    lines.append(f"rule: {auto['rule']}")
+    lines.append("steps (s): " + ", ".join(f"{k} {v}" for k, v in auto["steps_s"].items()))
+    return "\n".join(lines)

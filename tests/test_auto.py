@@ -15,7 +15,7 @@ import onnx
 
 from optimizer import sensitivity
 from optimizer.accuracy import Tolerance
-from optimizer.auto import AutoSearch
+from optimizer.auto import AutoSearch, format_table
 from optimizer.calibration import synthetic_samples
 from optimizer.passes import int8_static
 from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
@@ -76,6 +76,9 @@ def test_a_head_that_breaks_int8_is_left_in_float_and_the_repair_passes(tmp_path
     assert set(report["auto"]["steps_s"]) >= {"probe_build", "probe_benchmark", "calibration_methods", "repair",
                                               "benchmark"}
     assert json.loads((tmp_path / "report.json").read_text())["auto"]["repairs"][0]["passed"] == repair["passed"]
+    table = format_table(report)
+    assert f"repair of {QDQ_U8}: {repair['passed']} (1 in float): ok" in table
+    assert "not tried: int8-dynamic-s8-pc: not in the requested candidate list" in table
 
 
 def test_sensitivity_ranks_the_broken_head_first_and_little_else() -> None:
