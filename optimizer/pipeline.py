@@ -6,6 +6,11 @@ accuracy on held-back samples and timed side by side with the original on the pr
 The selected variant is never slower or less accurate than the baseline (the original model in a
 default ONNX Runtime session, which already fuses at load): when nothing beats it, the original is
 served and the report says so.
+
+precision=auto on the CPU hands the candidate list to `optimizer.auto.AutoSearch` (probe grid,
+pruned calibration methods, mixed-precision repair; its table lands in report["auto"]); every other
+request builds the short list of `optimizer.candidates.plan`. Both end in the same final benchmark
+and the same selection rule.
 """
 
 from __future__ import annotations
