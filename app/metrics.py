@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -50,6 +50,18 @@ class Metrics:
             "onnxforge_predict_latency_seconds", "Predict latency (input checks, queueing and session.run)",
             ["model", "version", "variant"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "onnxforge_batch_size", "Rows per batched session.run (dynamic batching)",
+            ["model", "version", "variant"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
+        )
+        self.batch_queue_time = Histogram(
+            "onnxforge_batch_queue_seconds", "Time a request waited in the batching queue",
+            ["model", "version", "variant"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_queue_depth = Gauge(
+            "onnxforge_batch_queue_depth", "Requests waiting in the batching queue after the last dispatch",
+            ["model", "version", "variant"], registry=self.registry,
+        )
         self.registry.register(_StateCollector(job_counts, sessions_loaded))
 
     def observe_predict(self, model: str, version: int, variant: str, started: float, ok: bool) -> None:
@@ -57,6 +69,13 @@ class Metrics:
         self.predict_requests.labels(*labels, "ok" if ok else "error").inc()
         if ok:
             self.predict_latency.labels(*labels).observe(time.perf_counter() - started)
+
+    def observe_batch(self, labels: tuple[str, str, str], depth: int, size: int, waited: list[float]) -> None:
+        self.batch_queue_depth.labels(*labels).set(depth)
+        self.batch_size.labels(*labels).observe(size)
+        histogram = self.batch_queue_time.labels(*labels)
+        for seconds in waited:
+            histogram.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.metrics import Metrics
+from app.runtime.batching import Batcher
 from app.runtime.sessions import SessionCache
 from app.services.jobs import JobQueue
 from app.services.predict import PredictService
@@ -78,8 +79,13 @@ def open_services(settings: Settings) -> Services:
     metrics = Metrics(jobs.counts, lambda: len(sessions))
     registry = Registry(db, store)
     executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+    batcher = None
+    if settings.batch_max_size > 1:
+        batcher = Batcher(executor, max_batch_size=settings.batch_max_size,
+                          max_delay_s=settings.batch_max_delay_ms / 1000,
+                          observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
     predict = PredictService(registry, sessions, metrics, executor, cache_ttl_s=settings.registry_cache_ttl_s,
-                             max_input_elements=settings.max_input_elements)
+                             max_input_elements=settings.max_input_elements, batcher=batcher)
     worker = EmbeddedWorker(settings) if settings.run_worker else None
     log.info("onnxforge: data in %s, database %s, sessions on %s, worker %s", settings.data_dir.resolve(),
              db.engine.url.render_as_string(hide_password=True), provider, "embedded" if worker else "external")

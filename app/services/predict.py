@@ -8,6 +8,8 @@ The request path stays off the database and the disk when it can: which version 
 remembered for `cache_ttl_s` (the API forgets it at once on its own uploads and deletes; a version
 that a worker finishes starts serving within the TTL), and sessions stay loaded in an LRU cache.
 `session.run` runs in a thread pool: ONNX Runtime releases the GIL, the event loop stays free.
+With a `Batcher`, concurrent requests of a model whose batch axis is dynamic share one run
+(app/runtime/batching.py); the answer of each is the same as alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ModelLoadError, ServiceError
 from app.metrics import Metrics
+from app.runtime.batching import Batcher, batchable
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import prepare_feed
 from app.services.registry import Registry, serving_variant
@@ -54,13 +57,15 @@ def _first_line(exc: Exception) -> str:
 
 class PredictService:
     def __init__(self, registry: Registry, sessions: SessionCache, metrics: Metrics, executor: Executor, *,
-                 cache_ttl_s: float = 1.0, max_input_elements: int | None = None) -> None:
+                 cache_ttl_s: float = 1.0, max_input_elements: int | None = None,
+                 batcher: Batcher | None = None) -> None:
         self.registry = registry
         self.sessions = sessions
         self.metrics = metrics
         self.executor = executor
         self.cache_ttl_s = cache_ttl_s
         self.max_input_elements = max_input_elements
+        self.batcher = batcher
         self._resolved: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
 
     # -- which version, which session ---------------------------------------------------------------
@@ -126,7 +131,11 @@ class PredictService:
             names = output_names or known
             loop = asyncio.get_running_loop()
             try:
-                values = await loop.run_in_executor(self.executor, loaded.session.run, names, feed)
+                if self.batcher is not None and batchable(loaded.inputs, loaded.outputs):
+                    key = (row.name, str(row.version), model.variant, row.id)
+                    values = await self.batcher.run(key, loaded.session, names, feed)
+                else:
+                    values = await loop.run_in_executor(self.executor, loaded.session.run, names, feed)
             except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
                 raise BadRequestError(
                     f"ONNX Runtime could not run model {row.name!r} on these inputs: {_first_line(exc)}"

@@ -1,0 +1,161 @@
+"""Dynamic batching: concurrent requests for one model version become one `session.run`.
+
+WHY: on a small model most of a request's cost is fixed (Python, HTTP, one ORT call); running 32
+requests as one batch of 32 costs little more than one. How it works, per session key:
+
+- A request that arrives while no batch of its model is running is dispatched at once, so a lone
+  client pays no waiting (unless `max_delay_s` > 0: then it waits that long for company, as Triton
+  does). One batch runs at a time per model: a run already uses every core through ONNX Runtime's
+  intra-op threads, so a second concurrent run would only oversubscribe the cores.
+- Requests arriving while a batch runs queue up; when it finishes, the queue goes as the next batch
+  (up to `max_batch_size` rows). A queue that reaches `max_batch_size` is dispatched at once.
+- Requests are grouped by (outputs asked for, every input's dtype and non-batch dims): shapes are
+  never mixed (no padding), so a request's answer does not depend on its batch-mates.
+- Only models whose every input and output has a dynamic first axis are batched (`batchable`); the
+  split checks that each output really has the batch's rows, else the requests run one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.runtime.signature import TensorSpec
+
+Feed = dict[str, np.ndarray]
+
+
+def batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
+    """True when every input and output has a dynamic first axis (and the inputs agree on its name)."""
+    if not inputs or not outputs:
+        return False
+    if any(s.shape is None or len(s.shape) == 0 or isinstance(s.shape[0], int) for s in (*inputs, *outputs)):
+        return False
+    symbols = {s.shape[0] for s in inputs if s.shape[0] is not None}
+    return len(symbols) <= 1
+
+
+@dataclass
+class _Request:
+    feed: Feed
+    rows: int
+    future: asyncio.Future
+    queued_at: float
+
+
+@dataclass
+class _Queue:
+    """The waiting requests of one session key, grouped by shape signature (insertion = age order)."""
+
+    groups: dict[Hashable, list[_Request]] = field(default_factory=dict)
+    running: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def depth(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+
+class Batcher:
+    """Gathers concurrent `run` calls per session key into batched `session.run` calls in `executor`."""
+
+    def __init__(self, executor: Executor, *, max_batch_size: int = 32, max_delay_s: float = 0.0,
+                 observe: Callable[[Hashable, int, int, list[float]], None] | None = None) -> None:
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        # observe(key, queue depth, batch size, queue seconds of each request) after each dispatch
+        self.observe = observe
+        self._queues: dict[Hashable, _Queue] = {}
+
+    async def run(self, key: Hashable, session, names: list[str], feed: Feed) -> list[np.ndarray]:  # noqa: ANN001
+        """`session.run(names, feed)`, possibly as part of a larger batch. Raises what ONNX Runtime raises."""
+        rows = next(iter(feed.values())).shape[0]
+        signature = (tuple(names), tuple((k, v.dtype.str, v.shape[1:]) for k, v in feed.items()))
+        loop = asyncio.get_running_loop()
+        request = _Request(feed, rows, loop.create_future(), time.perf_counter())
+        queue = self._queues.setdefault(key, _Queue())
+        group = queue.groups.setdefault(signature, [])
+        group.append(request)
+        if not queue.running:
+            if self.max_delay_s > 0 and sum(r.rows for r in group) < self.max_batch_size:
+                if queue.timer is None:
+                    queue.timer = loop.call_later(self.max_delay_s, self._dispatch, key, session)
+            else:
+                self._dispatch(key, session)
+        return await request.future
+
+    # -- on the event loop --------------------------------------------------------------------------
+
+    def _dispatch(self, key: Hashable, session) -> None:  # noqa: ANN001
+        """Send the oldest group's first `max_batch_size` rows to the executor (if nothing runs)."""
+        queue = self._queues.get(key)
+        if queue is None or queue.running:
+            return
+        if queue.timer is not None:
+            queue.timer.cancel()
+            queue.timer = None
+        if not queue.groups:
+            self._queues.pop(key, None)
+            return
+        signature, group = next(iter(queue.groups.items()))
+        batch, rows = [], 0
+        while group and (not batch or rows + group[0].rows <= self.max_batch_size):
+            request = group.pop(0)
+            batch.append(request)
+            rows += request.rows
+        if not group:
+            del queue.groups[signature]
+        queue.running = True
+        now = time.perf_counter()
+        if self.observe is not None:
+            self.observe(key, queue.depth(), rows, [now - r.queued_at for r in batch])
+        names = list(signature[0])
+        future = asyncio.get_running_loop().run_in_executor(self.executor, _run_batch, session, names, batch)
+        future.add_done_callback(lambda f: self._finished(key, session, batch, f))
+
+    def _finished(self, key: Hashable, session, batch: list[_Request], done: asyncio.Future) -> None:  # noqa: ANN001
+        exc = done.exception()
+        results = None if exc is not None else done.result()
+        for i, request in enumerate(batch):
+            if request.future.done():  # the caller went away
+                continue
+            outcome = exc if exc is not None else results[i]
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+        queue = self._queues[key]
+        queue.running = False
+        self._dispatch(key, session)
+
+
+# -- in the executor ---------------------------------------------------------------------------------
+
+
+def _run_batch(session, names: list[str], batch: list[_Request]) -> list[list[np.ndarray] | Exception]:  # noqa: ANN001
+    """One run for the whole batch, split back per request. Each request gets outputs or its own error."""
+    if len(batch) == 1:
+        return [_run_alone(session, names, batch[0].feed)]
+    feed = {name: np.concatenate([r.feed[name] for r in batch]) for name in batch[0].feed}
+    total = sum(r.rows for r in batch)
+    try:
+        values = session.run(names, feed)
+    except Exception:  # noqa: BLE001 - one bad request must not fail its batch-mates: run each alone
+        return [_run_alone(session, names, r.feed) for r in batch]
+    if any(v.ndim == 0 or v.shape[0] != total for v in values):
+        # The graph's batch axis is not the first axis of every output after all: no safe split.
+        return [_run_alone(session, names, r.feed) for r in batch]
+    bounds = np.cumsum([0] + [r.rows for r in batch])
+    return [[v[bounds[i]:bounds[i + 1]] for v in values] for i in range(len(batch))]
+
+
+def _run_alone(session, names: list[str], feed: Feed) -> list[np.ndarray] | Exception:  # noqa: ANN001
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # noqa: BLE001 - handed back to that request only
+        return exc

@@ -1,0 +1,110 @@
+"""Dynamic batching: requests that share a run get the answers they would get alone; shapes never mix."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from app.metrics import Metrics
+from app.runtime.batching import Batcher, batchable
+from app.runtime.signature import TensorSpec, signature_of
+from optimizer.runtime import SessionSettings, create_session
+from tests import models
+
+
+def _session(model):  # noqa: ANN001, ANN202
+    return create_session(model.SerializeToString(), SessionSettings(intra_op_threads=1))
+
+
+@pytest.fixture(scope="module")
+def executor():  # noqa: ANN201
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+def _gather(batcher: Batcher, session, names: list[str], feeds: list[dict]) -> list:  # noqa: ANN001
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.run("key", session, names, f) for f in feeds))
+
+    return asyncio.run(main())
+
+
+def test_batched_answers_equal_answers_alone_and_batches_form(executor) -> None:  # noqa: ANN001
+    model = models.mlp()
+    session = _session(model)
+    sizes: list[int] = []
+    batcher = Batcher(executor, max_batch_size=8, observe=lambda key, depth, size, waited: sizes.append(size))
+    feeds = [models.random_feed(model, batch=1 + i % 3, seed=i) for i in range(12)]
+    results = _gather(batcher, session, ["logits"], feeds)
+    for feed, (got,) in zip(feeds, results, strict=True):
+        (alone,) = session.run(["logits"], feed)
+        assert got.shape == alone.shape
+        np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-6)
+    # The first request goes at once; the others queued while it ran and go as batches of <= 8 rows.
+    assert sizes[0] == feeds[0]["features"].shape[0]
+    assert max(sizes) > 3 and all(s <= 8 for s in sizes)
+    assert sum(sizes) == sum(f["features"].shape[0] for f in feeds)
+
+
+def test_different_sequence_lengths_are_never_batched_together(executor) -> None:  # noqa: ANN001
+    model = models.transformer()
+    session = _session(model)
+    batches: list[int] = []
+    batcher = Batcher(executor, max_batch_size=32, observe=lambda key, depth, size, waited: batches.append(size))
+    feeds = [models.random_feed(model, batch=1, seq=4 + 2 * (i % 2), seed=i) for i in range(9)]
+    for feed in feeds:
+        feed["attention_mask"][0, -1] = 0
+    results = _gather(batcher, session, ["last_hidden_state"], feeds)
+    for feed, (got,) in zip(feeds, results, strict=True):
+        np.testing.assert_allclose(got, session.run(["last_hidden_state"], feed)[0], rtol=1e-4, atol=1e-5)
+    # 1 alone, then the 8 queued split by length into 4 (seq 4) and 4 (seq 6): never one batch of 8.
+    assert batches == [1, 4, 4]
+
+
+def test_a_nan_request_does_not_leak_into_its_batch_mates(executor) -> None:  # noqa: ANN001
+    model = models.mlp()
+    session = _session(model)
+    batcher = Batcher(executor, max_batch_size=8)
+    good = [models.random_feed(model, batch=1, seed=i) for i in range(4)]
+    bad = {"features": np.full((1, 64), np.nan, np.float32)}  # runs, but NaN must stay in its own answer
+    results = _gather(batcher, session, ["logits"], [*good[:2], bad, *good[2:]])
+    assert np.isnan(results[2][0]).all()
+    for feed, (got,) in zip(good, [r for i, r in enumerate(results) if i != 2], strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, session.run(["logits"], feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_errors_reach_the_caller(executor) -> None:  # noqa: ANN001
+    session = _session(models.mlp())
+    batcher = Batcher(executor)
+    with pytest.raises(Exception, match="features"):
+        _gather(batcher, session, ["logits"], [{"features": np.zeros((1, 63), np.float32)}])
+
+
+def test_which_models_are_batchable() -> None:
+    mlp_in, mlp_out = signature_of(_session(models.mlp()))
+    assert batchable(mlp_in, mlp_out)
+    enc_in, enc_out = signature_of(_session(models.transformer()))
+    assert batchable(enc_in, enc_out)
+    fixed = TensorSpec("x", "tensor(float)", np.dtype(np.float32), (1, 64))
+    dynamic = TensorSpec("y", "tensor(float)", np.dtype(np.float32), ("batch", 10))
+    unknown_rank = TensorSpec("y", "tensor(float)", np.dtype(np.float32), None)
+    other_symbol = TensorSpec("z", "tensor(float)", np.dtype(np.float32), ("n", 3))
+    assert not batchable([fixed], [dynamic])
+    assert not batchable([dynamic], [unknown_rank])
+    assert not batchable([dynamic, other_symbol], [dynamic])
+
+
+def test_batch_metrics_are_exported(executor) -> None:  # noqa: ANN001
+    metrics = Metrics(lambda: {}, lambda: 0)
+    model = models.mlp()
+    batcher = Batcher(executor, observe=lambda key, *rest: metrics.observe_batch(("mlp", "1", "original"), *rest))
+    _gather(batcher, _session(model), ["logits"], [models.random_feed(model, batch=1, seed=i) for i in range(5)])
+    text = metrics.render()[0].decode()
+    assert 'onnxforge_batch_size_count{model="mlp",variant="original",version="1"} 2.0' in text
+    assert 'onnxforge_batch_size_sum{model="mlp",variant="original",version="1"} 5.0' in text
+    assert 'onnxforge_batch_queue_seconds_count{model="mlp",variant="original",version="1"} 5.0' in text
+    assert "onnxforge_batch_queue_depth{" in text
