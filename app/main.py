@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app.api import health, jobs, models
+from app.api import health, jobs, models, v2
 from app.api.errors import install_error_handlers
 from app.metrics import HttpMetricsMiddleware
 from app.services.container import open_services
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
     app.add_middleware(HttpMetricsMiddleware,
                        metrics=lambda: app.state.services.metrics if app.state.services else None)
     return app

@@ -255,6 +255,30 @@ def elementwise(features: int = 16) -> onnx.ModelProto:
     )
 
 
+def typed_io(features: int = 4) -> onnx.ModelProto:
+    """One input and output per kind a wire protocol must carry: FP16, BOOL, UINT8, strings.
+
+    `half` [batch,features] fp16 -> `half_twice` = half + half; `flag` bool -> `flag_not`;
+    `small` uint8 -> `small_same`; `text` string [batch] -> `text_same`.
+    """
+    b = GraphBuilder(0)
+    b.rename_output(b.op("Add", ["half", "half"]), "half_twice")
+    b.rename_output(b.op("Not", ["flag"]), "flag_not")
+    b.rename_output(b.op("Identity", ["small"]), "small_same")
+    b.rename_output(b.op("Identity", ["text"]), "text_same")
+    return b.model(
+        [helper.make_tensor_value_info("half", TensorProto.FLOAT16, ["batch", features]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, ["batch", features]),
+         helper.make_tensor_value_info("small", TensorProto.UINT8, ["batch", features]),
+         helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+        [helper.make_tensor_value_info("half_twice", TensorProto.FLOAT16, ["batch", features]),
+         helper.make_tensor_value_info("flag_not", TensorProto.BOOL, ["batch", features]),
+         helper.make_tensor_value_info("small_same", TensorProto.UINT8, ["batch", features]),
+         helper.make_tensor_value_info("text_same", TensorProto.STRING, ["batch"])],
+        "typed_io",
+    )
+
+
 def random_feed(model: onnx.ModelProto, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for one run: dynamic dims named "batch" get `batch`, any other dynamic dim gets `seq`."""
     rng = np.random.default_rng(seed)

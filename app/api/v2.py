@@ -1,0 +1,158 @@
+"""/v2: the Open Inference Protocol (KServe v2, as Triton speaks it over HTTP), beside our /v1.
+
+So that tritonclient, KServe's clients and curl scripts written for Triton work unchanged. Thin:
+tensors are decoded by app/protocol/v2_codec.py and answered by the same predict service as /v1.
+Errors keep the service's one shape, `{"error": "..."}`, which is also what v2 specifies.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import get_services
+from app.api.schemas import ErrorOut
+from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, NotReadyError
+from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
+from app.runtime.signature import TensorSpec
+from app.services.container import Services
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 503)}
+_SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+
+def _version(text: str | None, name: str) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise NotFoundError(f"model {name!r} has no version {text!r}: versions are numbers")
+    return int(text)
+
+
+def _tensor(spec: TensorSpec) -> dict[str, Any]:
+    shape = [-1] if spec.shape is None else [d if isinstance(d, int) else -1 for d in spec.shape]
+    return {"name": spec.name, "datatype": datatype_of(spec.dtype) or spec.type, "shape": shape}
+
+
+# -- server ------------------------------------------------------------------------------------------
+
+
+@router.get("")
+def server_metadata() -> dict[str, Any]:
+    return _SERVER
+
+
+@router.get("/health/live")
+def live() -> dict[str, Any]:
+    return {"live": True}
+
+
+def _storage_problems(services: Services) -> str | None:
+    try:
+        services.db.ping()
+        services.store.check()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+@router.get("/health/ready", responses={503: {"model": ErrorOut}})
+async def ready(request: Request) -> dict[str, Any]:
+    problem = await run_in_threadpool(_storage_problems, get_services(request))
+    if problem:
+        raise NotReadyError(f"not ready: {problem}")
+    return {"ready": True}
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+async def _metadata(services: Services, name: str, version: str | None) -> dict[str, Any]:
+    model = await services.predict.serving(name, _version(version, name))
+    rows = await run_in_threadpool(services.registry.versions, name)
+    return {
+        "name": model.row.name,
+        "versions": [str(v.version) for v in rows if v.status != "failed"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [_tensor(s) for s in model.loaded.inputs],
+        "outputs": [_tensor(s) for s in model.loaded.outputs],
+    }
+
+
+@router.get("/models/{name}", responses=_ERRORS)
+async def model_metadata(name: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    """Name, versions, platform, and inputs/outputs of the serving version (-1 for dynamic dims)."""
+    return await _metadata(services, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", responses=_ERRORS)
+async def version_metadata(name: str, version: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    return await _metadata(services, name, version)
+
+
+async def _ready(services: Services, name: str, version: str | None) -> JSONResponse:
+    try:
+        await services.predict.serving(name, _version(version, name))  # loads the session if needed
+    except (ConflictError, ModelLoadError) as exc:
+        raise NotReadyError(str(exc)) from None
+    return JSONResponse({"name": name, "ready": True})
+
+
+@router.get("/models/{name}/ready", responses=_ERRORS)
+async def model_ready(name: str, services: Services = Depends(get_services)) -> JSONResponse:
+    """200 when the model can answer now (its session is loaded); 503 when it cannot, 404 if unknown."""
+    return await _ready(services, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", responses=_ERRORS)
+async def version_ready(name: str, version: str, services: Services = Depends(get_services)) -> JSONResponse:
+    return await _ready(services, name, version)
+
+
+# -- infer -------------------------------------------------------------------------------------------
+
+
+def _decompressed(body: bytes, encoding: str | None) -> bytes:
+    """tritonclient can gzip or deflate the request."""
+    if not encoding or encoding == "identity":
+        return body
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error):
+        raise BadRequestError(f"the body is not valid {encoding} data") from None
+    raise BadRequestError(f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or none")
+
+
+async def _infer(request: Request, services: Services, name: str, version: str | None) -> Response:
+    body = _decompressed(await request.body(), request.headers.get("content-encoding"))
+    infer = decode_request(body, request.headers.get(HEADER_LENGTH))
+    prediction = await services.predict.predict(
+        name, infer.inputs, version=_version(version, name), cast=False, output_names=infer.outputs
+    )
+    content, header_length = encode_response(prediction.model, prediction.version, infer, prediction.outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+@router.post("/models/{name}/infer", responses=_ERRORS)
+async def infer(name: str, request: Request, services: Services = Depends(get_services)) -> Response:
+    """Infer with JSON tensors or the binary tensor extension (`Inference-Header-Content-Length`)."""
+    return await _infer(request, services, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", responses=_ERRORS)
+async def infer_version(name: str, version: str, request: Request,
+                        services: Services = Depends(get_services)) -> Response:
+    return await _infer(request, services, name, version)

@@ -1,0 +1,234 @@
+"""Open Inference Protocol (KServe v2) tensors on the wire <-> numpy, JSON and binary extension alike.
+
+Only encoding lives here: which model runs and how inputs are checked is app/services/predict.py.
+Binary tensors go straight into numpy (`np.frombuffer`, no Python lists); JSON goes through orjson.
+The binary extension: the body is a JSON header whose byte length is in the
+`Inference-Header-Content-Length` header, followed by each tensor with `parameters.binary_data_size`
+in the order of the header's `inputs` (row-major, little-endian; BYTES as 4-byte length + bytes).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from app.errors import BadRequestError
+
+HEADER_LENGTH = "inference-header-content-length"
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+def datatype_of(dtype: np.dtype | None) -> str | None:
+    """The v2 datatype string of a numpy dtype (strings -> BYTES); None if v2 has none."""
+    if dtype is None:
+        return None
+    if dtype.kind in "USO":
+        return "BYTES"
+    return _NAMES.get(np.dtype(dtype).newbyteorder("="))
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: list[str] | None = None  # None: all of the model's outputs
+    binary_outputs: set[str] = field(default_factory=set)
+    binary_default: bool = False  # `binary_data_output`: outputs not named in `outputs` come as binary
+
+
+# -- decoding ----------------------------------------------------------------------------------------
+
+
+def _bytes_elements(raw: memoryview, name: str) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadRequestError(f"input {name!r}: BYTES data is cut off (a 4-byte length prefix is incomplete)")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadRequestError(f"input {name!r}: BYTES element of {length} bytes runs past the tensor's data")
+        items.append(bytes(raw[offset:offset + length]))
+        offset += length
+    return items
+
+
+def _strings(items: list[bytes]) -> np.ndarray:
+    """ONNX Runtime's string tensors want str: decode UTF-8, refusing what is not."""
+    try:
+        return np.array([b.decode("utf-8") for b in items], dtype=object)
+    except UnicodeDecodeError:
+        raise BadRequestError("BYTES input holds data that is not UTF-8 text: ONNX string inputs need text") from None
+
+
+def _shape(spec: dict, name: str) -> tuple[int, ...]:
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                               for d in shape):
+        raise BadRequestError(f"input {name!r}: `shape` must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def _decode_binary(name: str, datatype: str, shape: tuple[int, ...], raw: memoryview) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    if datatype == "BYTES":
+        items = _bytes_elements(raw, name)
+        if len(items) != count:
+            raise BadRequestError(f"input {name!r}: shape {list(shape)} needs {count} elements, got {len(items)}")
+        return _strings(items).reshape(shape)
+    dtype = DATATYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequestError(
+            f"input {name!r}: {datatype} shape {list(shape)} needs {count * dtype.itemsize} bytes, "
+            f"binary_data_size is {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def _decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:  # noqa: ANN401
+    if data is None:
+        raise BadRequestError(f"input {name!r} has no `data` and no `parameters.binary_data_size`")
+    if datatype == "BYTES":
+        flat = np.asarray(data, dtype=object).reshape(-1)
+        if not all(isinstance(v, str) for v in flat):
+            raise BadRequestError(f"input {name!r}: BYTES data in JSON must be strings")
+        array = flat
+    else:
+        try:
+            array = np.asarray(data)
+        except (ValueError, TypeError):
+            raise BadRequestError(f"input {name!r}: `data` is not a flat or rectangular list of values") from None
+        if array.dtype.kind not in "biuf":
+            raise BadRequestError(f"input {name!r}: {datatype} data must be numbers (or booleans for BOOL)")
+        want = DATATYPES[datatype]
+        if want.kind == "b" and array.dtype.kind != "b":
+            raise BadRequestError(f"input {name!r}: BOOL data must be true/false")
+        if want.kind in "iub" and array.dtype.kind == "f":
+            raise BadRequestError(f"input {name!r}: {datatype} data must be integers, got numbers with a fraction")
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = array.astype(want)
+        if want.kind in "iu" and array.size and (converted != array).any():
+            raise BadRequestError(f"input {name!r}: values outside the range of {datatype}")
+        array = converted
+    count = int(np.prod(shape, dtype=np.int64))
+    if array.size != count:
+        raise BadRequestError(f"input {name!r}: shape {list(shape)} needs {count} elements, `data` has {array.size}")
+    return array.reshape(shape)
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON + binary tensors); BadRequestError says what is wrong."""
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise BadRequestError(f"Inference-Header-Content-Length must be a number, got {header_length!r}") from None
+        if not 0 < split <= len(body):
+            raise BadRequestError(f"Inference-Header-Content-Length {split} is outside the body's {len(body)} bytes")
+    else:
+        split = len(body)
+    try:
+        header = orjson.loads(body[:split])
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"the request's JSON does not parse: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise BadRequestError("an infer request is a JSON object with an `inputs` list")
+    binary = memoryview(body)[split:]
+    offset = 0
+    inputs: dict[str, np.ndarray] = {}
+    for spec in header["inputs"]:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequestError("each input needs a `name`, `shape`, `datatype` and `data` (or binary data)")
+        name = spec["name"]
+        datatype = spec.get("datatype")
+        if datatype not in DATATYPES:
+            raise BadRequestError(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+        shape = _shape(spec, name)
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequestError(
+                    f"input {name!r}: binary_data_size {size!r} runs past the {len(binary)} bytes after the JSON header"
+                )
+            inputs[name] = _decode_binary(name, datatype, shape, binary[offset:offset + size])
+            offset += size
+        else:
+            inputs[name] = _decode_json(name, datatype, shape, spec.get("data"))
+    if offset != len(binary):
+        raise BadRequestError(f"{len(binary) - offset} bytes after the JSON header belong to no input")
+    request = InferRequest(inputs, id=header.get("id"))
+    params = header.get("parameters") or {}
+    request.binary_default = bool(params.get("binary_data_output", False))
+    outputs = header.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                    for o in outputs):
+            raise BadRequestError("`outputs` must be a list of objects with a `name`")
+        request.outputs = [o["name"] for o in outputs]
+        for o in outputs:
+            wants = (o.get("parameters") or {}).get("binary_data")
+            if wants or (wants is None and request.binary_default):
+                request.binary_outputs.add(o["name"])
+    return request
+
+
+# -- encoding ----------------------------------------------------------------------------------------
+
+
+def _binary(array: np.ndarray) -> bytes:
+    if array.dtype.kind in "USO":
+        parts = []
+        for value in array.reshape(-1):
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def _json_data(array: np.ndarray) -> list | np.ndarray:
+    flat = array.reshape(-1)
+    if flat.dtype.kind in "USO":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if flat.dtype == np.float16:
+        flat = flat.astype(np.float32)  # orjson has no float16; float32 holds every float16 exactly
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return [None if not np.isfinite(v) else float(v) for v in flat]  # JSON has no NaN/Inf
+    return np.ascontiguousarray(flat)  # orjson serializes numpy arrays itself (OPT_SERIALIZE_NUMPY)
+
+
+def encode_response(model: str, version: int, request: InferRequest,
+                    outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length (for the header)."""
+    described, blobs = [], []
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        binary = name in request.binary_outputs or (request.outputs is None and request.binary_default)
+        if binary:
+            blob = _binary(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        described.append(entry)
+    header: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": described}
+    if request.id is not None:
+        header["id"] = request.id
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)

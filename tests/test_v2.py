@@ -1,0 +1,229 @@
+"""/v2 (Open Inference Protocol) driven by the real tritonclient against the server on 127.0.0.1.
+
+No worker runs (jobs stay queued), so the validated original serves: answers must equal ONNX
+Runtime run directly on the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from app.errors import BadRequestError
+from app.protocol.v2_codec import decode_request
+from optimizer.runtime import create_session
+from tests import models
+from tests.conftest import TEST_SETTINGS
+
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+MODELS = {"mlp": models.mlp(), "encoder": models.transformer(), "typed": models.typed_io()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields "127.0.0.1:port"
+    tmp = tmp_path_factory.mktemp("v2")
+    port = _free_port()
+    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()},
+           "ONNXFORGE_RUN_WORKER": "false"}
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed when the fixture ends
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data")],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, (tmp / "server.log").read_text()
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        for name, model in MODELS.items():
+            files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
+            response = httpx.post(f"{base}/v1/models", files=files, data={"name": name}, timeout=30)
+            assert response.status_code == 202, response.text
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: str):  # noqa: ANN201
+    client = httpclient.InferenceServerClient(server, concurrency=4)
+    yield client
+    client.close()
+
+
+def _reference(name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return create_session(MODELS[name].SerializeToString()).run(None, feed)
+
+
+def _infer(client, name: str, feed: dict[str, np.ndarray], outputs: list[str], binary: bool,  # noqa: ANN001
+           version: str = "") -> list[np.ndarray]:
+    inputs = []
+    for key, array in feed.items():
+        datatype = "BYTES" if array.dtype == object else None
+        tensor = httpclient.InferInput(key, list(array.shape), datatype or _dtype(array))
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+    requested = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in outputs]
+    result = client.infer(name, inputs, model_version=version, outputs=requested, request_id="req-7")
+    assert result.get_response()["id"] == "req-7"
+    return [result.as_numpy(o) for o in outputs]
+
+
+def _dtype(array: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(array.dtype)
+
+
+def test_health_and_server_metadata(client) -> None:  # noqa: ANN001
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert "binary_tensor_data" in metadata["extensions"]
+    assert metadata["name"] == "onnxforge"
+
+
+def test_model_metadata_and_readiness(client) -> None:  # noqa: ANN001
+    metadata = client.get_model_metadata("encoder")
+    assert metadata["platform"] == "onnxruntime_onnx"
+    assert metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [
+        {"name": "hidden_states", "datatype": "FP32", "shape": [-1, -1, 64]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+    ]
+    assert metadata["outputs"][0]["name"] == "last_hidden_state"
+    assert client.get_model_metadata("typed", model_version="1")["inputs"][3] == {
+        "name": "text", "datatype": "BYTES", "shape": [-1]}
+    assert client.is_model_ready("mlp")
+    assert client.is_model_ready("mlp", model_version="1")
+    assert not client.is_model_ready("nope")
+    assert not client.is_model_ready("mlp", model_version="9")
+    with pytest.raises(InferenceServerException, match="nope"):
+        client.get_model_metadata("nope")
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_equals_onnx_runtime(client, binary: bool) -> None:  # noqa: ANN001
+    feed = models.random_feed(MODELS["encoder"], batch=2, seq=5)
+    feed["attention_mask"][1, 3:] = 0
+    (got,) = _infer(client, "encoder", feed, ["last_hidden_state"], binary)
+    np.testing.assert_allclose(got, _reference("encoder", feed)[0], rtol=1e-5, atol=1e-5)
+    feed = models.random_feed(MODELS["mlp"], batch=3)
+    (got,) = _infer(client, "mlp", feed, ["logits"], binary, version="1")
+    np.testing.assert_allclose(got, _reference("mlp", feed)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_fp16_bool_uint8_and_bytes(client, binary: bool) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(0)
+    feed = {
+        "half": rng.normal(0, 3, (2, 4)).astype(np.float16),
+        "flag": rng.random((2, 4)) > 0.5,
+        "small": rng.integers(0, 256, (2, 4)).astype(np.uint8),
+        "text": np.array(["héllo", ""], dtype=object),
+    }
+    outputs = ["half_twice", "flag_not", "small_same", "text_same"]
+    got = _infer(client, "typed", feed, outputs, binary)
+    expected = _reference("typed", feed)
+    for name, g, e in zip(outputs[:3], got[:3], expected[:3], strict=True):
+        assert g.dtype == e.dtype, name
+        np.testing.assert_array_equal(g, e)
+    # tritonclient hands BYTES back as bytes objects.
+    assert [v.decode() if isinstance(v, bytes) else v for v in got[3]] == ["héllo", ""]
+
+
+def test_all_outputs_in_binary_when_none_are_named(client) -> None:  # noqa: ANN001
+    feed = models.random_feed(MODELS["mlp"], batch=1)
+    tensor = httpclient.InferInput("features", [1, 64], "FP32")
+    tensor.set_data_from_numpy(feed["features"])
+    result = client.infer("mlp", [tensor])
+    output = result.get_output("logits")
+    assert output["parameters"]["binary_data_size"] == 40
+    np.testing.assert_allclose(result.as_numpy("logits"), _reference("mlp", feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_requests_are_400_with_the_reason(client, server: str) -> None:  # noqa: ANN001
+    tensor = httpclient.InferInput("features", [1, 64], "FP64")
+    tensor.set_data_from_numpy(np.zeros((1, 64)))
+    with pytest.raises(InferenceServerException, match="expects float32"):
+        client.infer("mlp", [tensor])
+    url = f"http://{server}/v2/models/mlp/infer"
+    # No Content-Type at all (as some clients send), binary tensor after the JSON header.
+    header = json.dumps({"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    data = np.ones((1, 64), np.float32).tobytes()
+    ok = httpx.post(url, content=header + data, headers={"Inference-Header-Content-Length": str(len(header))})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers.get("content-type") == "application/json"
+    np.testing.assert_allclose(ok.json()["outputs"][0]["data"],
+                               _reference("mlp", {"features": np.ones((1, 64), np.float32)})[0].ravel(), rtol=1e-5)
+    short = httpx.post(url, content=header + data[:100], headers={"Inference-Header-Content-Length": str(len(header))})
+    assert short.status_code == 400 and "binary_data_size 256 runs past the 100 bytes" in short.json()["error"]
+    broken = httpx.post(url, content=b"{not json")
+    assert broken.status_code == 400 and "does not parse" in broken.json()["error"]
+    missing = httpx.post(f"http://{server}/v2/models/nope/infer", content=b'{"inputs": []}')
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+
+
+def test_batching_reaches_the_metrics(client, server: str) -> None:  # noqa: ANN001
+    feed = models.random_feed(MODELS["mlp"], batch=1)
+    tensor = httpclient.InferInput("features", [1, 64], "FP32")
+    tensor.set_data_from_numpy(feed["features"])
+    pending = [client.async_infer("mlp", [tensor]) for _ in range(16)]
+    expected = _reference("mlp", feed)[0]
+    for request in pending:
+        np.testing.assert_allclose(request.get_result().as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
+    text = httpx.get(f"http://{server}/metrics").text
+    counts = [line for line in text.splitlines() if line.startswith("onnxforge_batch_size_sum{model=\"mlp\"")]
+    assert counts and float(counts[0].split()[-1]) >= 16
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]}', "needs 2 elements"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BF16", "data": [1, 2]}]}', "datatype 'BF16'"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT8", "data": [300]}]}', "outside the range of INT8"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [1.5]}]}', "must be integers"),
+    (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}', "non-negative integers"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}', "must be strings"),
+])
+def test_codec_refusals_name_the_problem(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequestError, match=message):
+        decode_request(body, None)
+
+
+def test_codec_bytes_length_prefixes() -> None:
+    head = b'{"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 11}}]}'
+    raw = b"\x02\x00\x00\x00hi\x01\x00\x00\x00!"
+    request = decode_request(head + raw, str(len(head)))
+    assert request.inputs["t"].tolist() == ["hi", "!"]
+    bad = head.replace(b"11}", b"10}")
+    with pytest.raises(BadRequestError, match="runs past"):
+        decode_request(bad + raw[:10], str(len(bad)))
+    with pytest.raises(BadRequestError, match="belong to no input"):
+        decode_request(head + raw + b"x", str(len(head)))
+    assert isinstance(decode_request(b'{"inputs": []}', None).inputs, dict)
