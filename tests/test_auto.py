@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from optimizer import sensitivity
-from optimizer.accuracy import Tolerance
+from optimizer.accuracy import Tolerance, run_outputs
 from optimizer.auto import AutoSearch, format_table
-from optimizer.calibration import synthetic_samples
+from optimizer.calibration import load_samples, synthetic_samples
+from optimizer.candidates import static_candidate
 from optimizer.passes import int8_static
 from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
-from optimizer.runtime import SessionSettings
+from optimizer.runtime import SessionSettings, create_session
 from optimizer.variants import Built, VariantReport
 from tests import models
 
@@ -67,9 +69,10 @@ def test_a_head_that_breaks_int8_is_left_in_float_and_the_repair_passes(tmp_path
     assert repaired["latency_ms"]["timing"] == "final"  # a repair is timed, not only scored
     if repaired["status"] == "rejected":
         assert "slower" in repaired["reason"]
-    # no calibration method saves that head: both were tried, both fail the same way
+    # the repair came first and passed, so the slow histogram methods were not needed
+    skipped = {s["name"]: s["reason"] for s in report["auto"]["skipped"]}
     for method in ("percentile", "entropy"):
-        assert _row(report, f"int8-static-{method}-qdq-u8s8-all")["status"] == "rejected"
+        assert skipped[f"int8-static-{method}-qdq-u8s8-all"] == f"the repaired {repair['passed']} already passes"
     assert report["selected"] in (BASELINE, "fused", repair["passed"])
     assert report["auto"]["excluded_nodes"] == (repaired["settings"]["exclude_nodes"]
                                                 if report["selected"] == repair["passed"] else [])
@@ -177,3 +180,31 @@ def test_latency_pruning_spends_work_only_where_it_can_pay() -> None:
     assert "vs fused 2.000 ms" in search.not_worth_work(built["slow-bad"].row)
     search.prune_by_latency = False
     assert search.not_worth_work(built["slow-bad"].row) is None
+
+
+def test_later_calibration_methods_run_once_per_scope_for_what_no_repair_saved() -> None:
+    model = models.detector()
+    samples = load_samples(_npz(model), model, holdout_fraction=0.2)
+    reference = run_outputs(create_session(model.SerializeToString()), samples.holdout)
+    search = AutoSearch(source=model, samples=samples, settings=SessionSettings(), tolerance=Tolerance(),
+                        reference=reference, provider="cpu", deadline=time.monotonic() + 120,
+                        built={"fused": Built(VariantReport(name="fused", precision="fp32"), model)},
+                        fp32_name="fused", prune_by_latency=False)
+    qdq = search._add(static_candidate("minmax", "qdq", "uint8"))
+    qoperator = search._add(static_candidate("minmax", "qoperator", "uint8"))
+    assert qdq.row.status == qoperator.row.status == "rejected"  # the head breaks both, as above
+    search.other_methods()
+    for method in ("percentile", "entropy"):
+        tried = search.built[f"int8-static-{method}-qdq-u8s8-all"].row
+        assert tried.status == "rejected" and tried.settings["method"] == method
+        assert f"int8-static-{method}-qoperator-u8s8-all" not in search.built
+    skipped = {s["name"]: s["reason"] for s in search.skipped}
+    assert skipped["int8-static-entropy-qoperator-u8s8-all"] == (
+        "entropy ranges for this scope already failed on int8-static-entropy-qdq-u8s8-all")
+
+    search.deadline = time.monotonic() + 0.01  # no time left for histograms: skipped with the estimate
+    search.skipped.clear()
+    search.built.pop("int8-static-percentile-qdq-u8s8-all")
+    search.built.pop("int8-static-entropy-qdq-u8s8-all")
+    search.other_methods()
+    assert "would take ~" in {s["name"]: s["reason"] for s in search.skipped}["int8-static-percentile-qdq-u8s8-all"]
