@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     providers: str = Field(default="auto", description="auto | cpu | cuda: the provider sessions are created on")
     intra_op_threads: int = Field(default=0, ge=0, description="threads per session; 0 = ONNX Runtime's default")
     inter_op_threads: int = Field(default=1, ge=0)
+    intra_op_spinning: bool = Field(
+        default=False, description="let idle intra-op threads spin (lower latency alone, but they steal the "
+                                   "event loop's core under load)",
+    )
     # 2, not more: each session already uses every core through intra-op threads, so more threads
     # running session.run at once only oversubscribe the cores (4 x 2 threads on 2 cores measured worse).
     predict_threads: int = Field(default=2, ge=1, description="threads running session.run off the event loop")

@@ -28,6 +28,11 @@ _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 503)}
 _SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
+async def _services(request: Request) -> Services:
+    """`get_services` as an async dependency: FastAPI runs a sync one in a worker thread, one hop per request."""
+    return get_services(request)
+
+
 def _version(text: str | None, name: str) -> int | None:
     if text is None:
         return None
@@ -87,13 +92,13 @@ async def _metadata(services: Services, name: str, version: str | None) -> dict[
 
 
 @router.get("/models/{name}", responses=_ERRORS)
-async def model_metadata(name: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+async def model_metadata(name: str, services: Services = Depends(_services)) -> dict[str, Any]:
     """Name, versions, platform, and inputs/outputs of the serving version (-1 for dynamic dims)."""
     return await _metadata(services, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", responses=_ERRORS)
-async def version_metadata(name: str, version: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+async def version_metadata(name: str, version: str, services: Services = Depends(_services)) -> dict[str, Any]:
     return await _metadata(services, name, version)
 
 
@@ -106,13 +111,13 @@ async def _ready(services: Services, name: str, version: str | None) -> JSONResp
 
 
 @router.get("/models/{name}/ready", responses=_ERRORS)
-async def model_ready(name: str, services: Services = Depends(get_services)) -> JSONResponse:
+async def model_ready(name: str, services: Services = Depends(_services)) -> JSONResponse:
     """200 when the model can answer now (its session is loaded); 503 when it cannot, 404 if unknown."""
     return await _ready(services, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", responses=_ERRORS)
-async def version_ready(name: str, version: str, services: Services = Depends(get_services)) -> JSONResponse:
+async def version_ready(name: str, version: str, services: Services = Depends(_services)) -> JSONResponse:
     return await _ready(services, name, version)
 
 
@@ -147,12 +152,12 @@ async def _infer(request: Request, services: Services, name: str, version: str |
 
 
 @router.post("/models/{name}/infer", responses=_ERRORS)
-async def infer(name: str, request: Request, services: Services = Depends(get_services)) -> Response:
+async def infer(name: str, request: Request, services: Services = Depends(_services)) -> Response:
     """Infer with JSON tensors or the binary tensor extension (`Inference-Header-Content-Length`)."""
     return await _infer(request, services, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", responses=_ERRORS)
 async def infer_version(name: str, version: str, request: Request,
-                        services: Services = Depends(get_services)) -> Response:
+                        services: Services = Depends(_services)) -> Response:
     return await _infer(request, services, name, version)

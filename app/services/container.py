@@ -74,6 +74,9 @@ def open_services(settings: Settings) -> Services:
     provider = resolve_provider(settings.providers)
     sessions = SessionCache(settings.session_cache_size, SessionSettings(
         provider=provider, intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
+        # Idle intra-op threads that spin take the core the event loop needs to parse the next requests:
+        # with spinning, batching measured slower than no batching at 32 concurrent clients.
+        allow_spinning=settings.intra_op_spinning,
     ))
     jobs = JobQueue(db, settings.job_lease_s, settings.job_max_attempts)
     metrics = Metrics(jobs.counts, lambda: len(sessions))
