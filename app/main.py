@@ -50,10 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or Settings()
     app.state.services = None
     install_error_handlers(app)
+    app.include_router(v2.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
-    app.include_router(v2.router)
     app.add_middleware(HttpMetricsMiddleware,
                        metrics=lambda: app.state.services.metrics if app.state.services else None)
     return app

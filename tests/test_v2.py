@@ -201,6 +201,7 @@ def test_batching_reaches_the_metrics(client, server: str) -> None:  # noqa: ANN
     text = httpx.get(f"http://{server}/metrics").text
     counts = [line for line in text.splitlines() if line.startswith("onnxforge_batch_size_sum{model=\"mlp\"")]
     assert counts and float(counts[0].split()[-1]) >= 16
+    assert 'onnxforge_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="200"}' in text
 
 
 @pytest.mark.parametrize(("body", "message"), [
