@@ -46,10 +46,23 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def normalize_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 (the `postgres` extra), not SQLAlchemy's default psycopg2.
+
+    Users copy URLs from their PostgreSQL provider as `postgresql://...` (or the older `postgres://`);
+    SQLAlchemy would load psycopg2 for those, which we do not install.
+    """
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 class Database:
     """Owns the engine; hands out short read and write transactions."""
 
     def __init__(self, url: str) -> None:
+        url = normalize_url(url)
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
