@@ -29,7 +29,7 @@ from app.services.uploads import validate_upload
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 503)}
-_TEXT_FIELDS = {"name", "precision", "int8_mode", "calibration_method"}
+_TEXT_FIELDS = {"name", "precision", "int8_mode", "calibration_method", "min_cosine", "min_top1"}
 _UPLOAD_FORM = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {
@@ -45,6 +45,10 @@ _UPLOAD_FORM = {
                           "description": "default: static with a calibration set, else dynamic"},
             "calibration_method": {"type": "string", "enum": ["minmax", "entropy", "percentile"],
                                    "default": "minmax"},
+            "min_cosine": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.99,
+                           "description": "accuracy tolerance: least cosine similarity of every output"},
+            "min_top1": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.99,
+                         "description": "accuracy tolerance: least top-1 agreement of classifier outputs"},
         },
     }}},
 }

@@ -39,11 +39,14 @@ _NOT_ONNX = [
 
 @dataclass
 class UploadOptions:
-    """What the user asks the optimizer for (form fields precision, int8_mode, calibration_method)."""
+    """What the user asks the optimizer for (form fields precision, int8_mode, calibration_method, and the
+    accuracy tolerance min_cosine/min_top1; None keeps the optimizer's defaults)."""
 
     precision: str = "auto"
     int8_mode: str | None = None
     calibration_method: str = "minmax"
+    min_cosine: float | None = None
+    min_top1: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,11 +75,27 @@ def _choice(fields: dict[str, str], key: str, choices: tuple[str, ...], default:
     return value
 
 
+def _fraction(fields: dict[str, str], key: str) -> float | None:
+    """An optional accuracy limit between 0 and 1 (e.g. min_cosine=0.995)."""
+    text = fields.get(key, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequestError(f"{key} must be a number between 0 and 1 (e.g. 0.99); got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise BadRequestError(f"{key} must be between 0 and 1 (e.g. 0.99); got {value}")
+    return value
+
+
 def parse_options(fields: dict[str, str], has_calibration: bool) -> UploadOptions:
     options = UploadOptions(
         precision=_choice(fields, "precision", PRECISIONS, "auto") or "auto",
         int8_mode=_choice(fields, "int8_mode", INT8_MODES, None),
         calibration_method=_choice(fields, "calibration_method", CALIBRATION_METHODS, "minmax") or "minmax",
+        min_cosine=_fraction(fields, "min_cosine"),
+        min_top1=_fraction(fields, "min_top1"),
     )
     if options.int8_mode == "static" and not has_calibration:
         raise BadRequestError(
