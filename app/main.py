@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import health, jobs, models, v2
 from app.api.errors import install_error_handlers
 from app.metrics import HttpMetricsMiddleware
+from app.security import install_security
 from app.services.container import open_services
 from app.settings import Settings
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.add_middleware(HttpMetricsMiddleware,
                        metrics=lambda: app.state.services.metrics if app.state.services else None)
+    install_security(app, app.state.settings)
     return app
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(default=2048 * MiB, ge=1)
     max_calibration_bytes: int = Field(default=1024 * MiB, ge=1)
     max_input_elements: int = Field(default=1 << 24, ge=1, description="per predict input")
+    max_predict_body_bytes: int = Field(default=64 * MiB, ge=1, description="one /predict or /infer request body")
+    job_memory_limit_mb: int = Field(
+        default=8192, ge=0, description="address-space limit (RLIMIT_AS) of the optimizer process; 0 = none"
+    )
+
+    # Access control (app/security.py).
+    api_keys: SecretStr = Field(
+        default=SecretStr(""), description="`read:<key>` / `admin:<key>` entries, comma-separated; empty = open"
+    )
+    api_keys_file: Path | None = Field(default=None, description="a file of such entries, one a line")
+    cors_origins: str = Field(default="", description="comma-separated origins allowed by CORS; empty = CORS off")
 
     # Jobs and the worker.
     run_worker: bool = Field(default=True, description="start a worker process with the API (embedded default)")
