@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import health, jobs, models, v2
 from app.api.errors import install_error_handlers
+from app.api.web import install_dashboard
 from app.metrics import HttpMetricsMiddleware
 from app.security import install_security
 from app.services.container import open_services
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    install_dashboard(app)
     app.add_middleware(HttpMetricsMiddleware,
                        metrics=lambda: app.state.services.metrics if app.state.services else None)
     install_security(app, app.state.settings)

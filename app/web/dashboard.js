@@ -1,0 +1,406 @@
+// onnxforge dashboard: drives the public /v1 API (no private endpoints). Charts are plain SVG.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const KEY = "onnxforge.apiKey";
+const SVG = "http://www.w3.org/2000/svg";
+const state = { model: null, version: null, inputs: [] };
+
+// -- API ------------------------------------------------------------------------------------------
+
+function headers(extra) {
+  const key = sessionStorage.getItem(KEY);
+  return Object.assign(key ? { Authorization: "Bearer " + key } : {}, extra || {});
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = headers(opts.headers);
+  const response = await fetch(path, opts);
+  const text = await response.text();
+  let body = null;
+  try { body = text ? JSON.parse(text) : null; } catch (e) { body = { error: text }; }
+  if (!response.ok) {
+    const error = new Error((body && body.error) || response.status + " " + response.statusText);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+const enc = encodeURIComponent;
+const fmt = (x, digits) => (x === null || x === undefined ? "—" : Number(x).toFixed(digits === undefined ? 3 : digits));
+const el = (tag, attrs, text) => {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+};
+const row = (cells) => {
+  const tr = el("tr");
+  for (const c of cells) tr.appendChild(c instanceof Node ? wrapCell(c) : el("td", {}, String(c)));
+  return tr;
+};
+const wrapCell = (node) => { const td = el("td"); td.appendChild(node); return td; };
+
+// -- models list ----------------------------------------------------------------------------------
+
+async function loadModels() {
+  const tbody = $("#models tbody");
+  let models;
+  try { models = await api("/v1/models"); } catch (e) { showListError(e); return; }
+  $("#models-empty").hidden = models.length > 0;
+  const rows = await Promise.all(models.map(async (m) => {
+    const [described, report] = await Promise.all([
+      api("/v1/models/" + enc(m.name)).catch(() => null),
+      m.serving_version ? api("/v1/models/" + enc(m.name) + "/report").catch(() => null) : null,
+    ]);
+    const r = report && report.report;
+    const status = el("span", { class: "status-" + m.latest_status }, m.latest_status);
+    const tr = row([m.name, m.versions, status, m.serving_version ? "v" + m.serving_version : "—",
+      m.serving_variant || "—", described ? described.provider : "—",
+      r ? fmt(r.speedup_p50, 2) + "x" : "—", r ? fmt(r.size_ratio, 2) : "—"]);
+    tr.dataset.model = m.name;
+    tr.addEventListener("click", () => openReport(m.name, m.latest_version));
+    return tr;
+  }));
+  tbody.replaceChildren(...rows);
+}
+
+function showListError(e) {
+  const tbody = $("#models tbody");
+  const td = el("td", { colspan: 8, class: "error" }, "Cannot list the models: " + e.message +
+    (e.status === 401 || e.status === 403 ? " (enter an API key at the top right)" : ""));
+  tbody.replaceChildren(wrapRow(td));
+}
+const wrapRow = (td) => { const tr = el("tr"); tr.appendChild(td); return tr; };
+
+// -- upload and job progress ----------------------------------------------------------------------
+
+async function upload(event) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  for (const key of ["calibration"]) {
+    const f = form.get(key);
+    if (f && f.size === 0 && !f.name) form.delete(key);
+  }
+  for (const key of ["name", "min_cosine", "min_top1"]) if (!form.get(key)) form.delete(key);
+  $("#job").hidden = false;
+  $("#job-error").hidden = true;
+  $("#job-bar").style.width = "0";
+  $("#job-text").textContent = "Uploading…";
+  let accepted;
+  try {
+    accepted = await api("/v1/models", { method: "POST", body: form });
+  } catch (e) {
+    return showJobError("The upload was refused: " + e.message);
+  }
+  $("#job-text").textContent = `${accepted.name} v${accepted.version}: queued`;
+  loadModels();
+  watchJob(accepted);
+}
+
+function showJobError(message) {
+  const box = $("#job-error");
+  box.textContent = message;
+  box.hidden = false;
+  $("#job").dataset.status = "failed";
+}
+
+async function watchJob(accepted) {
+  $("#job").dataset.status = "queued";
+  for (;;) {
+    let job;
+    try { job = await api(accepted.status_url); } catch (e) { return showJobError("Cannot read the job: " + e.message); }
+    $("#job").dataset.status = job.status;
+    $("#job-bar").style.width = Math.round(job.progress * 100) + "%";
+    const stage = job.stage ? ", stage " + job.stage : "";
+    $("#job-text").textContent =
+      `${job.model} v${job.version}: ${job.status}${stage} (${Math.round(job.progress * 100)}%)`;
+    if (job.status === "succeeded") {
+      await loadModels();
+      return openReport(job.model, job.version);
+    }
+    if (job.status === "failed") {
+      showJobError(`Optimization failed: ${job.error || "no reason recorded"}\n` +
+        "The model that served before (if any) keeps serving.");
+      await loadModels();
+      return openReport(job.model, job.version);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
+// -- report ---------------------------------------------------------------------------------------
+
+async function openReport(name, version) {
+  const described = await api("/v1/models/" + enc(name)).catch((e) => { alert(e.message); return null; });
+  if (!described) return;
+  state.model = name;
+  state.inputs = described.inputs;
+  $("#report-section").hidden = false;
+  $("#report-model").textContent = name;
+  const select = $("#report-version");
+  select.replaceChildren(...described.versions.map((v) =>
+    el("option", { value: v.version }, `v${v.version} (${v.status})`)));
+  select.value = String(version);
+  fillTryIt(described.inputs);
+  await showVersion(described.versions.find((v) => v.version === Number(version)) || described.versions.at(-1));
+  $("#report-section").scrollIntoView({ behavior: "instant", block: "start" });
+}
+
+async function showVersion(v) {
+  state.version = v.version;
+  const failed = $("#report-failed");
+  const body = $("#report-body");
+  $("#report-section").dataset.version = v.version;
+  if (v.status !== "ready") {
+    body.hidden = true;
+    failed.hidden = false;
+    failed.textContent = v.status === "failed"
+      ? `Version ${v.version} failed to optimize: ${v.error || "no reason recorded"}`
+      : `Version ${v.version} is still optimizing (${v.job ? v.job.stage || v.job.status : ""}).`;
+    return;
+  }
+  let answer;
+  try {
+    answer = await api(`/v1/models/${enc(state.model)}/versions/${v.version}/report`);
+  } catch (e) {
+    body.hidden = true; failed.hidden = false; failed.textContent = "No report: " + e.message;
+    return;
+  }
+  failed.hidden = true;
+  body.hidden = false;
+  renderReport(answer.report, v);
+}
+
+function renderReport(r, v) {
+  const variants = r.variants || [];
+  const cards = [
+    ["Serves", r.selected], ["Speedup p50", fmt(r.speedup_p50, 2) + "x"], ["Size ratio", fmt(r.size_ratio, 2)],
+    ["Provider", r.provider], ["Optimized in", fmt(r.duration_s, 1) + " s"],
+  ];
+  $("#summary").replaceChildren(...cards.map(([label, value]) => {
+    const card = el("div", { class: "card", "data-field": label }, label);
+    card.appendChild(el("b", {}, String(value)));
+    return card;
+  }));
+  $("#selection-reason").textContent = "Why: " + (r.selection_reason || "—");
+  const link = $("#download");
+  link.href = `/v1/models/${enc(state.model)}/versions/${v.version}/artifact?variant=optimized`;
+  link.dataset.filename = `${state.model}-v${v.version}-optimized.onnx`;
+
+  const timed = variants.filter((x) => x.latency_ms && x.latency_ms.p50 != null);
+  $("#latency-chart").replaceChildren(latencyChart(timed, r));
+  const sized = variants.filter((x) => x.size_bytes != null);
+  $("#size-chart").replaceChildren(barChart(sized.map((x) => ({
+    name: x.name, value: x.size_bytes, label: kb(x.size_bytes), mark: mark(x, r),
+  })), "size"));
+
+  const cfg = r.config || {};
+  $("#tolerance").textContent = `cosine ≥ ${fmt(cfg.min_cosine, 3)}, top-1 ≥ ${fmt(cfg.min_top1, 3)}`;
+  $("#accuracy tbody").replaceChildren(...accuracyRows(variants));
+  $("#graph").replaceChildren(graphView(r));
+  $("#skipped").replaceChildren(...(r.skipped_candidates || []).map((s) => el("li", {}, `${s.name}: ${s.reason}`)));
+}
+
+const kb = (bytes) => (bytes >= 1e6 ? fmt(bytes / 1e6, 2) + " MB" : fmt(bytes / 1e3, 1) + " kB");
+const mark = (x, r) => (x.name === r.selected ? "selected" : x.name === r.baseline ? "baseline" :
+  x.status === "ok" ? "ok" : "rejected");
+const COLORS = { selected: "#17733a", baseline: "#5a6272", ok: "#3b6fd8", rejected: "#c9ced8" };
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// Horizontal bars: p50 as the bar, p90..p99 as a whisker. The axis ends a little past the largest p90 so
+// one noisy p99 does not flatten every bar; a whisker cut by the axis ends in an arrow and says its value.
+function latencyChart(variants, r) {
+  const left = 250, width = 520, rowH = 24, top = 8;
+  const axisMax = Math.max(...variants.map((x) => Math.max(x.latency_ms.p50, x.latency_ms.p90 || 0))) * 1.25 || 1;
+  const scale = (ms) => left + Math.min(ms, axisMax) / axisMax * width;
+  const chart = svg("svg", { width: left + width + 170, height: top + rowH * variants.length + 24,
+    class: "latency", role: "img" });
+  variants.forEach((x, i) => {
+    const y = top + i * rowH;
+    const { p50, p90, p99 } = x.latency_ms;
+    const g = svg("g", { class: "bar", "data-variant": x.name, "data-p50": p50, "data-p90": p90, "data-p99": p99 });
+    g.appendChild(svg("text", { x: left - 6, y: y + 15, "text-anchor": "end" }, x.name));
+    g.appendChild(svg("rect", { x: left, y: y + 4, width: Math.max(1, scale(p50) - left), height: rowH - 8,
+      fill: COLORS[mark(x, r)] }));
+    if (p90 != null && p99 != null) {
+      const x1 = scale(p90), x2 = scale(p99), cy = y + rowH / 2;
+      g.appendChild(svg("line", { x1, x2, y1: cy, y2: cy, stroke: "#1d2330" }));
+      g.appendChild(svg("line", { x1, x2: x1, y1: cy - 5, y2: cy + 5, stroke: "#1d2330" }));
+      g.appendChild(p99 > axisMax
+        ? svg("path", { d: `M${x2 - 6},${cy - 4} L${x2},${cy} L${x2 - 6},${cy + 4}`, fill: "none", stroke: "#1d2330" })
+        : svg("line", { x1: x2, x2, y1: cy - 5, y2: cy + 5, stroke: "#1d2330" }));
+    }
+    const label = `p50 ${fmt(p50, 3)} ms` + (p99 != null && p99 > axisMax ? ` (p99 ${fmt(p99, 2)})` : "");
+    g.appendChild(svg("text", { x: left + width + 6, y: y + 15, class: "value" }, label));
+    g.appendChild(svg("title", {}, `${x.name}: p50 ${p50} ms, p90 ${p90} ms, p99 ${p99} ms (${x.status})`));
+    chart.appendChild(g);
+  });
+  const base = top + rowH * variants.length + 14;
+  chart.appendChild(svg("line", { x1: left, x2: left + width, y1: base - 8, y2: base - 8, stroke: "#9aa1ad" }));
+  chart.appendChild(svg("text", { x: left, y: base + 6 }, "0 ms"));
+  chart.appendChild(svg("text", { x: left + width, y: base + 6, "text-anchor": "end" }, fmt(axisMax, 3) + " ms"));
+  return chart;
+}
+
+function barChart(items, cls) {
+  const left = 250, width = 520, rowH = 22;
+  const max = Math.max(...items.map((i) => i.value)) || 1;
+  const chart = svg("svg", { width: left + width + 170, height: rowH * items.length + 8, class: cls, role: "img" });
+  items.forEach((item, i) => {
+    const y = 4 + i * rowH;
+    const g = svg("g", { class: "bar", "data-variant": item.name, "data-value": item.value });
+    g.appendChild(svg("text", { x: left - 6, y: y + 14, "text-anchor": "end" }, item.name));
+    g.appendChild(svg("rect", { x: left, y: y + 3, width: Math.max(1, item.value / max * width), height: rowH - 6,
+      fill: COLORS[item.mark] }));
+    g.appendChild(svg("text", { x: left + width + 6, y: y + 14, class: "value" }, item.label));
+    chart.appendChild(g);
+  });
+  return chart;
+}
+
+function accuracyRows(variants) {
+  const rows = [];
+  for (const x of variants) {
+    const acc = x.accuracy;
+    if (!acc || !acc.outputs) continue;
+    for (const [name, o] of Object.entries(acc.outputs)) {
+      const verdict = el("span", { class: o.passed ? "pass" : "fail" },
+        o.passed ? "within tolerance" : o.reason || "outside tolerance");
+      rows.push(row([x.name, name, fmt(o.cosine, 4), o.top1 == null ? "—" : fmt(o.top1 * 100, 1) + "%",
+        o.max_abs == null ? "—" : Number(o.max_abs).toPrecision(3), verdict]));
+    }
+  }
+  if (!rows.length) rows.push(row(["—", "no variant needed an accuracy check", "", "", "", ""]));
+  return rows;
+}
+
+function graphView(r) {
+  const before = (r.graph && r.graph.before) || {}, after = (r.graph && r.graph.after) || {};
+  const wrap = el("div", { class: "graph-cols" });
+  const hist = el("div");
+  hist.appendChild(el("p", {}, `Nodes: ${before.node_count ?? "—"} before, ${after.node_count ?? "—"} after ` +
+    `(the FP32 graph after cleanup and fusion).`));
+  const table = el("table", { id: "op-histogram" });
+  table.appendChild(row(["Op", "Before", "After"]));
+  const ops = new Set([...Object.keys(before.op_histogram || {}), ...Object.keys(after.op_histogram || {})]);
+  for (const op of [...ops].sort()) {
+    const b = (before.op_histogram || {})[op] || 0, a = (after.op_histogram || {})[op] || 0;
+    const tr = row([op, b, a]);
+    if (a !== b) tr.style.fontWeight = "600";
+    table.appendChild(tr);
+  }
+  hist.appendChild(table);
+  wrap.appendChild(hist);
+
+  const changesBox = el("div");
+  const chosen = (r.variants || []).find((x) => x.name === r.selected && x.changes) ||
+    (r.variants || []).find((x) => x.changes);
+  if (chosen) {
+    const c = chosen.changes;
+    changesBox.appendChild(el("p", {}, `Changes in ${chosen.name}: ${c.nodes_before} → ${c.nodes_after} nodes`));
+    const list = el("ul", { id: "changes" });
+    const add = (label, obj) => {
+      const entries = Object.entries(obj || {});
+      list.appendChild(el("li", {}, label + ": " +
+        (entries.length ? entries.map(([k, n]) => `${k} ×${n}`).join(", ") : "none")));
+    };
+    add("Redundant nodes removed", c.redundant_removed);
+    add("Fusions applied", c.fusions);
+    add("Nodes removed", c.removed);
+    if (c.transformer_fusion) {
+      list.appendChild(el("li", {}, "Transformer fusion: " +
+        (c.transformer_fusion.used ? "used" : "not used (" + (c.transformer_fusion.reason || "") + ")")));
+    }
+    changesBox.appendChild(list);
+  } else {
+    changesBox.appendChild(el("p", { class: "muted" }, "No graph changes recorded."));
+  }
+  const left = (after.fusable || []).map((f) => `${f.pattern} ×${f.count} → ${f.fuses_to}`);
+  if (left.length) changesBox.appendChild(el("p", { class: "muted" }, "Left to ONNX Runtime at load: " + left.join("; ")));
+  wrap.appendChild(changesBox);
+  return wrap;
+}
+
+async function download(event) {
+  // A plain link cannot carry the API key: fetch the file and hand the browser a blob.
+  event.preventDefault();
+  const link = event.currentTarget;
+  const response = await fetch(link.href, { headers: headers() });
+  if (!response.ok) { alert("Download failed: " + (await response.text())); return; }
+  const url = URL.createObjectURL(await response.blob());
+  const a = el("a", { href: url, download: link.dataset.filename });
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+// -- try it ---------------------------------------------------------------------------------------
+
+function example(spec) {
+  // Dynamic dimensions (a name or null) become 1; values are small and valid for the dtype.
+  const shape = (spec.shape || []).map((d) => (typeof d === "number" && d > 0 ? d : 1));
+  const dtype = spec.dtype || "float32";
+  const value = (i) => dtype.startsWith("float") ? Number((Math.sin(i + 1) * 0.5).toFixed(3))
+    : dtype === "bool" ? i % 2 === 0 : dtype === "string" ? "example" : i % 5;
+  let i = 0;
+  const build = (dims) => (dims.length === 0 ? value(i++) : Array.from({ length: dims[0] }, () => build(dims.slice(1))));
+  return build(shape);
+}
+
+function fillTryIt(inputs) {
+  const feed = {};
+  for (const spec of inputs) feed[spec.name] = example(spec);
+  $("#try-input").value = JSON.stringify({ inputs: feed });
+  $("#try-output").textContent = "";
+  $("#try-latency").textContent = "";
+}
+
+async function tryIt() {
+  const out = $("#try-output");
+  let body;
+  try { body = JSON.parse($("#try-input").value); } catch (e) { out.textContent = "Not JSON: " + e.message; return; }
+  const started = performance.now();
+  try {
+    const answer = await api(`/v1/models/${enc(state.model)}/predict`, {
+      method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" },
+    });
+    const ms = performance.now() - started;
+    $("#try-latency").textContent = `v${answer.version} (${answer.variant}) answered in ${ms.toFixed(1)} ms ` +
+      "(round trip from this browser)";
+    $("#try-latency").dataset.ms = ms.toFixed(3);
+    out.textContent = JSON.stringify(answer.outputs);
+  } catch (e) {
+    $("#try-latency").textContent = "";
+    out.textContent = "Refused: " + e.message;
+  }
+}
+
+// -- start ----------------------------------------------------------------------------------------
+
+function start() {
+  const keyInput = $("#api-key");
+  keyInput.value = sessionStorage.getItem(KEY) || "";
+  keyInput.addEventListener("change", () => {
+    if (keyInput.value) sessionStorage.setItem(KEY, keyInput.value); else sessionStorage.removeItem(KEY);
+    loadModels();
+  });
+  $("#refresh").addEventListener("click", loadModels);
+  $("#upload").addEventListener("submit", upload);
+  $("#report-version").addEventListener("change", async (e) => {
+    const described = await api("/v1/models/" + enc(state.model));
+    showVersion(described.versions.find((v) => v.version === Number(e.target.value)));
+  });
+  $("#download").addEventListener("click", download);
+  $("#try-send").addEventListener("click", tryIt);
+  loadModels();
+}
+
+start();
