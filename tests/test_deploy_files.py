@@ -93,4 +93,5 @@ def test_nginx_balances_the_api_service_and_allows_the_largest_upload() -> None:
     assert largest_upload <= int(size.group(1)) * MiB <= largest_upload + 64 * MiB
     # predictions are retried on another replica when one dies mid-request
     assert re.search(r"location ~ \^/\(v1/models/\.\+/predict\|v2/models/\.\+/infer\)\$ \{\s+proxy_pass "
-                     r"http://onnxforge_api;\s+proxy_next_upstream [^;]*non_idempotent;", conf)
+                     r"http://onnxforge_api;\s+proxy_request_buffering on;[^}]*"
+                     r"proxy_next_upstream [^;]*non_idempotent;", conf)

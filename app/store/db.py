@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.store.tables import Base
 
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SCHEMA_LOCK_KEY = 0x6F6E6E78  # "onnx": any fixed number the app alone uses
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -75,7 +76,14 @@ class Database:
         self._writer = sessionmaker(write_engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create missing tables. On PostgreSQL, replicas and workers starting at once would race on
+        CREATE TABLE (one fails on a duplicate type), so they take turns under an advisory lock."""
+        if self.is_sqlite:
+            Base.metadata.create_all(self.engine)
+            return
+        with self.engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            Base.metadata.create_all(connection)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

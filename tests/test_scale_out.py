@@ -1,0 +1,322 @@
+"""Scale-out for real, on 127.0.0.1: a fresh database on the local PostgreSQL, two API replicas
+(`serve --no-worker`) on their own ports, a worker process (`onnxforge worker`), and nginx in front
+running deploy/nginx.conf with its upstream pointed at the two replicas.
+
+Through nginx: an upload through one replica is optimized by the worker and served by both; killing
+a replica mid-load loses no prediction (nginx retries them on the other); killing the worker mid-job
+leaves the job to the next worker. Beside it: workers racing on one PostgreSQL queue never claim a
+job twice. Skips with the reason when PostgreSQL, psycopg or nginx is missing (.ci/run installs them).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.services.jobs import JobQueue
+from app.store import Database, Job, ModelVersion
+from tests import models
+
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("ONNXFORGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)),
+                                      None)
+
+
+# -- PostgreSQL: one fresh database per use, dropped afterwards -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def new_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty PostgreSQL databases (URLs); all are dropped when the module ends."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
+    try:
+        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {ADMIN_URL} (set ONNXFORGE_TEST_POSTGRES_URL): {exc}")
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"onnxforge_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+    yield create
+    for name in created:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+# -- processes ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    """The processes of one scaled-out deployment, and how to reach it through nginx."""
+
+    def __init__(self, tmp: Path, database_url: str) -> None:
+        self.tmp = tmp
+        self.env = {
+            **os.environ,
+            "ONNXFORGE_DATABASE_URL": database_url, "ONNXFORGE_DATA_DIR": str(tmp / "data"),  # the shared volume
+            "ONNXFORGE_PROVIDERS": "cpu", "ONNXFORGE_INTRA_OP_THREADS": "1", "ONNXFORGE_WORKER_POLL_S": "0.1",
+            "ONNXFORGE_JOB_LEASE_S": "3", "ONNXFORGE_REGISTRY_CACHE_TTL_S": "0",
+            "ONNXFORGE_OPTIMIZE_TIME_BUDGET_S": "4", "ONNXFORGE_LOG_LEVEL": "warning",
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.replica_ports: dict[str, int] = {}
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process's life
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        self.processes[name] = process
+        return process
+
+    def start_replica(self, name: str) -> None:
+        port = _free_port()
+        self.replica_ports[name] = port
+        self.start(name, "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))
+
+    def wait_ready(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.processes[name].poll() is None, f"{name} exited: {self.log(name)}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.replica_ports[name]}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{name} not ready in {timeout} s: {self.log(name)}")
+
+    def start_nginx(self) -> None:
+        """deploy/nginx.conf, with Docker's DNS name `api` replaced by the two replicas' ports."""
+        conf = (ROOT / "deploy" / "nginx.conf").read_text()
+        servers = "\n".join(f"        server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;"
+                            for port in self.replica_ports.values())
+        conf = re.sub(r"^\s*server api:8000 [^;]*;$", servers, conf, flags=re.M)
+        conf = re.sub(r"^\s*resolver [^;]*;\n", "", conf, flags=re.M)
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
+        run = self.tmp / "nginx"
+        run.mkdir()
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the 0700 tmp dir
+        conf = conf.replace("pid /tmp/nginx.pid;", f"{user}daemon off;\npid {run}/nginx.pid;\n"
+                                                    f"error_log {run}/error.log warn;")
+        temp = "".join(f"    {kind}_temp_path {run}/{kind};\n"
+                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf = conf.replace("http {\n", f"http {{\n    access_log {run}/access.log;\n{temp}", 1)
+        (run / "nginx.conf").write_text(conf)
+        log = open(self.tmp / "nginx.log", "wb")  # noqa: SIM115
+        self.processes["nginx"] = subprocess.Popen([NGINX, "-p", str(run), "-c", str(run / "nginx.conf"),
+                                                    "-e", str(run / "error.log")], stdout=log,
+                                                   stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.processes["nginx"].poll() is None, (run / "error.log").read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError("nginx did not come up")
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        process.kill()
+        process.wait(10)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            process = self.processes.pop(name)
+            process.send_signal(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def stack(new_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if NGINX is None:
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run does)")
+    stack = Stack(tmp_path_factory.mktemp("scale_out"), new_database())
+    try:
+        # All three at once, as compose starts them: they must not trip over each other creating the schema.
+        stack.start_replica("replica-a")
+        stack.start_replica("replica-b")
+        stack.start("worker-1", "worker")
+        stack.wait_ready("replica-a")
+        stack.wait_ready("replica-b")
+        stack.start_nginx()
+        yield stack
+    finally:
+        stack.stop()
+
+
+# -- through nginx -------------------------------------------------------------------------------------------
+
+
+def _upload(client: httpx.Client, name: str, seed: int = 0) -> str:
+    data = models.mlp(seed=seed).SerializeToString()
+    response = client.post("/v1/models", files={"file": ("model.onnx", io.BytesIO(data))}, data={"name": name})
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def _wait(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        assert time.monotonic() < deadline, f"job did not finish in {timeout} s: {job}"
+        time.sleep(0.1)
+
+
+FEED = {name: value.tolist() for name, value in models.random_feed(models.mlp()).items()}
+
+
+def _predict(client: httpx.Client, name: str) -> tuple[np.ndarray, str]:
+    response = client.post(f"/v1/models/{name}/predict", json={"inputs": FEED})
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"].values()
+    return np.asarray(output), response.headers["X-Onnxforge-Upstream"]
+
+
+def test_upload_through_nginx_is_optimized_by_the_worker_and_served_by_both_replicas(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job = _wait(client, _upload(client, "shared"))
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+        answers = [_predict(client, "shared") for _ in range(30)]
+    upstreams = {upstream for _, upstream in answers}
+    assert upstreams == {f"127.0.0.1:{port}" for port in stack.replica_ports.values()}  # both replicas answered
+    first = answers[0][0]
+    assert first.shape == (2, 10)
+    for output, upstream in answers:
+        np.testing.assert_array_equal(output, first, err_msg=f"{upstream} answered differently")
+
+
+def test_worker_killed_mid_job_is_finished_by_another_worker(stack: Stack, new_database: Callable[[], str]) -> None:
+    db = Database(stack.env["ONNXFORGE_DATABASE_URL"])
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job_id = _upload(client, "orphan", seed=1)
+        deadline = time.monotonic() + 60
+        while True:  # the worker has started the optimizer child: freeze it so the job cannot finish first
+            with db.read() as session:
+                row = session.get(Job, job_id)
+            if row.status == "running" and row.runner_pid:
+                break
+            assert time.monotonic() < deadline, f"the job never started: {stack.log('worker-1')}"
+            time.sleep(0.02)
+        first_worker = row.worker_id
+        os.kill(row.runner_pid, signal.SIGSTOP)
+        stack.kill("worker-1")  # its optimizer child dies with it (death signal)
+        stack.start("worker-2", "worker")
+        job = _wait(client, job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", 2), job
+        with db.read() as session:
+            assert session.get(Job, job_id).worker_id != first_worker
+        output, _ = _predict(client, "orphan")
+        assert output.shape == (2, 10)
+    db.dispose()
+
+
+def test_killing_a_replica_mid_load_loses_no_prediction(stack: Stack) -> None:
+    answered: list[str] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def load(n_requests: int) -> None:
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            for _ in range(n_requests):
+                try:
+                    _, upstream = _predict(client, "shared")
+                except (AssertionError, httpx.HTTPError) as exc:
+                    with lock:
+                        failures.append(str(exc)[:300])
+                    continue
+                with lock:
+                    answered.append(upstream)
+
+    threads = [threading.Thread(target=load, args=(80,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while len(answered) < 40 and any(t.is_alive() for t in threads):
+        time.sleep(0.01)
+    killed = f"127.0.0.1:{stack.replica_ports['replica-b']}"
+    stack.kill("replica-b")
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert len(answered) == 320
+    assert killed in answered[:40]  # it was serving before it died
+    survivor = f"127.0.0.1:{stack.replica_ports['replica-a']}"
+    assert set(answered[-40:]) == {survivor}  # ... and only the survivor afterwards
+
+
+# -- the queue on PostgreSQL ------------------------------------------------------------------------------
+
+
+def test_workers_racing_on_postgresql_never_claim_a_job_twice(new_database: Callable[[], str]) -> None:
+    db = Database(new_database())
+    db.create_schema()
+    expected = []
+    with db.write() as session:
+        for i in range(40):
+            version = ModelVersion(name=f"m{i}", version=1, status="optimizing", filename="m.onnx",
+                                   sha256="0" * 64, size_bytes=1)
+            session.add(version)
+            session.flush()
+            job = Job(version_id=version.id, name=version.name, version=1)
+            session.add(job)
+            session.flush()
+            expected.append(job.id)
+    claimed: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def work(n: int) -> None:
+        queue = JobQueue(Database(db.url), lease_s=30, max_attempts=2)  # its own engine and connections
+        barrier.wait()
+        while (job := queue.claim(f"{socket.gethostname()}:0:w{n}")) is not None:
+            with lock:
+                claimed.append(job.id)
+        queue.db.dispose()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(claimed) == sorted(expected)  # each job exactly once
+    assert JobQueue(db, 30, 2).counts() == {"queued": 0, "running": 40, "succeeded": 0, "failed": 0}
+    db.dispose()
