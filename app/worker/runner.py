@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import traceback
@@ -24,9 +25,28 @@ class RunSpec:
     out_dir: str
     calibration_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # optimizer.pipeline.OptimizeConfig fields
+    memory_limit_mb: int = 0  # the child's address-space limit (settings.job_memory_limit_mb); 0 = none
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """numpy raises MemoryError; ONNX Runtime's allocators raise their own errors naming bad_alloc."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "bad_alloc" in text or "failed to allocate" in text
+
+
+def limit_memory(limit_mb: int) -> None:
+    """Cap this process's address space, so a job that balloons fails here instead of starving the machine."""
+    if limit_mb > 0:
+        limit = limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def memory_message(limit_mb: int) -> str:
+    return (f"the optimization needed more than {limit_mb / 1024:g} GiB of memory (ONNXFORGE_JOB_MEMORY_LIMIT_MB="
+            f"{limit_mb}) and was stopped: raise the limit, or send fewer or smaller calibration samples")
 
 
 def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
@@ -38,9 +58,13 @@ def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
                           calibration=spec.calibration_path,
                           progress=lambda stage, fraction: send(["progress", str(stage), float(fraction)]))
         send(["done", result.selected])
-    except OptimizerError as exc:
-        send(["error", str(exc)])
     except Exception as exc:  # noqa: BLE001 - every failure must reach the job as a reason
+        if spec.memory_limit_mb and _out_of_memory(exc):  # also when the optimizer wrapped ONNX Runtime's error
+            send(["error", memory_message(spec.memory_limit_mb)])
+            return
+        if isinstance(exc, OptimizerError):
+            send(["error", str(exc)])
+            return
         logging.getLogger("onnxforge.runner").error("optimizer failed:\n%s", traceback.format_exc())
         send(["error", f"the optimizer failed unexpectedly: {type(exc).__name__}: {exc}"])
 
@@ -53,6 +77,7 @@ def main() -> None:
         out.write((json.dumps(message) + "\n").encode())
 
     spec = RunSpec(**json.loads(sys.stdin.read()))
+    limit_memory(spec.memory_limit_mb)
     try:
         run(spec, send)
     finally:

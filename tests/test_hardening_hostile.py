@@ -1,0 +1,135 @@
+"""The corpus of hostile uploads (tests/hostile.py): each gets a 4xx or a failed job with a reason,
+nothing is left behind, and the service keeps serving the model it already had.
+
+Complements tests/test_app_upload.py (empty file, text, zip-for-onnx, over-size, bad fields) with
+inputs built to attack: external data outside the upload, cycles, absurd sizes, pickles, bombs,
+and models that exhaust memory or never finish running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests import hostile, models
+from tests.conftest import TEST_SETTINGS, Api
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Api:
+    """One app (no worker) serving one good model, `good` version 1."""
+    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("hostile"), "run_worker": False})
+    with TestClient(create_app(settings)) as client:
+        api = Api(client)
+        assert api.upload(models.mlp(), "good.onnx").status_code == 202
+        yield api
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def _assert_still_serving(api: Api) -> None:
+    listed = api.client.get("/v1/models").json()
+    assert [(m["name"], m["versions"]) for m in listed] == [("good", 1)]
+    settings = api.services.settings
+    assert _files(settings.artifacts_dir) == {"models/good/1/original.onnx"}
+    assert not list(settings.uploads_dir.iterdir()), "a refused upload left a temporary file behind"
+    assert api.predict("good", models.random_feed(models.mlp(), batch=2)).status_code == 200
+
+
+def _mlp() -> bytes:
+    return models.mlp().SerializeToString()
+
+
+# name: (model bytes, calibration bytes or None, status, fragment of the error)
+UPLOADS: dict[str, tuple[Callable[[], bytes], Callable[[], bytes] | None, int, str]] = {
+    "random bytes (no ONNX magic)": (lambda: hostile.random_bytes(4096, seed=7), None, 400, "not a valid ONNX"),
+    "truncated protobuf": (hostile.truncated_model, None, 400, "truncated"),
+    "external data at /etc/passwd": (lambda: hostile.model_external_data("/etc/passwd"), None, 400,
+                                     "only relative paths"),
+    "external data at ../..": (lambda: hostile.model_external_data("../../../../etc/passwd"), None, 400,
+                               "outside the model's folder"),
+    "graph with a cycle": (hostile.model_with_cycle, None, 400, "topologically sorted"),
+    "initializer declaring 1e12 elements": (hostile.model_absurd_initializer, None, 400, "too small for the declared"),
+    "custom-domain op": (hostile.model_custom_op, None, 400, "com.evil:Frobnicate"),
+    "npz declaring 1e12 x 64 floats": (_mlp, hostile.npz_declared_huge, 400, "declares more than"),
+    "pickle inside the npz": (_mlp, hostile.npz_with_pickle, 400, "pickle"),
+    "npz member named ../../": (_mlp, hostile.npz_with_traversal, 400, "match no model input"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPLOADS))
+def test_hostile_upload_is_refused_and_changes_nothing(api: Api, case: str) -> None:
+    model, calibration, status, fragment = UPLOADS[case]
+    response = api.upload(model(), "bad.onnx", calibration() if calibration else None)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+    _assert_still_serving(api)
+
+
+def test_pickle_payload_never_runs(api: Api, tmp_path: Path) -> None:
+    """A pickle whose loading would create a file: refused, and the file never appears."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 - pickle protocol
+            return (Path.touch, (marker,))
+
+    values = np.empty(1, dtype=object)
+    values[0] = Payload()
+    buffer = io.BytesIO()
+    np.savez(buffer, features=values)
+    assert pickle.dumps(Payload())  # the payload really is a pickle that would run
+    response = api.upload(_mlp(), "bad.onnx", buffer.getvalue())
+    assert response.status_code == 400 and "pickle" in response.json()["error"]
+    assert not marker.exists()
+    _assert_still_serving(api)
+
+
+def test_models_that_exhaust_memory_or_never_finish_fail_their_jobs(serve) -> None:  # noqa: ANN001
+    """Valid files whose run is the attack: each job fails with its reason; the good model serves throughout."""
+    with serve(job_memory_limit_mb=1024, job_time_limit_s=4) as api:
+        good = api.upload(models.mlp(), name="good").json()["job_id"]
+        assert api.wait(good)["status"] == "succeeded"
+        feed = models.random_feed(models.mlp(), batch=2)
+        expected = api.predict("good", feed).json()["outputs"]
+        worker_pid = api.services.worker.pid
+
+        cases = {
+            "absurd-dims": (hostile.model_absurd_input_dims(), "needed more than 1 GiB of memory"),
+            "memory-hog": (hostile.model_memory_hog(400_000_000), "needed more than 1 GiB of memory"),
+            "hangs": (hostile.model_that_hangs(), "exceeded the job time limit of 4 s"),
+        }
+        for name, (model, reason) in cases.items():
+            response = api.upload(model, name=name)
+            assert response.status_code == 202, response.text  # it loads: only running it shows the problem
+            job = api.wait(response.json()["job_id"])
+            assert job["status"] == "failed", (name, job)
+            assert reason in job["error"], (name, job["error"])
+            refused = api.predict(name, {"x": [[1.0]]})
+            assert refused.status_code == 409, refused.text
+            assert api.predict("good", feed).json()["outputs"] == expected
+
+        assert api.services.worker.pid == worker_pid  # the runner child died, never the worker
+        again = api.upload(models.mlp(seed=5), name="after").json()["job_id"]
+        assert api.wait(again)["status"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_real_zip_bomb_is_refused_before_inflating(api: Api) -> None:
+    """~10 MB sent that inflates to 2.25 GiB: refused from the array header, not by inflating it."""
+    response = api.upload(_mlp(), "bad.onnx", hostile.npz_zip_bomb())
+    assert response.status_code == 400, response.text
+    assert "declares more than" in response.json()["error"]
+    _assert_still_serving(api)
