@@ -23,6 +23,11 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/onnxforge.db"
     )
 
+    storage_url: str | None = Field(
+        default=None, description="artifact store; default: the folder <data_dir>/artifacts (a shared volume "
+                                  "when scaled out); s3://bucket/prefix for an S3-compatible bucket (s3 extra)",
+    )
+
     # Serving.
     host: str = Field(default="127.0.0.1", description="`onnxforge serve` binds here (0.0.0.0 in a container)")
     port: int = Field(default=8000, ge=0, le=65535)
