@@ -145,6 +145,8 @@ async function openReport(name, version) {
     el("option", { value: v.version }, `v${v.version} (${v.status})`)));
   select.value = String(version);
   fillTryIt(described.inputs);
+  $("#try").hidden = described.serving_version === null;
+  $("#try-none").hidden = described.serving_version !== null;
   await showVersion(described.versions.find((v) => v.version === Number(version)) || described.versions.at(-1));
   $("#report-section").scrollIntoView({ behavior: "instant", block: "start" });
 }
@@ -201,7 +203,12 @@ function renderReport(r, v) {
   $("#tolerance").textContent = `cosine ≥ ${fmt(cfg.min_cosine, 3)}, top-1 ≥ ${fmt(cfg.min_top1, 3)}`;
   $("#accuracy tbody").replaceChildren(...accuracyRows(variants));
   $("#graph").replaceChildren(graphView(r));
-  $("#skipped").replaceChildren(...(r.skipped_candidates || []).map((s) => el("li", {}, `${s.name}: ${s.reason}`)));
+  const skipped = r.skipped_candidates || [];
+  $("#skipped-count").textContent = skipped.length;
+  $("#skipped").replaceChildren(...skipped.map((s) => el("li", {}, `${s.name}: ${s.reason}`)));
+  const rejected = variants.filter((x) => x.status !== "ok");
+  $("#rejected-count").textContent = rejected.length;
+  $("#rejected").replaceChildren(...rejected.map((x) => el("li", {}, `${x.name}: ${x.reason || x.status}`)));
 }
 
 const kb = (bytes) => (bytes >= 1e6 ? fmt(bytes / 1e6, 2) + " MB" : fmt(bytes / 1e3, 1) + " kB");
