@@ -8,6 +8,7 @@ code, a kill) is for the worker to explain from the exit code.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -64,6 +65,10 @@ def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
             return
         if isinstance(exc, OptimizerError):
             send(["error", str(exc)])
+            return
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            send(["error", "the disk ran full while the optimizer wrote its output (No space left on device); "
+                           "the serving version is unchanged: free space under ONNXFORGE_DATA_DIR and upload again"])
             return
         logging.getLogger("onnxforge.runner").error("optimizer failed:\n%s", traceback.format_exc())
         send(["error", f"the optimizer failed unexpectedly: {type(exc).__name__}: {exc}"])
