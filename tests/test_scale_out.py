@@ -250,6 +250,24 @@ def test_worker_killed_mid_job_is_finished_by_another_worker(stack: Stack, new_d
     db.dispose()
 
 
+def _sessions_loaded(replica: str) -> float:
+    metrics = httpx.get(f"{replica}/metrics", timeout=10).text
+    return float(re.search(r"^onnxforge_sessions_loaded (\S+)$", metrics, re.M).group(1))
+
+
+def test_a_model_deleted_through_one_replica_is_dropped_by_the_other(stack: Stack) -> None:
+    a, b = (f"http://127.0.0.1:{stack.replica_ports[name]}" for name in ("replica-a", "replica-b"))
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        assert _wait(client, _upload(client, "doomed", seed=2))["status"] == "succeeded"
+    for replica in (a, b):
+        assert httpx.post(f"{replica}/v1/models/doomed/predict", json={"inputs": FEED}).status_code == 200
+    loaded = _sessions_loaded(b)
+    assert httpx.delete(f"{a}/v1/models/doomed").status_code == 200
+    refused = httpx.post(f"{b}/v1/models/doomed/predict", json={"inputs": FEED})
+    assert refused.status_code == 404, refused.text
+    assert _sessions_loaded(b) == loaded - 1  # freed now, not when its LRU gets to it
+
+
 def test_killing_a_replica_mid_load_loses_no_prediction(stack: Stack) -> None:
     answered: list[str] = []
     failures: list[str] = []

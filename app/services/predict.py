@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import BadRequestError, ModelLoadError, ServiceError
+from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics
 from app.runtime.batching import Batcher, batchable
 from app.runtime.sessions import LoadedSession, SessionCache
@@ -75,9 +75,18 @@ class PredictService:
         cached = self._resolved.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        row = await run_in_threadpool(self.registry.resolve, name, version)
-        if self.cache_ttl_s > 0:
-            self._resolved[key] = (time.monotonic() + self.cache_ttl_s, row)
+        try:
+            row = await run_in_threadpool(self.registry.resolve, name, version)
+        except NotFoundError:
+            self._resolved.pop(key, None)
+            if cached is not None:  # deleted, maybe through another replica: free its sessions now
+                self.forget([cached[1].id])
+            raise
+        if cached is not None and cached[1].id != row.id:
+            # Another replica deleted or replaced what this name served: drop its sessions now rather
+            # than when the LRU gets to them (a replaced version reloads on demand if still asked for).
+            self.forget([cached[1].id])
+        self._resolved[key] = (time.monotonic() + self.cache_ttl_s, row)  # with a TTL of 0: only remembered
         return row
 
     def invalidate(self, name: str) -> None:
