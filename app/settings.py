@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(
         default=32, ge=1, description="dynamic batching: most rows per session.run (1 turns batching off)"
     )
+    batch_max_running: int = Field(
+        default=1, ge=1, description="dynamic batching: batches of one model version running at once"
+    )
     batch_max_delay_ms: float = Field(
         default=0.0, ge=0,
         description="dynamic batching: how long an idle model waits for more requests (0: none; requests that "

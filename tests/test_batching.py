@@ -108,3 +108,17 @@ def test_batch_metrics_are_exported(executor) -> None:  # noqa: ANN001
     assert 'onnxforge_batch_size_sum{model="mlp",variant="original",version="1"} 5.0' in text
     assert 'onnxforge_batch_queue_seconds_count{model="mlp",variant="original",version="1"} 5.0' in text
     assert "onnxforge_batch_queue_depth{" in text
+
+
+def test_two_running_batches_when_allowed(executor) -> None:  # noqa: ANN001
+    model = models.mlp()
+    session = _session(model)
+    sizes: list[int] = []
+    batcher = Batcher(executor, max_batch_size=32, max_running=2,
+                      observe=lambda key, depth, size, waited: sizes.append(size))
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(10)]
+    results = _gather(batcher, session, ["logits"], feeds)
+    for feed, (got,) in zip(feeds, results, strict=True):
+        np.testing.assert_allclose(got, session.run(["logits"], feed)[0], rtol=1e-5, atol=1e-6)
+    # Two go at once, alone; the other 8 queue behind them.
+    assert sizes[:2] == [1, 1] and sum(sizes) == 10 and max(sizes) > 1

@@ -5,8 +5,8 @@ requests as one batch of 32 costs little more than one. How it works, per sessio
 
 - A request that arrives while no batch of its model is running is dispatched at once, so a lone
   client pays no waiting (unless `max_delay_s` > 0: then it waits that long for company, as Triton
-  does). One batch runs at a time per model: a run already uses every core through ONNX Runtime's
-  intra-op threads, so a second concurrent run would only oversubscribe the cores.
+  does). By default one batch runs at a time per model (`max_running`): a run already uses every
+  core through ONNX Runtime's intra-op threads, so a second concurrent run mostly oversubscribes.
 - Requests arriving while a batch runs queue up; when it finishes, the queue goes as the next batch
   (up to `max_batch_size` rows). A queue that reaches `max_batch_size` is dispatched at once.
 - Requests are grouped by (outputs asked for, every input's dtype and non-batch dims): shapes are
@@ -53,7 +53,7 @@ class _Queue:
     """The waiting requests of one session key, grouped by shape signature (insertion = age order)."""
 
     groups: dict[Hashable, list[_Request]] = field(default_factory=dict)
-    running: bool = False
+    running: int = 0  # batches of this key in the executor now
     timer: asyncio.TimerHandle | None = None
 
     def depth(self) -> int:
@@ -64,10 +64,12 @@ class Batcher:
     """Gathers concurrent `run` calls per session key into batched `session.run` calls in `executor`."""
 
     def __init__(self, executor: Executor, *, max_batch_size: int = 32, max_delay_s: float = 0.0,
+                 max_running: int = 1,
                  observe: Callable[[Hashable, int, int, list[float]], None] | None = None) -> None:
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_running = max_running
         # observe(key, queue depth, batch size, queue seconds of each request) after each dispatch
         self.observe = observe
         self._queues: dict[Hashable, _Queue] = {}
@@ -81,7 +83,7 @@ class Batcher:
         queue = self._queues.setdefault(key, _Queue())
         group = queue.groups.setdefault(signature, [])
         group.append(request)
-        if not queue.running:
+        if queue.running < self.max_running:
             if self.max_delay_s > 0 and sum(r.rows for r in group) < self.max_batch_size:
                 if queue.timer is None:
                     queue.timer = loop.call_later(self.max_delay_s, self._dispatch, key, session)
@@ -92,15 +94,16 @@ class Batcher:
     # -- on the event loop --------------------------------------------------------------------------
 
     def _dispatch(self, key: Hashable, session) -> None:  # noqa: ANN001
-        """Send the oldest group's first `max_batch_size` rows to the executor (if nothing runs)."""
+        """Send the oldest group's first `max_batch_size` rows to the executor (if a run slot is free)."""
         queue = self._queues.get(key)
-        if queue is None or queue.running:
+        if queue is None or queue.running >= self.max_running:
             return
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
         if not queue.groups:
-            self._queues.pop(key, None)
+            if not queue.running:
+                self._queues.pop(key, None)
             return
         signature, group = next(iter(queue.groups.items()))
         batch, rows = [], 0
@@ -110,7 +113,7 @@ class Batcher:
             rows += request.rows
         if not group:
             del queue.groups[signature]
-        queue.running = True
+        queue.running += 1
         now = time.perf_counter()
         if self.observe is not None:
             self.observe(key, queue.depth(), rows, [now - r.queued_at for r in batch])
@@ -130,7 +133,7 @@ class Batcher:
             else:
                 request.future.set_result(outcome)
         queue = self._queues[key]
-        queue.running = False
+        queue.running -= 1
         self._dispatch(key, session)
 
 

@@ -86,6 +86,7 @@ def open_services(settings: Settings) -> Services:
     if settings.batch_max_size > 1:
         batcher = Batcher(executor, max_batch_size=settings.batch_max_size,
                           max_delay_s=settings.batch_max_delay_ms / 1000,
+                          max_running=settings.batch_max_running,
                           observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
     predict = PredictService(registry, sessions, metrics, executor, cache_ttl_s=settings.registry_cache_ttl_s,
                              max_input_elements=settings.max_input_elements, batcher=batcher)
