@@ -68,6 +68,7 @@ class AutoSearch:
     deadline: float  # monotonic time after which nothing more is built
     built: dict[str, Built]  # holds the baseline and fused rows already
     fp32_name: str  # the FP32 variant every candidate must beat (fused, or the original when fusing failed)
+    timing_deadline: float | None = None  # the probe timing may run until then (None: `deadline`)
     batch: int = 1
     probe_seconds: float = 1.0
     prune_by_latency: bool = True  # False: every failing combination is worth work (tests: no timing)
@@ -89,8 +90,10 @@ class AutoSearch:
             self.steps_s[step] = round(time.perf_counter() - started, 3)
 
     def _probe(self) -> None:
+        ops = [n.op_type for n in self.source.graph.node]
+        matmul_heavy = sum(op in ("MatMul", "Gemm", "Attention", "LSTM", "GRU") for op in ops) > ops.count("Conv")
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
-                         fp16_on_cpu=self.fp16_on_cpu)
+                         fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy)
         self.skipped += plan.skipped
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
@@ -107,7 +110,10 @@ class AutoSearch:
                  if b.model is not None and b.row.status in ("ok", "rejected")}
         try:
             by_batch = measure_batches(timed, self.samples.holdout[0], self.settings, batch_sizes=(self.batch,),
-                                       min_runs=10, target_seconds=self.probe_seconds, deadline=self.deadline)
+                                       min_runs=10, target_seconds=self.probe_seconds,
+                                       # the probe timing is what makes pruning possible: it may use the
+                                       # time kept for the final benchmark when building ran late
+                                       deadline=self.timing_deadline or self.deadline)
         except BenchmarkError as exc:
             self.decisions.append(f"probe timing failed ({first_line(exc)}): no candidate is pruned by latency")
             return
@@ -187,7 +193,7 @@ class AutoSearch:
             return record
         if row.settings.get("mode") != "static":
             record["note"] = ("sensitivity ranking reads QDQ activations; a dynamic variant gets only the head "
-                              "repair")
+                              "repair" + (" (the time budget ran out before it)" if not record["attempts"] else ""))
             return record
         ranking = self._ranking(row, record)
         if not ranking:

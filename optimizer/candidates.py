@@ -117,12 +117,16 @@ def cpu_has_fp16_arithmetic() -> bool:
     return "avx512_fp16" in flags or "asimdhp" in flags
 
 
-def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None) -> Plan:
+def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
+              matmul_heavy: bool = False) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
     depend on the calibration method, so the auto search only calibrates again with Percentile and
     Entropy the format/type/scope combinations that measured faster than FP32 and failed accuracy.
+    The order is what most likely pays first, so a budget that runs out cuts the least promising:
+    dynamic first for MatMul-heavy models (transformers, RNNs), static U8S8 first otherwise (measured
+    fastest here), QOperator S8S8 last (ONNX Runtime itself warns it is slow on x64).
     """
     del method  # the probe always uses MinMax (see above); other methods are a later, pruned step
     result = Plan()
@@ -131,14 +135,17 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
         result.skipped.append({"name": "int8", "reason": "ONNX Runtime's CUDA provider runs INT8 QDQ/QLinear "
                                "ops without acceleration (they fall back to CPU kernels); FP16 is the GPU win"})
         return result
-    result.candidates.append(dynamic_candidate("int8", per_channel=True))
-    result.candidates.append(dynamic_candidate("uint8", per_channel=True))
+    dynamic = [dynamic_candidate("int8", per_channel=True), dynamic_candidate("uint8", per_channel=True)]
+    if matmul_heavy:
+        result.candidates += dynamic
     if has_calibration:
-        for quant_format in ("qdq", "qoperator"):
-            for activation_type in ("uint8", "int8"):
-                for op_types in (None, HEAVY_OPS):
-                    result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types))
-    else:
+        for quant_format, activation_type in (("qoperator", "uint8"), ("qdq", "uint8"), ("qdq", "int8"),
+                                              ("qoperator", "int8")):
+            for op_types in (None, HEAVY_OPS):
+                result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types))
+    if not matmul_heavy:
+        result.candidates[-2:-2] = dynamic  # before QOperator S8S8
+    if not has_calibration:
         result.skipped.append({"name": "int8-static", "reason": "no calibration set was given: static INT8 needs "
                                "real inputs to calibrate activation ranges on"})
     if fp16_on_cpu if fp16_on_cpu is not None else cpu_has_fp16_arithmetic():

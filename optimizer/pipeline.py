@@ -212,7 +212,8 @@ def optimize(
             evaluate(built[FUSED].model, reference, samples, settings, tolerance, built[FUSED].row)
         search = AutoSearch(
             source=source, samples=samples, settings=settings, tolerance=tolerance, reference=reference,
-            provider=provider, deadline=build_deadline, built=built,
+            provider=provider, deadline=build_deadline, timing_deadline=deadline - 0.1 * config.time_budget_s,
+            built=built,
             fp32_name=FUSED if built[FUSED].row.status == "ok" else BASELINE, batch=min(config.batch_sizes),
             probe_seconds=max(config.benchmark_seconds / 2, 0.1), prune_by_latency=config.auto_prune_by_latency,
             only=config.auto_candidates, fp16_on_cpu=config.fp16_on_cpu, notify=notify,

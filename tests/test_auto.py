@@ -18,7 +18,7 @@ from optimizer import sensitivity
 from optimizer.accuracy import Tolerance, run_outputs
 from optimizer.auto import AutoSearch, format_table
 from optimizer.calibration import load_samples, synthetic_samples
-from optimizer.candidates import static_candidate
+from optimizer.candidates import auto_plan, static_candidate
 from optimizer.passes import int8_static
 from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
 from optimizer.runtime import SessionSettings, create_session
@@ -208,3 +208,19 @@ def test_later_calibration_methods_run_once_per_scope_for_what_no_repair_saved()
     search.built.pop("int8-static-entropy-qdq-u8s8-all")
     search.other_methods()
     assert "would take ~" in {s["name"]: s["reason"] for s in search.skipped}["int8-static-percentile-qdq-u8s8-all"]
+
+
+def test_the_probe_grid_puts_what_likely_pays_first() -> None:
+    plan = auto_plan(provider="cpu", method="minmax", has_calibration=True, fp16_on_cpu=False)
+    cnn = [c.name for c in plan.candidates]
+    assert set(cnn) == GRID
+    assert cnn[0] == "int8-static-minmax-qoperator-u8s8-all"
+    assert cnn[-2:] == ["int8-static-minmax-qoperator-s8s8-all", "int8-static-minmax-qoperator-s8s8-heavy"]
+    transformer = auto_plan(provider="cpu", method="minmax", has_calibration=True, fp16_on_cpu=True,
+                            matmul_heavy=True)
+    names = [c.name for c in transformer.candidates]
+    assert names[:2] == ["int8-dynamic-s8-pc", "int8-dynamic-u8-pc"]
+    assert names[-1] == "fp16"
+    cuda = auto_plan(provider="cuda", method="minmax", has_calibration=True)
+    assert [c.name for c in cuda.candidates] == ["fp16"]
+    assert "INT8" in cuda.skipped[0]["reason"]
