@@ -89,7 +89,9 @@ def model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
         if tensor_type.HasField("shape"):
             dims = []
             for d in tensor_type.shape.dim:
-                if d.HasField("dim_value"):
+                # Old exporters (Paddle) write dim_value -1 for a dynamic dim; ONNX Runtime treats
+                # any value <= 0 as dynamic, and so do we.
+                if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(int(d.dim_value))
                 else:
                     dims.append(d.dim_param or None)

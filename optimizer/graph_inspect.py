@@ -111,7 +111,7 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     if tensor_type.HasField("shape"):
         shape = []
         for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value > 0:  # -1: an old exporter's "dynamic"
                 shape.append(dim.dim_value)
             elif dim.HasField("dim_param"):
                 shape.append(dim.dim_param)

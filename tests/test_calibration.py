@@ -227,3 +227,15 @@ def test_batch_axes_none_when_the_batch_is_static(cnn):
     static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     assert batch_axes(cnn) == {"image": 0}
     assert batch_axes(static) is None
+
+
+def test_dim_value_minus_one_counts_as_dynamic() -> None:
+    """Old exporters (Paddle OCR models) write -1 for a dynamic batch dim; ONNX Runtime accepts any batch there."""
+    model = models.cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    samples = np.random.default_rng(0).normal(size=(10, 1, 3, 32, 32)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, image=samples)
+    loaded = load_samples(buffer.getvalue(), model)
+    assert len(loaded.calibration) + len(loaded.holdout) == 10
+    assert loaded.holdout[0]["image"].shape == (1, 3, 32, 32)

@@ -167,7 +167,7 @@ def _value_infos(values: Any, skip: set[str]) -> list[dict[str, Any]]:  # noqa: 
                 dtype = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
         shape = None
         if value.type.HasField("tensor_type") and tensor.HasField("shape"):
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+            shape = [d.dim_value if d.dim_value > 0 else (d.dim_param or None) for d in tensor.shape.dim]
         described.append({"name": value.name, "dtype": dtype, "shape": shape})
     return described
 

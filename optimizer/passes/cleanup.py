@@ -170,7 +170,7 @@ def synthetic_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarra
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (1 if axis == 0 else 8)
+        dims = [d.dim_value if d.dim_value > 0 else (1 if axis == 0 else 8)
                 for axis, d in enumerate(tensor_type.shape.dim)]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         if dtype.kind == "f":

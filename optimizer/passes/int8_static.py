@@ -149,7 +149,7 @@ def activation_bytes_per_sample(model: onnx.ModelProto, feed: Feed) -> tuple[int
             continue
         count = 1
         for dim in tensor_type.shape.dim:
-            count *= dim.dim_value if dim.HasField("dim_value") else sizes.get(dim.dim_param, fallback)
+            count *= dim.dim_value if dim.dim_value > 0 else sizes.get(dim.dim_param, fallback)
         total += count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).itemsize
     return total, unknown
 
