@@ -281,7 +281,12 @@ class AutoSearch:
         self.skipped += [{"name": c.name, "reason": reason} for c in candidates]
 
     def _probe_p50(self, row: Any) -> float:
-        return row.probe_latency_ms["p50"] if row.probe_latency_ms else float("inf")
+        """The row's probe p50; a repaired variant (built after the probe) counts at its target's, for
+        pruning only: the final benchmark times it for real before it can be served."""
+        if row.probe_latency_ms:
+            return row.probe_latency_ms["p50"]
+        target = self.built.get(row.settings.get("repair_of", ""))
+        return target.row.probe_latency_ms["p50"] if target and target.row.probe_latency_ms else float("inf")
 
     @staticmethod
     def _combo(settings: dict[str, Any]) -> tuple:
@@ -306,7 +311,7 @@ class AutoSearch:
             return (f"{row.name} measured {p50:.3f} ms vs {self.fp32_name} {fp32['p50']:.3f} ms in the probe: "
                     "neither another calibration method nor float islands make it faster")
         passing = [b.row for b in self.built.values()
-                   if b.row.status == "ok" and b.row.precision != "fp32" and b.row.probe_latency_ms]
+                   if b.row.status == "ok" and b.row.precision != "fp32" and self._probe_p50(b.row) < float("inf")]
         best = min(passing, key=self._probe_p50, default=None)
         if best is not None and p50 >= self._probe_p50(best):
             return f"{best.name} already passes and measured faster ({self._probe_p50(best):.3f} ms vs {p50:.3f} ms)"

@@ -178,6 +178,11 @@ def test_latency_pruning_spends_work_only_where_it_can_pay() -> None:
     assert search.not_worth_work(built["fastest-bad"].row) is None
     assert "fast-ok already passes" in search.not_worth_work(built["mid-bad"].row)
     assert "vs fused 2.000 ms" in search.not_worth_work(built["slow-bad"].row)
+    # a passing repair (built after the probe) counts at its target's probe time for pruning
+    repaired = VariantReport(name="fastest-bad-repair-head", precision="int8", settings={"repair_of": "fastest-bad"})
+    built[repaired.name] = Built(repaired)
+    assert "fastest-bad-repair-head already passes and measured faster (0.500 ms" in search.not_worth_work(
+        built["mid-bad"].row)
     search.prune_by_latency = False
     assert search.not_worth_work(built["slow-bad"].row) is None
 
