@@ -98,7 +98,7 @@ class Stack:
         return process
 
     def start_replica(self, name: str) -> None:
-        port = _free_port()
+        port = self.replica_ports.get(name) or _free_port()  # a restarted replica comes back on its port
         self.replica_ports[name] = port
         self.start(name, "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))
 
@@ -268,37 +268,87 @@ def test_a_model_deleted_through_one_replica_is_dropped_by_the_other(stack: Stac
     assert _sessions_loaded(b) == loaded - 1  # freed now, not when its LRU gets to it
 
 
-def test_killing_a_replica_mid_load_loses_no_prediction(stack: Stack) -> None:
-    answered: list[str] = []
-    failures: list[str] = []
-    lock = threading.Lock()
+class Load:
+    """Four clients predicting through nginx until stopped; records who answered and what failed."""
 
-    def load(n_requests: int) -> None:
-        with httpx.Client(base_url=stack.url, timeout=30) as client:
-            for _ in range(n_requests):
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.answered: list[str] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(4)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.stack.url, timeout=30) as client:
+            while not self._stop.is_set():
                 try:
                     _, upstream = _predict(client, "shared")
                 except (AssertionError, httpx.HTTPError) as exc:
-                    with lock:
-                        failures.append(str(exc)[:300])
+                    with self._lock:
+                        self.failures.append(str(exc)[:300])
                     continue
-                with lock:
-                    answered.append(upstream)
+                with self._lock:
+                    self.answered.append(upstream)
 
-    threads = [threading.Thread(target=load, args=(80,)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    while len(answered) < 40 and any(t.is_alive() for t in threads):
-        time.sleep(0.01)
-    killed = f"127.0.0.1:{stack.replica_ports['replica-b']}"
-    stack.kill("replica-b")
-    for thread in threads:
-        thread.join(120)
-    assert failures == []
-    assert len(answered) == 320
-    assert killed in answered[:40]  # it was serving before it died
+    def until(self, n_answers: int, timeout: float = 60) -> None:
+        """Wait until `n_answers` more requests were answered."""
+        target = len(self.answered) + n_answers
+        deadline = time.monotonic() + timeout
+        while len(self.answered) < target:
+            assert time.monotonic() < deadline and not self.failures, self.failures[:3]
+            time.sleep(0.01)
+
+    def until_answered_by(self, upstream: str, timeout: float = 40) -> None:
+        """Wait until `upstream` answers again (nginx skips a failed server for its fail_timeout)."""
+        seen = len(self.answered)
+        deadline = time.monotonic() + timeout
+        while upstream not in self.answered[seen:]:
+            assert time.monotonic() < deadline and not self.failures, self.failures[:3]
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_rolling_restart_of_a_replica_loses_no_prediction(stack: Stack) -> None:
+    """SIGTERM (what docker stop sends): the replica finishes what it has, nginx sends the rest elsewhere."""
+    b = f"127.0.0.1:{stack.replica_ports['replica-b']}"
+    load = Load(stack)
+    try:
+        load.until(40)
+        stopping = stack.processes.pop("replica-b")
+        stopping.terminate()
+        # uvicorn drains, runs the lifespan's shutdown, then re-raises the SIGTERM it caught: -15, in time.
+        assert stopping.wait(40) == -signal.SIGTERM, stack.log("replica-b")
+        assert "Traceback" not in stack.log("replica-b")
+        load.until(40)
+        stack.start_replica("replica-b")
+        stack.wait_ready("replica-b")
+        load.until_answered_by(b)  # back in the rotation
+    finally:
+        load.stop()
+    assert load.failures == []
+    assert b in load.answered[:40]  # it served before the restart too
+
+
+def test_killing_a_replica_mid_load_loses_no_prediction(stack: Stack) -> None:
+    load = Load(stack)
+    try:
+        load.until(40)
+        killed_at = len(load.answered)
+        stack.kill("replica-b")
+        load.until(80)
+    finally:
+        load.stop()
+    assert load.failures == []
     survivor = f"127.0.0.1:{stack.replica_ports['replica-a']}"
-    assert set(answered[-40:]) == {survivor}  # ... and only the survivor afterwards
+    assert f"127.0.0.1:{stack.replica_ports['replica-b']}" in load.answered[:killed_at]  # it served before dying
+    assert set(load.answered[-40:]) == {survivor}  # ... and only the survivor afterwards
 
 
 # -- the queue on PostgreSQL ------------------------------------------------------------------------------
