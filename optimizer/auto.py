@@ -22,7 +22,9 @@ guessing, in steps that each decide what the next one is worth:
    when the time their histograms are expected to take is left.
 A repaired variant is timed with all others: float islands add Q/DQ boundaries and can make it
 slower than FP32, in which case the selection rule rejects it like any other.
-Everything past the budget's build deadline is skipped and listed with its reason.
+The probe may use half of the build budget; grid candidates past that are built after the repair
+and the methods, if time is left. Everything past the budget's build deadline is skipped and
+listed with its reason.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ REPAIR_STEPS = (1, 2, 4, 8)
 #: Tensors that lose less than this (mean relative error per channel) are not worth leaving in float.
 MIN_TENSOR_ERROR = 0.02
 LATER_METHODS = ("percentile", "entropy")
+#: Share of the build budget the probe may use before deferring the rest of the grid.
+PROBE_SHARE = 0.5
 #: Percentile/Entropy histogram calibration vs a MinMax build, at least (measured here: 5-35x on real CNNs).
 METHOD_COST_FACTOR = 5.0
 
@@ -79,12 +83,14 @@ class AutoSearch:
     skipped: list[dict[str, str]] = field(default_factory=list)
     repairs: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
+    deferred: list[Candidate] = field(default_factory=list)
 
     # -- the steps -------------------------------------------------------------------------------
 
     def run(self) -> None:
         for step, fn in (("probe_build", self._probe), ("probe_benchmark", self._time_probe),
-                         ("repair", self._repair), ("calibration_methods", self.other_methods)):
+                         ("repair", self._repair), ("calibration_methods", self.other_methods),
+                         ("deferred_probe", self._deferred)):
             started = time.perf_counter()
             fn()
             self.steps_s[step] = round(time.perf_counter() - started, 3)
@@ -98,9 +104,23 @@ class AutoSearch:
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
                          for c in plan.candidates if c not in chosen]
+        # On real models each static build calibrates again (~5-35 s): past its share of the budget the
+        # probe stops, so the repair of the fastest candidates still gets time; the rest is built last.
+        probe_deadline = time.monotonic() + PROBE_SHARE * max(self.deadline - time.monotonic(), 0.0)
         for i, candidate in enumerate(chosen):
+            if i and time.monotonic() >= probe_deadline:
+                self.deferred = chosen[i:]
+                self.decisions.append(f"probe share of the budget used after {i} candidates: "
+                                      f"{[c.name for c in self.deferred]} deferred until after the repair")
+                break
             self.notify("calibrate" if candidate.settings.get("mode") == "static" else "quantize",
                         0.2 + 0.3 * i / max(len(chosen), 1))
+            self._add(candidate)
+
+    def _deferred(self) -> None:
+        """Grid candidates the probe had no time for: built and judged now if time is left (the final
+        benchmark times the ones that pass), else listed as skipped."""
+        for candidate in self.deferred:
             self._add(candidate)
 
     def _time_probe(self) -> None:
