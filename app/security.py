@@ -158,26 +158,32 @@ class PredictBodyLimitMiddleware:
             await _answer(send, 413, message)
             return
         seen = 0
-        started = False
+        exceeded = answered = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             received = await receive()
             if received["type"] == "http.request":
                 seen += len(received.get("body", b""))
                 if seen > limit:
+                    exceeded = True
                     raise _BodyTooLarge
             return received
 
-        async def tracking_send(sent: Message) -> None:
-            nonlocal started
-            started = started or sent["type"] == "http.response.start"
-            await send(sent)
+        async def guarded_send(sent: Message) -> None:
+            # A route may turn the receive error into its own answer (FastAPI: 400 "error parsing the
+            # body"): once over the limit, whatever it answers is replaced by the 413.
+            nonlocal answered
+            if not exceeded:
+                await send(sent)
+            elif not answered and sent["type"] == "http.response.start":
+                answered = True
+                await _answer(send, 413, message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            if not started:
+            if not answered:
                 await _answer(send, 413, message)
 
 

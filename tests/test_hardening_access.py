@@ -127,9 +127,11 @@ def test_predict_body_limit_is_413(api: Api) -> None:
     def chunks():  # noqa: ANN202 - no Content-Length: the limit is enforced as the body streams in
         for _ in range(30):
             yield b" " * 1000
-    response = api.client.post("/v2/models/good/infer", content=chunks(),
-                               headers={**_auth(READ_KEY), "Content-Type": "application/json"})
-    assert response.status_code == 413, response.text
+    for path in ("/v2/models/good/infer", "/v1/models/good/predict"):
+        response = api.client.post(path, content=chunks(),
+                                   headers={**_auth(READ_KEY), "Content-Type": "application/json"})
+        assert response.status_code == 413, (path, response.text)
+        assert "ONNXFORGE_MAX_PREDICT_BODY_BYTES" in response.json()["error"]
     assert api.client.post("/v1/models/good/predict", json={"inputs": _feed()},
                            headers=_auth(READ_KEY)).status_code == 200
 
