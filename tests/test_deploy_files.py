@@ -95,3 +95,19 @@ def test_nginx_balances_the_api_service_and_allows_the_largest_upload() -> None:
     assert re.search(r"location ~ \^/\(v1/models/\.\+/predict\|v2/models/\.\+/infer\)\$ \{\s+proxy_pass "
                      r"http://onnxforge_api;\s+proxy_request_buffering on;[^}]*"
                      r"proxy_next_upstream [^;]*non_idempotent;", conf)
+
+
+def test_every_data_file_of_the_packages_is_installed_with_them() -> None:
+    """The image installs the package for real (not editable): files that are not Python must be package data."""
+    import fnmatch
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    missing = []
+    for package in ("app", "optimizer"):
+        for path in (ROOT / package).rglob("*"):
+            if path.is_file() and path.suffix not in (".py", ".pyc"):
+                relative = path.relative_to(ROOT / package).as_posix()
+                if not any(fnmatch.fnmatch(relative, pattern) for pattern in package_data.get(package, [])):
+                    missing.append(f"{package}/{relative}")
+    assert missing == [], "add these to [tool.setuptools.package-data] in pyproject.toml"
