@@ -107,11 +107,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=40, help="samples (20%% held back for accuracy)")
     parser.add_argument("--only", nargs="*", help="probe only these candidate names")
     parser.add_argument("--no-built", action="store_true", help="only the real models")
+    parser.add_argument("--models", nargs="*", help="only models whose title contains one of these")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"command: python bench/auto.py {' '.join(sys.argv[1:])}")
     results = {}
     for title, model, feeds in subjects(not args.no_built):
+        if args.models and not any(m in title for m in args.models):
+            continue
         try:
             results[title] = run_one(title, model, feeds, args)
         except OptimizerError as exc:  # a model the optimizer refuses is a line in the table, not the end
