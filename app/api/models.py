@@ -55,7 +55,8 @@ _UPLOAD_FORM = {
 
 
 def _version_number(text: str, name: str) -> int:
-    if not text.isdigit():
+    # ASCII digits only ('¹'.isdigit() is True, int('¹') fails) and a size the database can hold.
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
         raise NotFoundError(f"model {name!r} has no version {text!r}: versions are numbers")
     return int(text)
 

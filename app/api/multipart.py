@@ -168,7 +168,7 @@ async def receive_form(headers, stream: AsyncIterator[bytes], dest: Path,  # noq
         raise MalformedRequestError("the multipart Content-Type has no boundary")
     declared = headers.get("content-length")
     total_limit = sum(limit for limit, _ in file_limits.values()) + 64 * 1024
-    if declared and declared.isdigit() and int(declared) > total_limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > total_limit:
         raise PayloadTooLargeError(
             f"the upload ({_mib(int(declared))}) is larger than the limits allow "
             f"({', '.join(f'{field}: {_mib(limit)} ({setting})' for field, (limit, setting) in file_limits.items())})"

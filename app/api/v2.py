@@ -36,7 +36,7 @@ async def _services(request: Request) -> Services:
 def _version(text: str | None, name: str) -> int | None:
     if text is None:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # '¹'.isdigit(); the database's int64
         raise NotFoundError(f"model {name!r} has no version {text!r}: versions are numbers")
     return int(text)
 
