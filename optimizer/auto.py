@@ -9,7 +9,7 @@ guessing, in steps that each decide what the next one is worth:
    samples and timed once, interleaved with the FP32 models at the selection batch size;
 2. repair: the fastest failing INT8 combinations are re-quantized with nodes left in float: first
    the output head (cheap, costs no speed on real models), then the producers and consumers of the
-   most sensitive tensors by `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8
+   most sensitive tensors by `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8, 16
    tensors, until one passes. Every attempt is a MinMax build, cheap next to step 3;
 3. methods: latency does not depend on the calibration method, so Percentile and then Entropy
    (slow, memory-hungry) calibrate only the combinations that measured faster than fused FP32 and
@@ -47,7 +47,7 @@ from optimizer.variants import Built, build, evaluate, first_line
 #: Failing INT8 combinations the repair step works on (fastest first).
 MAX_REPAIR_TARGETS = 2
 #: How many of the most sensitive tensors' nodes each repair attempt leaves in float.
-REPAIR_STEPS = (1, 2, 4, 8)
+REPAIR_STEPS = (1, 2, 4, 8, 16)
 #: Tensors that lose less than this (mean relative error per channel) are not worth leaving in float.
 MIN_TENSOR_ERROR = 0.02
 LATER_METHODS = ("percentile", "entropy")
