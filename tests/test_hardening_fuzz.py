@@ -12,7 +12,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, reject, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
 
@@ -42,9 +42,14 @@ OPERATIONS = {op.label: op for op in (result.ok() for result in schemathesis.ope
 
 def _call_and_check(client: TestClient, case) -> None:  # noqa: ANN001 - schemathesis Case
     kwargs = case.as_transport_kwargs(base_url="http://testserver")
-    response = client.request(**{k: v for k, v in kwargs.items() if k in (
-        "method", "url", "headers", "params", "json", "content", "data", "files", "cookies")})
-    response.request.read()  # a multipart body is a stream; schemathesis reads it to report a failure
+    try:
+        response = client.request(**{k: v for k, v in kwargs.items() if k in (
+            "method", "url", "headers", "params", "json", "content", "data", "files", "cookies")})
+        response.request.read()  # a multipart body is a stream; schemathesis reads it to report a failure
+    except (AttributeError, TypeError):
+        # httpx cannot encode some generated multipart forms (a file part that is a number): such a
+        # request is not one a client can send. Server errors cannot land here: they come back as 500s.
+        reject()
     case.validate_response(response, checks=CHECKS)
 
 
