@@ -111,6 +111,10 @@ def _optimize(args: argparse.Namespace) -> int:
         print(json.dumps(result.report, indent=2))
     else:
         print(summary(result.report))
+        if "auto" in result.report:
+            from optimizer.auto import format_table
+
+            print("\n" + format_table(result.report))
         print(f"\nwrote {result.model_path} and {Path(args.out) / 'report.json'}")
     return 0
 
