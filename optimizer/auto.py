@@ -40,9 +40,10 @@ from optimizer import sensitivity
 from optimizer.accuracy import Tolerance
 from optimizer.calibration import SampleSet
 from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, static_name, static_twin
+from optimizer.errors import first_line
 from optimizer.latency import BenchmarkError, measure_batches
 from optimizer.runtime import SessionSettings
-from optimizer.variants import Built, build, evaluate, first_line
+from optimizer.variants import Built, build, evaluate
 
 #: Failing INT8 combinations the repair step works on (fastest first).
 MAX_REPAIR_TARGETS = 2

@@ -27,3 +27,9 @@ class CalibrationError(OptimizerError):
 
 class PassError(OptimizerError):
     """An optimization pass failed: the tool raised, or wrote a model that does not load or run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what a report or an error answer can show."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from optimizer.errors import OptimizerError
+from optimizer.errors import OptimizerError, first_line
 from optimizer.runtime import SessionSettings, create_session, session_provider
 
 ModelSource = bytes | str | Path
@@ -65,10 +65,6 @@ class _Opened:
     provider: str
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None) -> dict[str, _Opened]:
     """One session per model with spinning off, timing how long each takes to create."""
@@ -79,7 +75,7 @@ def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None) -
         try:
             session = create_session(model, settings)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise BenchmarkError(f"model {name!r} cannot be loaded for timing: {_first_line(exc)}") from None
+            raise BenchmarkError(f"model {name!r} cannot be loaded for timing: {first_line(exc)}") from None
         create_ms = (time.perf_counter_ns() - start) / 1e6
         opened[name] = _Opened(session, create_ms, session_provider(session))
     return opened
@@ -91,7 +87,7 @@ def _run(name: str, session: ort.InferenceSession, feed: Mapping[str, np.ndarray
     except Exception as exc:  # noqa: BLE001
         expected = [(i.name, i.shape) for i in session.get_inputs()]
         raise BenchmarkError(
-            f"model {name!r} refused the timing inputs {sorted(feed)}: {_first_line(exc)}. "
+            f"model {name!r} refused the timing inputs {sorted(feed)}: {first_line(exc)}. "
             f"It expects {expected}"
         ) from None
 

@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
-from optimizer.errors import ExternalDataError, InvalidModelError, UnsupportedModelError
+from optimizer.errors import ExternalDataError, InvalidModelError, UnsupportedModelError, first_line
 from optimizer.runtime import SessionSettings, create_session, max_supported_ir_version
 
 
@@ -163,8 +163,7 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown reason"
-        raise InvalidModelError(f"the ONNX checker refuses the model: {first_line}") from None
+        raise InvalidModelError(f"the ONNX checker refuses the model: {first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - shape inference errors surface as various types
         raise InvalidModelError(f"the ONNX checker refuses the model: {exc}") from None
 
@@ -176,9 +175,8 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
     try:
         create_session(model.SerializeToString(), SessionSettings(optimization_level="disabled"))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(
-            f"ONNX Runtime cannot load the model: {message}. Check that every op is a standard ONNX op "
+            f"ONNX Runtime cannot load the model: {first_line(exc)}. Check that every op is a standard ONNX op "
             "(or one ONNX Runtime implements) and that the opset is supported"
         ) from None
 

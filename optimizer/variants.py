@@ -15,7 +15,7 @@ import onnx
 from optimizer.accuracy import Tolerance, compare, run_outputs
 from optimizer.calibration import SampleSet
 from optimizer.candidates import Candidate
-from optimizer.errors import OptimizerError
+from optimizer.errors import OptimizerError, first_line
 from optimizer.latency import LatencyStats
 from optimizer.runtime import SessionSettings, create_session
 
@@ -47,10 +47,6 @@ class Built:
     row: VariantReport
     model: onnx.ModelProto | None = None
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def describe(model: onnx.ModelProto, row: VariantReport) -> None:

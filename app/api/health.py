@@ -12,6 +12,7 @@ from app.api.deps import get_services
 from app.api.schemas import ErrorOut
 from app.errors import NotReadyError
 from app.services.container import Services
+from optimizer.errors import first_line
 
 router = APIRouter(tags=["health"])
 
@@ -27,7 +28,7 @@ def _check(services: Services) -> dict[str, str]:
     try:
         services.db.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        problems["database"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problems["database"] = first_line(exc)
     try:
         services.store.check()
     except Exception as exc:  # noqa: BLE001

@@ -21,6 +21,7 @@ from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundE
 from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from app.runtime.signature import TensorSpec
 from app.services.container import Services
+from optimizer.errors import first_line
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -64,7 +65,7 @@ def _storage_problems(services: Services) -> str | None:
         services.db.ping()
         services.store.check()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     return None
 
 

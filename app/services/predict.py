@@ -30,6 +30,7 @@ from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import prepare_feed
 from app.services.registry import Registry, serving_variant
 from app.store import ModelVersion
+from optimizer.errors import first_line
 
 
 @dataclass
@@ -49,10 +50,6 @@ class ServingModel:
     variant: str
     loaded: LoadedSession
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class PredictService:
@@ -116,7 +113,7 @@ class PredictService:
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
                 raise ModelLoadError(
                     f"ONNX Runtime cannot load the {chosen} variant of model {row.name!r} version {row.version} "
-                    f"here: {_first_line(exc)}"
+                    f"here: {first_line(exc)}"
                 ) from None
         return ServingModel(row, chosen, loaded)
 
@@ -147,7 +144,7 @@ class PredictService:
                     values = await loop.run_in_executor(self.executor, loaded.session.run, names, feed)
             except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
                 raise BadRequestError(
-                    f"ONNX Runtime could not run model {row.name!r} on these inputs: {_first_line(exc)}"
+                    f"ONNX Runtime could not run model {row.name!r} on these inputs: {first_line(exc)}"
                 ) from None
             ok = True
             outputs = dict(zip(names, values, strict=True))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from optimizer.errors import PassError
+from optimizer.errors import PassError, first_line
 from optimizer.runtime import SessionSettings, create_session
 
 
@@ -36,7 +36,6 @@ def verify_runs(model: onnx.ModelProto, feed: dict[str, np.ndarray], pass_name: 
         session = create_session(model.SerializeToString(), SessionSettings(optimization_level="basic"))
         outputs = session.run(None, feed)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PassError(f"{pass_name} wrote a model that ONNX Runtime cannot run: {first}") from None
+        raise PassError(f"{pass_name} wrote a model that ONNX Runtime cannot run: {first_line(exc)}") from None
     if not outputs:
         raise PassError(f"{pass_name} wrote a model with no outputs")

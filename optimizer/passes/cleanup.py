@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from optimizer.errors import PassError
+from optimizer.errors import PassError, first_line
 from optimizer.graph_inspect import GraphReport, guess_attention_shape, inspect, is_transformer
 from optimizer.passes.base import PassResult, verify_runs
 from optimizer.runtime import SessionSettings, create_session, cuda_is_usable
@@ -106,7 +106,7 @@ def _ort_offline(model: onnx.ModelProto, level: str, provider: str,
             return onnx.load(str(path))
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise PassError(f"{PASS_NAME}: ONNX Runtime's {level} graph optimization failed: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
 
 
 def _prune_opset_imports(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
@@ -141,7 +141,7 @@ def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig) -> tuple[
                                optimization_options=options, opt_level=0, only_onnxruntime=False)
     except Exception as exc:  # noqa: BLE001 - the tool raises anything from AssertionError to KeyError
         raise PassError(f"{PASS_NAME}: ONNX Runtime's transformer optimizer failed ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); run again with transformer='off' to skip it") from None
+                        f"{first_line(exc)}); run again with transformer='off' to skip it") from None
     stats = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
     detail = {
         "model_type": config.model_type,
@@ -154,10 +154,6 @@ def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig) -> tuple[
 
 
 # --- checks -----------------------------------------------------------------------------------
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def synthetic_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -196,7 +192,7 @@ def compare_outputs(original: onnx.ModelProto, optimized: onnx.ModelProto, feed:
         reference = create_session(original.SerializeToString(), SessionSettings(optimization_level="disabled"))
         expected = reference.run(None, feed)
     except Exception as exc:  # noqa: BLE001
-        raise PassError(f"{PASS_NAME}: the input model does not run on the check inputs ({_first_line(exc)}); "
+        raise PassError(f"{PASS_NAME}: the input model does not run on the check inputs ({first_line(exc)}); "
                         "pass a feed that fits the model") from None
     session = create_session(optimized.SerializeToString(), SessionSettings(optimization_level="disabled"))
     got = session.run(None, feed)

@@ -19,9 +19,8 @@ from onnx import TensorProto, numpy_helper
 from onnxruntime.transformers import float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-from optimizer.errors import PassError
+from optimizer.errors import PassError, first_line
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.passes.int8_dynamic import first_line
 
 PASS_NAME = "fp16"
 FP16_MAX = 65504.0

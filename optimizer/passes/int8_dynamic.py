@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto
 from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-from optimizer.errors import PassError
+from optimizer.errors import PassError, first_line
 from optimizer.passes.base import PassResult, verify_runs
 
 PASS_NAME = "int8 dynamic"
@@ -57,11 +57,6 @@ def count_quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
     )
     return dict(sorted(counts.items()))
 
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message: what a report can show."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

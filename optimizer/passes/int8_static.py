@@ -32,9 +32,9 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from optimizer.errors import CalibrationError, PassError
+from optimizer.errors import CalibrationError, PassError, first_line
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.passes.int8_dynamic import first_line, map_node_names, op_histogram, pre_process, require_quantized
+from optimizer.passes.int8_dynamic import map_node_names, op_histogram, pre_process, require_quantized
 
 PASS_NAME = "int8 static"
 PER_CHANNEL_MIN_OPSET = 13
