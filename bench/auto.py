@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from optimizer.auto import format_table, worst_accuracy  # noqa: E402
 from optimizer.errors import OptimizerError  # noqa: E402
@@ -37,10 +36,6 @@ from tests import models  # noqa: E402
 Feeds = Callable[[int, int], list[dict[str, np.ndarray]]]
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, onnxruntime {ort.__version__}, onnx {onnx.__version__}"
 
 
 def _built_feeds(model: onnx.ModelProto) -> Feeds:
@@ -109,7 +104,7 @@ def main() -> None:
     parser.add_argument("--no-built", action="store_true", help="only the real models")
     parser.add_argument("--models", nargs="*", help="only models whose title contains one of these")
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"command: python bench/auto.py {' '.join(sys.argv[1:])}")
     results = {}
     for title, model, feeds in subjects(not args.no_built):

@@ -10,28 +10,17 @@ the B/A ratio of p50 with the machine and the command. A ratio far from 1.0 mean
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from pathlib import Path
 
-import onnxruntime as ort
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
+
 from optimizer.latency import measure_batches  # noqa: E402
-from optimizer.runtime import SessionSettings, default_threads  # noqa: E402
+from optimizer.runtime import SessionSettings  # noqa: E402
 from tests.models import cnn, mlp, random_feed  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -41,8 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = SessionSettings(intra_op_threads=args.threads)
 
-    print(f"machine: {cpu_model()}, {default_threads()} cores usable; onnxruntime {ort.__version__}; "
-          f"python {platform.python_version()}")
+    print(f"machine: {describe()}")
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"settings: provider={settings.provider} intra_op_threads={settings.intra_op_threads} "
           f"optimization_level={settings.optimization_level}; allow_spinning off (measure forces it)\n")

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from optimizer.pipeline import OptimizeConfig, optimize  # noqa: E402
 from tests import models  # noqa: E402
@@ -36,10 +36,6 @@ RECIPES = [
 ]
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores, onnxruntime {ort.__version__}"
 
 
 def calibration_npz(model, samples: int) -> bytes:
@@ -58,7 +54,7 @@ def main() -> None:
         "cnn (4 conv blocks, 64px)": models.cnn(seed=1, channels=(32, 64, 64, 128), image=64, classes=100),
         "transformer (4 layers, 256 hidden, seq 32)": models.transformer(seed=1, hidden=256, heads=4, layers=4),
     }
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"command: python bench/optimize_variants.py --seconds {args.seconds} --samples {args.samples}\n")
     print(f"{'model':44} {'recipe':24} {'variant':36} {'status':9} {'KiB':>8} {'nodes':>6} {'p50 ms':>8} "
           f"{'vs orig':>8} {'cosine':>8}")

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shlex
 import socket
 import subprocess
@@ -32,6 +31,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from optimizer.runtime import create_session  # noqa: E402
 from tests import models  # noqa: E402
@@ -233,14 +234,6 @@ def _stats(latencies: list[float], seconds: float) -> tuple[float, float, float]
     return len(ms) / seconds, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -290,7 +283,7 @@ def main() -> None:
 
     kinds = sorted({k for k, _, _ in results})
     print()
-    print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), {platform.platform()}, Python {platform.python_version()}")
+    print(f"machine: {describe()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"{args.seconds:g} s per cell after {WARMUP_S} s warm-up; latency = request sent to response read")
     print()
