@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,43 +13,14 @@ import pytest
 from app.store import Database, Job
 from optimizer.runtime import create_session
 from tests import models
-from tests.conftest import TEST_SETTINGS, npz
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import npz
+from tests.service import running_service
 
 
 @pytest.fixture
 def server(tmp_path: Path):  # noqa: ANN201 - yields (base url, process, data dir)
-    port = _free_port()
-    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()}}
-    data = tmp_path / "data"
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed when the fixture ends
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data),
-         "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, "the server exited at start"
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.1)
-    try:
-        yield base, process, data
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        log.close()
+    with running_service(tmp_path, "--log-level", "info") as (base, process):
+        yield base, process, tmp_path / "data"
 
 
 def test_served_over_http_from_upload_to_predict_and_clean_shutdown(server) -> None:  # noqa: ANN001

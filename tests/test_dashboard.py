@@ -11,9 +11,6 @@ import base64
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +22,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests import models
-from tests.conftest import TEST_SETTINGS, npz
+from tests import models, service
+from tests.conftest import npz
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -71,30 +68,9 @@ needs_chromium = pytest.mark.skipif(
 
 @contextmanager
 def running_service(tmp_path: Path, **settings: Any) -> Iterator[str]:  # noqa: ANN401
-    """`python -m app.cli serve` (API and worker) on a free port of 127.0.0.1; yields its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in {**TEST_SETTINGS, **settings}.items()}}
-    base = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "server.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                                    "--data-dir", str(tmp_path / "data")], env=env, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, "the service did not become ready"
-                time.sleep(0.1)
-            yield base
-        finally:
-            process.kill()
-            process.wait(10)
+    """The service (API and worker) on a free port of 127.0.0.1; yields its base URL."""
+    with service.running_service(tmp_path, **settings) as (base, _):
+        yield base
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,33 +22,18 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.conftest import TEST_SETTINGS
-from tests.test_app_server import _free_port
+from tests.service import start_service
 
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[[Path], tuple[str, subprocess.Popen]]]:
     """`start(data_dir)` runs `onnxforge serve` on 127.0.0.1 and waits until ready; all are killed at the end."""
     started: list[subprocess.Popen] = []
-    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()}}
 
     def run(data: Path) -> tuple[str, subprocess.Popen]:
-        port = _free_port()
-        log = open(tmp_path / f"server{len(started)}.log", "wb")  # noqa: SIM115 - lives as long as the server
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
-                                    str(data)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        base, process = start_service(data, tmp_path / f"server{len(started)}.log")
         started.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    return base, process
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (tmp_path / f"server{len(started) - 1}.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+        return base, process
 
     yield run
     for process in started:

@@ -7,11 +7,6 @@ Runtime run directly on the same file.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -21,7 +16,7 @@ from app.errors import BadRequestError
 from app.protocol.v2_codec import decode_request
 from optimizer.runtime import create_session
 from tests import models
-from tests.conftest import TEST_SETTINGS
+from tests.service import start_service, stop
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -29,44 +24,18 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 MODELS = {"mlp": models.mlp(), "encoder": models.transformer(), "typed": models.typed_io()}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields "127.0.0.1:port"
     tmp = tmp_path_factory.mktemp("v2")
-    port = _free_port()
-    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()},
-           "ONNXFORGE_RUN_WORKER": "false"}
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed when the fixture ends
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data")],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    base, process = start_service(tmp / "data", tmp / "server.log", run_worker="false")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (tmp / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
         for name, model in MODELS.items():
             files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
             response = httpx.post(f"{base}/v1/models", files=files, data={"name": name}, timeout=30)
             assert response.status_code == 202, response.text
-        yield f"127.0.0.1:{port}"
+        yield base.removeprefix("http://")
     finally:
-        process.kill()
-        process.wait(10)
-        log.close()
+        stop(process)
 
 
 @pytest.fixture(scope="module")
