@@ -152,3 +152,85 @@ def test_synthetic_feed_fits_the_model() -> None:
     feed = cleanup.synthetic_feed(models.transformer(hidden=64))
     assert feed["hidden_states"].shape == (1, 8, 64) and feed["hidden_states"].dtype == np.float32
     assert feed["attention_mask"].dtype == np.int64 and np.all(feed["attention_mask"] == 1)
+
+
+def _layer_norm_model(opset: int, hidden: int = 16) -> onnx.ModelProto:
+    """x -> LayerNorm (as exported before opset 17) -> y, declared at `opset`; no residual, so the fuser
+    writes a plain LayerNormalization (as in PP-OCRv4 recognition's last block)."""
+    b = models.GraphBuilder(seed=3)
+    b.rename_output(models._layer_norm(b, "x", hidden), "y")
+    graph = onnx.helper.make_graph(
+        b.nodes, "layer_norm", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4, hidden])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4, hidden])], b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_opset12_layer_norm_is_fused_into_a_valid_model() -> None:
+    """LayerNormalization exists from opset 17: an opset-12 model is converted up first, not left invalid."""
+    model = _layer_norm_model(opset=12)
+    feed = models.random_feed(model, batch=2)
+    result = cleanup.run(model, feed=feed)
+    assert _ops(result.model) == {"LayerNormalization": 1}
+    assert cleanup.default_opset(result.model) == 17
+    assert result.changes["transformer_fusion"]["opset_raised"] == {"from": 12, "to": 17}
+    assert result.changes["max_abs_diff"]["y"] < 1e-4
+    onnx.checker.check_model(result.model, full_check=True)
+    assert cleanup.default_opset(model) == 12  # the input model is left alone
+
+
+def test_opset17_layer_norm_keeps_its_opset() -> None:
+    result = cleanup.run(_layer_norm_model(opset=17))
+    assert _ops(result.model) == {"LayerNormalization": 1}
+    assert "opset_raised" not in result.changes["transformer_fusion"]
+
+
+def test_layer_norm_fusion_can_be_left_out_for_old_opsets() -> None:
+    """The fallback when the opset cannot be raised: the transformer optimizer leaves LayerNorm decomposed."""
+    model = _layer_norm_model(opset=12)
+    fused, _detail = cleanup._transformer_fusion(model, CleanupConfig(), layer_norm=False)
+    assert "LayerNormalization" not in _ops(fused)
+    assert _ops(fused)["ReduceMean"] == 2
+    onnx.checker.check_model(fused)
+
+
+def _if_on_constant_model(rate: int) -> onnx.ModelProto:
+    """y = x @ W16 if rate == 16000 else x @ W8, with `rate` a Constant: the condition folds to a constant."""
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    rng = np.random.default_rng(5)
+
+    def branch(name: str) -> onnx.GraphProto:
+        weight = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), f"w_{name}")
+        relu = helper.make_node("Relu", [f"m_{name}"], [f"y_{name}"])
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"m_{name}"]), relu], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", onnx.TensorProto.FLOAT, None)], [weight])
+
+    nodes = [
+        helper.make_node("Constant", [], ["rate"], value=numpy_helper.from_array(np.array(rate, np.int64))),
+        helper.make_node("Constant", [], ["k16"], value=numpy_helper.from_array(np.array(16000, np.int64))),
+        helper.make_node("Equal", ["rate", "k16"], ["is16"]),
+        helper.make_node("If", ["is16"], ["y"], then_branch=branch("then"), else_branch=branch("else")),
+    ]
+    graph = helper.make_graph(nodes, "if_const", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_if_on_a_constant_condition_is_inlined(rate: int) -> None:
+    """Compute inside If branches is invisible to the quantizer: ONNX Runtime's constant folding (basic level)
+    folds the condition and inlines the taken branch, so the MatMul lands in the main graph."""
+    model = _if_on_constant_model(rate)
+    feed = {"x": np.random.default_rng(0).normal(size=(1, 8)).astype(np.float32)}
+    result = cleanup.run(model, feed=feed)
+    assert _ops(result.model) == {"MatMul": 1, "Relu": 1}
+    branch = "then_branch" if rate == 16000 else "else_branch"
+    weight = next(a.g.initializer[0] for a in model.graph.node[3].attribute if a.name == branch)
+    kept = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert any(np.array_equal(w, onnx.numpy_helper.to_array(weight)) for w in kept.values())  # the taken branch
+    assert result.changes["max_abs_diff"]["y"] < 1e-5

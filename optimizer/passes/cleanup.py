@@ -6,7 +6,11 @@ Steps, in order:
    same-type Cast / cancelling Transpose elimination, Conv+BatchNormalization folding, MatMul+Add -> Gemm.
    Basic only emits standard ONNX ops, so the artifact runs on any provider: it is the default.
 3. For transformer graphs, `onnxruntime.transformers.optimizer.optimize_model` (Attention,
-   SkipLayerNormalization, BiasGelu ...) with the heads and hidden size detected or given.
+   SkipLayerNormalization, BiasGelu ...) with the heads and hidden size detected or given. It writes
+   LayerNormalization in the standard domain, which exists from opset 17: an older model is converted to
+   opset 17 first (checked to give the same outputs), or LayerNorm is left unfused when that fails.
+   An `If` whose condition is constant (or folds to one) is inlined by ONNX Runtime's constant folding in
+   step 2, so compute kept in the taken branch becomes visible to the quantizer.
 4. The *extended* level only when asked, for the provider that will serve: its fused contrib ops
    (FusedConv, FusedGemm, ...) are chosen for that provider and the CPU features of this machine.
 The result must load, run, keep the model's inputs and outputs, and match the input model's outputs.
@@ -24,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, version_converter
 
 from optimizer.errors import PassError, first_line
 from optimizer.graph_inspect import GraphReport, guess_attention_shape, inspect, is_transformer
@@ -121,8 +125,45 @@ def _prune_opset_imports(model: onnx.ModelProto, original: onnx.ModelProto) -> N
 
 # --- step 3: transformer fusion ---------------------------------------------------------------
 
-def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Run ONNX Runtime's transformer optimizer (its Python fusions only: ONNX Runtime already ran)."""
+#: The opset that introduced LayerNormalization, which the transformer optimizer writes in the standard domain.
+LAYER_NORM_OPSET = 17
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's version of the standard (ai.onnx) domain."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _opset_for_fusion(model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                      config: CleanupConfig) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Give the transformer optimizer a model whose opset has LayerNormalization, or say it must not fuse it.
+
+    Found on PP-OCRv4 recognition (opset 12): the fused LayerNormalization made the whole artifact invalid
+    ("No Op registered for LayerNormalization with domain_version of 12"). ONNX's version converter is the
+    correct way up (Squeeze/Split/Reduce* attributes become inputs on the way); its result must load and
+    give the same outputs, else LayerNorm stays unfused and the opset stays.
+    """
+    version = default_opset(model)
+    if version >= LAYER_NORM_OPSET:
+        return model, {"layer_norm": True}
+    try:
+        converted = version_converter.convert_version(model, LAYER_NORM_OPSET)
+        converted.ir_version = max(converted.ir_version, model.ir_version, 8)  # opset 17 needs IR 8
+        onnx.checker.check_model(converted)
+        compare_outputs(model, converted, feed, config.atol, config.rtol)
+    except Exception as exc:  # noqa: BLE001 - the converter and the checks raise many types
+        return model, {"layer_norm": False, "opset": version,
+                       "reason": f"opset {version} has no LayerNormalization and converting to opset "
+                                 f"{LAYER_NORM_OPSET} failed ({first_line(exc)}): LayerNorm left unfused"}
+    return converted, {"layer_norm": True, "opset_raised": {"from": version, "to": LAYER_NORM_OPSET}}
+
+def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig,
+                        layer_norm: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Run ONNX Runtime's transformer optimizer (its Python fusions only: ONNX Runtime already ran).
+
+    `layer_norm=False` keeps LayerNorm (and SkipLayerNorm, which builds on it) unfused, for opsets
+    without LayerNormalization.
+    """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -133,6 +174,10 @@ def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig) -> tuple[
     # The "bert" default turns the 2-D mask into a sequence length, which is only right for
     # right-padded batches; the raw mask is right for every mask a client may send.
     options.use_raw_attention_mask(True)
+    if not layer_norm:
+        options.enable_layer_norm = False
+        options.enable_skip_layer_norm = False
+        options.enable_bias_skip_layer_norm = False
     # It warns "Model producer not matched" for any model not exported by PyTorch: noise for our users.
     logging.getLogger("onnxruntime.transformers.optimizer").setLevel(logging.ERROR)
     try:
@@ -260,11 +305,21 @@ def run(model: onnx.ModelProto, config: CleanupConfig | None = None,
         use_transformer, reason = False, "no attention or LayerNorm in the graph"
 
     disabled = _DISABLED_BEFORE_FUSION if use_transformer else None
-    result = _ort_offline(work, "basic", "cpu", disabled)  # basic emits standard ops: any provider runs it
     transformer_detail: dict[str, Any] = {"used": use_transformer, "reason": reason}
+    opset_detail: dict[str, Any] = {}
     if use_transformer:
-        result, detail = _transformer_fusion(result, config)
+        work, opset_detail = _opset_for_fusion(work, feed, config)
+        if "opset_raised" in opset_detail:
+            raised = opset_detail["opset_raised"]
+            notes.append(f"opset raised from {raised['from']} to {raised['to']} (ONNX's version converter, same "
+                         "outputs) so that the fused LayerNormalization is a valid op")
+        elif "reason" in opset_detail:
+            notes.append(opset_detail["reason"])
+    result = _ort_offline(work, "basic", "cpu", disabled)  # basic emits standard ops: any provider runs it
+    if use_transformer:
+        result, detail = _transformer_fusion(result, config, layer_norm=opset_detail.get("layer_norm", True))
         transformer_detail.update(detail)
+        transformer_detail.update({k: v for k, v in opset_detail.items() if k != "layer_norm"})
         notes.append("transformer fusion adds com.microsoft contrib ops (Attention, SkipLayerNormalization, ...) "
                      "that ONNX Runtime's CPU and CUDA providers implement; other runtimes may not")
     if config.level == "extended":
