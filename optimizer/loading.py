@@ -128,6 +128,26 @@ def _lower_ir_version(model: onnx.ModelProto, notes: list[str]) -> None:
     model.ir_version = supported
 
 
+def _clear_anonymous_dim_names(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Turn dimension names without a letter or digit ('?') into plain unknown dimensions.
+
+    Paddle2ONNX writes '?' for every unknown dimension (PP-OCR's classifier input is [-1, 3, '?', '?']).
+    ONNX reads one name as one size, so a 48x192 crop broke the rule that a named dimension has the same
+    size everywhere, and calibration refused the real inputs. An unnamed dimension says what was meant.
+    """
+    graph = model.graph
+    cleared: dict[str, set[str]] = {}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and not any(c.isalnum() for c in dim.dim_param):
+                cleared.setdefault(dim.dim_param, set()).add(value.name)
+                dim.ClearField("dim_param")
+    for name, values in cleared.items():
+        shown = ", ".join(sorted(values)[:3]) + (" ..." if len(values) > 3 else "")
+        notes.append(f"dimension name {name!r} (on {shown}) read as 'unknown', not as one shared size: "
+                     "exporters such as Paddle2ONNX write it for every dynamic dimension")
+
+
 def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None) -> LoadedModel:
     """Load and validate a model from a path or bytes.
 
@@ -159,6 +179,7 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
         notes.append(f"{len(external)} tensors loaded from external data files")
 
     _lower_ir_version(model, notes)
+    _clear_anonymous_dim_names(model, notes)
 
     try:
         onnx.checker.check_model(model, full_check=True)

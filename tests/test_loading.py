@@ -123,3 +123,40 @@ def test_external_data_inside_the_folder_loads(tmp_path: Path) -> None:
     loaded = load_model(tmp_path / "model.onnx")
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.proto.graph.initializer[0]), expected)
     assert any("external data" in note for note in loaded.notes)
+
+
+def _paddle_style_model() -> onnx.ModelProto:
+    """A conv classifier whose input is [-1, 3, '?', '?'], as Paddle2ONNX exports PP-OCR's direction classifier."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(2, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    graph = helper.make_graph(nodes, "paddle", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 2])],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    return model
+
+
+def test_question_mark_dims_are_unknown_not_one_shared_size() -> None:
+    """'?' on both spatial axes must not force height == width: a 48x192 text line calibrates."""
+    import io
+
+    from optimizer.calibration import load_samples
+
+    loaded = load_model(_paddle_style_model().SerializeToString())
+    dims = loaded.proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["", "", "", ""]
+    assert not dims[2].HasField("dim_value") and not dims[3].HasField("dim_value")
+    assert any("'?'" in note and "unknown" in note for note in loaded.notes)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.random.default_rng(1).normal(size=(10, 1, 3, 48, 192)).astype(np.float32))
+    samples = load_samples(buffer.getvalue(), loaded.proto)
+    assert len(samples.calibration) + len(samples.holdout) == 10
+    assert samples.holdout[0]["x"].shape == (1, 3, 48, 192)
+
+
+def test_named_dims_are_kept() -> None:
+    loaded = load_model(models.transformer().SerializeToString())
+    assert [d.dim_param for d in loaded.proto.graph.input[0].type.tensor_type.shape.dim][0] == "batch"
+    assert not any("unknown" in note for note in loaded.notes)
