@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import Connection, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.store.tables import Base
+from app.store.tables import ADDED_COLUMNS, Base
 
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SCHEMA_LOCK_KEY = 0x6F6E6E78  # "onnx": any fixed number the app alone uses
@@ -77,13 +77,13 @@ class Database:
 
     def create_schema(self) -> None:
         """Create missing tables. On PostgreSQL, replicas and workers starting at once would race on
-        CREATE TABLE (one fails on a duplicate type), so they take turns under an advisory lock."""
-        if self.is_sqlite:
-            Base.metadata.create_all(self.engine)
-            return
+        CREATE TABLE (one fails on a duplicate type), so they take turns under an advisory lock.
+        A database made by an older release gets the columns added since (ADDED_COLUMNS)."""
         with self.engine.begin() as connection:
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            if not self.is_sqlite:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
             Base.metadata.create_all(connection)
+            _add_missing_columns(connection)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -104,3 +104,14 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_missing_columns(connection: Connection) -> None:
+    """ALTER TABLE ... ADD COLUMN for each added column an older database lacks (nullable: no backfill)."""
+    inspector = inspect(connection)
+    for table_name, column_name in ADDED_COLUMNS:
+        if column_name in {c["name"] for c in inspector.get_columns(table_name)}:
+            continue
+        column = Base.metadata.tables[table_name].c[column_name]
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.execute(text(f'ALTER TABLE {table_name} ADD COLUMN "{column_name}" {kind}'))

@@ -56,6 +56,14 @@ class ModelVersion(Base):
     provider: Mapped[str | None] = mapped_column(String(16), default=None)  # what the worker measured on
     report: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # How this version is served, given at upload: {"batch_max_size": int, "batch_max_delay_ms": float},
+    # each optional (the service's defaults otherwise). Added after the first release: see ADDED_COLUMNS.
+    serving: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+
+# Columns added to existing tables after the first release: create_all makes missing tables only, so
+# Database.create_schema adds these to a database made by an older release (all nullable).
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("model_versions", "serving"),)
 
 
 class Job(Base):
