@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.metrics import Metrics
-from app.runtime.batching import Batcher, batchable
+from app.runtime.batching import Batcher, BatchPolicy, batchable
 from app.runtime.signature import TensorSpec, signature_of
 from optimizer.runtime import SessionSettings, create_session
 from tests import models
@@ -25,9 +25,11 @@ def executor():  # noqa: ANN201
         yield pool
 
 
-def _gather(batcher: Batcher, session, names: list[str], feeds: list[dict]) -> list:  # noqa: ANN001
+def _gather(batcher: Batcher, session, names: list[str], feeds: list[dict],  # noqa: ANN001
+            policy: BatchPolicy | None = None) -> list:
     async def main() -> list:
-        return await asyncio.gather(*(batcher.run("key", session, names, f) for f in feeds))
+        runs = asyncio.gather(*(batcher.run("key", session, names, f, policy) for f in feeds))
+        return await asyncio.wait_for(runs, 10)  # a policy that waits when it should not fails here, not hangs
 
     return asyncio.run(main())
 
@@ -122,3 +124,29 @@ def test_two_running_batches_when_allowed(executor) -> None:  # noqa: ANN001
         np.testing.assert_allclose(got, session.run(["logits"], feed)[0], rtol=1e-5, atol=1e-6)
     # Two go at once, alone; the other 8 queue behind them.
     assert sizes[:2] == [1, 1] and sum(sizes) == 10 and max(sizes) > 1
+
+
+def test_a_models_own_policy_overrides_the_default(executor) -> None:  # noqa: ANN001
+    model = models.mlp()
+    session = _session(model)
+    sizes: list[int] = []
+    batcher = Batcher(executor, max_batch_size=32, observe=lambda key, depth, size, waited: sizes.append(size))
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(9)]
+    results = _gather(batcher, session, ["logits"], feeds, BatchPolicy(max_batch_size=2))
+    for feed, (got,) in zip(feeds, results, strict=True):
+        np.testing.assert_allclose(got, session.run(["logits"], feed)[0], rtol=1e-5, atol=1e-6)
+    assert sizes == [1, 2, 2, 2, 2]
+
+
+def test_a_delay_gathers_a_burst_and_a_full_batch_goes_at_once(executor) -> None:  # noqa: ANN001
+    model = models.mlp()
+    session = _session(model)
+    sizes: list[int] = []
+    batcher = Batcher(executor, observe=lambda key, depth, size, waited: sizes.append(size))
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(6)]
+    _gather(batcher, session, ["logits"], feeds, BatchPolicy(max_batch_size=32, max_delay_s=0.05))
+    assert sizes == [6]  # the first waited for company instead of running alone
+    sizes.clear()
+    # A 100 s delay: full batches must not wait for it (wait_for fails the test after 10 s if they do).
+    _gather(batcher, session, ["logits"], feeds[:4] * 2, BatchPolicy(max_batch_size=4, max_delay_s=100.0))
+    assert sizes == [4, 4]

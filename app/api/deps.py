@@ -13,3 +13,8 @@ def get_services(request: Request) -> Services:
     if services is None:
         raise NotReadyError("the service is starting or stopping")
     return services
+
+
+async def services_of(request: Request) -> Services:
+    """`get_services` as an async dependency: FastAPI runs a sync one in a worker thread, a hop per request."""
+    return get_services(request)

@@ -66,6 +66,10 @@ class VersionOut(BaseModel):
     provider: str | None = Field(description="the provider the worker measured on")
     error: str | None
     notes: list[str]
+    batching: dict[str, float] = Field(
+        default_factory=dict, description="this version's own batching settings given at upload (batch_max_size, "
+                                          "batch_max_delay_ms); the service's defaults apply to the others",
+    )
     job: JobOut | None
 
     @classmethod
@@ -74,7 +78,7 @@ class VersionOut(BaseModel):
                    filename=row.filename, sha256=row.sha256, size_bytes=row.size_bytes,
                    has_calibration=row.has_calibration, options=row.options or {}, selected=row.selected,
                    provider=row.provider, error=row.error, notes=list(row.notes or []),
-                   job=JobOut.of(job) if job is not None else None)
+                   batching=dict(row.serving or {}), job=JobOut.of(job) if job is not None else None)
 
 
 class ModelSummary(BaseModel):

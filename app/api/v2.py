@@ -12,10 +12,12 @@ import zlib
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute
+from starlette.types import Receive, Scope, Send
 
-from app.api.deps import get_services
+from app.api.deps import get_services, services_of
 from app.api.schemas import ErrorOut
 from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, NotReadyError
 from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
@@ -26,12 +28,8 @@ from optimizer.errors import first_line
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 503)}
+_HEADER_LENGTH = HEADER_LENGTH.encode()
 _SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
-
-
-async def _services(request: Request) -> Services:
-    """`get_services` as an async dependency: FastAPI runs a sync one in a worker thread, one hop per request."""
-    return get_services(request)
 
 
 def _version(text: str | None, name: str) -> int | None:
@@ -93,13 +91,13 @@ async def _metadata(services: Services, name: str, version: str | None) -> dict[
 
 
 @router.get("/models/{name}", responses=_ERRORS)
-async def model_metadata(name: str, services: Services = Depends(_services)) -> dict[str, Any]:
+async def model_metadata(name: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     """Name, versions, platform, and inputs/outputs of the serving version (-1 for dynamic dims)."""
     return await _metadata(services, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", responses=_ERRORS)
-async def version_metadata(name: str, version: str, services: Services = Depends(_services)) -> dict[str, Any]:
+async def version_metadata(name: str, version: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     return await _metadata(services, name, version)
 
 
@@ -112,13 +110,13 @@ async def _ready(services: Services, name: str, version: str | None) -> JSONResp
 
 
 @router.get("/models/{name}/ready", responses=_ERRORS)
-async def model_ready(name: str, services: Services = Depends(_services)) -> JSONResponse:
+async def model_ready(name: str, services: Services = Depends(services_of)) -> JSONResponse:
     """200 when the model can answer now (its session is loaded); 503 when it cannot, 404 if unknown."""
     return await _ready(services, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", responses=_ERRORS)
-async def version_ready(name: str, version: str, services: Services = Depends(_services)) -> JSONResponse:
+async def version_ready(name: str, version: str, services: Services = Depends(services_of)) -> JSONResponse:
     return await _ready(services, name, version)
 
 
@@ -139,30 +137,70 @@ def _decompressed(body: bytes, encoding: str | None) -> bytes:
     raise BadRequestError(f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or none")
 
 
-async def _infer(request: Request, services: Services, name: str, version: str | None) -> Response:
-    body = _decompressed(await request.body(), request.headers.get("content-encoding"))
-    infer = decode_request(body, request.headers.get(HEADER_LENGTH))
-    prediction = await services.predict.predict(
-        name, infer.inputs, version=_version(version, name), cast=False, output_names=infer.outputs
-    )
-    content, header_length = encode_response(prediction.model, prediction.version, infer, prediction.outputs)
-    if header_length is None:
-        return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(header_length)})
+class _InferEndpoint:
+    """POST /v2/models/{name}[/versions/{version}]/infer as a raw ASGI app: JSON tensors or binary ones.
+
+    WHY raw ASGI: on a small model the framework around `session.run` is most of a request's cost.
+    A plain Starlette function endpoint still builds a Request and a Response and wraps the call in
+    its own exception layer; this reads the body straight from `receive` and answers with two
+    `send`s. Errors are raised, not answered here: the app's exception handlers give them the
+    service's one shape, and the middlewares in front (API keys, body limit, metrics) apply as to
+    any route.
+    """
+
+    def __init__(self) -> None:
+        self.route: BaseRoute | None = None  # set once added; /metrics labels requests by its template
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.route  # Starlette records no template for plain routes
+        services = scope["app"].state.services
+        if services is None:
+            raise NotReadyError("the service is starting or stopping")
+        encoding = header_length = None
+        for key, value in scope["headers"]:
+            if key == _HEADER_LENGTH:
+                header_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                encoding = value.decode("latin-1").strip().lower()
+        body = _decompressed(await _read_body(receive), encoding)
+        infer = decode_request(body, header_length)
+        params = scope["path_params"]
+        name = params["name"]
+        prediction = await services.predict.predict(
+            name, infer.inputs, version=_version(params.get("version"), name), cast=False,
+            output_names=infer.outputs,
+        )
+        content, length = encode_response(prediction.model, prediction.version, infer, prediction.outputs)
+        headers = [(b"content-length", str(len(content)).encode())]
+        if length is None:
+            headers.append((b"content-type", b"application/json"))
+        else:
+            headers += [(b"content-type", b"application/octet-stream"),
+                        (b"inference-header-content-length", str(length).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
 
 
-async def infer(request: Request) -> Response:
-    """POST /v2/models/{name}[/versions/{version}]/infer: JSON tensors or the binary tensor extension."""
-    params = request.path_params
-    # Starlette's plain routes do not record their template; /metrics labels requests by it.
-    request.scope["route"] = _INFER_ROUTES["version" in params]
-    return await _infer(request, get_services(request), params["name"], params.get("version"))
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequestError("the client disconnected before sending the whole body")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-# The hot path is a plain Starlette route, not a FastAPI one: FastAPI's dependency and response
-# machinery cost about a third of a small model's request (3.2k vs 2.2k req/s measured at c=32).
-# add_route does not prepend the router's prefix, hence the full paths.
-router.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
-router.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
-_INFER_ROUTES = {False: router.routes[-2], True: router.routes[-1]}
+def _add_infer_routes() -> None:
+    """Infer routes first in the router: FastAPI matches a path against each route in turn (twice per
+    request), so the hot path should not pay for the metadata routes ahead of it."""
+    for template in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        endpoint = _InferEndpoint()
+        # add_route does not prepend the router's prefix, hence the full paths.
+        router.add_route(template, endpoint, methods=["POST"])
+        endpoint.route = router.routes.pop()
+        router.routes.insert(0, endpoint.route)
+
+
+_add_infer_routes()

@@ -13,6 +13,8 @@ requests as one batch of 32 costs little more than one. How it works, per sessio
   never mixed (no padding), so a request's answer does not depend on its batch-mates.
 - Only models whose every input and output has a dynamic first axis are batched (`batchable`); the
   split checks that each output really has the batch's rows, else the requests run one by one.
+- Each model can have its own `BatchPolicy` (most rows per run, how long to wait for company);
+  the Batcher's own policy is the default.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
     return len(symbols) <= 1
 
 
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model is batched. `max_batch_size` 1 means each request runs alone."""
+
+    max_batch_size: int = 32
+    max_delay_s: float = 0.0
+
+
 @dataclass
 class _Request:
     feed: Feed
@@ -52,6 +62,7 @@ class _Request:
 class _Queue:
     """The waiting requests of one session key, grouped by shape signature (insertion = age order)."""
 
+    policy: BatchPolicy
     groups: dict[Hashable, list[_Request]] = field(default_factory=dict)
     running: int = 0  # batches of this key in the executor now
     timer: asyncio.TimerHandle | None = None
@@ -67,26 +78,33 @@ class Batcher:
                  max_running: int = 1,
                  observe: Callable[[Hashable, int, int, list[float]], None] | None = None) -> None:
         self.executor = executor
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = max_delay_s
+        self.default = BatchPolicy(max_batch_size, max_delay_s)
         self.max_running = max_running
         # observe(key, queue depth, batch size, queue seconds of each request) after each dispatch
         self.observe = observe
         self._queues: dict[Hashable, _Queue] = {}
 
-    async def run(self, key: Hashable, session, names: list[str], feed: Feed) -> list[np.ndarray]:  # noqa: ANN001
-        """`session.run(names, feed)`, possibly as part of a larger batch. Raises what ONNX Runtime raises."""
+    async def run(self, key: Hashable, session, names: list[str], feed: Feed,  # noqa: ANN001
+                  policy: BatchPolicy | None = None) -> list[np.ndarray]:
+        """`session.run(names, feed)`, possibly as part of a larger batch. Raises what ONNX Runtime raises.
+
+        `policy` is the model's own (None: the default); the latest one given for a key applies.
+        """
         rows = next(iter(feed.values())).shape[0]
         signature = (tuple(names), tuple((k, v.dtype.str, v.shape[1:]) for k, v in feed.items()))
         loop = asyncio.get_running_loop()
         request = _Request(feed, rows, loop.create_future(), time.perf_counter())
-        queue = self._queues.setdefault(key, _Queue())
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(policy or self.default)
+        elif policy is not None:
+            queue.policy = policy
         group = queue.groups.setdefault(signature, [])
         group.append(request)
         if queue.running < self.max_running:
-            if self.max_delay_s > 0 and sum(r.rows for r in group) < self.max_batch_size:
+            if queue.policy.max_delay_s > 0 and sum(r.rows for r in group) < queue.policy.max_batch_size:
                 if queue.timer is None:
-                    queue.timer = loop.call_later(self.max_delay_s, self._dispatch, key, session)
+                    queue.timer = loop.call_later(queue.policy.max_delay_s, self._dispatch, key, session)
             else:
                 self._dispatch(key, session)
         return await request.future
@@ -107,7 +125,8 @@ class Batcher:
             return
         signature, group = next(iter(queue.groups.items()))
         batch, rows = [], 0
-        while group and (not batch or rows + group[0].rows <= self.max_batch_size):
+        limit = queue.policy.max_batch_size
+        while group and (not batch or rows + group[0].rows <= limit):
             request = group.pop(0)
             batch.append(request)
             rows += request.rows

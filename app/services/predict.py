@@ -9,7 +9,8 @@ remembered for `cache_ttl_s` (the API forgets it at once on its own uploads and 
 that a worker finishes starts serving within the TTL), and sessions stay loaded in an LRU cache.
 `session.run` runs in a thread pool: ONNX Runtime releases the GIL, the event loop stays free.
 With a `Batcher`, concurrent requests of a model whose batch axis is dynamic share one run
-(app/runtime/batching.py); the answer of each is the same as alone.
+(app/runtime/batching.py); the answer of each is the same as alone. A version's own batching
+settings (given at upload, stored with it) override the service's defaults for that version.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics
-from app.runtime.batching import Batcher, batchable
+from app.runtime.batching import Batcher, BatchPolicy, batchable
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import prepare_feed
 from app.services.registry import Registry, serving_variant
@@ -51,6 +53,25 @@ class ServingModel:
     loaded: LoadedSession
 
 
+@dataclass(frozen=True)
+class _Route:
+    """What the hot path needs about one (version, variant), worked out once: it never changes."""
+
+    key: tuple[str, str, str, str]  # (name, version, variant, version id): the batching queue and metrics key
+    policy: BatchPolicy | None  # None: each request runs alone (not batchable, or batching is off)
+    outputs: tuple[str, ...]
+
+
+def batch_policy(row: ModelVersion, default: BatchPolicy) -> BatchPolicy:
+    """The version's own batching settings (stored at upload) over the service's defaults."""
+    own = getattr(row, "serving", None) or {}
+    size = own.get("batch_max_size")
+    delay_ms = own.get("batch_max_delay_ms")
+    return BatchPolicy(
+        max_batch_size=default.max_batch_size if size is None else int(size),
+        max_delay_s=default.max_delay_s if delay_ms is None else float(delay_ms) / 1000,
+    )
+
 
 class PredictService:
     def __init__(self, registry: Registry, sessions: SessionCache, metrics: Metrics, executor: Executor, *,
@@ -62,8 +83,14 @@ class PredictService:
         self.executor = executor
         self.cache_ttl_s = cache_ttl_s
         self.max_input_elements = max_input_elements
+        if batcher is None:
+            # Batching is off by default, but a version's own settings may still turn it on.
+            batcher = Batcher(executor, max_batch_size=1,
+                              observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
         self.batcher = batcher
         self._resolved: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
+        self._resolving: dict[tuple[str, int | None], asyncio.Future] = {}
+        self._routes: dict[tuple[str, str], _Route] = {}
 
     # -- which version, which session ---------------------------------------------------------------
 
@@ -72,6 +99,25 @@ class PredictService:
         cached = self._resolved.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        pending = self._resolving.get(key)
+        if pending is not None:  # one database query per name at a time, not one per waiting request
+            return await asyncio.shield(pending)
+        future = self._resolving[key] = asyncio.get_running_loop().create_future()
+        try:
+            row = await self._lookup(key, cached)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            future.set_result(row)
+            return row
+        finally:
+            del self._resolving[key]
+
+    async def _lookup(self, key: tuple[str, int | None],
+                      cached: tuple[float, ModelVersion] | None) -> ModelVersion:
+        name, version = key
         try:
             row = await run_in_threadpool(self.registry.resolve, name, version)
         except NotFoundError:
@@ -90,11 +136,24 @@ class PredictService:
         """Forget which version serves `name` (after an upload or delete through this API)."""
         for key in [k for k in self._resolved if k[0] == name]:
             self._resolved.pop(key, None)
+        for key in [k for k, route in self._routes.items() if route.key[0] == name]:
+            self._routes.pop(key, None)
+
+    def set_batching(self, name: str, version: int, settings: dict[str, int | float]) -> None:
+        """Store a version's own batching settings (blocking: call off the event loop).
+
+        Written right after the upload is accepted; call `invalidate(name)` after it.
+        """
+        with self.registry.db.write() as session:
+            session.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+                            .values(serving=settings))
 
     def forget(self, version_ids: list[str]) -> None:
         """Drop the sessions of deleted versions."""
         ids = set(version_ids)
         self.sessions.evict(lambda key: key[0] in ids)
+        for key in [k for k in self._routes if k[0] in ids]:
+            self._routes.pop(key, None)
 
     async def serving(self, name: str, version: int | None = None, variant: str | None = None) -> ServingModel:
         """The version, variant and loaded session a request for (name, version, variant) gets."""
@@ -117,6 +176,20 @@ class PredictService:
                 ) from None
         return ServingModel(row, chosen, loaded)
 
+    def _route(self, model: ServingModel) -> _Route:
+        """The batching key, policy and output names of a (version, variant): fixed for its life, so once."""
+        key = (model.row.id, model.variant)
+        route = self._routes.get(key)
+        if route is None:
+            row, loaded = model.row, model.loaded
+            policy = batch_policy(row, self.batcher.default)
+            if policy.max_batch_size <= 1 or not batchable(loaded.inputs, loaded.outputs):
+                policy = None
+            route = _Route((row.name, str(row.version), model.variant, row.id), policy,
+                           tuple(spec.name for spec in loaded.outputs))
+            self._routes[key] = route
+        return route
+
     # -- predict -------------------------------------------------------------------------------------
 
     async def predict(self, name: str, inputs: Mapping[str, np.ndarray], *, version: int | None = None,
@@ -125,22 +198,22 @@ class PredictService:
         """Run the serving variant of a model on `inputs`; BadRequestError (400) names a bad input."""
         model = await self.serving(name, version, variant)
         row, loaded = model.row, model.loaded
+        route = self._route(model)
         started = time.perf_counter()
         ok = False
         try:
             feed = prepare_feed(loaded.inputs, inputs, cast=cast, max_elements=self.max_input_elements)
-            known = [spec.name for spec in loaded.outputs]
             if output_names is not None:
-                unknown = [n for n in output_names if n not in known]
+                unknown = [n for n in output_names if n not in route.outputs]
                 if unknown:
-                    raise BadRequestError(f"unknown output {unknown[0]!r}: the model's outputs are {known}")
-            names = output_names or known
-            loop = asyncio.get_running_loop()
+                    raise BadRequestError(f"unknown output {unknown[0]!r}: the model's outputs are "
+                                          f"{list(route.outputs)}")
+            names = output_names or list(route.outputs)
             try:
-                if self.batcher is not None and batchable(loaded.inputs, loaded.outputs):
-                    key = (row.name, str(row.version), model.variant, row.id)
-                    values = await self.batcher.run(key, loaded.session, names, feed)
+                if route.policy is not None:
+                    values = await self.batcher.run(route.key, loaded.session, names, feed, route.policy)
                 else:
+                    loop = asyncio.get_running_loop()
                     values = await loop.run_in_executor(self.executor, loaded.session.run, names, feed)
             except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
                 raise BadRequestError(
