@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     job_memory_limit_mb: int = Field(
         default=8192, ge=0, description="address-space limit (RLIMIT_AS) of the optimizer process; 0 = none"
     )
+    max_concurrent_jobs: int = Field(
+        default=0, ge=0, description="optimizations running at once across ALL workers sharing the database "
+                                     "(checked when a job is claimed); 0 = no global cap, each worker runs up to "
+                                     "worker_concurrency",
+    )
 
     # Access control (app/security.py).
     api_keys: SecretStr = Field(
@@ -76,6 +81,9 @@ class Settings(BaseSettings):
     # Jobs and the worker.
     run_worker: bool = Field(default=True, description="start a worker process with the API (embedded default)")
     worker_poll_s: float = Field(default=1.0, gt=0)
+    # 1 by default: one optimization already uses every core (intra-op threads) and up to
+    # job_memory_limit_mb, so a second at once on the same machine mostly shares them.
+    worker_concurrency: int = Field(default=1, ge=1, description="optimizer processes one worker runs at once")
     job_time_limit_s: float = Field(default=3600.0, gt=0, description="wall-clock limit of one optimization")
     job_lease_s: float = Field(default=30.0, gt=0, description="a running job whose worker is silent this long is lost")
     job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker died before giving up")

@@ -4,6 +4,11 @@ Claiming is one code path for both databases: `SELECT ... FOR UPDATE SKIP LOCKED
 many workers take different jobs at once; SQLite ignores the clause and serializes writers with
 BEGIN IMMEDIATE), then a conditional UPDATE that only succeeds on a row still queued.
 
+A global cap on running jobs (settings.max_concurrent_jobs, across every worker on the database) is
+checked in the same transaction as the claim: claimers first take a transaction-scoped advisory lock
+on PostgreSQL (SKIP LOCKED alone would let two workers each count N-1 running jobs and both claim);
+SQLite's BEGIN IMMEDIATE already serializes them.
+
 A running job holds a lease its worker renews with every heartbeat. Every later write by the worker
 is conditional on still owning the job (same worker id, still running), so a worker that was
 presumed dead and whose job went to another worker cannot overwrite the other's result.
@@ -19,12 +24,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from app.errors import NotFoundError
 from app.store import Database, Job, ModelVersion, utcnow
 
 ACTIVE = ("queued", "running")
+_CLAIM_LOCK_KEY = 0x6F6E6E78636C6D  # pg_advisory_xact_lock key serializing capped claims ("onnxclm")
 
 
 def new_worker_id() -> str:
@@ -69,10 +75,11 @@ class ClaimedJob:
 
 
 class JobQueue:
-    def __init__(self, db: Database, lease_s: float, max_attempts: int) -> None:
+    def __init__(self, db: Database, lease_s: float, max_attempts: int, max_running: int = 0) -> None:
         self.db = db
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
+        self.max_running = max_running  # global cap on running jobs; 0 = none
 
     # -- reads (API) --------------------------------------------------------------------------------
 
@@ -94,9 +101,15 @@ class JobQueue:
     # -- the worker's side --------------------------------------------------------------------------
 
     def claim(self, worker_id: str) -> ClaimedJob | None:
-        """Take the oldest queued job, or None when the queue is empty."""
+        """Take the oldest queued job, or None when the queue is empty or `max_running` jobs already run."""
         now = utcnow()
         with self.db.write() as session:
+            if self.max_running > 0:
+                if not self.db.is_sqlite:
+                    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_KEY})
+                running = session.scalar(select(func.count()).select_from(Job).where(Job.status == "running"))
+                if running >= self.max_running:
+                    return None
             job = session.scalars(
                 select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1)
                 .with_for_update(skip_locked=True)

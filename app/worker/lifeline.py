@@ -30,20 +30,6 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def pdeathsig_preexec(parent_pid: int):  # noqa: ANN201 - a preexec_fn for subprocess.Popen
-    """For Popen(preexec_fn=...): set the death signal between fork and exec, so the child is covered
-    from its first instruction. Only for single-threaded parents (the worker): preexec_fn is unsafe
-    in a process with threads."""
-
-    def preexec() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
-
-
 def _watch_parent(parent_pid: int) -> None:
     def watch() -> None:
         while os.getppid() == parent_pid:

@@ -1,5 +1,10 @@
 """The worker's loop: recover lost jobs, claim one, run it in a child process under a time limit, publish.
 
+A worker runs up to `worker_concurrency` jobs at once, each watched by its own thread (claims and
+recovery stay on the main thread); `max_concurrent_jobs` caps running jobs across all workers, in
+the claim itself (JobQueue). Children are started without a preexec_fn (unsafe once there are
+threads): the runner makes itself die with the worker as its first step instead.
+
 While the child runs, the worker renews the job's lease with each heartbeat (and records the
 stage and progress the child reports). It stops the child when the job's time limit passes, when
 the job is no longer its own (deleted, or recovered by another worker after a lost lease), or when
@@ -28,7 +33,7 @@ from app.settings import Settings
 from app.storage import ArtifactStore, open_store
 from app.storage.base import CALIBRATION, OPTIMIZED, ORIGINAL, REPORT, artifact_key, version_prefix
 from app.store import Database, ModelVersion
-from app.worker.lifeline import die_with_parent, pdeathsig_preexec
+from app.worker.lifeline import die_with_parent
 from app.worker.runner import RunSpec
 
 log = logging.getLogger("onnxforge.worker")
@@ -78,10 +83,12 @@ class Worker:
         self.db = db or Database(settings.resolved_database_url)
         self.db.create_schema()
         self.store = store or open_store(settings)
-        self.queue = JobQueue(self.db, settings.job_lease_s, settings.job_max_attempts)
+        self.queue = JobQueue(self.db, settings.job_lease_s, settings.job_max_attempts,
+                              max_running=settings.max_concurrent_jobs)
         self.worker_id = new_worker_id()
         self._stop = threading.Event()
         self._last_recovery = 0.0
+        self._running: list[threading.Thread] = []  # one per job being run
 
     def stop(self) -> None:
         self._stop.set()
@@ -94,13 +101,24 @@ class Worker:
 
     def run_forever(self) -> None:
         log.info("worker %s started (database %s)", self.worker_id, self.db.engine.url.render_as_string())
-        while not self._stop.is_set():
-            if not self.run_once():
-                self._stop.wait(self.settings.worker_poll_s)
+        try:
+            while not self._stop.is_set():
+                if not self.run_once():
+                    self._stop.wait(self.settings.worker_poll_s)
+        finally:
+            self._stop.set()  # running jobs are put back in the queue
+            for thread in self._running:
+                thread.join()
         log.info("worker %s stopped", self.worker_id)
 
     def run_once(self) -> bool:
-        """Recover lost jobs (now and then), claim one and run it. False when there was nothing to do."""
+        """Recover lost jobs (now and then), claim a job if a slot is free and start it.
+
+        False when there was nothing to do (no free slot, nothing queued, or the global cap reached).
+        """
+        self._running = [thread for thread in self._running if thread.is_alive()]
+        if len(self._running) >= self.settings.worker_concurrency:
+            return False
         try:
             if time.monotonic() - self._last_recovery >= _RECOVER_EVERY_S:
                 self._last_recovery = time.monotonic()
@@ -112,7 +130,9 @@ class Worker:
             return False
         if job is None:
             return False
-        self._execute(job)
+        thread = threading.Thread(target=self._execute, args=(job,), name=f"job-{job.id}", daemon=True)
+        self._running.append(thread)
+        thread.start()
         return True
 
     # -- one job -------------------------------------------------------------------------------------
@@ -130,6 +150,8 @@ class Worker:
         except SQLAlchemyError as exc:
             # Cannot record the outcome: the lease will expire and the job will be recovered.
             log.error("job %s: cannot record its outcome, the database failed: %s", job.id, str(exc).splitlines()[0])
+        except Exception:  # noqa: BLE001 - this thread must not die silently; the lease recovers the job
+            log.exception("job %s: the worker failed running it; its lease will expire and it is recovered", job.id)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result = {"done": "succeeded", "stopped": "put back in the queue"}.get(outcome.kind, outcome.kind)
@@ -157,8 +179,8 @@ class Worker:
         read_fd, write_fd = os.pipe()
         try:
             child = subprocess.Popen(
-                [sys.executable, "-m", "app.worker.runner", str(write_fd)], stdin=subprocess.PIPE,
-                pass_fds=(write_fd,), preexec_fn=pdeathsig_preexec(os.getpid()),  # the worker is single-threaded
+                [sys.executable, "-m", "app.worker.runner", str(write_fd), str(os.getpid())], stdin=subprocess.PIPE,
+                pass_fds=(write_fd,),
             )
         finally:
             os.close(write_fd)  # the child holds the only writing end: EOF on ours means it is gone
@@ -181,14 +203,17 @@ class Worker:
         deadline = time.monotonic() + limit
         heartbeat_every = self.settings.job_lease_s / 3
         stage, progress = "validate", 0.0
-        if not self.queue.heartbeat(job.id, self.worker_id, runner_pid=child.pid):
+        if not self.queue.heartbeat(job.id, self.worker_id):
             return _Outcome("lost")
         last_beat = last_write = time.monotonic()
         dirty = False
         result: _Outcome | None = None
         while not messages.closed:
             for message in messages.read(timeout=0.1):
-                if message[0] == "progress":
+                if message[0] == "started":  # it dies with this worker from now on: publish its pid
+                    if not self.queue.heartbeat(job.id, self.worker_id, runner_pid=child.pid):
+                        return _Outcome("lost")
+                elif message[0] == "progress":
                     stage, progress, dirty = message[1], max(progress, min(1.0, message[2])), True
                 elif message[0] == "done":
                     result = _Outcome("done", selected=message[1])

@@ -1,7 +1,9 @@
 """The child process that runs one optimization (`optimizer.pipeline.optimize`) and reports back.
 
-Started by the worker as `python -m app.worker.runner <fd>` with the job's RunSpec as JSON on stdin.
-It writes JSON lines to file descriptor <fd>: ["progress", stage, fraction] while it runs, then
+Started by the worker as `python -m app.worker.runner <fd> [<worker pid>]` with the job's RunSpec as JSON
+on stdin; given the worker's pid, it first arranges to die with the worker (app/worker/lifeline.py).
+It writes JSON lines to file descriptor <fd>: ["started"] once it is covered by the death signal (the
+worker records its pid only then), ["progress", stage, fraction] while it runs, then
 exactly one ["done", selected] or ["error", message]. Dying without a message (a crash in native
 code, a kill) is for the worker to explain from the exit code.
 """
@@ -75,12 +77,17 @@ def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
 
 
 def main() -> None:
+    if len(sys.argv) > 2:
+        from app.worker.lifeline import die_with_parent
+
+        die_with_parent(int(sys.argv[2]))  # first: a worker killed now must not leave this job running
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the worker to handle
     out = os.fdopen(int(sys.argv[1]), "wb", buffering=0)
 
     def send(message: list) -> None:
         out.write((json.dumps(message) + "\n").encode())
 
+    send(["started"])
     spec = RunSpec(**json.loads(sys.stdin.read()))
     limit_memory(spec.memory_limit_mb)
     try:

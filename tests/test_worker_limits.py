@@ -1,0 +1,111 @@
+"""Max concurrent jobs, on the real worker: `worker_concurrency` optimizer children per worker process,
+and `max_concurrent_jobs` across every worker sharing the database (checked in the claim).
+
+Whether jobs ran at once is read from the database's own timestamps (started_at, finished_at).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from app.services.jobs import JobQueue
+from app.settings import Settings
+from app.store import Database, Job
+from app.worker.embedded import SETTINGS_ENV
+from tests import models
+from tests.conftest import Api
+from tests.test_app_queue import _add_jobs, _db
+from tests.test_scale_out import new_database  # noqa: F401 - the PostgreSQL fixture, shared
+
+
+def _intervals(api: Api, job_ids: list[str]) -> list[tuple[datetime, datetime]]:
+    with api.services.db.read() as session:
+        jobs = [session.get(Job, job_id) for job_id in job_ids]
+    assert all(job.status == "succeeded" and job.attempts == 1 for job in jobs), [(j.status, j.error) for j in jobs]
+    return sorted((job.started_at, job.finished_at) for job in jobs)
+
+
+def _overlap(intervals: list[tuple[datetime, datetime]]) -> bool:
+    return any(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:], strict=False))
+
+
+def _upload_two(api: Api) -> list[str]:
+    return [api.upload(models.mlp(seed=seed), name=f"m{seed}", precision="fp32").json()["job_id"] for seed in (1, 2)]
+
+
+@contextmanager
+def _second_worker(settings: Settings) -> Iterator[subprocess.Popen]:
+    """Another worker process on the same database (as `onnxforge worker` on another container would be)."""
+    env = {**os.environ, SETTINGS_ENV: settings.model_dump_json()}
+    process = subprocess.Popen([sys.executable, "-m", "app.worker", "--parent-pid", str(os.getpid())], env=env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def test_one_worker_with_two_slots_runs_two_jobs_at_once(serve) -> None:  # noqa: ANN001
+    with serve(worker_concurrency=2) as api:
+        job_ids = _upload_two(api)
+        for job_id in job_ids:
+            api.wait(job_id)
+        intervals = _intervals(api, job_ids)
+    assert _overlap(intervals), intervals
+
+
+def test_global_cap_of_one_holds_across_two_workers_with_two_slots_each(serve) -> None:  # noqa: ANN001
+    with serve(worker_concurrency=2, max_concurrent_jobs=1) as api, _second_worker(api.services.settings):
+        job_ids = _upload_two(api)
+        for job_id in job_ids:
+            api.wait(job_id)
+        intervals = _intervals(api, job_ids)
+    assert not _overlap(intervals), intervals
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """An empty queue on SQLite, and on the local PostgreSQL (skipped without one, as in test_scale_out)."""
+    if request.param == "sqlite":
+        return _db(tmp_path)
+    db = Database(request.getfixturevalue("new_database")())
+    db.create_schema()
+    return db
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_racing_claimers_never_exceed_the_global_cap(queue_db: Database, cap: int) -> None:
+    db = queue_db
+    _add_jobs(db, 12)
+    claimed: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def work(n: int) -> None:
+        queue = JobQueue(Database(db.url), lease_s=30, max_attempts=2, max_running=cap)  # its own connections
+        barrier.wait()
+        for _ in range(5):
+            job = queue.claim(f"{socket.gethostname()}:0:w{n}")
+            if job is not None:
+                with lock:
+                    claimed.append(job.id)
+        queue.db.dispose()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(claimed) == cap
+    assert JobQueue(db, 30, 2).counts()["running"] == cap
+    db.dispose()
