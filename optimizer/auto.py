@@ -42,6 +42,7 @@ from optimizer.calibration import SampleSet
 from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, static_name, static_twin
 from optimizer.errors import first_line
 from optimizer.latency import BenchmarkError, measure_batches
+from optimizer.passes.int8_static import SharedCalibration
 from optimizer.runtime import SessionSettings
 from optimizer.variants import Built, build, evaluate
 
@@ -85,6 +86,8 @@ class AutoSearch:
     repairs: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
     deferred: list[Candidate] = field(default_factory=list)
+    # one pre-processed model and one calibration per method for every static build of this search
+    shared: SharedCalibration = field(default_factory=SharedCalibration)
 
     # -- the steps -------------------------------------------------------------------------------
 
@@ -100,7 +103,8 @@ class AutoSearch:
         ops = [n.op_type for n in self.source.graph.node]
         matmul_heavy = sum(op in ("MatMul", "Gemm", "Attention", "LSTM", "GRU") for op in ops) > ops.count("Conv")
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
-                         fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy)
+                         fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy,
+                         shared=self.shared)
         self.skipped += plan.skipped
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
@@ -149,7 +153,7 @@ class AutoSearch:
                   and b.row.settings.get("method") == "minmax" and "exclude_nodes" not in b.row.settings]
         failed: dict[tuple[str, str], str] = {}  # (scope, method) -> the variant it failed on
         for row in sorted(static, key=self._probe_p50):
-            later = [static_twin(row.settings, method=m) for m in LATER_METHODS]
+            later = [static_twin(row.settings, method=m, shared=self.shared) for m in LATER_METHODS]
             if row.status in ("failed", "skipped"):
                 self._skip(later, f"its MinMax twin {row.name} did not build ({row.status})")
                 continue
@@ -263,7 +267,7 @@ class AutoSearch:
         if not exclude:
             return False
         if row.settings.get("mode") == "static":
-            candidate = static_twin(row.settings, exclude=exclude, suffix=suffix)
+            candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared)
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix)

@@ -65,15 +65,19 @@ def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclu
 
 def static_candidate(method: str = "minmax", quant_format: str = "qdq", activation_type: str = "int8",
                      op_types: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
-                     suffix: str = "") -> Candidate:
-    """Static INT8 (per-channel S8 weights); `exclude` names nodes to keep in float (a repair)."""
+                     suffix: str = "", shared: int8_static.SharedCalibration | None = None) -> Candidate:
+    """Static INT8 (per-channel S8 weights); `exclude` names nodes to keep in float (a repair).
+
+    `shared`: the search's calibration cache, so its builds calibrate once per method, not once each.
+    """
     config = int8_static.Int8StaticConfig(method=method, quant_format=quant_format, activation_type=activation_type,
                                           op_types=op_types, nodes_to_exclude=exclude)
     settings: dict[str, Any] = {"mode": "static", "method": method, "format": quant_format,
                                 "activation_type": activation_type, "weight_type": "int8", "per_channel": True,
                                 "op_types": list(op_types) if op_types else "all"}
     name = _excluding(static_name(method, quant_format, activation_type, op_types), settings, exclude, suffix)
-    return Candidate(name, "int8", settings, lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0]))
+    return Candidate(name, "int8", settings,
+                     lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0], shared))
 
 
 def static_name(method: str, quant_format: str, activation_type: str, op_types: tuple[str, ...] | None) -> str:
@@ -82,11 +86,12 @@ def static_name(method: str, quant_format: str, activation_type: str, op_types: 
 
 
 def static_twin(settings: dict[str, Any], *, method: str | None = None, quant_format: str | None = None,
-                exclude: tuple[str, ...] = (), suffix: str = "") -> Candidate:
+                exclude: tuple[str, ...] = (), suffix: str = "",
+                shared: int8_static.SharedCalibration | None = None) -> Candidate:
     """The static candidate with the same settings as a report row, one of them changed."""
     op_types = None if settings["op_types"] == "all" else tuple(settings["op_types"])
     return static_candidate(method or settings["method"], quant_format or settings["format"],
-                            settings["activation_type"], op_types, exclude=exclude, suffix=suffix)
+                            settings["activation_type"], op_types, exclude=exclude, suffix=suffix, shared=shared)
 
 
 def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, has_calibration: bool,
@@ -118,7 +123,7 @@ def cpu_has_fp16_arithmetic() -> bool:
 
 
 def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
-              matmul_heavy: bool = False) -> Plan:
+              matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
@@ -142,7 +147,8 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
         for quant_format, activation_type in (("qoperator", "uint8"), ("qdq", "uint8"), ("qdq", "int8"),
                                               ("qoperator", "int8")):
             for op_types in (None, HEAVY_OPS):
-                result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types))
+                result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types,
+                                                          shared=shared))
     if not matmul_heavy:
         result.candidates[-2:-2] = dynamic  # before QOperator S8S8
     if not has_calibration:

@@ -12,14 +12,19 @@ Our own chunked feeding holds at most `memory_budget_bytes` of activations (esti
 inference) whatever the method: the calibrators merge ranges and histograms across calls.
 Also from real models: per-channel weights need opset >= 13 (DequantizeLinear `axis`) or the tool
 writes an invalid file without warning, so older models are converted first; a result with no
-quantized op, a tool exception or a model that does not run is a PassError.
+quantized op, a tool exception or a model that does not run is a PassError, except when leaving a
+few nodes in float gets the tool through (`_quantize_around_crashes`).
+A search that builds many variants of one model passes a `SharedCalibration`: one pre-processed
+model and one calibration per method serve every format, activation type, scope and repair.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.calibrate import CalibraterBase, TensorsData, create_calibrator, save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from optimizer.errors import CalibrationError, PassError, first_line
@@ -163,31 +168,225 @@ def calibration_chunk(samples: int, bytes_per_sample: int, budget: int, histogra
     return max(1, min(samples, budget // max(bytes_per_sample, 1)))
 
 
-def _calibrate(source: Path, workdir: Path, config: Int8StaticConfig, feeds: Sequence[Feed], chunk: int,
-               op_types: list[str]) -> Path:
-    """Collect activation ranges chunk by chunk and write them as a quantize_static calibration cache."""
+def _calibrator_options(config: Int8StaticConfig) -> dict[str, Any]:
     options = {name: config.extra_options[key] for key, name in _CALIBRATOR_OPTIONS.items()
                if key in config.extra_options}
     if config.method == "entropy":
         options.setdefault("num_bins", ENTROPY_BINS)
         options.setdefault("num_quantized_bins", ENTROPY_QUANTIZED_BINS)
+    return options
+
+
+def _collect(source: Path, workdir: Path, config: Int8StaticConfig, feeds: Sequence[Feed], chunk: int,
+             op_types: list[str] | None) -> TensorsData:
+    """Run ORT's calibrator chunk by chunk (None: every float tensor of the graph)."""
     calibrator = create_calibrator(
         source,
         op_types,
         augmented_model_path=str(workdir / "augmented.onnx"),
         calibrate_method=_METHODS[config.method],
-        extra_options=options,
+        extra_options=_calibrator_options(config),
     )
     for start in range(0, len(feeds), chunk):
         calibrator.collect_data(_FeedReader(feeds[start : start + chunk]))
+    return calibrator.compute_data()
+
+
+def _calibrate(source: Path, workdir: Path, config: Int8StaticConfig, feeds: Sequence[Feed], chunk: int,
+               op_types: list[str]) -> Path:
+    """Collect activation ranges chunk by chunk and write them as a quantize_static calibration cache."""
     cache = workdir / "calibration.json"
-    save_tensors_data(calibrator.compute_data(), cache)
+    save_tensors_data(_collect(source, workdir, config, feeds, chunk, op_types), cache)
     return cache
 
 
+@dataclass
+class _Prepared:
+    """A pre-processed model and what calibrating it costs, shared by every build of one source."""
+
+    model_bytes: bytes
+    notes: list[str]
+    per_sample: int
+    unknown: int
+
+
+@dataclass
+class _Ranges:
+    """One method's ranges for every float tensor, and which tensors each op type's nodes touch."""
+
+    data: TensorsData
+    tensors_by_op: dict[str, set[str]]
+
+    def scoped(self, op_types: Sequence[str]) -> TensorsData:
+        """The ranges a calibrator restricted to `op_types` would have computed (same tensors, same values).
+
+        Only those tensors: quantize_static treats "has a range" as "quantize it" in places (a Relu's
+        input takes its output's range only when both have one), so extra ranges would change the model.
+        """
+        wanted: set[str] = set()
+        for op_type in op_types:
+            wanted |= self.tensors_by_op.get(op_type, set())
+        return TensorsData(self.data.calibration_method, {k: v for k, v in self.data.items() if k in wanted})
+
+
+class SharedCalibration:
+    """Work every static build of one search shares: one pre-processed model, one calibration per method.
+
+    The activation ranges depend only on the float model, the samples and the method, not on the
+    quant format, the activation type, the op-type scope or the nodes a repair leaves in float; yet
+    each quantize_static run calibrates again (20-35 s per build on real models). So the first build
+    with a method calibrates every float tensor once, and each build hands quantize_static the subset
+    its scope needs through the calibration cache, which gives the same ranges and the same model as
+    calibrating itself (tests/test_int8_static.py). It also remembers the nodes that made the tool
+    crash for a configuration, so a repair does not search for them again. One instance per sample
+    set: the samples are part of every key.
+    """
+
+    def __init__(self) -> None:
+        self._prepared: dict[tuple, _Prepared] = {}
+        self._ranges: dict[tuple, _Ranges] = {}
+        self._tool_excluded: dict[tuple, list[str]] = {}
+        self._samples: dict[tuple[int, ...], list[Feed]] = {}
+        self.calibrations: list[dict[str, Any]] = []  # {method, seconds, tensors}: one per calibration run
+        self.reused = 0  # builds that got their ranges from here instead of calibrating
+
+    @staticmethod
+    def model_key(model: onnx.ModelProto) -> str:
+        return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+    def samples_key(self, feeds: Sequence[Feed]) -> tuple[int, ...]:
+        """Identity of a sample list by its arrays (a slice of the same list gives the same key); the
+        arrays are kept referenced so that an id is never reused by other data while this cache lives."""
+        key = tuple(id(array) for feed in feeds for array in feed.values())
+        self._samples.setdefault(key, list(feeds))
+        return key
+
+    def prepared(self, key: tuple, make: Any) -> _Prepared:
+        if key not in self._prepared:
+            self._prepared[key] = make()
+        return self._prepared[key]
+
+    def ranges(self, key: tuple, make: Any) -> tuple[_Ranges, bool]:
+        """The ranges for `key`, computed by `make()` on first use; True when they were reused."""
+        if key in self._ranges:
+            self.reused += 1
+            return self._ranges[key], True
+        self._ranges[key] = make()
+        return self._ranges[key], False
+
+    def tool_excluded(self, key: tuple) -> list[str]:
+        return self._tool_excluded.setdefault(key, [])
+
+
+def _tensors_by_op(source: Path) -> dict[str, set[str]]:
+    """For each op type, the tensors ORT's calibrator selects when told to calibrate that op type only.
+
+    Asks the calibrator's own selection (`select_tensors_to_calibrate` on the model it loads with
+    shape inference), so the subset for a scope is exactly what a scoped calibration would cover.
+    """
+    base = CalibraterBase(source, op_types_to_calibrate=None)
+    result = {}
+    for op_type in sorted({n.op_type for n in base.model.graph.node}):
+        base.op_types_to_calibrate = [op_type]
+        result[op_type] = set(base.select_tensors_to_calibrate(base.model)[0])
+    return result
+
+
+def _prepare(model: onnx.ModelProto, workdir: Path, first_feed: Feed) -> _Prepared:
+    source, notes = pre_process(model, workdir, PASS_NAME)
+    preprocessed = onnx.load_model(source)
+    per_sample, unknown = activation_bytes_per_sample(preprocessed, first_feed)
+    return _Prepared(source.read_bytes(), notes, per_sample, unknown)
+
+
+#: Nodes the crash search may leave in float before it gives up (each costs ~log2(nodes) quantize runs).
+MAX_TOOL_EXCLUSIONS = 4
+
+
+def _quantize(source: Path, target: Path, cache: Path, config: Int8StaticConfig, op_types: list[str],
+              excluded: Sequence[str], feed: Feed) -> onnx.ModelProto:
+    """One quantize_static run from cached ranges, checked to load and run; raises on any failure."""
+    if target.exists():
+        target.unlink()
+    quantize_static(
+        source,
+        target,
+        calibration_data_reader=None,
+        calibration_cache_path=cache,
+        quant_format=_FORMATS[config.quant_format],
+        op_types_to_quantize=op_types,
+        per_channel=config.per_channel,
+        activation_type=_TYPES[config.activation_type],
+        weight_type=_TYPES[config.weight_type],
+        nodes_to_exclude=list(excluded),
+        calibrate_method=_METHODS[config.method],
+        extra_options=dict(config.extra_options),
+    )
+    quantized = onnx.load_model(target)
+    verify_runs(quantized, feed, PASS_NAME)
+    return quantized
+
+
+def _quantize_around_crashes(source: Path, target: Path, cache: Path, config: Int8StaticConfig,
+                             op_types: list[str], excluded: list[str], known: list[str], feed: Feed,
+                             preprocessed: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """quantize_static, leaving in float the nodes on which ORT's quantizer fails; returns them too.
+
+    A tool failure on one node (Magika: a Gemm bias that is not 1-D makes quantize_static raise;
+    elsewhere it writes a model that does not load) should cost that node, not the candidate. The
+    error rarely names the node, so after trying any node the message names, a binary search over
+    the quantizable nodes in graph order finds the first node whose quantization breaks the build
+    (quantize the first k, keep the rest in float), up to MAX_TOOL_EXCLUSIONS nodes. `known` holds
+    the nodes found by earlier builds of the same configuration and is extended in place.
+    """
+    def attempt(extra: Sequence[str]) -> tuple[onnx.ModelProto | None, str | None]:
+        try:
+            return _quantize(source, target, cache, config, op_types, [*excluded, *known, *extra], feed), None
+        except Exception as exc:  # noqa: BLE001 - the tools raise anything
+            return None, first_line(exc)
+
+    model, error = attempt(())
+    if model is not None:
+        return model, []
+    first_error = error
+    scope = set(op_types)
+    skip = set(excluded)
+    found: list[str] = []
+    while len(found) < MAX_TOOL_EXCLUSIONS:
+        candidates = [n.name for n in preprocessed.graph.node
+                      if n.op_type in scope and n.name and n.name not in skip and n.name not in known]
+        named = [n for n in candidates if len(n) >= 4 and n in (error or "")]
+        culprit = None
+        if named:
+            model, error = attempt(named[:1])
+            culprit = named[0] if model is not None else None
+        if culprit is None:
+            if attempt(candidates)[0] is None:
+                break  # not a node's fault: even with every candidate in float it fails
+            lo, hi = 0, len(candidates)  # quantizing the first lo works, the first hi fails
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if attempt(candidates[mid:])[0] is not None:
+                    lo = mid
+                else:
+                    hi = mid
+            culprit = candidates[hi - 1]
+        known.append(culprit)
+        found.append(culprit)
+        model, error = attempt(())
+        if model is not None:
+            return model, found
+    raise PassError(f"{PASS_NAME}: {config.method} calibration or quantize_static failed: {first_error}"
+                    + (f" (still failing with {found} in float)" if found else ""))
+
+
 def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Sequence[Feed],
-        feed: Feed) -> PassResult:
-    """Quantize weights and activations, with activation ranges calibrated on `calibration_feeds`."""
+        feed: Feed, shared: SharedCalibration | None = None) -> PassResult:
+    """Quantize weights and activations, with activation ranges calibrated on `calibration_feeds`.
+
+    With `shared`, the pre-processed model and the ranges come from (and go to) that cache; without
+    it, this build calibrates its own scope.
+    """
     _check_config(config)
     if not calibration_feeds:
         raise CalibrationError(
@@ -198,46 +397,62 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
     source_model = _to_per_channel_opset(model, notes) if config.per_channel else model
     # quantize_static's own default: every op type either quantizer knows.
     op_types = list(config.op_types) if config.op_types else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    model_key = (SharedCalibration.model_key(model), config.per_channel) if shared else None
+    samples_key = shared.samples_key(calibration_feeds) if shared else None
+    changes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="onnxforge-int8s-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         # (the calibrators print progress to stdout, which would corrupt the command line's JSON output)
         workdir = Path(tmp)
-        source, pre_notes = pre_process(source_model, workdir, PASS_NAME)
-        notes += pre_notes
+        if shared is not None:
+            prepared = shared.prepared(model_key, lambda: _prepare(source_model, workdir, calibration_feeds[0]))
+        else:
+            prepared = _prepare(source_model, workdir, calibration_feeds[0])
+        source = workdir / "preprocessed.onnx"
+        source.write_bytes(prepared.model_bytes)
+        notes += prepared.notes
         preprocessed = onnx.load_model(source)
         excluded, exclude_notes = map_node_names(config.nodes_to_exclude, preprocessed)
         notes += exclude_notes
-        per_sample, unknown = activation_bytes_per_sample(preprocessed, calibration_feeds[0])
+        per_sample, unknown = prepared.per_sample, prepared.unknown
         if unknown:
             notes.append(f"{unknown} float tensors have no inferred shape: the memory estimate leaves them out")
         chunk = calibration_chunk(len(calibration_feeds), per_sample, config.memory_budget_bytes,
                                   histogram=config.method != "minmax")
-        if chunk < len(calibration_feeds):
-            notes.append(f"calibrated in chunks of {chunk} samples to hold at most ~"
-                         f"{chunk * per_sample / 1024**2:.0f} MB of activations at once")
         target = workdir / "quantized.onnx"
         try:
-            cache = _calibrate(source, workdir, config, calibration_feeds, chunk, op_types)
-            quantize_static(
-                source,
-                target,
-                calibration_data_reader=None,
-                calibration_cache_path=cache,
-                quant_format=_FORMATS[config.quant_format],
-                op_types_to_quantize=op_types,
-                per_channel=config.per_channel,
-                activation_type=_TYPES[config.activation_type],
-                weight_type=_TYPES[config.weight_type],
-                nodes_to_exclude=excluded,
-                calibrate_method=_METHODS[config.method],
-                extra_options=dict(config.extra_options),
-            )
-            quantized = onnx.load_model(target)
+            if shared is None:
+                if chunk < len(calibration_feeds):
+                    notes.append(f"calibrated in chunks of {chunk} samples to hold at most ~"
+                                 f"{chunk * per_sample / 1024**2:.0f} MB of activations at once")
+                cache = _calibrate(source, workdir, config, calibration_feeds, chunk, op_types)
+            else:
+                def make() -> _Ranges:
+                    started = time.perf_counter()
+                    data = _collect(source, workdir, config, calibration_feeds, chunk, None)
+                    shared.calibrations.append({"method": config.method, "tensors": len(data.data),
+                                                "seconds": round(time.perf_counter() - started, 3)})
+                    return _Ranges(data, _tensors_by_op(source))
+
+                options = tuple(sorted(_calibrator_options(config).items()))
+                ranges, reused = shared.ranges((*model_key, samples_key, config.method, options), make)
+                notes.append(f"{config.method} ranges " + ("reused from this search's shared calibration" if reused
+                             else "calibrated once over every float tensor, shared with later builds"))
+                changes["calibration_shared"] = reused
+                cache = workdir / "calibration.json"
+                save_tensors_data(ranges.scoped(op_types), cache)
         except Exception as exc:  # noqa: BLE001 - the tools raise anything ("Too many bins for data range", ...)
             raise PassError(f"{PASS_NAME}: {config.method} calibration or quantize_static failed: "
                             f"{first_line(exc)}") from None
+        known = (shared.tool_excluded((*model_key, config.quant_format, config.activation_type, config.weight_type,
+                                       tuple(op_types))) if shared is not None else [])
+        known_before = list(known)
+        quantized, found = _quantize_around_crashes(source, target, cache, config, op_types, excluded, known,
+                                                    feed, preprocessed)
+        tool_excluded = [*known_before, *found]
+        if tool_excluded:
+            notes.append(f"ONNX Runtime's quantizer failed on {tool_excluded}: left in float, the rest quantized")
     counts = require_quantized(quantized, model, PASS_NAME)
-    verify_runs(quantized, feed, PASS_NAME)
-    changes = {
+    changes.update({
         "quantized_ops": counts,
         "method": config.method,
         "quant_format": config.quant_format,
@@ -247,8 +462,9 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
         "calibration_samples": len(calibration_feeds),
         "calibration_chunk": chunk,
         "activation_bytes_per_sample": per_sample,
+        "tool_excluded_nodes": tool_excluded,
         "nodes_before": len(model.graph.node),
         "nodes_after": len(quantized.graph.node),
         "op_histogram_after": op_histogram(quantized),
-    }
+    })
     return PassResult(quantized, changes, notes)
