@@ -19,9 +19,11 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class _StateCollector(Collector):
     """Gauges read when scraped: jobs by status (from the database) and loaded sessions."""
 
-    def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int]) -> None:
+    def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int],
+                 sessions_bytes: Callable[[], int]) -> None:
         self.job_counts = job_counts
         self.sessions_loaded = sessions_loaded
+        self.sessions_bytes = sessions_bytes
 
     def collect(self):  # noqa: ANN201 - prometheus_client's protocol
         jobs = GaugeMetricFamily("onnxforge_jobs", "Optimization jobs by status", labels=["status"])
@@ -33,10 +35,14 @@ class _StateCollector(Collector):
         yield jobs
         yield GaugeMetricFamily("onnxforge_sessions_loaded", "ONNX Runtime sessions in the cache",
                                 value=self.sessions_loaded())
+        yield GaugeMetricFamily("onnxforge_sessions_estimated_bytes",
+                                "Estimated memory of the loaded sessions (what session_cache_max_mb bounds)",
+                                value=self.sessions_bytes())
 
 
 class Metrics:
-    def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int]) -> None:
+    def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int],
+                 sessions_bytes: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "onnxforge_http_requests", "HTTP requests by route template and status",
@@ -62,7 +68,7 @@ class Metrics:
             "onnxforge_batch_queue_depth", "Requests waiting in the batching queue after the last dispatch",
             ["model", "version", "variant"], registry=self.registry,
         )
-        self.registry.register(_StateCollector(job_counts, sessions_loaded))
+        self.registry.register(_StateCollector(job_counts, sessions_loaded, sessions_bytes))
 
     def observe_predict(self, model: str, version: int, variant: str, started: float, ok: bool) -> None:
         labels = (model, str(version), variant)

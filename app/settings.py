@@ -70,6 +70,10 @@ class Settings(BaseSettings):
                                      "(checked when a job is claimed); 0 = no global cap, each worker runs up to "
                                      "worker_concurrency",
     )
+    session_cache_max_mb: int = Field(
+        default=4096, ge=0, description="estimated memory of loaded sessions (1.5x each model file), least "
+                                        "recently used out; a model over it still loads, alone; 0 = count only",
+    )
 
     # Access control (app/security.py).
     api_keys: SecretStr = Field(

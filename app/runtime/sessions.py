@@ -1,7 +1,9 @@
 """A bounded cache of ONNX Runtime sessions, least recently used out first.
 
 Sessions are expensive to create (graph optimization at load) and hold the model's weights, so the
-service keeps a few and loads the rest on demand. Loading is single-flight per key: a burst of
+service keeps a few and loads the rest on demand. Two bounds: a count (settings.session_cache_size)
+and an estimated memory budget (settings.session_cache_max_mb); a single model over the budget
+still loads, alone, rather than being unservable. Loading is single-flight per key: a burst of
 requests for a cold model creates one session, not one per request. Evicting only drops the
 cache's reference; a request already running keeps its session alive until it finishes.
 """
@@ -19,6 +21,21 @@ import onnxruntime as ort
 from app.runtime.signature import TensorSpec, signature_of
 from optimizer.runtime import SessionSettings, create_session, session_provider
 
+# A loaded session's memory, estimated as the model file's size times this. Measured as RSS growth
+# per extra session of one model (ONNX Runtime 1.32 CPU, serving settings, median of 4 in a fresh
+# process; `pytest -m slow tests/test_sessions_budget.py -k measure -s`, three runs): a MatMul MLP
+# 0.9-1.2x its 80 MiB file, a 4-layer transformer 1.04-1.39x its 48 MiB (prepacked weight copies),
+# so 1.5x covers weight-dominated models. The file size is known before loading, and weights
+# dominate at the sizes a memory budget is for; what it misses is the activation arena, which
+# depends on the inputs sent, not the file (a 1.4 MiB CNN took 10.6-11.6 MiB at 64x64): small
+# models are held in check by the count bound (session_cache_size), not by this estimate.
+MEMORY_PER_FILE_BYTE = 1.5
+
+
+def estimated_bytes(path: Path) -> int:
+    """The memory a session of the model at `path` is expected to hold (see MEMORY_PER_FILE_BYTE)."""
+    return int(path.stat().st_size * MEMORY_PER_FILE_BYTE)
+
 
 @dataclass
 class LoadedSession:
@@ -26,18 +43,21 @@ class LoadedSession:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     provider: str  # what the session really got ("cpu" | "cuda"), read back from ONNX Runtime
+    size_bytes: int = 0  # estimated memory held (estimated_bytes), for the cache's budget
 
     @classmethod
     def load(cls, path: Path, settings: SessionSettings) -> LoadedSession:
         session = create_session(path, settings)
         inputs, outputs = signature_of(session)
-        return cls(session, inputs, outputs, session_provider(session))
+        return cls(session, inputs, outputs, session_provider(session), estimated_bytes(path))
 
 
 class SessionCache:
     def __init__(self, capacity: int, settings: SessionSettings,
-                 loader: Callable[[Path, SessionSettings], LoadedSession] = LoadedSession.load) -> None:
+                 loader: Callable[[Path, SessionSettings], LoadedSession] = LoadedSession.load,
+                 max_bytes: int = 0) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes  # budget for the sessions' estimated memory; 0 = count bound only
         self.settings = settings
         self._loader = loader
         self._entries: OrderedDict[Hashable, LoadedSession] = OrderedDict()
@@ -69,15 +89,37 @@ class SessionCache:
             if entry is not None:
                 return entry
             try:
-                entry = self._loader(path(), self.settings)
+                source = path()
+                with self._lock:  # make room first, so the new session does not load on top of a full budget
+                    self._shrink(incoming=1, incoming_bytes=estimated_bytes(source) if self.max_bytes else 0)
+                entry = self._loader(source, self.settings)
                 with self._lock:
                     self._entries[key] = entry
-                    while len(self._entries) > self.capacity:
-                        self._entries.popitem(last=False)
+                    self._shrink(keep=1)
                 return entry
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
+
+    def _shrink(self, *, incoming: int = 0, incoming_bytes: int = 0, keep: int = 0) -> None:
+        """Drop least recently used sessions until `incoming` more sessions of `incoming_bytes` fit in both
+        bounds (lock held); never the `keep` most recent (the one just loaded stays, even alone over budget)."""
+        def over() -> bool:
+            if len(self._entries) + incoming > self.capacity:
+                return True
+            return bool(self.max_bytes) and self._bytes() + incoming_bytes > self.max_bytes
+
+        while len(self._entries) > keep and over():
+            self._entries.popitem(last=False)
+
+    def _bytes(self) -> int:
+        return sum(entry.size_bytes for entry in self._entries.values())
+
+    @property
+    def bytes(self) -> int:
+        """The loaded sessions' estimated memory."""
+        with self._lock:
+            return self._bytes()
 
     def evict(self, predicate: Callable[[Hashable], bool]) -> int:
         """Drop every session whose key matches; returns how many."""

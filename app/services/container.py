@@ -19,7 +19,7 @@ from app.runtime.sessions import SessionCache
 from app.services.jobs import JobQueue
 from app.services.predict import PredictService
 from app.services.registry import Registry
-from app.settings import Settings
+from app.settings import MiB, Settings
 from app.storage import ArtifactStore, open_store
 from app.store import Database
 from app.worker.embedded import EmbeddedWorker
@@ -77,9 +77,9 @@ def open_services(settings: Settings) -> Services:
         # Idle intra-op threads that spin take the core the event loop needs to parse the next requests:
         # with spinning, batching measured slower than no batching at 32 concurrent clients.
         allow_spinning=settings.intra_op_spinning,
-    ))
+    ), max_bytes=settings.session_cache_max_mb * MiB)
     jobs = JobQueue(db, settings.job_lease_s, settings.job_max_attempts)
-    metrics = Metrics(jobs.counts, lambda: len(sessions))
+    metrics = Metrics(jobs.counts, lambda: len(sessions), lambda: sessions.bytes)
     registry = Registry(db, store)
     executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
     batcher = None
