@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.metrics import Metrics
-from app.runtime.batching import Batcher, BatchPolicy, batchable
+from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays
 from app.runtime.signature import TensorSpec, signature_of
 from optimizer.runtime import SessionSettings, create_session
 from tests import models
@@ -150,3 +150,21 @@ def test_a_delay_gathers_a_burst_and_a_full_batch_goes_at_once(executor) -> None
     # A 100 s delay: full batches must not wait for it (wait_for fails the test after 10 s if they do).
     _gather(batcher, session, ["logits"], feeds[:4] * 2, BatchPolicy(max_batch_size=4, max_delay_s=100.0))
     assert sizes == [4, 4]
+
+
+def test_the_probe_batches_an_mlp_but_not_a_cnn_whose_cost_per_row_does_not_fall() -> None:
+    mlp = _session(models.mlp())
+    assert batching_pays(mlp, signature_of(mlp)[0])  # 8 rows cost about one row: the call is the cost
+    cnn = _session(models.cnn(channels=(16, 32, 64), image=64))
+    assert not batching_pays(cnn, signature_of(cnn)[0])  # 8 rows cost about 8 rows
+    # A single run over the limit is not probed further.
+    assert not batching_pays(mlp, signature_of(mlp)[0], max_single_s=0.0)
+
+
+def test_the_probe_says_no_when_it_cannot_make_up_inputs_or_the_graph_refuses_them() -> None:
+    typed = _session(models.typed_io())  # a string input: no made-up value
+    assert not batching_pays(typed, signature_of(typed)[0])
+    mlp = _session(models.mlp())
+    inputs, _ = signature_of(mlp)
+    wrong = [TensorSpec(inputs[0].name, inputs[0].type, inputs[0].dtype, ("batch", 63))]  # the graph wants 64
+    assert not batching_pays(mlp, wrong)

@@ -89,6 +89,25 @@ def test_a_model_can_turn_batching_on_when_the_service_default_is_off(serve) -> 
             "batch_max_size": 16, "batch_max_delay_ms": 0.0}
 
 
+def test_without_its_own_size_a_model_is_batched_only_where_the_probe_says_it_pays(serve) -> None:  # noqa: ANN001
+    mlp, cnn = models.mlp(), models.cnn(channels=(16, 32, 64), image=64)
+    with serve(run_worker=False, registry_cache_ttl_s=60, batch_max_size=32) as api:
+        assert api.upload(mlp, name="mlp").status_code == 202
+        assert api.upload(cnn, name="cnn").status_code == 202
+        assert api.upload(cnn, name="cnn8", batch_max_size="8").status_code == 202  # its own size: no probe
+        for name, model in (("mlp", mlp), ("cnn", cnn), ("cnn8", cnn)):
+            feeds = [models.random_feed(model, batch=1, seed=i) for i in range(6)]
+            assert api.predict(name, feeds[0]).status_code == 200
+            results = _predict_together(api, name, feeds)
+            session = create_session(model.SerializeToString())
+            for feed, outputs in zip(feeds, results, strict=True):
+                np.testing.assert_allclose(outputs["logits"], session.run(["logits"], feed)[0], rtol=1e-4, atol=1e-5)
+        assert _count_and_sum(api, "mlp")[1] == 7
+        assert _count_and_sum(api, "cnn") == (0, 0)
+        count, rows = _count_and_sum(api, "cnn8")
+        assert rows == 7 and count < 7
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("batch_max_size", "0"), ("batch_max_size", "2.5"), ("batch_max_size", "4096"), ("batch_max_size", "many"),
     ("batch_max_delay_ms", "-1"), ("batch_max_delay_ms", "nan"), ("batch_max_delay_ms", "5000"),

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics
-from app.runtime.batching import Batcher, BatchPolicy, batchable
+from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import prepare_feed
 from app.services.registry import Registry, serving_variant
@@ -62,21 +62,23 @@ class _Route:
     outputs: tuple[str, ...]
 
 
-def batch_policy(row: ModelVersion, default: BatchPolicy) -> BatchPolicy:
-    """The version's own batching settings (stored at upload) over the service's defaults."""
-    own = getattr(row, "serving", None) or {}
+def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, bool]:
+    """The version's own batching settings (stored at upload) over the service's defaults, and whether
+    its batch size was given (then it is honoured as is, not probed)."""
+    own = row.serving or {}
     size = own.get("batch_max_size")
     delay_ms = own.get("batch_max_delay_ms")
-    return BatchPolicy(
+    policy = BatchPolicy(
         max_batch_size=default.max_batch_size if size is None else int(size),
         max_delay_s=default.max_delay_s if delay_ms is None else float(delay_ms) / 1000,
     )
+    return policy, size is not None
 
 
 class PredictService:
     def __init__(self, registry: Registry, sessions: SessionCache, metrics: Metrics, executor: Executor, *,
                  cache_ttl_s: float = 1.0, max_input_elements: int | None = None,
-                 batcher: Batcher | None = None) -> None:
+                 batcher: Batcher | None = None, probe_batching: bool = True) -> None:
         self.registry = registry
         self.sessions = sessions
         self.metrics = metrics
@@ -88,6 +90,8 @@ class PredictService:
             batcher = Batcher(executor, max_batch_size=1,
                               observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
         self.batcher = batcher
+        # Batch a model without its own batch size only if a probe shows that batching pays for it.
+        self.probe_batching = probe_batching
         self._resolved: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
         self._resolving: dict[tuple[str, int | None], asyncio.Future] = {}
         self._routes: dict[tuple[str, str], _Route] = {}
@@ -176,19 +180,23 @@ class PredictService:
                 ) from None
         return ServingModel(row, chosen, loaded)
 
-    def _route(self, model: ServingModel) -> _Route:
+    async def _route(self, model: ServingModel) -> _Route:
         """The batching key, policy and output names of a (version, variant): fixed for its life, so once."""
         key = (model.row.id, model.variant)
         route = self._routes.get(key)
-        if route is None:
-            row, loaded = model.row, model.loaded
-            policy = batch_policy(row, self.batcher.default)
-            if policy.max_batch_size <= 1 or not batchable(loaded.inputs, loaded.outputs):
+        if route is not None:
+            return route
+        row, loaded = model.row, model.loaded
+        policy, own_size = batch_policy(row, self.batcher.default)
+        if policy.max_batch_size <= 1 or not batchable(loaded.inputs, loaded.outputs):
+            policy = None
+        elif self.probe_batching and not own_size:
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(self.executor, batching_pays, loaded.session, loaded.inputs):
                 policy = None
-            route = _Route((row.name, str(row.version), model.variant, row.id), policy,
-                           tuple(spec.name for spec in loaded.outputs))
-            self._routes[key] = route
-        return route
+        route = _Route((row.name, str(row.version), model.variant, row.id), policy,
+                       tuple(spec.name for spec in loaded.outputs))
+        return self._routes.setdefault(key, route)  # a concurrent first request may have probed too
 
     # -- predict -------------------------------------------------------------------------------------
 
@@ -198,7 +206,7 @@ class PredictService:
         """Run the serving variant of a model on `inputs`; BadRequestError (400) names a bad input."""
         model = await self.serving(name, version, variant)
         row, loaded = model.row, model.loaded
-        route = self._route(model)
+        route = await self._route(model)
         started = time.perf_counter()
         ok = False
         try:
