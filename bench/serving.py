@@ -1,15 +1,19 @@
 """Serving benchmark: requests/s and p50/p99 latency of ways to serve one ONNX model on this machine.
 
-For a small model (MLP) and a mid-size one (2-layer transformer encoder, hidden 128, seq 32), at
-concurrency 1, 8 and 32, side by side in one run:
+For two small models, an MLP (a run costs ~5 us: HTTP is nearly all of a request) and a small CNN
+(3 Conv-BN-Relu blocks on a 64x64 image, ~0.5 ms a run), and a mid-size one (2-layer transformer
+encoder, hidden 128, seq 32), at concurrency 1, 8 and 32, side by side in one run:
   (a) ort         ONNX Runtime called directly in one process, one thread per concurrent caller (the limit)
   (b) fastapi     a minimal FastAPI endpoint calling session.run per request (JSON in/out; what users write)
   (c) v1          our /v1 predict (JSON), without and with dynamic batching
-  (d) v2-binary   our /v2 infer with binary tensors, without and with dynamic batching
+  (d) v2-binary   our /v2 infer with binary tensors, without and with dynamic batching, and with the
+                  service's default (batching where a probe at load says it pays: see app/runtime/batching.py)
+"with batching" uploads each model with batch_max_size=32 (batching forced, no probe); "without" runs the
+service with ONNXFORGE_BATCH_MAX_SIZE=1; "default" sets neither.
 The load comes from a separate process: a small asyncio HTTP/1.1 keep-alive client (one connection per
 concurrent caller, the same request body each time), so the client costs little of the 2 cores.
 
-    /work/venv/bin/python bench/serving.py [--seconds 5] [--concurrency 1 8 32] [--models small mid]
+    /work/venv/bin/python bench/serving.py [--seconds 5] [--concurrency 1 8 32] [--models small cnn mid]
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ WARMUP_S = 0.5
 
 def _models() -> dict[str, tuple[object, dict[str, np.ndarray]]]:
     small = models.mlp()
+    cnn = models.cnn(channels=(16, 32, 64), image=64)
     mid = models.transformer(hidden=128, layers=2)
     return {
         "small": (small, models.random_feed(small, batch=1)),
+        "cnn": (cnn, models.random_feed(cnn, batch=1)),
         "mid": (mid, models.random_feed(mid, batch=1, seq=32)),
     }
 
@@ -190,17 +196,20 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _ours(data_dir: Path, batching: bool, onnx_models: dict) -> tuple[subprocess.Popen, int]:
+def _ours(data_dir: Path, mode: str, onnx_models: dict) -> tuple[subprocess.Popen, int]:
+    """Our service in `mode` "batch" (every model uploaded with batch_max_size=32), "nobatch" or "default"."""
     port = _free_port()
-    env = {**os.environ, "ONNXFORGE_RUN_WORKER": "false", "ONNXFORGE_LOG_LEVEL": "warning",
-           "ONNXFORGE_BATCH_MAX_SIZE": "32" if batching else "1"}
+    env = {**os.environ, "ONNXFORGE_RUN_WORKER": "false", "ONNXFORGE_LOG_LEVEL": "warning"}
+    if mode == "nobatch":
+        env["ONNXFORGE_BATCH_MAX_SIZE"] = "1"
     process = _start([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
                      f"http://127.0.0.1:{port}/readyz", env)
     for name, (model, _) in onnx_models.items():
         if httpx.get(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=30).status_code == 200:
             continue  # uploaded by the previous server on the same data folder
         files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/models", files=files, data={"name": name}, timeout=60)
+        fields = {"name": name, **({"batch_max_size": "32"} if mode == "batch" else {})}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/models", files=files, data=fields, timeout=60)
         response.raise_for_status()
         assert httpx.get(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=30).status_code == 200
     return process, port
@@ -240,7 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell (after 0.5 s warm-up)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--models", nargs="+", default=["small", "mid"], choices=["small", "mid"])
+    parser.add_argument("--models", nargs="+", default=["small", "cnn", "mid"], choices=["small", "cnn", "mid"])
     args = parser.parse_args()
     onnx_models = {k: v for k, v in _models().items() if k in args.models}
     results: dict[tuple[str, str, int], tuple[float, float, float]] = {}
@@ -267,15 +276,16 @@ def main() -> None:
                                  args.seconds))
             finally:
                 _stop(server)
-        for batching in (False, True):
-            tag = "batch" if batching else "nobatch"
-            server, port = _ours(Path(tmp) / "data", batching, onnx_models)
+        for tag in ("nobatch", "batch", "default"):
+            server, port = _ours(Path(tmp) / f"data-{tag}", tag, onnx_models)  # own folder: fields are stored
             try:
                 for name, (_, feed) in onnx_models.items():
                     body, headers = _v2_binary(feed)
                     for c in args.concurrency:
-                        record(f"c v1 {tag}", name, c, _load(port, f"/v1/models/{name}/predict", _json_body(feed),
-                                                             {"Content-Type": "application/json"}, c, args.seconds))
+                        if tag != "default":
+                            record(f"c v1 {tag}", name, c,
+                                   _load(port, f"/v1/models/{name}/predict", _json_body(feed),
+                                         {"Content-Type": "application/json"}, c, args.seconds))
                         record(f"d v2-bin {tag}", name, c,
                                _load(port, f"/v2/models/{name}/infer", body, headers, c, args.seconds))
             finally:
@@ -289,7 +299,7 @@ def main() -> None:
     print()
     header = f"| {'model':<6} | {'c':>3} | " + " | ".join(f"{k:<18}" for k in kinds) + " |"
     print(header)
-    print("|" + "|".join("-" * (len(part) + 2) for part in header.split("|")[1:-1]) + "|")
+    print("|" + "|".join("-" * len(part) for part in header.split("|")[1:-1]) + "|")
     for name in onnx_models:
         for c in args.concurrency:
             cells = []
@@ -306,11 +316,14 @@ def main() -> None:
             print(f"{name}: c=1 p50 of /v2 (no batching) minus ORT direct: {gap:+.2f} ms")
         if 32 in args.concurrency:
             top = max(args.concurrency)
+            minimal = rps("b fastapi minimal", top)
             for api in ("c v1", "d v2-bin"):
                 batch, nobatch = rps(f"{api} batch", top), rps(f"{api} nobatch", top)
-                minimal = rps("b fastapi minimal", top)
                 print(f"{name}: c={top} {api}: batching/no batching {batch / max(nobatch, 1e-9):.2f}x, "
                       f"batching/minimal FastAPI {batch / max(minimal, 1e-9):.2f}x")
+            default, nobatch = rps("d v2-bin default", top), rps("d v2-bin nobatch", top)
+            print(f"{name}: c={top} d v2-bin: default/no batching {default / max(nobatch, 1e-9):.2f}x, "
+                  f"default/minimal FastAPI {default / max(minimal, 1e-9):.2f}x")
 
 
 if __name__ == "__main__":
