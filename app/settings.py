@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     # running session.run at once only oversubscribe the cores (4 x 2 threads on 2 cores measured worse).
     predict_threads: int = Field(default=2, ge=1, description="threads running session.run off the event loop")
     batch_max_size: int = Field(
-        default=32, ge=1, description="dynamic batching: most rows per session.run (1 turns batching off)"
+        default=32, ge=1, description="dynamic batching: most rows per session.run (1 turns batching off); a "
+                                      "model uploaded without its own batch_max_size is batched only where a "
+                                      "probe at load shows batching pays (app/runtime/batching.py)",
     )
     batch_max_running: int = Field(
         default=1, ge=1, description="dynamic batching: batches of one model version running at once"
