@@ -19,6 +19,7 @@ from app.runtime.sessions import SessionCache
 from app.services.jobs import JobQueue
 from app.services.predict import PredictService
 from app.services.registry import Registry
+from app.services.uploads import ValidationLimiter, limit_validations
 from app.settings import MiB, Settings
 from app.storage import ArtifactStore, open_store
 from app.store import Database
@@ -43,6 +44,7 @@ class Services:
     executor: ThreadPoolExecutor
     provider: str  # what sessions are created on here ("cpu" | "cuda"), after probing CUDA
     worker: EmbeddedWorker | None
+    validations: ValidationLimiter  # bounds the uploads validated at once in this process
 
     def close(self) -> None:
         if self.worker is not None:
@@ -93,4 +95,6 @@ def open_services(settings: Settings) -> Services:
     worker = EmbeddedWorker(settings) if settings.run_worker else None
     log.info("onnxforge: data in %s, database %s, sessions on %s, worker %s", settings.data_dir.resolve(),
              db.engine.url.render_as_string(hide_password=True), provider, "embedded" if worker else "external")
-    return Services(settings, db, store, registry, jobs, sessions, predict, metrics, executor, provider, worker)
+    validations = limit_validations(settings.max_concurrent_validations, settings.validation_wait_s)
+    return Services(settings, db, store, registry, jobs, sessions, predict, metrics, executor, provider, worker,
+                    validations)

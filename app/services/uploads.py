@@ -2,16 +2,25 @@
 
 Everything here runs before the 202, so a user learns at once what is wrong with what they sent;
 the worker only ever sees models ONNX Runtime can load and sample sets that fit them.
+
+Loading a model to validate it takes a few times its size in memory, in the API process: at most
+`max_concurrent_validations` run at once (ValidationLimiter). An upload that finds no free slot
+within `validation_wait_s` gets 503 with Retry-After (the server is busy, not the client wrong or
+over a quota: hence 503, not 429), and nothing of it is kept.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
+from starlette.exceptions import HTTPException
 
 from app.errors import BadRequestError, UnsupportedMediaTypeError
 from optimizer.calibration import load_samples
@@ -35,6 +44,62 @@ _NOT_ONNX = [
     (b"\x80\x04", "a Python pickle (a PyTorch checkpoint?)"),
     (b"\x80\x05", "a Python pickle (a PyTorch checkpoint?)"),
 ]
+
+
+RETRY_AFTER_S = 5  # what a refused upload is told to wait; about one validation of a large model
+
+
+class ValidationBusyError(HTTPException):
+    """503 + Retry-After. An HTTPException because app/api/errors.py passes its headers on (ServiceError has none)."""
+
+    def __init__(self, capacity: int, waited_s: float) -> None:
+        super().__init__(503, headers={"Retry-After": str(RETRY_AFTER_S)}, detail=(
+            f"the service is validating {capacity} other upload(s) (ONNXFORGE_MAX_CONCURRENT_VALIDATIONS="
+            f"{capacity}) and none finished within {waited_s:g} s: send the upload again in {RETRY_AFTER_S} s"))
+
+
+class ValidationLimiter:
+    """At most `capacity` validations at once; the others wait up to `wait_s` for a slot, then ValidationBusyError.
+
+    A threading semaphore, not an asyncio one: validations run in worker threads (run_in_threadpool).
+    """
+
+    def __init__(self, capacity: int, wait_s: float) -> None:
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self._slots = threading.BoundedSemaphore(capacity)
+        self._lock = threading.Lock()
+        self.running = 0
+        self.peak = 0  # most validations seen running at once (for tests and metrics)
+        self.refused = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(timeout=self.wait_s):
+            with self._lock:
+                self.refused += 1
+            raise ValidationBusyError(self.capacity, self.wait_s)
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
+            self._slots.release()
+
+
+# The process's limiter: memory is per process, so is the bound. open_services replaces it with one
+# from the settings (and keeps it in Services.validations); validate_upload uses it unless given one.
+_limiter = ValidationLimiter(2, 5.0)
+
+
+def limit_validations(capacity: int, wait_s: float) -> ValidationLimiter:
+    """Install (and return) this process's validation limiter."""
+    global _limiter
+    _limiter = ValidationLimiter(capacity, wait_s)
+    return _limiter
 
 
 @dataclass
@@ -173,17 +238,25 @@ def _value_infos(values: Any, skip: set[str]) -> list[dict[str, Any]]:  # noqa: 
 
 
 def validate_upload(model_path: Path, filename: str | None, calibration_path: Path | None,
-                    fields: dict[str, str]) -> ValidatedUpload:
+                    fields: dict[str, str], limiter: ValidationLimiter | None = None) -> ValidatedUpload:
     """Validate everything about an upload (blocking: run it off the event loop).
 
     Raises UnsupportedMediaTypeError (415) for files of the wrong kind, BadRequestError or an
-    optimizer.errors subclass (400) for a bad model, calibration set or option.
+    optimizer.errors subclass (400) for a bad model, calibration set or option, ValidationBusyError
+    (503) when no validation slot frees up in time. The cheap checks come before the slot.
     """
     name = model_name(fields.get("name", "").strip() or None, filename)
     options = parse_options(fields, calibration_path is not None)
     _refuse_non_onnx(model_path)
     if calibration_path is not None:
         _refuse_non_npz(calibration_path)
+    with (limiter or _limiter).slot():
+        return _validate_contents(name, options, model_path, filename, calibration_path)
+
+
+def _validate_contents(name: str, options: UploadOptions, model_path: Path, filename: str | None,
+                       calibration_path: Path | None) -> ValidatedUpload:
+    """The part that loads the model and the samples (the memory-hungry part, run under a slot)."""
     # load_model reads external data relative to the file's folder; uploads come as one file, and
     # each sits alone under a unique name, so a model pointing at external data is refused.
     try:
