@@ -50,6 +50,8 @@ from optimizer.variants import Built, build, evaluate
 MAX_REPAIR_TARGETS = 2
 #: How many of the most sensitive tensors' nodes each repair attempt leaves in float.
 REPAIR_STEPS = (1, 2, 4, 8, 16)
+#: Sensitive units (a tensor's producer and consumers) each tried alone in float before combining them.
+LEAVE_ONE_OUT_UNITS = 8
 #: Tensors that lose less than this (mean relative error per channel) are not worth leaving in float.
 MIN_TENSOR_ERROR = 0.02
 LATER_METHODS = ("percentile", "entropy")
@@ -86,6 +88,7 @@ class AutoSearch:
     repairs: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
     deferred: list[Candidate] = field(default_factory=list)
+    _tried: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)  # (target, exclusions) built
     # one pre-processed model and one calibration per method for every static build of this search
     shared: SharedCalibration = field(default_factory=SharedCalibration)
 
@@ -205,16 +208,22 @@ class AutoSearch:
             else:
                 self.skipped.append({"name": f"{row.name} (repair)",
                                      "reason": f"only the {MAX_REPAIR_TARGETS} fastest failing variants are repaired"})
-        for row in targets:
-            self.repairs.append(self._repair_one(row))
+        for i, row in enumerate(targets):
+            # each target gets an equal share of what is left, so the first cannot starve the second
+            share = max(self.deadline - time.monotonic(), 0.0) / (len(targets) - i)
+            self.repairs.append(self._repair_one(row, time.monotonic() + share))
 
     # -- repair of one variant -------------------------------------------------------------------
 
-    def _repair_one(self, row: Any) -> dict[str, Any]:
+    def _repair_one(self, row: Any, deadline: float) -> dict[str, Any]:
+        """Head first; then leave-one-out over the most sensitive units, a greedy union of the ones that
+        helped, and the cumulative top-k units of the ranking, until a variant passes and is not slower
+        than FP32 (every passing repair is timed), or `deadline`."""
         record: dict[str, Any] = {"target": row.name, "attempts": [], "ranking": None, "passed": None}
+        self._target_deadline = deadline
         head = tuple(sensitivity.head_nodes(self.source))
         record["head_nodes"] = list(head)
-        if self._attempt(row, head, "repair-head", "output head in float", record):
+        if self._attempt(row, head, "repair-head", "output head in float", record) in (True, None):
             return record
         if row.settings.get("mode") != "static":
             record["note"] = ("sensitivity ranking reads QDQ activations; a dynamic variant gets only the head "
@@ -224,19 +233,41 @@ class AutoSearch:
         if not ranking:
             return record
         worth = [t for t in ranking if t.error >= MIN_TENSOR_ERROR] or ranking[:1]
-        tried: set[tuple[str, ...]] = set()
+        base = accuracy_margin(row.accuracy, self.tolerance)
+        # 1. leave-one-out: each of the most sensitive units alone, scored by its accuracy margin
+        units: list[tuple[str, ...]] = []
+        for loss in worth:
+            unit = tuple(loss.nodes)
+            if unit and unit not in units:
+                units.append(unit)
+        gains: list[tuple[float, tuple[str, ...]]] = []
+        for i, unit in enumerate(units[:LEAVE_ONE_OUT_UNITS]):
+            built = self._attempt(row, unit, f"repair-loo{i + 1}", f"the nodes of sensitive tensor #{i + 1} alone "
+                                  "in float (leave-one-out)", record)
+            if built is True or built is None:
+                return record
+            if built is False:
+                continue  # the head repair already left exactly these nodes in float
+            gains.append((accuracy_margin(built.row.accuracy, self.tolerance) - base, unit))
+        # 2. greedy: the units that helped most, combined in order of their gain
+        helpful = [unit for gain, unit in sorted(gains, key=lambda g: -g[0]) if gain > 0]
+        nodes: list[str] = []
+        for k, unit in enumerate(helpful, start=1):
+            nodes += [n for n in unit if n not in nodes]
+            if k < 2:
+                continue  # one unit alone was tried above
+            outcome = self._attempt(row, tuple(nodes), f"repair-greedy{k}", f"the {k} units whose leave-one-out "
+                                    "helped most, together in float", record)
+            if outcome is True or outcome is None:
+                return record
+        # 3. the cumulative top-k of the ranking (errors spread over many tensors)
         for k in REPAIR_STEPS:
-            # The head is not added here: the ranking lists the output tensor when it matters, and every
-            # node left in float that does not need to be adds Q/DQ boundaries.
-            nodes: list[str] = []
+            nodes = []
             for loss in worth[:k]:
                 nodes += [n for n in loss.nodes if n not in nodes]
-            key = tuple(sorted(nodes))
-            if key in tried:
-                continue
-            tried.add(key)
-            if self._attempt(row, tuple(nodes), f"repair-top{k}", f"the nodes of the {k} most sensitive "
-                             "tensors in float", record):
+            outcome = self._attempt(row, tuple(nodes), f"repair-top{k}", f"the nodes of the {k} most sensitive "
+                                    "tensors in float", record)
+            if outcome is True or outcome is None:
                 return record
             if k >= len(worth):
                 break
@@ -263,25 +294,61 @@ class AutoSearch:
         record["ranking"] = [t.to_dict() for t in ranking[:10]]
         return ranking
 
-    def _attempt(self, row: Any, exclude: tuple[str, ...], suffix: str, what: str, record: dict[str, Any]) -> bool:
-        if not exclude:
+    def _attempt(self, row: Any, exclude: tuple[str, ...], suffix: str, what: str,
+                 record: dict[str, Any]) -> Built | bool | None:
+        """One repair build: True when it passes (and, where timed, beats FP32); its Built when it does not;
+        False when there was nothing new to try; None when the time budget ran out."""
+        key = (row.name, tuple(sorted(exclude)))
+        if not exclude or key in self._tried:
             return False
+        self._tried.add(key)
         if row.settings.get("mode") == "static":
             candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared)
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix)
         candidate.settings.update({"repair_of": row.name, "repair": what})
-        if time.monotonic() >= self.deadline:
-            self.skipped.append({"name": candidate.name, "reason": "the job's time budget ran out"})
-            return False
+        if time.monotonic() >= min(self.deadline, getattr(self, "_target_deadline", self.deadline)):
+            self.skipped.append({"name": candidate.name, "reason": "the time budget for this repair ran out"})
+            return None
         built = self._add(candidate)
-        record["attempts"].append({"name": candidate.name, "excluded_nodes": list(exclude),
-                                   "status": built.row.status, "reason": built.row.reason})
-        if built.row.status == "ok":
-            record["passed"] = candidate.name
-            return True
-        return False
+        attempt = {"name": candidate.name, "excluded_nodes": list(exclude), "status": built.row.status,
+                   "reason": built.row.reason, "build_s": built.row.build_s,
+                   "margin": round(accuracy_margin(built.row.accuracy, self.tolerance), 5)}
+        record["attempts"].append(attempt)
+        if built.row.status != "ok":
+            return built
+        slower = self._slower_than_fp32(built)
+        if slower:
+            attempt["note"] = slower
+            record.setdefault("passed_but_slower", []).append(candidate.name)
+            return built
+        record["passed"] = candidate.name
+        return True
+
+    def _slower_than_fp32(self, built: Built) -> str | None:
+        """Time a passing repair against FP32 (float islands add Q/DQ boundaries and can make it slower);
+        a reason when it is not faster, else None. Not timed when pruning by latency is off."""
+        if not self.prune_by_latency or built.model is None:
+            return None
+        fp32 = self.built[self.fp32_name]
+        if fp32.model is None:
+            return None
+        try:
+            stats = measure_batches({self.fp32_name: fp32.model.SerializeToString(),
+                                     built.row.name: built.model.SerializeToString()},
+                                    self.samples.holdout[0], self.settings, batch_sizes=(self.batch,), min_runs=10,
+                                    target_seconds=self.probe_seconds, deadline=self.timing_deadline or self.deadline)
+        except BenchmarkError as exc:
+            self.decisions.append(f"timing the repaired {built.row.name} failed ({first_line(exc)})")
+            return None
+        timed = next(iter(stats.values()))
+        mine, theirs = timed[built.row.name].p50_ms, timed[self.fp32_name].p50_ms
+        built.row.probe_latency_ms = {"p50": round(mine, 4), "p90": round(timed[built.row.name].p90_ms, 4)}
+        if mine >= theirs:
+            return (f"passes but measured {mine:.3f} ms vs {self.fp32_name} {theirs:.3f} ms side by side: "
+                    "its float islands cost more than INT8 saves")
+        return None
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -360,6 +427,27 @@ class AutoSearch:
             "decisions": self.decisions,
             "steps_s": self.steps_s,
         }
+
+
+def accuracy_margin(accuracy: dict[str, Any] | None, tolerance: Tolerance) -> float:
+    """How far the worst checked metric sits above its limit (negative: fails): what a repair improves.
+
+    The pass/fail verdict alone cannot say which of two failing repairs came closer; the smallest
+    margin over cosine, top-1 and slice cosine of every checked output can. NaN/Inf: -inf.
+    """
+    if not accuracy:
+        return float("-inf")
+    margins = []
+    for out in accuracy.get("outputs", {}).values():
+        if not out.get("checked", True):
+            continue
+        if out.get("nonfinite"):
+            return float("-inf")
+        for value, limit in ((out.get("cosine"), tolerance.min_cosine), (out.get("top1"), tolerance.min_top1),
+                             ((out.get("slices") or {}).get("worst_cosine"), tolerance.min_slice_cosine)):
+            if value is not None and limit is not None:
+                margins.append(value - limit)
+    return min(margins, default=0.0)
 
 
 def _accuracy_summary(accuracy: dict[str, Any] | None) -> dict[str, Any] | None:
