@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tests import models
 
 # Small and fast: a short optimizer budget, a short lease so lost jobs are noticed quickly, no
 # caching of which version serves (a test asserts right after a job finishes).
@@ -87,3 +88,38 @@ def serve(data_dir: Path) -> Callable[..., Any]:
             yield Api(client)
 
     return run
+
+
+# -- Refused uploads (tests/test_app_upload.py, tests/test_hardening_*.py): one app serving `good` version 1,
+# -- a bad upload posted to it, and the check that the refusal changed nothing.
+
+
+@contextmanager
+def serving_good_model(data_dir: Path, **overrides: Any) -> Iterator[Api]:
+    """An app without a worker (jobs stay queued) serving models.mlp() as `good` version 1."""
+    settings = Settings(**{**TEST_SETTINGS, "data_dir": data_dir, "run_worker": False, **overrides})
+    with TestClient(create_app(settings)) as client:
+        api = Api(client)
+        assert api.upload(models.mlp(), "good.onnx").status_code == 202
+        yield api
+
+
+def post_bad(api: Api, model: bytes, calibration: bytes | None = None, **fields: str):  # noqa: ANN201 - httpx.Response
+    """Upload `model` (and `calibration`) as bad.onnx; the test asserts on the answer."""
+    return api.upload(model, "bad.onnx", calibration, **fields)
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def assert_only_good_serves(api: Api) -> None:
+    """A refused upload changed nothing: `good` v1 is the only model and file, no upload is left over, it predicts."""
+    listed = api.client.get("/v1/models").json()
+    assert [(m["name"], m["versions"], m["latest_version"]) for m in listed] == [("good", 1, 1)]
+    settings = api.services.settings
+    assert files_under(settings.artifacts_dir) == {"models/good/1/original.onnx"}
+    assert not list(settings.uploads_dir.iterdir()), "a refused upload left a temporary file behind"
+    response = api.predict("good", models.random_feed(models.mlp(), batch=2))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["outputs"]["logits"]) == 2

@@ -2,47 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-from fastapi.testclient import TestClient
 from onnx import helper
 
-from app.main import create_app
-from app.settings import Settings
 from tests import models
-from tests.conftest import TEST_SETTINGS, Api, npz
+from tests.conftest import Api, assert_only_good_serves, npz, post_bad, serving_good_model
 
 LIMIT = 400_000  # bytes, for the model and for the calibration set
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Api:
-    """One app (no worker: jobs stay queued) holding one good model, `good` version 1."""
-    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("data"), "run_worker": False,
-                           "max_model_bytes": LIMIT, "max_calibration_bytes": LIMIT})
-    with TestClient(create_app(settings)) as client:
-        api = Api(client)
-        assert api.upload(models.mlp(), "good.onnx").status_code == 202
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with serving_good_model(tmp_path_factory.mktemp("data"), max_model_bytes=LIMIT,
+                            max_calibration_bytes=LIMIT) as api:
         yield api
-
-
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-
-
-def _assert_untouched(api: Api) -> None:
-    listed = api.client.get("/v1/models").json()
-    assert [(m["name"], m["versions"], m["latest_version"]) for m in listed] == [("good", 1, 1)]
-    settings = api.services.settings
-    assert _files(settings.artifacts_dir) == {"models/good/1/original.onnx"}
-    assert not list(settings.uploads_dir.iterdir()), "an upload left a temporary file behind"
-    feed = models.random_feed(models.mlp(), batch=1)
-    assert api.predict("good", feed).status_code == 200
 
 
 def _mlp_bytes() -> bytes:
@@ -66,39 +44,35 @@ def _samples(**arrays: np.ndarray) -> bytes:
     return npz(**arrays)
 
 
-def _post(api: Api, model: bytes, calibration: bytes | None = None, **fields: str):  # noqa: ANN202
-    return api.upload(model, "bad.onnx", calibration, **fields)
-
-
 rng = np.random.default_rng(0)
 CASES: dict[str, tuple[Callable[[Api], Any], int, str]] = {
-    "empty file": (lambda api: _post(api, b""), 400, "empty"),
-    "random bytes": (lambda api: _post(api, b"\x08\x07" + rng.bytes(3000)), 400, "ONNX"),
-    "truncated model": (lambda api: _post(api, _mlp_bytes()[: len(_mlp_bytes()) // 2]), 400, "ONNX"),
-    "checker refuses": (lambda api: _post(api, _broken_graph()), 400, "checker"),
-    "op ONNX Runtime lacks": (lambda api: _post(api, _unknown_op()), 400, "ONNX Runtime cannot load"),
-    "zip instead of ONNX": (lambda api: _post(api, _samples(features=np.zeros((2, 64), np.float32))), 415, "ZIP"),
-    "text instead of ONNX": (lambda api: _post(api, b"name: resnet\nlayers: 50\n"), 415, "text"),
+    "empty file": (lambda api: post_bad(api, b""), 400, "empty"),
+    "random bytes": (lambda api: post_bad(api, b"\x08\x07" + rng.bytes(3000)), 400, "ONNX"),
+    "truncated model": (lambda api: post_bad(api, _mlp_bytes()[: len(_mlp_bytes()) // 2]), 400, "ONNX"),
+    "checker refuses": (lambda api: post_bad(api, _broken_graph()), 400, "checker"),
+    "op ONNX Runtime lacks": (lambda api: post_bad(api, _unknown_op()), 400, "ONNX Runtime cannot load"),
+    "zip instead of ONNX": (lambda api: post_bad(api, _samples(features=np.zeros((2, 64), np.float32))), 415, "ZIP"),
+    "text instead of ONNX": (lambda api: post_bad(api, b"name: resnet\nlayers: 50\n"), 415, "text"),
     "calibration names": (
-        lambda api: _post(api, _mlp_bytes(), _samples(pixels=np.zeros((8, 64), np.float32))), 400, "'features'"),
+        lambda api: post_bad(api, _mlp_bytes(), _samples(pixels=np.zeros((8, 64), np.float32))), 400, "'features'"),
     "calibration shapes": (
-        lambda api: _post(api, _mlp_bytes(), _samples(features=np.zeros((8, 63), np.float32))), 400, "64"),
+        lambda api: post_bad(api, _mlp_bytes(), _samples(features=np.zeros((8, 63), np.float32))), 400, "64"),
     "calibration dtype": (
-        lambda api: _post(api, _mlp_bytes(), _samples(features=np.zeros((8, 64), np.int64))), 400, "float32"),
-    "calibration not npz": (lambda api: _post(api, _mlp_bytes(), _mlp_bytes()), 415, ".npz"),
+        lambda api: post_bad(api, _mlp_bytes(), _samples(features=np.zeros((8, 64), np.int64))), 400, "float32"),
+    "calibration not npz": (lambda api: post_bad(api, _mlp_bytes(), _mlp_bytes()), 415, ".npz"),
     "model over the limit (declared length)": (
-        lambda api: _post(api, models.mlp(hidden=512).SerializeToString()), 413, "larger than the limits"),
+        lambda api: post_bad(api, models.mlp(hidden=512).SerializeToString()), 413, "larger than the limits"),
     "model over the limit (streamed)": (
-        lambda api: _post(api, models.mlp(hidden=360).SerializeToString()), 413, "ONNXFORGE_MAX_MODEL_BYTES"),
+        lambda api: post_bad(api, models.mlp(hidden=360).SerializeToString()), 413, "ONNXFORGE_MAX_MODEL_BYTES"),
     "calibration over the limit": (
-        lambda api: _post(api, _mlp_bytes(), _samples(features=np.zeros((1700, 64), np.float32))), 413,
+        lambda api: post_bad(api, _mlp_bytes(), _samples(features=np.zeros((1700, 64), np.float32))), 413,
         "ONNXFORGE_MAX_CALIBRATION_BYTES"),
     "not multipart": (lambda api: api.client.post("/v1/models", json={"file": "model.onnx"}), 415, "multipart"),
     "no file field": (lambda api: api.client.post("/v1/models", files={"name": (None, "x")}), 422, "`file`"),
-    "unknown field": (lambda api: _post(api, _mlp_bytes(), colour="blue"), 400, "unknown form field 'colour'"),
-    "bad precision": (lambda api: _post(api, _mlp_bytes(), precision="int4"), 400, "precision must be one of"),
-    "bad name": (lambda api: _post(api, _mlp_bytes(), name="../etc"), 400, "invalid model name"),
-    "static INT8 without samples": (lambda api: _post(api, _mlp_bytes(), int8_mode="static"), 400, "calibration"),
+    "unknown field": (lambda api: post_bad(api, _mlp_bytes(), colour="blue"), 400, "unknown form field 'colour'"),
+    "bad precision": (lambda api: post_bad(api, _mlp_bytes(), precision="int4"), 400, "precision must be one of"),
+    "bad name": (lambda api: post_bad(api, _mlp_bytes(), name="../etc"), 400, "invalid model name"),
+    "static INT8 without samples": (lambda api: post_bad(api, _mlp_bytes(), int8_mode="static"), 400, "calibration"),
 }
 
 
@@ -109,7 +83,7 @@ def test_bad_upload_gets_its_status_and_changes_nothing(api: Api, case: str) -> 
     assert response.status_code == status, response.text
     assert list(response.json()) == ["error"]
     assert fragment in response.json()["error"]
-    _assert_untouched(api)
+    assert_only_good_serves(api)
 
 
 def test_upload_answers_202_with_a_job_and_describes_the_model(serve) -> None:  # noqa: ANN001

@@ -8,39 +8,19 @@ and models that exhaust memory or never finish running.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
 from tests import hostile, models
-from tests.conftest import TEST_SETTINGS, Api
+from tests.conftest import Api, assert_only_good_serves, post_bad, serving_good_model
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Api:
-    """One app (no worker) serving one good model, `good` version 1."""
-    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("hostile"), "run_worker": False})
-    with TestClient(create_app(settings)) as client:
-        api = Api(client)
-        assert api.upload(models.mlp(), "good.onnx").status_code == 202
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with serving_good_model(tmp_path_factory.mktemp("hostile")) as api:
         yield api
-
-
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-
-
-def _assert_still_serving(api: Api) -> None:
-    listed = api.client.get("/v1/models").json()
-    assert [(m["name"], m["versions"]) for m in listed] == [("good", 1)]
-    settings = api.services.settings
-    assert _files(settings.artifacts_dir) == {"models/good/1/original.onnx"}
-    assert not list(settings.uploads_dir.iterdir()), "a refused upload left a temporary file behind"
-    assert api.predict("good", models.random_feed(models.mlp(), batch=2)).status_code == 200
 
 
 def _mlp() -> bytes:
@@ -67,10 +47,10 @@ UPLOADS: dict[str, tuple[Callable[[], bytes], Callable[[], bytes] | None, int, s
 @pytest.mark.parametrize("case", list(UPLOADS))
 def test_hostile_upload_is_refused_and_changes_nothing(api: Api, case: str) -> None:
     model, calibration, status, fragment = UPLOADS[case]
-    response = api.upload(model(), "bad.onnx", calibration() if calibration else None)
+    response = post_bad(api, model(), calibration() if calibration else None)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
-    _assert_still_serving(api)
+    assert_only_good_serves(api)
 
 
 def test_pickle_payload_never_runs(api: Api, tmp_path: Path) -> None:
@@ -91,10 +71,10 @@ def test_pickle_payload_never_runs(api: Api, tmp_path: Path) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, features=values)
     assert pickle.dumps(Payload())  # the payload really is a pickle that would run
-    response = api.upload(_mlp(), "bad.onnx", buffer.getvalue())
+    response = post_bad(api, _mlp(), buffer.getvalue())
     assert response.status_code == 400 and "pickle" in response.json()["error"]
     assert not marker.exists()
-    _assert_still_serving(api)
+    assert_only_good_serves(api)
 
 
 def test_models_that_exhaust_memory_or_never_finish_fail_their_jobs(serve) -> None:  # noqa: ANN001
@@ -129,7 +109,7 @@ def test_models_that_exhaust_memory_or_never_finish_fail_their_jobs(serve) -> No
 @pytest.mark.slow
 def test_real_zip_bomb_is_refused_before_inflating(api: Api) -> None:
     """~10 MB sent that inflates to 2.25 GiB: refused from the array header, not by inflating it."""
-    response = api.upload(_mlp(), "bad.onnx", hostile.npz_zip_bomb())
+    response = post_bad(api, _mlp(), hostile.npz_zip_bomb())
     assert response.status_code == 400, response.text
     assert "declares more than" in response.json()["error"]
-    _assert_still_serving(api)
+    assert_only_good_serves(api)
