@@ -55,8 +55,8 @@ def _second_worker(settings: Settings) -> Iterator[subprocess.Popen]:
         process.wait(20)
 
 
-def test_one_worker_with_two_slots_runs_two_jobs_at_once(serve) -> None:  # noqa: ANN001
-    with serve(worker_concurrency=2) as api:
+def test_a_global_cap_of_two_lets_two_jobs_run_at_once(serve) -> None:  # noqa: ANN001
+    with serve(worker_concurrency=2, max_concurrent_jobs=2) as api:
         job_ids = _upload_two(api)
         for job_id in job_ids:
             api.wait(job_id)
