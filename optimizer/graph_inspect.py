@@ -481,33 +481,62 @@ def is_transformer(report: GraphReport) -> bool:
     return any(op in report.fused for op in _TRANSFORMER_FUSED)
 
 
+def _reshape_target(g: _Graph, tensor: str) -> list[int | None] | None:
+    """The entries of a Reshape's target shape: a constant, or a Concat of one-entry pieces (None where a
+    piece is computed, such as the batch and sequence sizes taken from Shape)."""
+    value = g.constant(tensor)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+    concat = g.producer.get(tensor)
+    if concat is None or concat.op_type != "Concat":
+        return None
+    entries: list[int | None] = []
+    for piece in concat.input:
+        part = g.constant(piece)
+        if part is None:
+            entries.append(None)  # a computed size (Unsqueeze of a Gather of a Shape): one entry
+        elif np.asarray(part).size == 1:
+            entries.append(int(np.asarray(part).reshape(-1)[0]))
+        else:
+            return None
+    return entries
+
+
 def guess_attention_shape(model: onnx.ModelProto) -> tuple[int | None, int | None]:
     """(num_heads, hidden_size) for the transformer optimizer, or None for what the graph does not tell.
 
-    Heads come from the Reshape that splits heads: a constant target [0|batch, 0|seq, heads, head_dim]
-    with both last entries positive. The hidden size is heads * head_dim, confirmed by the weight of
-    the MatMul feeding that Reshape (through its bias Add) when there is one. The most frequent
-    answer wins, so an odd Reshape elsewhere in the graph does not decide.
+    Heads come from the Reshape that splits heads: a target [batch, seq, heads, head_dim] with a positive
+    head_dim, either constant or a Concat of pieces. Current PyTorch/transformers exports write
+    view(batch, seq, -1, head_dim) as Concat(Unsqueeze(..), Unsqueeze(..), [-1], [head_dim]) (MiniLM's
+    attention was left unfused for lack of heads); there heads = the projection's width / head_dim.
+    The hidden size is heads * head_dim, confirmed by the weight of the MatMul feeding that Reshape
+    (through its bias Add) when there is one. The most frequent answer wins, so an odd Reshape elsewhere
+    in the graph does not decide.
     """
     g = _Graph(model)
     votes: Counter[tuple[int, int]] = Counter()
     for node in g.nodes:
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
-        target = g.constant(node.input[1])
-        if target is None or np.asarray(target).size != 4:
+        target = _reshape_target(g, node.input[1])
+        if target is None or len(target) != 4 or target[3] is None or target[3] <= 0:
             continue
-        heads, head_dim = (int(v) for v in np.asarray(target).reshape(-1)[2:])
-        if heads <= 0 or head_dim <= 0:
-            continue
-        hidden = heads * head_dim
+        heads, head_dim = target[2], target[3]
+        width = None
         source = g.parent(node, 0, ("Add", "MatMul"))
         if source is not None and source.op_type == "Add":
             source = g.parent(source, 0, "MatMul") or g.parent(source, 1, "MatMul")
         if source is not None and source.op_type == "MatMul":
             weight = g.constant(source.input[1])
-            if weight is not None and weight.ndim == 2 and weight.shape[1] != hidden:
-                continue  # a Reshape of something else that happens to have four entries
+            if weight is not None and weight.ndim == 2:
+                width = int(weight.shape[1])
+        if heads is None or heads <= 0:  # -1 (inferred) or computed: the projection's width tells
+            if width is None or width % head_dim:
+                continue
+            heads = width // head_dim
+        hidden = heads * head_dim
+        if width is not None and width != hidden:
+            continue  # a Reshape of something else that happens to have four entries
         votes[(heads, hidden)] += 1
     if not votes:
         return None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 
 from optimizer.graph_inspect import (
@@ -123,3 +124,48 @@ def test_guess_attention_shape() -> None:
     assert guess_attention_shape(models.transformer(hidden=96, heads=8)) == (8, 96)
     assert guess_attention_shape(models.cnn()) == (None, None)
     assert guess_attention_shape(models.lstm()) == (None, None)
+
+
+def _dynamic_split_transformer(hidden: int = 64, heads: int = 4) -> onnx.ModelProto:
+    """models.transformer with each head-splitting Reshape target written as current PyTorch exports do
+    view(batch, seq, -1, head_dim): Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)),
+    [-1], [head_dim]), so the graph states head_dim but not the number of heads."""
+    from onnx import helper, numpy_helper
+
+    model = models.transformer(hidden=hidden, heads=heads)
+    graph = model.graph
+    wanted = [0, 0, heads, hidden // heads]
+    split = next(t.name for t in graph.initializer if numpy_helper.to_array(t).tolist() == wanted)
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("idx0", 0), ("idx1", 1), ("ax0", [0]), ("minus1", [-1]), ("head_dim", [hidden // heads]))]
+    graph.initializer.extend(consts)
+    nodes = []
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Reshape" and node.input[1] == split:
+            x = node.input[0]
+            pre = [helper.make_node("Shape", [x], [f"shape{i}"])]
+            for axis in (0, 1):
+                pre += [helper.make_node("Gather", [f"shape{i}", f"idx{axis}"], [f"dim{i}_{axis}"], axis=0),
+                        helper.make_node("Unsqueeze", [f"dim{i}_{axis}", "ax0"], [f"udim{i}_{axis}"])]
+            pre.append(helper.make_node("Concat", [f"udim{i}_0", f"udim{i}_1", "minus1", "head_dim"],
+                                        [f"target{i}"], axis=0))
+            nodes += pre
+            node.input[1] = f"target{i}"
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_guess_attention_shape_from_a_computed_split() -> None:
+    """MiniLM exported by torch 2.13 splits heads with view(b, s, -1, 32): heads come from the projection width."""
+    from optimizer.passes import cleanup
+
+    model = _dynamic_split_transformer(hidden=64, heads=4)
+    assert guess_attention_shape(model) == (4, 64)
+    assert guess_attention_shape(_dynamic_split_transformer(hidden=96, heads=8)) == (8, 96)
+    result = cleanup.run(model, feed=models.random_feed(model))
+    assert result.changes["transformer_fusion"]["heads_source"] == "graph"
+    assert result.changes["fusions"].get("Attention") == 1
+    assert result.changes["max_abs_diff"]["last_hidden_state"] < 1e-3
