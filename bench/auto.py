@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def summary(outcomes: list[Outcome]) -> str:
                      "margin)")
     refused = [o for o in outcomes if o.real and o.refused]
     if refused:
-        lines.append(f"refused (not in the mean): {', '.join(o.title for o in refused)}")
+        lines.append(f"refused or crashed (not in the mean): {', '.join(o.title for o in refused)}")
     return "\n".join(lines)
 
 
@@ -171,6 +172,9 @@ def main() -> None:
         except OptimizerError as exc:  # a model the optimizer refuses is a line in the table, not the end
             print(f"\n## {title}\nrefused: {exc}")
             outcomes.append(Outcome(title, real, refused=str(exc)[:100]))
+        except Exception as exc:  # noqa: BLE001 - a crash is a bug to report, but the other models still run
+            traceback.print_exc()
+            outcomes.append(Outcome(title, real, refused=f"CRASHED {type(exc).__name__}: {str(exc)[:80]}"))
         print(flush=True)
     print("\n## summary (p50 speedup over the original at batch 1, strict default accuracy gate: cosine >= 0.99, "
           "top-1 >= 99%)")
