@@ -159,6 +159,32 @@ def test_bad_requests_are_400_with_the_reason(client, server: str) -> None:  # n
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
 
 
+def test_compressed_bodies_the_version_route_and_its_metrics_label(server: str) -> None:
+    import gzip
+    import zlib
+
+    feed = {"features": np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)}
+    body = json.dumps({"inputs": [{"name": "features", "shape": [2, 64], "datatype": "FP32",
+                                   "data": feed["features"].ravel().tolist()}]}).encode()
+    expected = _reference("mlp", feed)[0]
+    for encoding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)), ("identity", body)):
+        response = httpx.post(f"http://{server}/v2/models/mlp/versions/1/infer", content=data,
+                              headers={"Content-Encoding": encoding, "Content-Type": "application/json"})
+        assert response.status_code == 200, response.text
+        out = response.json()["outputs"][0]
+        assert out["shape"] == [2, 10] and response.json()["model_version"] == "1"
+        np.testing.assert_allclose(np.asarray(out["data"]).reshape(2, 10), expected, rtol=1e-5, atol=1e-6)
+    refused = httpx.post(f"http://{server}/v2/models/mlp/infer", content=body, headers={"Content-Encoding": "br"})
+    assert refused.status_code == 400 and "'br' is not supported" in refused.json()["error"]
+    corrupt = httpx.post(f"http://{server}/v2/models/mlp/infer", content=b"nope", headers={"Content-Encoding": "gzip"})
+    assert corrupt.status_code == 400 and "not valid gzip" in corrupt.json()["error"]
+    text = httpx.get(f"http://{server}/metrics").text
+    label = ('onnxforge_http_requests_total{method="POST",route="/v2/models/{name}/versions/{version}/infer",'
+             'status="200"}')
+    counted = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(label)]
+    assert counted and counted[0] >= 3
+
+
 def test_batching_reaches_the_metrics(client, server: str) -> None:  # noqa: ANN001
     feed = models.random_feed(MODELS["mlp"], batch=1)
     tensor = httpclient.InferInput("features", [1, 64], "FP32")

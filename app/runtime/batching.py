@@ -79,7 +79,8 @@ def batching_pays(session, inputs: list[TensorSpec], *, rows: int = 8, other_dim
     if one is None or many is None:
         return False
     try:
-        _best_time(session, one, 1)  # warm-up: first runs allocate
+        if _best_time(session, one, 1) > 5 * max_single_s:  # the warm-up (first runs allocate) already says no:
+            return False  # a large model's first request does not wait for more runs
         single = _best_time(session, one, repeat)
         if single > max_single_s:
             return False
