@@ -9,17 +9,20 @@ encoder, hidden 128, seq 32), at concurrency 1, 8 and 32, side by side in one ru
   (d) v2-binary   our /v2 infer with binary tensors, without and with dynamic batching, and with the
                   service's default (batching where a probe at load says it pays: see app/runtime/batching.py)
 "with batching" uploads each model with batch_max_size=32 (batching forced, no probe); "without" runs the
-service with ONNXFORGE_BATCH_MAX_SIZE=1; "default" sets neither.
+service with ONNXFORGE_BATCH_MAX_SIZE=1; "default" sets neither. Every server starts first; each round then
+measures every cell in turn (the machine is shared: its load moves), and the table shows medians over rounds.
 The load comes from a separate process: a small asyncio HTTP/1.1 keep-alive client (one connection per
 concurrent caller, the same request body each time), so the client costs little of the 2 cores.
 
-    /work/venv/bin/python bench/serving.py [--seconds 5] [--concurrency 1 8 32] [--models small cnn mid]
+    /work/venv/bin/python bench/serving.py [--seconds 2] [--rounds 3] [--concurrency 1 8 32] [--models small cnn mid]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import shlex
@@ -115,8 +118,7 @@ def _load(port: int, path: str, body: bytes, headers: dict[str, str], concurrenc
 # -- (a) ONNX Runtime in one process --------------------------------------------------------------------
 
 
-def _direct(model, feed: dict[str, np.ndarray], concurrency: int, seconds: float) -> list[float]:  # noqa: ANN001
-    session = create_session(model.SerializeToString())
+def _direct(session, feed: dict[str, np.ndarray], concurrency: int, seconds: float) -> list[float]:  # noqa: ANN001
     latencies: list[float] = []
     begin = time.perf_counter()
     start, stop = begin + WARMUP_S, begin + WARMUP_S + seconds
@@ -247,55 +249,64 @@ def _stats(latencies: list[float], seconds: float) -> tuple[float, float, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell (after 0.5 s warm-up)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per cell (after 0.5 s warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every cell; the table shows medians")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--models", nargs="+", default=["small", "cnn", "mid"], choices=["small", "cnn", "mid"])
     args = parser.parse_args()
     onnx_models = {k: v for k, v in _models().items() if k in args.models}
-    results: dict[tuple[str, str, int], tuple[float, float, float]] = {}
+    samples: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    json_type = {"Content-Type": "application/json"}
 
-    def record(kind: str, name: str, c: int, latencies: list[float]) -> None:
-        results[kind, name, c] = _stats(latencies, args.seconds)
-        rps, p50, p99 = results[kind, name, c]
-        print(f"  {kind:<18} {name:<6} c={c:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
+    def record(kind: str, name: str, c: int, latencies: list[float], round_: int) -> None:
+        rps, p50, p99 = _stats(latencies, args.seconds)
+        samples.setdefault((kind, name, c), []).append((rps, p50, p99))
+        print(f"  round {round_} {kind:<18} {name:<6} c={c:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  "
+              f"p99 {p99:7.2f} ms", flush=True)
 
-    for name, (model, feed) in onnx_models.items():
-        for c in args.concurrency:
-            record("a ort direct", name, c, _direct(model, feed, c, args.seconds))
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (model, feed) in onnx_models.items():
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
+        # Every server is started first and idles while another is measured, so that each round measures
+        # all ways of serving a (model, concurrency) one after the other: a change in the machine's load
+        # (it is shared) then shows up as spread between rounds, not as a difference between servers.
+        minimal = {}
+        for name, (model, _) in onnx_models.items():
             path = Path(tmp) / f"{name}.onnx"
             path.write_bytes(model.SerializeToString())
             port = _free_port()
-            server = _start([sys.executable, __file__, "_minimal", "--model", str(path), "--port", str(port)],
-                            f"http://127.0.0.1:{port}/ready")
-            try:
-                for c in args.concurrency:
-                    record("b fastapi minimal", name, c,
-                           _load(port, "/predict", _json_body(feed), {"Content-Type": "application/json"}, c,
-                                 args.seconds))
-            finally:
-                _stop(server)
+            servers.callback(_stop, _start([sys.executable, __file__, "_minimal", "--model", str(path), "--port",
+                                            str(port)], f"http://127.0.0.1:{port}/ready"))
+            minimal[name] = port
+        ours = {}
         for tag in ("nobatch", "batch", "default"):
-            server, port = _ours(Path(tmp) / f"data-{tag}", tag, onnx_models)  # own folder: fields are stored
-            try:
-                for name, (_, feed) in onnx_models.items():
-                    body, headers = _v2_binary(feed)
-                    for c in args.concurrency:
-                        if tag != "default":
-                            record(f"c v1 {tag}", name, c,
-                                   _load(port, f"/v1/models/{name}/predict", _json_body(feed),
-                                         {"Content-Type": "application/json"}, c, args.seconds))
-                        record(f"d v2-bin {tag}", name, c,
-                               _load(port, f"/v2/models/{name}/infer", body, headers, c, args.seconds))
-            finally:
-                _stop(server)
+            server, ours[tag] = _ours(Path(tmp) / f"data-{tag}", tag, onnx_models)  # own folder: fields are stored
+            servers.callback(_stop, server)
+        cells = []
+        for name, (model, feed) in onnx_models.items():
+            session = create_session(model.SerializeToString())
+            body, headers = _v2_binary(feed)
+            for c in args.concurrency:
+                cells.append(("a ort direct", name, c, functools.partial(_direct, session, feed, c, args.seconds)))
+                cells.append(("b fastapi minimal", name, c, functools.partial(
+                    _load, minimal[name], "/predict", _json_body(feed), json_type, c, args.seconds)))
+                for tag in ("nobatch", "batch"):
+                    cells.append((f"c v1 {tag}", name, c, functools.partial(
+                        _load, ours[tag], f"/v1/models/{name}/predict", _json_body(feed), json_type, c,
+                        args.seconds)))
+                for tag in ("nobatch", "batch", "default"):
+                    cells.append((f"d v2-bin {tag}", name, c, functools.partial(
+                        _load, ours[tag], f"/v2/models/{name}/infer", body, headers, c, args.seconds)))
+        for round_ in range(1, args.rounds + 1):
+            for kind, name, c, measure in cells:
+                record(kind, name, c, measure(), round_)
+    results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(3))
+               for key, values in samples.items()}
 
     kinds = sorted({k for k, _, _ in results})
     print()
     print(f"machine: {describe()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"{args.seconds:g} s per cell after {WARMUP_S} s warm-up; latency = request sent to response read")
+    print(f"{args.rounds} interleaved rounds of {args.seconds:g} s per cell after {WARMUP_S} s warm-up, medians; "
+          "latency = request sent to response read")
     print()
     header = f"| {'model':<6} | {'c':>3} | " + " | ".join(f"{k:<18}" for k in kinds) + " |"
     print(header)
