@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     run_worker: bool = Field(default=True, description="start a worker process with the API (embedded default)")
     worker_poll_s: float = Field(default=1.0, gt=0)
     # 1 by default: one optimization already uses every core (intra-op threads) and up to
-    # job_memory_limit_mb, so a second at once on the same machine mostly shares them.
+    # job_memory_limit_mb, so a second at once on the same machine mostly shares them. Each child gets its
+    # own job_memory_limit_mb: a worker may take worker_concurrency times that.
     worker_concurrency: int = Field(default=1, ge=1, description="optimizer processes one worker runs at once")
     job_time_limit_s: float = Field(default=3600.0, gt=0, description="wall-clock limit of one optimization")
     job_lease_s: float = Field(default=30.0, gt=0, description="a running job whose worker is silent this long is lost")

@@ -1,9 +1,10 @@
-"""Upload validation is bounded (max_concurrent_validations): uploads over the limit wait, then get a
-503 with Retry-After and leave nothing behind; within the limit they all succeed. The real app.
+"""Limits on the real app: upload validation is bounded (max_concurrent_validations: uploads over the
+limit wait, then get a 503 with Retry-After and leave nothing behind; within the limit they all
+succeed), and max_input_elements holds on /v1 and /v2.
 
 (Max concurrent jobs: tests/test_worker_limits.py; the session memory budget: tests/test_sessions_budget.py;
-sizes, elements and job time/memory: tests/test_app_upload.py, tests/test_app_predict.py,
-tests/test_hardening_hostile.py.)
+upload sizes: tests/test_app_upload.py; the predict body: tests/test_hardening_access.py; job time and
+memory: tests/test_hardening_hostile.py and tests/test_app_jobs.py.)
 """
 
 from __future__ import annotations
@@ -67,3 +68,21 @@ def test_a_burst_of_uploads_is_validated_within_the_limit(serve) -> None:  # noq
     with serve(run_worker=False, max_concurrent_validations=4, validation_wait_s=60) as api:
         assert _burst(api, BIG, 4) == [202] * 4
         assert api.services.validations.peak >= 2
+
+
+def test_max_input_elements_is_enforced_on_v1_and_v2(serve) -> None:  # noqa: ANN001
+    with serve(run_worker=False, max_input_elements=4 * 64) as api:  # 4 rows of the MLP's 64 features
+        assert api.upload(models.mlp(), name="m").status_code == 202
+        for rows, status in ((4, 200), (5, 400)):
+            feed = models.random_feed(models.mlp(), batch=rows)
+            response = api.predict("m", feed)
+            assert response.status_code == status, response.text
+            v2 = {"inputs": [{"name": name, "shape": list(value.shape), "datatype": "FP32",
+                              "data": value.ravel().tolist()} for name, value in feed.items()]}
+            infer = api.client.post("/v2/models/m/infer", json=v2)
+            assert infer.status_code == status, infer.text
+            if status == 400:
+                for answer in (response, infer):
+                    assert "320 elements, more than the limit of 256" in answer.json()["error"]
+            else:
+                assert len(response.json()["outputs"]["logits"]) == 4
