@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -20,10 +20,11 @@ class _StateCollector(Collector):
     """Gauges read when scraped: jobs by status (from the database) and loaded sessions."""
 
     def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int],
-                 sessions_bytes: Callable[[], int]) -> None:
+                 sessions_bytes: Callable[[], int], validations: Callable[[], tuple[int, int]]) -> None:
         self.job_counts = job_counts
         self.sessions_loaded = sessions_loaded
         self.sessions_bytes = sessions_bytes
+        self.validations = validations
 
     def collect(self):  # noqa: ANN201 - prometheus_client's protocol
         jobs = GaugeMetricFamily("onnxforge_jobs", "Optimization jobs by status", labels=["status"])
@@ -38,11 +39,17 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("onnxforge_sessions_estimated_bytes",
                                 "Estimated memory of the loaded sessions (what session_cache_max_mb bounds)",
                                 value=self.sessions_bytes())
+        running, refused = self.validations()
+        yield GaugeMetricFamily("onnxforge_upload_validations_running", "Uploads being validated now "
+                                "(at most max_concurrent_validations)", value=running)
+        yield CounterMetricFamily("onnxforge_upload_validations_refused", "Uploads answered 503 because no "
+                                  "validation slot freed up in time", value=refused)
 
 
 class Metrics:
     def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int],
-                 sessions_bytes: Callable[[], int] = lambda: 0) -> None:
+                 sessions_bytes: Callable[[], int] = lambda: 0,
+                 validations: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "onnxforge_http_requests", "HTTP requests by route template and status",
@@ -68,7 +75,7 @@ class Metrics:
             "onnxforge_batch_queue_depth", "Requests waiting in the batching queue after the last dispatch",
             ["model", "version", "variant"], registry=self.registry,
         )
-        self.registry.register(_StateCollector(job_counts, sessions_loaded, sessions_bytes))
+        self.registry.register(_StateCollector(job_counts, sessions_loaded, sessions_bytes, validations))
 
     def observe_predict(self, model: str, version: int, variant: str, started: float, ok: bool) -> None:
         labels = (model, str(version), variant)

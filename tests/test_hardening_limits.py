@@ -34,6 +34,9 @@ def test_an_upload_that_finds_no_validation_slot_gets_503_with_retry_after(serve
         assert "ONNXFORGE_MAX_CONCURRENT_VALIDATIONS=1" in busy.json()["error"]
         assert waited >= 0.3
         assert limiter.refused == 1
+        scraped = api.client.get("/metrics").text
+        assert "onnxforge_upload_validations_refused_total 1.0" in scraped
+        assert "onnxforge_upload_validations_running 0.0" in scraped
         assert api.client.get("/v1/models").json() == []
         assert not list(api.services.settings.uploads_dir.iterdir()), "a refused upload left its file behind"
         assert not list(api.services.settings.artifacts_dir.rglob("*.onnx"))

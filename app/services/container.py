@@ -81,7 +81,9 @@ def open_services(settings: Settings) -> Services:
         allow_spinning=settings.intra_op_spinning,
     ), max_bytes=settings.session_cache_max_mb * MiB)
     jobs = JobQueue(db, settings.job_lease_s, settings.job_max_attempts)
-    metrics = Metrics(jobs.counts, lambda: len(sessions), lambda: sessions.bytes)
+    validations = limit_validations(settings.max_concurrent_validations, settings.validation_wait_s)
+    metrics = Metrics(jobs.counts, lambda: len(sessions), lambda: sessions.bytes,
+                      lambda: (validations.running, validations.refused))
     registry = Registry(db, store)
     executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
     batcher = None
@@ -95,6 +97,5 @@ def open_services(settings: Settings) -> Services:
     worker = EmbeddedWorker(settings) if settings.run_worker else None
     log.info("onnxforge: data in %s, database %s, sessions on %s, worker %s", settings.data_dir.resolve(),
              db.engine.url.render_as_string(hide_password=True), provider, "embedded" if worker else "external")
-    validations = limit_validations(settings.max_concurrent_validations, settings.validation_wait_s)
     return Services(settings, db, store, registry, jobs, sessions, predict, metrics, executor, provider, worker,
                     validations)
