@@ -109,3 +109,15 @@ def test_racing_claimers_never_exceed_the_global_cap(queue_db: Database, cap: in
     assert len(claimed) == cap
     assert JobQueue(db, 30, 2).counts()["running"] == cap
     db.dispose()
+
+
+def test_stopping_a_worker_with_two_jobs_running_puts_both_back_in_the_queue(serve) -> None:  # noqa: ANN001
+    with serve(worker_concurrency=2) as api:
+        job_ids = [api.upload(models.mlp(seed=seed, hidden=512), name=f"m{seed}").json()["job_id"] for seed in (1, 2)]
+        for job_id in job_ids:
+            api.wait(job_id, until=lambda job: job["status"] == "running" and job["stage"] != "validate")
+    with serve(run_worker=False) as api:
+        for job_id in job_ids:
+            job = api.job(job_id)
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+            assert "shutdown" in job["error"]
