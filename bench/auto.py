@@ -128,16 +128,16 @@ def _geomean(values: list[float]) -> float:
 
 def summary(outcomes: list[Outcome]) -> str:
     """The per-model table and the geometric means over the real models."""
-    head = (f"{'model':26} {'auto winner':44} {'x':>6}  {'accuracy (worst output)':30} "
-            f"{'best single recipe':44} {'x':>6}  {'wall':>6}")
+    head = (f"{'model':18} {'auto winner':52} {'x':>6}  {'accuracy (worst output)':30} "
+            f"{'best single recipe':40} {'x':>6}  {'wall':>6}")
     lines = [head, "-" * len(head)]
     for o in outcomes:
-        name = o.title.removesuffix(" (real)")[:26]
+        name = o.title.removesuffix(" (real)")[:18]
         if o.refused:
-            lines.append(f"{name:26} refused: {o.refused}")
+            lines.append(f"{name:18} refused: {o.refused}")
             continue
-        lines.append(f"{name:26} {o.winner[:44]:44} {o.speedup:5.2f}x  {o.accuracy[:30]:30} "
-                     f"{o.single[:44]:44} {o.single_speedup:5.2f}x  {o.wall_s:5.0f}s")
+        lines.append(f"{name:18} {o.winner[:52]:52} {o.speedup:5.2f}x  {o.accuracy[:30]:30} "
+                     f"{o.single[:40]:40} {o.single_speedup:5.2f}x  {o.wall_s:5.0f}s")
     real = [o for o in outcomes if o.real and not o.refused]
     if real:
         as_fast = sum(o.speedup >= o.single_speedup / (1 + MIN_GAIN) for o in real)
