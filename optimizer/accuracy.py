@@ -23,6 +23,12 @@ The rules, in one place:
   Per slice: normalized max error = max|a-b| / (max(ref slice) - min(ref slice)) and cosine
   similarity; the worst slice of each is reported. A slice whose reference is constant is normalized
   by the whole tensor's range instead, and a slice whose reference is all zero has no cosine.
+- A user may name the metric that gates an output (`Tolerance.metrics`), the one its real
+  post-processing uses: "top1" (argmax agreement over the last axis >= min_top1, e.g. a CTC
+  recogniser's per-time-step classes) or "mask:<t>" (share of positions where `x > t` agrees,
+  >= min_top1, e.g. a text detector's saturated probability map thresholded at 0.3). Every other
+  metric is still measured and reported for that output but does not gate it; outputs not named
+  keep the strict default ("default").
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class Tolerance:
     min_slice_cosine: float | None = 0.98
     max_slice_error: float | None = 0.25
     class_outputs: list[str] | None = None  # outputs to judge on top-1 (None: guess from shape and name)
+    # output name -> "default" | "top1" | "mask:<threshold>": the metric that gates it (see the module docstring)
+    metrics: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_cosine", "min_slice_cosine"):
@@ -79,6 +87,26 @@ class Tolerance:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ToleranceError(f"{name} must be >= 0 or unset, got {value}")
+        for output, metric in (self.metrics or {}).items():
+            parse_metric(metric, output)
+
+
+METRICS = ("default", "top1", "mask:<threshold>")
+
+
+def parse_metric(metric: str, output: str = "?") -> tuple[str, float | None]:
+    """("default" | "top1" | "mask", threshold or None) for a metric name; ToleranceError for anything else."""
+    if metric in ("default", "top1"):
+        return metric, None
+    if isinstance(metric, str) and metric.startswith("mask:"):
+        try:
+            threshold = float(metric.removeprefix("mask:"))
+        except ValueError:
+            threshold = math.nan
+        if math.isfinite(threshold):
+            return "mask", threshold
+    raise ToleranceError(f"unknown metric {metric!r} for output {output!r}: use one of {', '.join(METRICS)} "
+                         "(e.g. mask:0.3)")
 
 
 @dataclass
@@ -106,6 +134,8 @@ class OutputAccuracy:
     relative_error: float | None = None
     cosine: float | None = None
     top1: float | None = None  # None: not class scores
+    metric: str = "default"  # what gates this output (Tolerance.metrics)
+    mask_agreement: float | None = None  # share of positions on the same side of the mask threshold
     nonfinite: int = 0  # candidate NaN/Inf where the reference is finite
     slices: SliceResult | None = None
     passed: bool = True
@@ -261,6 +291,20 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
 
     if tol.max_abs is not None and result.max_abs is not None and result.max_abs > tol.max_abs:
         return fail(f"max absolute difference {result.max_abs:.4g} > limit {tol.max_abs:.4g}")
+    result.metric = (tol.metrics or {}).get(name, "default")
+    kind, threshold = parse_metric(result.metric, name)
+    if kind == "top1":  # the declared task metric gates alone; cosine and slices above are reported
+        if result.top1 is None:
+            result.top1 = _top1(ref, cands)
+        if result.top1 < tol.min_top1:
+            return fail(f"top-1 agreement {result.top1:.2%} < limit {tol.min_top1:.2%} (metric top1)")
+        return result
+    if kind == "mask":
+        result.mask_agreement = float(np.mean((a > threshold) == (b > threshold))) if a.size else 1.0
+        if result.mask_agreement < tol.min_top1:
+            return fail(f"{result.mask_agreement:.2%} of positions agree on x > {threshold:g}, < limit "
+                        f"{tol.min_top1:.2%} (metric {result.metric})")
+        return result
     if result.cosine is not None and result.cosine < tol.min_cosine:
         return fail(f"cosine similarity {result.cosine:.4f} < limit {tol.min_cosine:.4f}")
     if result.top1 is not None and result.top1 < tol.min_top1:
@@ -290,9 +334,14 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference runs but {len(candidate)} candidate runs: pass one per sample")
     names = list(reference[0])
-    for listed in (tol.outputs or []) + (tol.class_outputs or []):
+    for listed in (tol.outputs or []) + (tol.class_outputs or []) + list(tol.metrics or {}):
         if listed not in names:
             raise ToleranceError(f"the tolerance names output {listed!r}, but the model's outputs are {names}")
+    for listed, metric in (tol.metrics or {}).items():
+        shape = np.shape(reference[0][listed])
+        if parse_metric(metric, listed)[0] == "top1" and (len(shape) < 1 or shape[-1] < 2):
+            raise ToleranceError(f"metric top1 needs classes on the last axis of output {listed!r}, whose shape "
+                                 f"is {list(shape)}")
     checked = set(tol.outputs) if tol.outputs is not None else set(names)
 
     report = AccuracyReport(passed=True, reason=None, samples=len(reference))

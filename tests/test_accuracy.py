@@ -269,3 +269,80 @@ def test_real_sessions_same_model_passes_other_weights_fail() -> None:
     other = create_session(cnn(seed=1).SerializeToString())
     report = compare(ref, run_outputs(other, feeds))
     assert not report.passed and "'logits'" in report.reason
+
+
+# --- declared task metrics (Tolerance.metrics) -------------------------------------------------------------
+
+
+def _prob_maps(flip: float, samples: int = 4, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """DBNet-like saturated maps [1, 1, 64, 64] (text ~10% of pixels, values 0 or 1) and a copy in which a
+    `flip` share of pixels crossed to the other side, as INT8 does along text borders."""
+    rng = np.random.default_rng(seed)
+    ref, cand = [], []
+    for _ in range(samples):
+        m = (rng.random((1, 1, 64, 64)) < 0.1).astype(np.float32)
+        c = m.copy()
+        flat = c.reshape(-1)
+        idx = rng.choice(flat.size, size=int(round(flip * flat.size)), replace=False)
+        flat[idx] = 1.0 - flat[idx]
+        ref.append({"maps": m, "aux": m.mean(keepdims=True)})
+        cand.append({"maps": c, "aux": m.mean(keepdims=True)})
+    return ref, cand
+
+
+def test_mask_metric_gates_a_saturated_map_on_thresholded_agreement() -> None:
+    ref, cand = _prob_maps(flip=0.005)
+    strict = compare(ref, cand)
+    assert not strict.passed and strict.outputs["maps"].cosine < 0.99  # 0.5% flips cost ~5% of cosine
+    task = compare(ref, cand, Tolerance(metrics={"maps": "mask:0.3"}))
+    assert task.passed, task.reason
+    out = task.outputs["maps"]
+    assert out.metric == "mask:0.3" and out.mask_agreement == pytest.approx(0.995, abs=1e-3)
+    assert out.cosine is not None and out.cosine < 0.99  # still reported
+    worse = compare(*_prob_maps(flip=0.03), Tolerance(metrics={"maps": "mask:0.3"}))
+    assert not worse.passed and "97.00% of positions agree on x > 0.3" in worse.reason
+
+
+def test_top1_metric_gates_per_time_step_classes() -> None:
+    """A CTC recogniser's [1, T, C] softmax: noise that keeps each step's argmax passes top1, fails cosine."""
+    rng = np.random.default_rng(3)
+    ref, keep, swap = [], [], []
+    for _ in range(4):
+        logits = rng.normal(0, 1, (1, 40, 50)).astype(np.float32)
+        logits[0, np.arange(40), rng.integers(0, 50, 40)] += 8.0
+        p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        noisy = np.clip(p + rng.normal(0, 0.06, p.shape).astype(np.float32) * (p < 0.5), 0, None)
+        ref.append({"softmax_11.tmp_0": p})
+        keep.append({"softmax_11.tmp_0": noisy})
+        wrong = noisy.copy()
+        wrong[0, :4] = np.roll(wrong[0, :4], 1, axis=-1)  # 4 of 40 steps read another character
+        swap.append({"softmax_11.tmp_0": wrong})
+    tol = Tolerance(metrics={"softmax_11.tmp_0": "top1"})
+    assert not compare(ref, keep).passed  # strict default: cosine/slices fail
+    passed = compare(ref, keep, tol)
+    assert passed.passed, passed.reason
+    assert passed.outputs["softmax_11.tmp_0"].top1 == 1.0
+    failed = compare(ref, swap, tol)
+    assert not failed.passed and failed.outputs["softmax_11.tmp_0"].top1 == pytest.approx(0.9)
+
+
+def test_outputs_not_named_keep_the_strict_gate() -> None:
+    ref, cand = _prob_maps(flip=0.005)
+    for c in cand:
+        c["aux"] = -c["aux"]  # the unnamed output is broken
+    report = compare(ref, cand, Tolerance(metrics={"maps": "mask:0.3"}))
+    assert not report.passed and "'aux'" in report.reason and report.outputs["maps"].passed
+
+
+@pytest.mark.parametrize("metrics", [{"maps": "iou"}, {"maps": "mask:"}, {"maps": "mask:abc"}, {"maps": "mask:nan"}])
+def test_unknown_metrics_are_refused(metrics: dict) -> None:
+    with pytest.raises(ToleranceError, match="unknown metric"):
+        Tolerance(metrics=metrics)
+
+
+def test_metric_for_a_missing_output_or_without_classes_is_refused() -> None:
+    ref, cand = _prob_maps(flip=0.0)
+    with pytest.raises(ToleranceError, match="'boxes'"):
+        compare(ref, cand, Tolerance(metrics={"boxes": "top1"}))
+    with pytest.raises(ToleranceError, match="classes on the last axis"):
+        compare(ref, cand, Tolerance(metrics={"aux": "top1"}))
