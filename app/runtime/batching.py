@@ -59,33 +59,36 @@ def _probe_feed(inputs: list[TensorSpec], rows: int, other_dims: int) -> Feed | 
     return feed
 
 
-def _best_time(session, feed: Feed, repeat: int) -> float:  # noqa: ANN001
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - started)
-    return best
+def _run_time(session, feed: Feed) -> float:  # noqa: ANN001
+    started = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - started
 
 
 def batching_pays(session, inputs: list[TensorSpec], *, rows: int = 8, other_dims: int = 16,  # noqa: ANN001
-                  max_single_s: float = 0.002, repeat: int = 5) -> bool:
+                  max_single_s: float = 0.002, repeat: int = 7) -> bool:
     """True when one run of `rows` rows costs at most half of `rows` single runs (timed on made-up inputs).
 
-    A single run longer than `max_single_s` is compute-bound: not probed further, not batched. Any
-    failure (an input that cannot be made up, a graph that refuses ones) means no batching.
+    The two are timed in turn, best of `repeat` each, so that a burst of load on a shared machine
+    slows both rather than tipping the answer. A single run longer than `max_single_s` is
+    compute-bound: not probed further, not batched. Any failure (an input that cannot be made up, a
+    graph that refuses ones) means no batching.
     """
     one, many = _probe_feed(inputs, 1, other_dims), _probe_feed(inputs, rows, other_dims)
     if one is None or many is None:
         return False
     try:
-        if _best_time(session, one, 1) > 5 * max_single_s:  # the warm-up (first runs allocate) already says no:
+        if _run_time(session, one) > 5 * max_single_s:  # the warm-up (first runs allocate) already says no:
             return False  # a large model's first request does not wait for more runs
-        single = _best_time(session, one, repeat)
+        single = min(_run_time(session, one) for _ in range(2))
         if single > max_single_s:
             return False
-        _best_time(session, many, 1)
-        return _best_time(session, many, repeat) <= 0.5 * rows * single
+        _run_time(session, many)
+        batched = float("inf")
+        for _ in range(repeat):
+            single = min(single, _run_time(session, one))
+            batched = min(batched, _run_time(session, many))
+        return batched <= 0.5 * rows * single
     except Exception:  # noqa: BLE001 - a probe that fails only means "do not batch"
         return False
 

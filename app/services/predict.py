@@ -93,7 +93,8 @@ class PredictService:
         # Batch a model without its own batch size only if a probe shows that batching pays for it.
         self.probe_batching = probe_batching
         self._resolved: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
-        self._resolving: dict[tuple[str, int | None], asyncio.Future] = {}
+        self._resolving: dict[tuple[str, int | None], asyncio.Task] = {}
+        self._generations: dict[str, int] = {}  # bumped by invalidate(name): a lookup begun before is not cached
         self._routes: dict[tuple[str, str], _Route] = {}
 
     # -- which version, which session ---------------------------------------------------------------
@@ -103,25 +104,18 @@ class PredictService:
         cached = self._resolved.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        pending = self._resolving.get(key)
-        if pending is not None:  # one database query per name at a time, not one per waiting request
-            return await asyncio.shield(pending)
-        future = self._resolving[key] = asyncio.get_running_loop().create_future()
-        try:
-            row = await self._lookup(key, cached)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        else:
-            future.set_result(row)
-            return row
-        finally:
-            del self._resolving[key]
+        lookup = self._resolving.get(key)
+        if lookup is None:  # one database query per name at a time, not one per waiting request
+            lookup = self._resolving[key] = asyncio.ensure_future(self._lookup(key, cached))
+            lookup.add_done_callback(lambda done: self._resolving.pop(key) if self._resolving.get(key) is done
+                                     else None)
+        # shield: a caller that goes away (client disconnect) does not cancel the others' lookup
+        return await asyncio.shield(lookup)
 
     async def _lookup(self, key: tuple[str, int | None],
                       cached: tuple[float, ModelVersion] | None) -> ModelVersion:
         name, version = key
+        generation = self._generations.get(name, 0)
         try:
             row = await run_in_threadpool(self.registry.resolve, name, version)
         except NotFoundError:
@@ -133,13 +127,17 @@ class PredictService:
             # Another replica deleted or replaced what this name served: drop its sessions now rather
             # than when the LRU gets to them (a replaced version reloads on demand if still asked for).
             self.forget([cached[1].id])
-        self._resolved[key] = (time.monotonic() + self.cache_ttl_s, row)  # with a TTL of 0: only remembered
+        if self._generations.get(name, 0) == generation:  # not invalidated meanwhile: the answer is current
+            self._resolved[key] = (time.monotonic() + self.cache_ttl_s, row)  # with a TTL of 0: only remembered
         return row
 
     def invalidate(self, name: str) -> None:
         """Forget which version serves `name` (after an upload or delete through this API)."""
+        self._generations[name] = self._generations.get(name, 0) + 1
         for key in [k for k in self._resolved if k[0] == name]:
             self._resolved.pop(key, None)
+        for key in [k for k in self._resolving if k[0] == name]:  # a lookup under way may predate the change
+            self._resolving.pop(key, None)
         for key in [k for k, route in self._routes.items() if route.key[0] == name]:
             self._routes.pop(key, None)
 
