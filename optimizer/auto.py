@@ -8,20 +8,22 @@ guessing, in steps that each decide what the next one is worth:
    QOperator, S8S8 and U8S8, all ops and Conv/MatMul/Gemm only) is built, judged on the held-back
    samples and timed once, interleaved with the FP32 models at the selection batch size;
 2. repair: the fastest failing INT8 combinations are re-quantized with nodes left in float: first
-   the output head (cheap, costs no speed on real models), then the producers and consumers of the
-   most sensitive tensors by `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), 1, 2, 4, 8, 16
-   tensors, until one passes. Every attempt is a MinMax build, cheap next to step 3;
+   the output head (cheap, costs no speed on real models), then, from the ranking of sensitive
+   tensors by `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), each of the top units (a
+   tensor's producer and consumers) alone in float (leave-one-out, scored by its accuracy margin),
+   a greedy union of the units that raised the margin most, and last the cumulative top 1, 2, 4,
+   8, 16 units. Each target gets an equal share of the budget left;
 3. methods: latency does not depend on the calibration method, so Percentile and then Entropy
    (slow, memory-hungry) calibrate only the combinations that measured faster than fused FP32 and
-   faster than the best variant that already passes, and failed accuracy with MinMax. The ranges
-   a method computes depend on the scope only (not on format or activation type), so a method
-   that failed on the fastest combination of a scope is not tried on its slower twins. Collected
-   statistics are not shared between methods: ORT's Entropy and Percentile collectors build
-   different histograms (value range vs absolute value), so each calibrates on its own, in chunks
-   bounded by memory (int8_static). They run last, for combinations no repair saved, and only
+   faster than the best variant that already passes, and failed accuracy with MinMax, and only
    when the time their histograms are expected to take is left.
-A repaired variant is timed with all others: float islands add Q/DQ boundaries and can make it
-slower than FP32, in which case the selection rule rejects it like any other.
+Every static build shares one calibration per method (`int8_static.SharedCalibration`): the ranges
+depend on the float model, the samples and the method only, so the grid and each repair attempt
+cost a quantize_static run, not a calibration (20-35 s on real models before). Entropy and
+Percentile cannot share statistics with each other: ORT's collectors build different histograms
+(value range vs absolute value).
+A passing repair is timed against FP32 side by side at once: float islands add Q/DQ boundaries
+and can make it slower than FP32 (pitfalls.md), and then the search goes on instead of stopping.
 The probe may use half of the build budget; grid candidates past that are built after the repair
 and the methods, if time is left. Everything past the budget's build deadline is skipped and
 listed with its reason.
@@ -175,16 +177,16 @@ class AutoSearch:
             scope = str(row.settings["op_types"])
             for i, candidate in enumerate(later):
                 method = candidate.settings["method"]
-                expected, left = self._method_cost(row), self.deadline - time.monotonic()
-                if expected > left:
-                    self._skip(later[i:], f"calibrating it would take ~{expected:.0f} s (histograms in numpy) and "
-                                          f"{max(left, 0):.0f} s of the build budget are left")
-                    break
                 if (scope, method) in failed:
                     # The ranges a method computes depend on the scope (which tensors) only, not on the format
                     # or activation type: a faster twin already showed they do not pass.
                     self._skip([candidate], f"{method} ranges for this scope already failed on {failed[scope, method]}")
                     continue
+                expected, left = self._method_cost(row, method), self.deadline - time.monotonic()
+                if expected > left:
+                    self._skip(later[i:], f"calibrating it would take ~{expected:.0f} s (histograms in numpy) and "
+                                          f"{max(left, 0):.0f} s of the build budget are left")
+                    break
                 if self._add(candidate).row.status == "ok":
                     self._skip(later[i + 1:], f"{candidate.name} already passes")
                     break
@@ -359,11 +361,21 @@ class AutoSearch:
         self.built[candidate.name] = built
         return built
 
-    def _method_cost(self, row: Any) -> float:
-        """Expected seconds for a Percentile/Entropy build: the slowest one so far, at least 5x MinMax's."""
-        done = [b.row.build_s for b in self.built.values()
-                if b.row.settings.get("method") in LATER_METHODS and b.row.build_s]
-        return max([*done, METHOD_COST_FACTOR * (row.build_s or 0.0)])
+    def _method_cost(self, row: Any, method: str) -> float:
+        """Expected seconds for a build of `row`'s combination with `method`.
+
+        Once the search's shared calibration holds the method's ranges, a build costs what the MinMax
+        build of the row did. Before, it is the slowest histogram calibration so far, and at least 5x
+        the MinMax calibration (or build) time.
+        """
+        build_s = row.build_s or 0.0
+        if self.shared.calibrated(method):
+            return build_s
+        minmax = max([c["seconds"] for c in self.shared.calibrations if c["method"] == "minmax"], default=build_s)
+        done = [c["seconds"] for c in self.shared.calibrations if c["method"] in LATER_METHODS]
+        done += [b.row.build_s for b in self.built.values()
+                 if b.row.settings.get("method") in LATER_METHODS and b.row.build_s]
+        return max([*done, METHOD_COST_FACTOR * minmax]) + build_s
 
     def _passing_repair(self, name: str) -> str | None:
         return next((b.row.name for b in self.built.values()

@@ -274,6 +274,10 @@ class SharedCalibration:
         self._ranges[key] = make()
         return self._ranges[key], False
 
+    def calibrated(self, method: str) -> bool:
+        """True when a later build with `method` costs no calibration (its ranges are here)."""
+        return any(c["method"] == method for c in self.calibrations)
+
     def tool_excluded(self, key: tuple) -> list[str]:
         return self._tool_excluded.setdefault(key, [])
 
