@@ -91,6 +91,7 @@ class AutoSearch:
     decisions: list[str] = field(default_factory=list)
     deferred: list[Candidate] = field(default_factory=list)
     _tried: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)  # (target, exclusions) built
+    _target_deadline: float = float("inf")  # the current repair target's share of the budget ends then
     # one pre-processed model and one calibration per method for every static build of this search
     shared: SharedCalibration = field(default_factory=SharedCalibration)
 
@@ -310,7 +311,7 @@ class AutoSearch:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix)
         candidate.settings.update({"repair_of": row.name, "repair": what})
-        if time.monotonic() >= min(self.deadline, getattr(self, "_target_deadline", self.deadline)):
+        if time.monotonic() >= min(self.deadline, self._target_deadline):
             self.skipped.append({"name": candidate.name, "reason": "the time budget for this repair ran out"})
             return None
         built = self._add(candidate)

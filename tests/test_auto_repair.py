@@ -67,3 +67,19 @@ def test_two_broken_layers_are_found_one_by_one_and_left_in_float_together() -> 
     assert [c["method"] for c in search.shared.calibrations] == ["minmax"]
     assert search.shared.reused == len(repair["attempts"])
     assert np.isfinite(attempts["greedy2"]["margin"]) and attempts["greedy2"]["margin"] >= 0
+
+
+def test_a_repair_target_stops_at_its_share_of_the_budget() -> None:
+    model = _two_outliers()
+    samples = load_samples(_npz(model), model, holdout_fraction=0.2)
+    reference = run_outputs(create_session(model.SerializeToString()), samples.holdout)
+    search = AutoSearch(source=model, samples=samples, settings=SessionSettings(), tolerance=Tolerance(),
+                        reference=reference, provider="cpu", deadline=time.monotonic() + 120,
+                        built={"fused": Built(VariantReport(name="fused", precision="fp32"), model)},
+                        fp32_name="fused", prune_by_latency=False)
+    target = search._add(static_candidate("minmax", "qdq", "uint8", shared=search.shared))
+    record = search._repair_one(target.row, time.monotonic())  # its share is already used up
+    assert record["attempts"] == [] and record["passed"] is None
+    assert {"name": f"{target.row.name}-repair-head", "reason": "the time budget for this repair ran out"} in (
+        search.skipped)
+    assert list(search.built) == ["fused", target.row.name]  # nothing was built past the share
