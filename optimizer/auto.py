@@ -482,7 +482,9 @@ def table_row(row: Any) -> dict[str, Any]:
         {**row.probe_latency_ms, "timing": "probe"} if row.probe_latency_ms else None)
     return {"name": row.name, "precision": row.precision, "settings": row.settings,
             "accuracy": _accuracy_summary(row.accuracy), "latency_ms": latency, "size_bytes": row.size_bytes,
-            "status": row.status, "reason": row.reason, "build_s": row.build_s}
+            "status": row.status, "reason": row.reason, "build_s": row.build_s,
+            # nodes ONNX Runtime's quantizer failed on, left in float so the rest could be quantized
+            "tool_excluded_nodes": (row.changes or {}).get("tool_excluded_nodes", [])}
 
 
 def worst_accuracy(accuracy: dict[str, Any] | None) -> str:
@@ -515,6 +517,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{worst_accuracy(r.get('accuracy'))}")
         if r["status"] in ("failed", "skipped") and r.get("reason"):
             lines.append(f"{'':10}{r['reason'][:160]}")
+        if r.get("tool_excluded_nodes"):
+            lines.append(f"{'':10}quantizer failed on {', '.join(r['tool_excluded_nodes'])}: left in float")
     for repair in auto["repairs"]:
         tried = "; ".join(f"{a['name']} ({len(a['excluded_nodes'])} in float): {a['status']}"
                           for a in repair["attempts"])

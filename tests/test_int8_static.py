@@ -117,3 +117,20 @@ def test_a_failure_that_is_no_nodes_fault_is_still_a_pass_error() -> None:
     config = int8_static.Int8StaticConfig(extra_options={"TensorQuantOverrides": {"no_such_tensor": [{"scale": 1.0}]}})
     with pytest.raises(PassError, match="quantize_static failed: Tensor 'no_such_tensor'"):
         int8_static.run(model, config, feeds[:8], feeds[8], int8_static.SharedCalibration())
+
+
+def test_auto_reports_the_node_the_quantizer_failed_on(tmp_path) -> None:
+    from optimizer.auto import format_table
+    from optimizer.pipeline import OptimizeConfig, optimize
+    from tests.test_auto import _npz
+
+    model = _gemm_with_2d_bias()
+    name = "int8-static-minmax-qdq-u8s8-all"
+    config = OptimizeConfig(auto_candidates=(name,), auto_prune_by_latency=False, benchmark_seconds=0.2,
+                            batch_sizes=(1,))
+    report = optimize(model.SerializeToString(), out_dir=tmp_path, config=config, calibration=_npz(model)).report
+    row = next(c for c in report["auto"]["candidates"] if c["name"] == name)
+    assert row["status"] in ("ok", "rejected")  # built: before, quantize_static's exception failed it
+    [culprit] = row["tool_excluded_nodes"]
+    assert culprit.startswith("dense1")
+    assert f"quantizer failed on {culprit}: left in float" in format_table(report)
