@@ -17,7 +17,6 @@ strict default gate and once with those metrics; both rows are printed, each wit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import math
 import sys
@@ -36,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
-from optimizer.accuracy import Tolerance  # noqa: E402
 from optimizer.auto import format_table, worst_accuracy  # noqa: E402
 from optimizer.errors import OptimizerError  # noqa: E402
 from optimizer.pipeline import MIN_GAIN, OptimizeConfig, optimize  # noqa: E402
@@ -65,17 +63,6 @@ def subjects(include_built: bool) -> Iterator[tuple[str, bytes | str, Feeds, dic
         return
     for real in real_models.available_models():
         yield f"{real.name} (real)", str(real.path), real.sample_feeds, real.task_metrics
-
-
-@dataclass
-class TaskConfig(OptimizeConfig):
-    """OptimizeConfig whose tolerance carries the per-output metrics a model's post-processing uses
-    (optimizer.accuracy.Tolerance.metrics); the pipeline's config has no field for them yet."""
-
-    task_metrics: dict[str, str] | None = None
-
-    def tolerance(self) -> Tolerance:
-        return dataclasses.replace(super().tolerance(), metrics=self.task_metrics or None)
 
 
 def _npz(feeds: list[dict[str, np.ndarray]]) -> bytes:
@@ -132,8 +119,8 @@ def run_one(title: str, model: bytes | str, feeds: Feeds, args: argparse.Namespa
     started = time.perf_counter()
     sample_feeds = feeds(args.samples, 0)
     with tempfile.TemporaryDirectory() as out:
-        config = TaskConfig(benchmark_seconds=args.seconds, batch_sizes=(1,), time_budget_s=args.budget,
-                            auto_candidates=tuple(args.only) if args.only else None, task_metrics=metrics)
+        config = OptimizeConfig(benchmark_seconds=args.seconds, batch_sizes=(1,), time_budget_s=args.budget,
+                            auto_candidates=tuple(args.only) if args.only else None, metrics=metrics or None)
         report = optimize(model, out_dir=out, config=config, calibration=_npz(sample_feeds)).report
     outcome = Outcome(title, real, gate="task" if metrics else "strict", wall_s=time.perf_counter() - started)
     auto = report["auto"]

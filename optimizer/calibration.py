@@ -242,18 +242,24 @@ def _check_dims(spec: _InputSpec, sample_shape: tuple[int, ...], full_shape: tup
             raise _shape_mismatch(spec, full_shape, f"axis {axis} of a sample is empty")
 
 
+def _samples(array: np.ndarray) -> list[np.ndarray]:
+    """Axis 0 as a list of arrays. Not `list(array)`: for a rank-0 input (Silero's `sr`) that gives numpy
+    scalars, which ONNX Runtime refuses ("Unable to handle object of type numpy.int64")."""
+    return [np.asarray(sample) for sample in array]
+
+
 def _split(array: np.ndarray, spec: _InputSpec) -> list[np.ndarray]:
     """One array per sample, in either layout."""
     if spec.dims is None:  # rank unknown: only the stacked layout is unambiguous
         if array.ndim < 1 or array.shape[0] == 0:
             raise CalibrationError(f"input {spec.name!r}: expected [samples, ...], got {list(array.shape)}")
-        return list(array)
+        return _samples(array)
     rank = len(spec.dims)
     if array.ndim == rank + 1:
         if array.shape[0] == 0:
             raise _shape_mismatch(spec, array.shape, "the array holds no samples")
         _check_dims(spec, array.shape[1:], array.shape)
-        return list(array)
+        return _samples(array)
     if array.ndim == rank and rank >= 1:
         # Axis 0 is the batch axis: batch-1 samples, or chunks of the batch size the model fixes.
         step = spec.dims[0] if isinstance(spec.dims[0], int) else 1

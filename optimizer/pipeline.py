@@ -66,6 +66,7 @@ class OptimizeConfig:
     min_cosine: float = 0.99
     min_top1: float = 0.99
     outputs: list[str] | None = None  # the outputs whose accuracy matters (None: all)
+    metrics: dict[str, str] | None = None  # output -> gating metric ("default" | "top1" | "mask:<t>"), see Tolerance
     time_budget_s: float = 300.0
     benchmark_seconds: float = 2.0  # timing per batch size, all variants interleaved
     batch_sizes: tuple[int, ...] = (1, 8)  # the smallest one is the one the winner is chosen at
@@ -87,7 +88,8 @@ class OptimizeConfig:
             raise OptimizerError(f"time_budget_s must be positive, got {self.time_budget_s}")
 
     def tolerance(self) -> Tolerance:
-        return Tolerance(min_cosine=self.min_cosine, min_top1=self.min_top1, outputs=self.outputs)
+        return Tolerance(min_cosine=self.min_cosine, min_top1=self.min_top1, outputs=self.outputs,
+                         metrics=self.metrics)
 
 
 @dataclass
