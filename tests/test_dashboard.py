@@ -195,7 +195,10 @@ def test_upload_watch_report_and_try_it_in_chromium(browser, tmp_path: Path) -> 
         assert {op: (int(b), int(a)) for op, b, a in histogram} == {
             op: (before["op_histogram"].get(op, 0), after["op_histogram"].get(op, 0))
             for op in {*before["op_histogram"], *after["op_histogram"]}}
-        assert histogram and ("BatchNormalization", "2", "0") in {tuple(r) for r in histogram}  # folded into Conv
+        # "after" is the served model: the fused one (BN folded into Conv) unless fusing measured within the 3% noise
+        # margin of the original on this loaded machine, in which case the original serves and nothing is folded.
+        folded = "0" if report["selected"] != "original" else "2"
+        assert histogram and ("BatchNormalization", "2", folded) in {tuple(r) for r in histogram}
 
         link = browser.find_element("id", "download").get_attribute("href")
         downloaded = api.get(link)
