@@ -40,6 +40,16 @@ def _npz(model: onnx.ModelProto, samples: int = 24) -> bytes:
     return buffer.getvalue()
 
 
+def search_on(model: onnx.ModelProto) -> AutoSearch:
+    """An auto search over `model` as its fused FP32 source, 20% held back, no latency pruning, 120 s to go."""
+    samples = load_samples(_npz(model), model, holdout_fraction=0.2)
+    reference = run_outputs(create_session(model.SerializeToString()), samples.holdout)
+    return AutoSearch(source=model, samples=samples, settings=SessionSettings(), tolerance=Tolerance(),
+                      reference=reference, provider="cpu", deadline=time.monotonic() + 120,
+                      built={"fused": Built(VariantReport(name="fused", precision="fp32"), model)},
+                      fp32_name="fused", prune_by_latency=False)
+
+
 def _row(report: dict, name: str) -> dict:
     return next(c for c in report["auto"]["candidates"] if c["name"] == name)
 
@@ -189,12 +199,7 @@ def test_latency_pruning_spends_work_only_where_it_can_pay() -> None:
 
 def test_later_calibration_methods_run_once_per_scope_for_what_no_repair_saved() -> None:
     model = models.detector()
-    samples = load_samples(_npz(model), model, holdout_fraction=0.2)
-    reference = run_outputs(create_session(model.SerializeToString()), samples.holdout)
-    search = AutoSearch(source=model, samples=samples, settings=SessionSettings(), tolerance=Tolerance(),
-                        reference=reference, provider="cpu", deadline=time.monotonic() + 120,
-                        built={"fused": Built(VariantReport(name="fused", precision="fp32"), model)},
-                        fp32_name="fused", prune_by_latency=False)
+    search = search_on(model)
     qdq = search._add(static_candidate("minmax", "qdq", "uint8"))
     qoperator = search._add(static_candidate("minmax", "qoperator", "uint8"))
     assert qdq.row.status == qoperator.row.status == "rejected"  # the head breaks both, as above

@@ -11,14 +11,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimizer.accuracy import Tolerance, run_outputs
-from optimizer.auto import AutoSearch, accuracy_margin
-from optimizer.calibration import load_samples
+from optimizer.auto import accuracy_margin
 from optimizer.candidates import static_candidate
-from optimizer.runtime import SessionSettings, create_session
-from optimizer.variants import Built, VariantReport
 from tests import models
-from tests.test_auto import _npz
+from tests.test_auto import search_on
 
 
 def _two_outliers() -> onnx.ModelProto:
@@ -39,12 +35,7 @@ def _two_outliers() -> onnx.ModelProto:
 
 def test_two_broken_layers_are_found_one_by_one_and_left_in_float_together() -> None:
     model = _two_outliers()
-    samples = load_samples(_npz(model), model, holdout_fraction=0.2)
-    reference = run_outputs(create_session(model.SerializeToString()), samples.holdout)
-    search = AutoSearch(source=model, samples=samples, settings=SessionSettings(), tolerance=Tolerance(),
-                        reference=reference, provider="cpu", deadline=time.monotonic() + 120,
-                        built={"fused": Built(VariantReport(name="fused", precision="fp32"), model)},
-                        fp32_name="fused", prune_by_latency=False)
+    search = search_on(model)
     target = search._add(static_candidate("minmax", "qdq", "uint8", shared=search.shared))
     assert target.row.status == "rejected"
     search._repair()
@@ -71,12 +62,7 @@ def test_two_broken_layers_are_found_one_by_one_and_left_in_float_together() -> 
 
 def test_a_repair_target_stops_at_its_share_of_the_budget() -> None:
     model = _two_outliers()
-    samples = load_samples(_npz(model), model, holdout_fraction=0.2)
-    reference = run_outputs(create_session(model.SerializeToString()), samples.holdout)
-    search = AutoSearch(source=model, samples=samples, settings=SessionSettings(), tolerance=Tolerance(),
-                        reference=reference, provider="cpu", deadline=time.monotonic() + 120,
-                        built={"fused": Built(VariantReport(name="fused", precision="fp32"), model)},
-                        fp32_name="fused", prune_by_latency=False)
+    search = search_on(model)
     target = search._add(static_candidate("minmax", "qdq", "uint8", shared=search.shared))
     record = search._repair_one(target.row, time.monotonic())  # its share is already used up
     assert record["attempts"] == [] and record["passed"] is None
