@@ -31,7 +31,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 503)}
 _BATCH_FIELDS = {"batch_max_size": (int, 1, 1024), "batch_max_delay_ms": (float, 0.0, 1000.0)}
-_TEXT_FIELDS = {"name", "precision", "int8_mode", "calibration_method", "min_cosine", "min_top1", *_BATCH_FIELDS}
+_TEXT_FIELDS = {"name", "precision", "int8_mode", "calibration_method", "min_cosine", "min_top1", "metrics",
+                *_BATCH_FIELDS}
 _UPLOAD_FORM = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {
@@ -51,6 +52,9 @@ _UPLOAD_FORM = {
                            "description": "accuracy tolerance: least cosine similarity of every output"},
             "min_top1": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.99,
                          "description": "accuracy tolerance: least top-1 agreement of classifier outputs"},
+            "metrics": {"type": "string", "description": 'JSON object: output name -> the metric that gates it '
+                                                         '("default" | "top1" | "mask:<threshold>"), e.g. '
+                                                         '{"maps": "mask:0.3"}; other outputs keep the default'},
             "batch_max_size": {"type": "integer", "minimum": 1, "maximum": 1024,
                                "description": "dynamic batching for this model: most rows per run, 1 = off "
                                               "(default ONNXFORGE_BATCH_MAX_SIZE)"},

@@ -11,6 +11,7 @@ over a quota: hence 503, not 429), and nothing of it is kept.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import onnx
 from starlette.exceptions import HTTPException
 
 from app.errors import BadRequestError, UnsupportedMediaTypeError
+from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
 from optimizer.errors import ExternalDataError
 from optimizer.loading import LoadedModel, load_model
@@ -112,6 +114,7 @@ class UploadOptions:
     calibration_method: str = "minmax"
     min_cosine: float | None = None
     min_top1: float | None = None
+    metrics: dict[str, str] | None = None  # output -> the metric that gates it (optimizer.accuracy.Tolerance.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +157,28 @@ def _fraction(fields: dict[str, str], key: str) -> float | None:
     return value
 
 
+def _metrics(fields: dict[str, str]) -> dict[str, str] | None:
+    """The optional `metrics` field: a JSON object naming the metric that gates an output, e.g.
+    {"maps": "mask:0.3", "probs": "top1"}. JSON because ONNX output names may hold ':' and ','."""
+    text = fields.get("metrics", "").strip()
+    if not text:
+        return None
+    hint = 'metrics must be a JSON object of output name -> "default" | "top1" | "mask:<threshold>", ' \
+           'e.g. {"maps": "mask:0.3"}'
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise BadRequestError(f"{hint}; got {text[:200]!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BadRequestError(f"{hint}; got {text[:200]!r}")
+    for output, metric in value.items():
+        try:
+            parse_metric(metric, output)
+        except ToleranceError as exc:
+            raise BadRequestError(str(exc)) from None
+    return value or None
+
+
 def parse_options(fields: dict[str, str], has_calibration: bool) -> UploadOptions:
     options = UploadOptions(
         precision=_choice(fields, "precision", PRECISIONS, "auto") or "auto",
@@ -161,6 +186,7 @@ def parse_options(fields: dict[str, str], has_calibration: bool) -> UploadOption
         calibration_method=_choice(fields, "calibration_method", CALIBRATION_METHODS, "minmax") or "minmax",
         min_cosine=_fraction(fields, "min_cosine"),
         min_top1=_fraction(fields, "min_top1"),
+        metrics=_metrics(fields),
     )
     if options.int8_mode == "static" and not has_calibration:
         raise BadRequestError(
@@ -270,6 +296,11 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
         load_samples(calibration_path, loaded.proto)
     if loaded.ir_version != loaded.original_ir_version:
         model_path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
+    outputs = [o.name for o in loaded.proto.graph.output]
+    unknown = sorted(set(options.metrics or {}) - set(outputs))
+    if unknown:
+        raise BadRequestError(f"metrics names outputs the model does not have: {', '.join(unknown)}; its outputs are "
+                              f"{', '.join(outputs)}")
     initializers = {t.name for t in loaded.proto.graph.initializer}
     return ValidatedUpload(
         name=name,

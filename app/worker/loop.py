@@ -173,7 +173,8 @@ class Worker:
             "time_budget_s": self.settings.optimize_time_budget_s,
         }
         # The user's accuracy tolerance, when the upload gave one (else the optimizer's defaults).
-        config.update({key: job.options[key] for key in ("min_cosine", "min_top1") if job.options.get(key) is not None})
+        config.update({key: job.options[key] for key in ("min_cosine", "min_top1", "metrics")
+                       if job.options.get(key) is not None})
         spec = RunSpec(str(model), str(work / "out"), str(calibration) if calibration else None, config,
                        memory_limit_mb=self.settings.job_memory_limit_mb)
         read_fd, write_fd = os.pipe()
