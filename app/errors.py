@@ -9,6 +9,7 @@ class ServiceError(Exception):
     """A request the service cannot honour, explained in words."""
 
     status_code = 500
+    headers: dict[str, str] | None = None  # extra headers of the answer (e.g. Retry-After on a 503)
 
 
 class BadRequestError(ServiceError):

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings)` for tests and embedding, `app` for `uvicorn app.main:app`.
 
 Everything long-lived (database, artifact store, session cache, the worker process) is created in
-the lifespan from the settings and reaches routes through `app.api.deps.get_services`.
+the lifespan from the settings and reaches routes through `app.api.deps.services_of`.
 """
 
 from __future__ import annotations

@@ -13,9 +13,12 @@ import threading
 import time
 
 import onnx
+from fastapi.testclient import TestClient
 
+from app.main import create_app
+from app.settings import Settings
 from tests import models
-from tests.conftest import Api
+from tests.conftest import TEST_SETTINGS, Api
 
 BIG = models.mlp(features=512, hidden=1536)  # ~12 MiB: its validation takes a measurable while
 
@@ -89,3 +92,22 @@ def test_max_input_elements_is_enforced_on_v1_and_v2(serve) -> None:  # noqa: AN
                     assert "320 elements, more than the limit of 256" in answer.json()["error"]
             else:
                 assert len(response.json()["outputs"]["logits"]) == 4
+
+
+def test_two_apps_in_one_process_each_keep_their_own_validation_limit(tmp_path) -> None:  # noqa: ANN001
+    """The bound belongs to the app (Services.validations), not to the process: a second app started in the
+    same process with another max_concurrent_validations leaves the first one's bound as it was."""
+    one = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path / "one", "run_worker": False,
+                      "max_concurrent_validations": 1, "validation_wait_s": 0.2})
+    two = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path / "two", "run_worker": False,
+                      "max_concurrent_validations": 2, "validation_wait_s": 0.2})
+    with TestClient(create_app(one)) as first, TestClient(create_app(two)) as second:
+        api_one, api_two = Api(first), Api(second)
+        limit_one, limit_two = api_one.services.validations, api_two.services.validations
+        assert (limit_one.capacity, limit_two.capacity) == (1, 2)
+        with limit_one.slot(), limit_two.slot():  # each app validating one upload
+            assert api_one.upload(models.mlp(), name="a").status_code == 503  # its one slot is taken
+            assert api_two.upload(models.mlp(), name="b").status_code == 202  # its second slot is free
+        assert (limit_one.refused, limit_one.peak) == (1, 1)
+        assert (limit_two.refused, limit_two.peak) == (0, 2)
+        assert api_one.upload(models.mlp(), name="a").status_code == 202

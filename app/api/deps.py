@@ -9,6 +9,8 @@ from app.services.container import Services
 
 
 def get_services(request: Request) -> Services:
+    """The app's Services, or 503 while it starts or stops. Routes take `Depends(services_of)`; this plain
+    function is for code that is not a FastAPI route (raw ASGI routes)."""
     services = getattr(request.app.state, "services", None)
     if services is None:
         raise NotReadyError("the service is starting or stopping")
@@ -16,5 +18,6 @@ def get_services(request: Request) -> Services:
 
 
 async def services_of(request: Request) -> Services:
-    """`get_services` as an async dependency: FastAPI runs a sync one in a worker thread, a hop per request."""
+    """The one dependency routes reach the services by. Async: FastAPI runs a sync dependency in a worker
+    thread, a hop per request."""
     return get_services(request)

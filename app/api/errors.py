@@ -1,8 +1,9 @@
 """The one place errors become HTTP answers, all shaped `{"error": "..."}`.
 
-ServiceError subclasses carry their status; optimizer errors mean the user's model or data is bad
-(400); FastAPI's validation errors are a malformed request (422); unknown routes 404 in the same
-shape. Anything else is our bug: 500 with a generic message, and the traceback in the log.
+ServiceError subclasses carry their status (and any headers, e.g. Retry-After); optimizer errors mean
+the user's model or data is bad (400); FastAPI's validation errors are a malformed request (422);
+unknown routes 404 in the same shape. Anything else is our bug: 500 with a generic message, and the
+traceback in the log.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
-        return error_response(exc.status_code, str(exc))
+        return error_response(exc.status_code, str(exc), exc.headers)
 
     @app.exception_handler(OptimizerError)
     async def _optimizer_error(_: Request, exc: OptimizerError) -> JSONResponse:

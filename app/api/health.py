@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import get_services
+from app.api.deps import services_of
 from app.api.schemas import ErrorOut
 from app.errors import NotReadyError
 from app.services.container import Services
@@ -37,9 +37,8 @@ def _check(services: Services) -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorOut}})
-async def readyz(request: Request) -> dict[str, Any]:
+async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
     """Ready when the database and the artifact store answer; 503 otherwise."""
-    services = get_services(request)
     problems = await run_in_threadpool(_check, services)
     if problems:
         raise NotReadyError("not ready: " + "; ".join(f"{part}: {why}" for part, why in problems.items()))
@@ -48,7 +47,7 @@ async def readyz(request: Request) -> dict[str, Any]:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(services: Services = Depends(get_services)) -> Response:
+def metrics(services: Services = Depends(services_of)) -> Response:
     """Prometheus: HTTP requests, predict counts and latency per model/version/variant, jobs by status."""
     body, content_type = services.metrics.render()
     return Response(body, media_type=content_type)

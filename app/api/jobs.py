@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.api.deps import get_services
+from app.api.deps import services_of
 from app.api.schemas import ErrorOut, JobOut
 from app.services.container import Services
 
@@ -12,6 +12,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
-def get_job(job_id: str, services: Services = Depends(get_services)) -> JobOut:
+def get_job(job_id: str, services: Services = Depends(services_of)) -> JobOut:
     """Status (queued, running, succeeded, failed), the stage running, progress 0..1, the error if any."""
     return JobOut.of(services.jobs.get(job_id))

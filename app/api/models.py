@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import get_services, services_of
+from app.api.deps import services_of
 from app.api.multipart import receive_form
 from app.api.schemas import (
     ErrorOut,
@@ -96,7 +96,7 @@ def _version_number(text: str, name: str) -> int:
 
 @router.post("", status_code=202, response_model=UploadAccepted, responses=_ERRORS,
              openapi_extra={"requestBody": _UPLOAD_FORM})
-async def upload_model(request: Request, services: Services = Depends(get_services)) -> JSONResponse:
+async def upload_model(request: Request, services: Services = Depends(services_of)) -> JSONResponse:
     """Upload a model (and optionally calibration samples); it is validated now and optimized in the background.
 
     Uploading an existing name adds a version; the current one keeps serving until the new one is ready.
@@ -117,7 +117,8 @@ async def upload_model(request: Request, services: Services = Depends(get_servic
             calibration = None  # a form's empty file input
         batching = _batching(form.fields)
         validated = await run_in_threadpool(
-            validate_upload, model.path, model.filename, calibration.path if calibration else None, form.fields
+            validate_upload, model.path, model.filename, calibration.path if calibration else None, form.fields,
+            services.validations,
         )
         accepted = await run_in_threadpool(services.registry.accept, validated)
     finally:
@@ -131,7 +132,7 @@ async def upload_model(request: Request, services: Services = Depends(get_servic
 
 
 @router.get("", response_model=list[ModelSummary])
-def list_models(services: Services = Depends(get_services)) -> list[ModelSummary]:
+def list_models(services: Services = Depends(services_of)) -> list[ModelSummary]:
     summaries = []
     for name, versions in services.registry.names().items():
         serving = pick_serving(versions)
@@ -144,7 +145,7 @@ def list_models(services: Services = Depends(get_services)) -> list[ModelSummary
 
 
 @router.get("/{name}", response_model=ModelOut, responses=_ERRORS)
-def describe_model(name: str, services: Services = Depends(get_services)) -> ModelOut:
+def describe_model(name: str, services: Services = Depends(services_of)) -> ModelOut:
     """Versions with their status and jobs, which one serves, its inputs and outputs, and the provider."""
     versions = services.registry.versions(name)
     jobs = services.registry.jobs_of([v.id for v in versions])
@@ -169,13 +170,13 @@ def _loaded_or_declared(loaded, declared: list[dict[str, Any]], which: str) -> l
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionOut, responses=_ERRORS)
-def describe_version(name: str, version: str, services: Services = Depends(get_services)) -> VersionOut:
+def describe_version(name: str, version: str, services: Services = Depends(services_of)) -> VersionOut:
     row = services.registry.resolve(name, _version_number(version, name))
     return VersionOut.of(row, services.registry.jobs_of([row.id]).get(row.id))
 
 
 @router.delete("/{name}", responses=_ERRORS)
-def delete_model(name: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+def delete_model(name: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     """Delete every version (a running optimization is stopped)."""
     ids = services.registry.delete(name)
     services.predict.invalidate(name)
@@ -184,7 +185,7 @@ def delete_model(name: str, services: Services = Depends(get_services)) -> dict[
 
 
 @router.delete("/{name}/versions/{version}", responses=_ERRORS)
-def delete_version(name: str, version: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+def delete_version(name: str, version: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     number = _version_number(version, name)
     ids = services.registry.delete(name, number)
     services.predict.invalidate(name)
@@ -196,14 +197,14 @@ def delete_version(name: str, version: str, services: Services = Depends(get_ser
 
 
 @router.get("/{name}/report", responses=_ERRORS)
-def model_report(name: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+def model_report(name: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     """The optimizer's report for the serving version: variants, sizes, latency, accuracy, speedup, provider."""
     row, report = services.registry.report(name)
     return {"model": row.name, "version": row.version, "selected": row.selected, "report": report}
 
 
 @router.get("/{name}/versions/{version}/report", responses=_ERRORS)
-def version_report(name: str, version: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+def version_report(name: str, version: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     row, report = services.registry.report(name, _version_number(version, name))
     return {"model": row.name, "version": row.version, "selected": row.selected, "report": report}
 
@@ -217,14 +218,14 @@ def _artifact(services: Services, name: str, version: int | None, variant: str |
 
 
 @router.get("/{name}/artifact", response_class=FileResponse, responses=_ERRORS)
-def model_artifact(name: str, variant: str | None = None, services: Services = Depends(get_services)) -> FileResponse:
+def model_artifact(name: str, variant: str | None = None, services: Services = Depends(services_of)) -> FileResponse:
     """Download the serving version's ONNX file: `variant` optimized or original (default: the one that serves)."""
     return _artifact(services, name, None, variant)
 
 
 @router.get("/{name}/versions/{version}/artifact", response_class=FileResponse, responses=_ERRORS)
 def version_artifact(name: str, version: str, variant: str | None = None,
-                     services: Services = Depends(get_services)) -> FileResponse:
+                     services: Services = Depends(services_of)) -> FileResponse:
     return _artifact(services, name, _version_number(version, name), variant)
 
 

@@ -19,7 +19,7 @@ from app.runtime.sessions import SessionCache
 from app.services.jobs import JobQueue
 from app.services.predict import PredictService
 from app.services.registry import Registry
-from app.services.uploads import ValidationLimiter, limit_validations
+from app.services.uploads import ValidationLimiter
 from app.settings import MiB, Settings
 from app.storage import ArtifactStore, open_store
 from app.store import Database
@@ -81,7 +81,7 @@ def open_services(settings: Settings) -> Services:
         allow_spinning=settings.intra_op_spinning,
     ), max_bytes=settings.session_cache_max_mb * MiB)
     jobs = JobQueue(db, settings.job_lease_s, settings.job_max_attempts)
-    validations = limit_validations(settings.max_concurrent_validations, settings.validation_wait_s)
+    validations = ValidationLimiter(settings.max_concurrent_validations, settings.validation_wait_s)
     metrics = Metrics(jobs.counts, lambda: len(sessions), lambda: sessions.bytes,
                       lambda: (validations.running, validations.refused))
     registry = Registry(db, store)

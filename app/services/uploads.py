@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from starlette.exceptions import HTTPException
 
-from app.errors import BadRequestError, UnsupportedMediaTypeError
+from app.errors import BadRequestError, NotReadyError, UnsupportedMediaTypeError
 from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
 from optimizer.errors import ExternalDataError
@@ -51,19 +50,22 @@ _NOT_ONNX = [
 RETRY_AFTER_S = 5  # what a refused upload is told to wait; about one validation of a large model
 
 
-class ValidationBusyError(HTTPException):
-    """503 + Retry-After. An HTTPException because app/api/errors.py passes its headers on (ServiceError has none)."""
+class ValidationBusyError(NotReadyError):
+    """503 + Retry-After: every validation slot stayed taken (the server is busy, not the request wrong)."""
 
     def __init__(self, capacity: int, waited_s: float) -> None:
-        super().__init__(503, headers={"Retry-After": str(RETRY_AFTER_S)}, detail=(
+        super().__init__(
             f"the service is validating {capacity} other upload(s) (ONNXFORGE_MAX_CONCURRENT_VALIDATIONS="
-            f"{capacity}) and none finished within {waited_s:g} s: send the upload again in {RETRY_AFTER_S} s"))
+            f"{capacity}) and none finished within {waited_s:g} s: send the upload again in {RETRY_AFTER_S} s")
+        self.headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ValidationLimiter:
     """At most `capacity` validations at once; the others wait up to `wait_s` for a slot, then ValidationBusyError.
 
-    A threading semaphore, not an asyncio one: validations run in worker threads (run_in_threadpool).
+    One per app (open_services keeps it in Services.validations; the upload route passes it in), not a
+    module global: two apps in one process each keep their own bound. A threading semaphore, not an
+    asyncio one: validations run in worker threads (run_in_threadpool).
     """
 
     def __init__(self, capacity: int, wait_s: float) -> None:
@@ -90,18 +92,6 @@ class ValidationLimiter:
             with self._lock:
                 self.running -= 1
             self._slots.release()
-
-
-# The process's limiter: memory is per process, so is the bound. open_services replaces it with one
-# from the settings (and keeps it in Services.validations); validate_upload uses it unless given one.
-_limiter = ValidationLimiter(2, 5.0)
-
-
-def limit_validations(capacity: int, wait_s: float) -> ValidationLimiter:
-    """Install (and return) this process's validation limiter."""
-    global _limiter
-    _limiter = ValidationLimiter(capacity, wait_s)
-    return _limiter
 
 
 @dataclass
@@ -264,7 +254,7 @@ def _value_infos(values: Any, skip: set[str]) -> list[dict[str, Any]]:  # noqa: 
 
 
 def validate_upload(model_path: Path, filename: str | None, calibration_path: Path | None,
-                    fields: dict[str, str], limiter: ValidationLimiter | None = None) -> ValidatedUpload:
+                    fields: dict[str, str], limiter: ValidationLimiter) -> ValidatedUpload:
     """Validate everything about an upload (blocking: run it off the event loop).
 
     Raises UnsupportedMediaTypeError (415) for files of the wrong kind, BadRequestError or an
@@ -276,7 +266,7 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
     _refuse_non_onnx(model_path)
     if calibration_path is not None:
         _refuse_non_npz(calibration_path)
-    with (limiter or _limiter).slot():
+    with limiter.slot():
         return _validate_contents(name, options, model_path, filename, calibration_path)
 
 
