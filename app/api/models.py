@@ -120,11 +120,9 @@ async def upload_model(request: Request, services: Services = Depends(services_o
             validate_upload, model.path, model.filename, calibration.path if calibration else None, form.fields,
             services.validations,
         )
-        accepted = await run_in_threadpool(services.registry.accept, validated)
+        accepted = await run_in_threadpool(services.registry.accept, validated, batching)
     finally:
         form.cleanup()
-    if batching:
-        await run_in_threadpool(services.predict.set_batching, accepted.name, accepted.version, batching)
     services.predict.invalidate(accepted.name)
     status_url = f"{request.scope.get('root_path', '')}/v1/jobs/{accepted.job_id}"
     body = UploadAccepted(name=accepted.name, version=accepted.version, job_id=accepted.job_id, status_url=status_url)

@@ -64,21 +64,23 @@ class Registry:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def accept(self, upload: ValidatedUpload) -> Accepted:
+    def accept(self, upload: ValidatedUpload, serving: dict[str, Any] | None = None) -> Accepted:
         """Store a validated upload as the name's next version and queue its optimization.
 
-        The version row, the job row and the artifacts appear together: the artifacts are moved in
-        inside the transaction (after the version number is claimed by a flush), and removed again
-        if it does not commit. Version numbers are never reused (deleted versions stay as rows).
+        The version row (with `serving`, its own batching settings), the job row and the artifacts
+        appear together: the artifacts are moved in inside the transaction (after the version number
+        is claimed by a flush), and removed again if it does not commit. No replica can therefore see
+        the version without its serving settings and cache the default batching for it. Version
+        numbers are never reused (deleted versions stay as rows).
         """
         for _ in range(5):  # two uploads racing for the same next version number: the loser retries
             try:
-                return self._accept_once(upload)
+                return self._accept_once(upload, serving or None)
             except IntegrityError:
                 continue
         raise ConflictError(f"too many concurrent uploads of {upload.name!r}; try again")
 
-    def _accept_once(self, upload: ValidatedUpload) -> Accepted:
+    def _accept_once(self, upload: ValidatedUpload, serving: dict[str, Any] | None) -> Accepted:
         stored_prefix: str | None = None
         try:
             with self.db.write() as session:
@@ -87,7 +89,7 @@ class Registry:
                     name=upload.name, version=(last or 0) + 1, status="optimizing", filename=upload.filename,
                     sha256=upload.sha256, size_bytes=upload.size_bytes,
                     has_calibration=upload.calibration_path is not None, options=upload.options.to_dict(),
-                    inputs=upload.inputs, outputs=upload.outputs, notes=upload.notes,
+                    inputs=upload.inputs, outputs=upload.outputs, notes=upload.notes, serving=serving,
                 )
                 session.add(version)
                 session.flush()  # claims (name, version) now: a racing upload fails here, before any file moves
