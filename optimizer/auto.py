@@ -7,12 +7,17 @@ guessing, in steps that each decide what the next one is worth:
 1. probe: every recipe that is cheap to build (dynamic S8/U8 per-channel; static MinMax in QDQ and
    QOperator, S8S8 and U8S8, all ops and Conv/MatMul/Gemm only) is built, judged on the held-back
    samples and timed once, interleaved with the FP32 models at the selection batch size;
-2. repair: the fastest failing INT8 combinations are re-quantized with nodes left in float: first
-   the output head (cheap, costs no speed on real models), then, from the ranking of sensitive
-   tensors by `optimizer.sensitivity` (ONNX Runtime's qdq_loss_debug), each of the top units (a
-   tensor's producer and consumers) alone in float (leave-one-out, scored by its accuracy margin),
-   a greedy union of the units that raised the margin most, and last the cumulative top 1, 2, 4,
-   8, 16 units. Each target gets an equal share of the budget left;
+2. repair: the fastest failing INT8 combinations, static or dynamic, are re-quantized with nodes
+   left in float: first the output head (cheap, costs no speed on real models), then, from a
+   ranking by `optimizer.sensitivity`, each of the top units alone in float (leave-one-out, scored
+   by its accuracy margin), a greedy union of the units that raised the margin most, and last the
+   cumulative top 1, 2, 4, 8, 16 units. A static target is ranked on its QDQ twin by ONNX
+   Runtime's qdq_loss_debug (a unit: a quantized tensor's producer and consumers); a dynamic one,
+   which has no Q/DQ pairs, against the float source (a unit: one quantized node, scored by the
+   error it adds to what its inputs already carry: `sensitivity.rank_dynamic`). Only nodes the
+   target quantizes at all (its op-type scope) are left in float, so no build is spent on a no-op
+   exclusion. The margin is read from the metric that gates each output (`accuracy_margin`), so it
+   agrees with pass/fail. Each target gets an equal share of the budget left;
 3. methods: latency does not depend on the calibration method, so Percentile and then Entropy
    (slow, memory-hungry) calibrate only the combinations that measured faster than fused FP32 and
    faster than the best variant that already passes, and failed accuracy with MinMax, and only
@@ -34,16 +39,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import onnx
 
 from optimizer import sensitivity
-from optimizer.accuracy import Tolerance
+from optimizer.accuracy import Tolerance, parse_metric
 from optimizer.calibration import SampleSet
 from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, static_name, static_twin
 from optimizer.errors import first_line
 from optimizer.latency import BenchmarkError, measure_batches
+from optimizer.passes.int8_dynamic import Preprocessed
 from optimizer.passes.int8_static import SharedCalibration
 from optimizer.runtime import SessionSettings
 from optimizer.variants import Built, build, evaluate
@@ -94,6 +101,8 @@ class AutoSearch:
     _target_deadline: float = float("inf")  # the current repair target's share of the budget ends then
     # one pre-processed model and one calibration per method for every static build of this search
     shared: SharedCalibration = field(default_factory=SharedCalibration)
+    # one quant_pre_process per source for every dynamic build of this search
+    prepared: Preprocessed = field(default_factory=Preprocessed)
 
     # -- the steps -------------------------------------------------------------------------------
 
@@ -110,7 +119,7 @@ class AutoSearch:
         matmul_heavy = sum(op in ("MatMul", "Gemm", "Attention", "LSTM", "GRU") for op in ops) > ops.count("Conv")
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
                          fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy,
-                         shared=self.shared)
+                         shared=self.shared, prepared=self.prepared)
         self.skipped += plan.skipped
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
@@ -224,13 +233,9 @@ class AutoSearch:
         than FP32 (every passing repair is timed), or `deadline`."""
         record: dict[str, Any] = {"target": row.name, "attempts": [], "ranking": None, "passed": None}
         self._target_deadline = deadline
-        head = tuple(sensitivity.head_nodes(self.source))
+        head = self._in_scope(row, sensitivity.head_nodes(self.source))
         record["head_nodes"] = list(head)
         if self._attempt(row, head, "repair-head", "output head in float", record) in (True, None):
-            return record
-        if row.settings.get("mode") != "static":
-            record["note"] = ("sensitivity ranking reads QDQ activations; a dynamic variant gets only the head "
-                              "repair" + (" (the time budget ran out before it)" if not record["attempts"] else ""))
             return record
         ranking = self._ranking(row, record)
         if not ranking:
@@ -240,7 +245,7 @@ class AutoSearch:
         # 1. leave-one-out: each of the most sensitive units alone, scored by its accuracy margin
         units: list[tuple[str, ...]] = []
         for loss in worth:
-            unit = tuple(loss.nodes)
+            unit = self._in_scope(row, loss.nodes)
             if unit and unit not in units:
                 units.append(unit)
         gains: list[tuple[float, tuple[str, ...]]] = []
@@ -267,7 +272,7 @@ class AutoSearch:
         for k in REPAIR_STEPS:
             nodes = []
             for loss in worth[:k]:
-                nodes += [n for n in loss.nodes if n not in nodes]
+                nodes += [n for n in self._in_scope(row, loss.nodes) if n not in nodes]
             outcome = self._attempt(row, tuple(nodes), f"repair-top{k}", f"the nodes of the {k} most sensitive "
                                     "tensors in float", record)
             if outcome is True or outcome is None:
@@ -277,19 +282,29 @@ class AutoSearch:
         return record
 
     def _ranking(self, row: Any, record: dict[str, Any]) -> list[sensitivity.TensorLoss]:
-        """Rank tensors on the QDQ model with the target's activation type and scope (built in the probe)."""
-        op_types = None if row.settings["op_types"] == "all" else tuple(row.settings["op_types"])
-        twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types)
-        twin = self.built.get(twin_name)
-        if twin is None or twin.model is None:
-            record["note"] = f"no QDQ twin ({twin_name}) to rank sensitive nodes on"
-            return []
-        if time.monotonic() >= self.deadline:
-            record["note"] = "the job's time budget ran out before the sensitivity ranking"
+        """Static: rank tensors on the QDQ model with the target's activation type and scope (built in the
+        probe). Dynamic: rank the target's quantized nodes against the float source."""
+        feeds = self.samples.calibration or self.samples.holdout
+        if row.settings.get("mode") == "static":
+            op_types = None if row.settings["op_types"] == "all" else tuple(row.settings["op_types"])
+            twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types)
+            twin = self.built.get(twin_name)
+            if twin is None or twin.model is None:
+                record["note"] = f"no QDQ twin ({twin_name}) to rank sensitive nodes on"
+                return []
+            rank = partial(sensitivity.rank, twin.model, feeds)
+        else:
+            target = self.built.get(row.name)
+            if target is None or target.model is None:
+                record["note"] = "the dynamic target's model is gone: nothing to rank against the float source"
+                return []
+            rank = partial(sensitivity.rank_dynamic, self.source, target.model, feeds)
+        if time.monotonic() >= min(self.deadline, self._target_deadline):
+            record["note"] = "the time budget for this repair ran out before the sensitivity ranking"
             return []
         started = time.perf_counter()
         try:
-            ranking = sensitivity.rank(twin.model, self.samples.calibration)
+            ranking = rank()
         except Exception as exc:  # noqa: BLE001 - ORT's debug tools raise anything
             record["note"] = f"sensitivity ranking failed: {first_line(exc)}"
             return []
@@ -309,7 +324,7 @@ class AutoSearch:
             candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared)
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
-                                          suffix=suffix)
+                                          suffix=suffix, prepared=self.prepared)
         candidate.settings.update({"repair_of": row.name, "repair": what})
         if time.monotonic() >= min(self.deadline, self._target_deadline):
             self.skipped.append({"name": candidate.name, "reason": "the time budget for this repair ran out"})
@@ -354,6 +369,19 @@ class AutoSearch:
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _in_scope(self, row: Any, nodes: list[str]) -> tuple[str, ...]:
+        """The nodes the target quantizes at all: leaving any other node "in float" changes nothing, and a
+        build spent on it would repeat one already made (MiniLM's heavy-scope units paired each MatMul
+        with a SkipLayerNormalization the quantizer never touched)."""
+        if row.settings.get("mode") == "static":
+            scope = None if row.settings["op_types"] == "all" else set(row.settings["op_types"])
+        else:
+            scope = sensitivity.DYNAMIC_OPS
+        if scope is None:
+            return tuple(nodes)
+        op_of = {n.name: n.op_type for n in self.source.graph.node}
+        return tuple(n for n in nodes if n not in op_of or op_of[n] in scope)
 
     def _add(self, candidate: Candidate) -> Built:
         built = build(candidate, self.source, self.samples, self.deadline)
@@ -443,23 +471,43 @@ class AutoSearch:
 
 
 def accuracy_margin(accuracy: dict[str, Any] | None, tolerance: Tolerance) -> float:
-    """How far the worst checked metric sits above its limit (negative: fails): what a repair improves.
+    """How far the worst gating metric sits above its limit (negative: fails): what a repair improves.
 
     The pass/fail verdict alone cannot say which of two failing repairs came closer; the smallest
-    margin over cosine, top-1 and slice cosine of every checked output can. NaN/Inf: -inf.
+    margin over the metrics that gate the checked outputs can. They are exactly the ones
+    `accuracy.compare` judges: an output's declared metric alone (top-1 or mask agreement), else
+    cosine, top-1 and the worst slice's cosine and error; the max-abs limit for any output. So the
+    margin is >= 0 exactly when the variant passes. Cosines, agreements and the slice error are
+    fractions already and compare raw (scaling each by its limit's headroom let the whole-tensor
+    cosine's 0.01 drown a broken slice's recovery); max-abs is relative to its limit. NaN/Inf, or an
+    output that failed without a metric (missing, wrong shape): -inf.
     """
     if not accuracy:
         return float("-inf")
     margins = []
-    for out in accuracy.get("outputs", {}).values():
+    for name, out in accuracy.get("outputs", {}).items():
         if not out.get("checked", True):
             continue
         if out.get("nonfinite"):
             return float("-inf")
-        for value, limit in ((out.get("cosine"), tolerance.min_cosine), (out.get("top1"), tolerance.min_top1),
-                             ((out.get("slices") or {}).get("worst_cosine"), tolerance.min_slice_cosine)):
-            if value is not None and limit is not None:
-                margins.append(value - limit)
+        slices = out.get("slices") or {}
+        higher = []  # (value, limit): passes when value >= limit
+        lower = []  # (value, limit): passes when value <= limit
+        kind, _ = parse_metric(out.get("metric") or "default", name)
+        if kind == "top1":
+            higher.append((out.get("top1"), tolerance.min_top1))
+        elif kind == "mask":
+            higher.append((out.get("mask_agreement"), tolerance.min_top1))
+        else:
+            higher += [(out.get("cosine"), tolerance.min_cosine), (out.get("top1"), tolerance.min_top1),
+                       (slices.get("worst_cosine"), tolerance.min_slice_cosine)]
+            lower.append((slices.get("worst_error"), tolerance.max_slice_error))
+        mine = [value - limit for value, limit in higher if value is not None and limit is not None]
+        mine += [limit - value for value, limit in lower if value is not None and limit is not None]
+        if tolerance.max_abs is not None and out.get("max_abs") is not None:
+            mine.append((tolerance.max_abs - out["max_abs"]) / max(tolerance.max_abs, 1e-12))
+        margin = min(mine, default=0.0)
+        margins.append(float("-inf") if out.get("passed") is False and margin >= 0 else margin)
     return min(margins, default=0.0)
 
 
@@ -469,7 +517,9 @@ def _accuracy_summary(accuracy: dict[str, Any] | None) -> dict[str, Any] | None:
     outputs = {}
     for name, out in accuracy.get("outputs", {}).items():
         slices = out.get("slices") or {}
-        outputs[name] = {"passed": out.get("passed"), "cosine": out.get("cosine"), "top1": out.get("top1"),
+        outputs[name] = {"passed": out.get("passed"), "metric": out.get("metric", "default"),
+                         "cosine": out.get("cosine"), "top1": out.get("top1"),
+                         "mask_agreement": out.get("mask_agreement"),
                          "worst_slice_cosine": slices.get("worst_cosine"),
                          "worst_slice_error": slices.get("worst_error")}
     return {"passed": accuracy.get("passed"), "outputs": outputs}

@@ -53,14 +53,17 @@ def _excluding(name: str, settings: dict[str, Any], exclude: tuple[str, ...], su
 
 
 def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclude: tuple[str, ...] = (),
-                      suffix: str = "") -> Candidate:
-    """Dynamic INT8; `exclude` names nodes of the source model to keep in float (a repair)."""
+                      suffix: str = "", prepared: int8_dynamic.Preprocessed | None = None) -> Candidate:
+    """Dynamic INT8; `exclude` names nodes of the source model to keep in float (a repair).
+
+    `prepared`: the search's cache of pre-processed sources, so its builds pre-process once, not once each.
+    """
     config = int8_dynamic.Int8DynamicConfig(weight_type=weight_type, per_channel=per_channel,
                                             nodes_to_exclude=exclude)
     wt = "s8" if weight_type == "int8" else "u8"
     settings: dict[str, Any] = {"mode": "dynamic", "weight_type": weight_type, "per_channel": per_channel}
     name = _excluding(f"int8-dynamic-{wt}{'-pc' if per_channel else ''}", settings, exclude, suffix)
-    return Candidate(name, "int8", settings, lambda m, s: int8_dynamic.run(m, config, s.holdout[0]))
+    return Candidate(name, "int8", settings, lambda m, s: int8_dynamic.run(m, config, s.holdout[0], prepared))
 
 
 def static_candidate(method: str = "minmax", quant_format: str = "qdq", activation_type: str = "int8",
@@ -123,7 +126,8 @@ def cpu_has_fp16_arithmetic() -> bool:
 
 
 def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
-              matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None) -> Plan:
+              matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None,
+              prepared: int8_dynamic.Preprocessed | None = None) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
@@ -140,7 +144,8 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
         result.skipped.append({"name": "int8", "reason": "ONNX Runtime's CUDA provider runs INT8 QDQ/QLinear "
                                "ops without acceleration (they fall back to CPU kernels); FP16 is the GPU win"})
         return result
-    dynamic = [dynamic_candidate("int8", per_channel=True), dynamic_candidate("uint8", per_channel=True)]
+    dynamic = [dynamic_candidate("int8", per_channel=True, prepared=prepared),
+               dynamic_candidate("uint8", per_channel=True, prepared=prepared)]
     if matmul_heavy:
         result.candidates += dynamic
     if has_calibration:

@@ -12,6 +12,19 @@ flattened tensors; channel shapes come from shape inference.
 
 A tensor is quantized because a quantized node produces or consumes it, so a tensor's "unit" is its
 producer and its consumers: the nodes to leave in float so that tensor stays float.
+
+A dynamic INT8 model has no Q/DQ pairs to read (activations are quantized inside
+DynamicQuantizeLinear/MatMulInteger at run time), so `rank_dynamic` isolates each quantized node
+instead: ONNX Runtime's dynamic quantizer keeps a quantized node's output tensor name, so the
+quantized model's nodes that compute it from tensors both models share (DynamicQuantizeLinear ->
+MatMulInteger -> Cast -> Mul for a MatMul) become a small model of their own, fed the float model's
+values of what it reads, and compared with the float model's output, per channel as above. That is
+the error the node adds by itself, as qdq_loss_debug's pre/post pair is for a static tensor. Scoring
+the full quantized model's tensors instead (a node's output error minus its inputs') failed on a
+built MLP: once one node breaks, every later tensor carries its error and the second broken node
+hid behind it. The cost: one run of the float model per feed, plus one run of each local model
+(MiniLM: 25 of them, a few seconds in all), against a quantize_dynamic build per node (5-10 s each
+on a real transformer) for quantizing one node at a time.
 """
 
 from __future__ import annotations
@@ -30,8 +43,10 @@ from onnxruntime.quantization.qdq_loss_debug import (
     modify_model_output_intermediate_tensors,
 )
 from onnxruntime.quantization.quant_utils import QUANT_INPUT_SUFFIX
+from onnxruntime.quantization.registry import IntegerOpsRegistry
 
 from optimizer.accuracy import default_channel_axis
+from optimizer.runtime import create_session
 
 Feed = dict[str, np.ndarray]
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -146,6 +161,165 @@ def rank(qdq_model: onnx.ModelProto, feeds: Sequence[Feed], *, max_samples: int 
         # With MinMax ranges from these same feeds the clip removes nothing else.
         pre = np.clip(pre, post.min(), post.max())
         losses.append(TensorLoss(tensor, _channel_error(pre, post, dims), tensor_units(qdq_model, tensor)))
+    losses.sort(key=lambda t: t.error, reverse=True)
+    return losses
+
+
+#: Op types ONNX Runtime's dynamic quantizer rewrites (Gemm through MatMul + Add).
+DYNAMIC_OPS = frozenset({*IntegerOpsRegistry, "Gemm"})
+_QUANTIZED_MARKERS = ("DynamicQuantize", "Integer", "QAttention", "QGemm", "QEmbed", "QLinear")
+
+
+def _quantized_names(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if any(m in n.op_type for m in _QUANTIZED_MARKERS)]
+
+
+def _was_quantized(name: str, quantized_names: list[str]) -> bool:
+    """True when the quantizer wrote an integer op for the float node `name`: it names it after the node
+    ("<node>_quant"), after quant_pre_process's fusion of it ("<node>/MatMulAddFusion_MatMul_quant") or after
+    its own Gemm rewrite ("<gemm>_MatMul_quant")."""
+    return any(q.startswith((name + "_", name + "/")) for q in quantized_names)
+
+
+def _observed_output(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+                     present: set[str]) -> str | None:
+    """The node's output, or the first tensor down its chain of single consumers that the quantized model
+    still has (quant_pre_process fuses MatMul + Add into one Gemm that writes the Add's output)."""
+    tensor = node.output[0]
+    for _ in range(3):
+        if tensor in present:
+            return tensor
+        after = consumers.get(tensor, [])
+        if len(after) != 1:
+            return None
+        tensor = after[0].output[0]
+    return tensor if tensor in present else None
+
+
+class _ChannelSums:
+    """Per channel, the squared norms of the reference and of the difference, summed over feeds: the mean
+    relative error per channel of `_channel_error` over all feeds, one feed's tensors held at a time."""
+
+    def __init__(self) -> None:
+        self.ref: np.ndarray | None = None
+        self.diff: np.ndarray | None = None
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if not np.issubdtype(a.dtype, np.floating) or a.shape != b.shape or not a.size:
+            return
+        axis = (default_channel_axis(a.shape) if a.ndim >= 3 else 1) if a.ndim >= 2 else None
+        if axis is None:
+            a2, b2 = a.reshape(1, -1), b.reshape(1, -1)
+        else:
+            a2 = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+            b2 = np.moveaxis(b, axis, 0).reshape(a.shape[axis], -1)
+        a2, b2 = a2.astype(np.float64), b2.astype(np.float64)
+        ref, diff = (a2 * a2).sum(axis=1), ((a2 - b2) ** 2).sum(axis=1)
+        if self.ref is not None and self.ref.shape != ref.shape:  # channels differ between feeds: whole tensor
+            ref, diff = np.array([ref.sum() + self.ref.sum()]), np.array([diff.sum() + self.diff.sum()])
+            self.ref = self.diff = None
+        self.ref = ref if self.ref is None else self.ref + ref
+        self.diff = diff if self.diff is None else self.diff + diff
+
+    def error(self) -> float:
+        if self.ref is None or self.diff is None:
+            return 0.0
+        live = self.ref > 1e-24 * max(float(self.ref.max(initial=0.0)), 1e-60)
+        return float(np.mean(np.sqrt(self.diff[live] / self.ref[live]))) if live.any() else 0.0
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> bytes:
+    """`model` with `tensors` as extra graph outputs (ONNX Runtime infers their types); unflattened, so each
+    keeps its shape for the per-channel error."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    listed = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in listed)
+    return augmented.SerializeToString()
+
+
+def _local_nodes(producers: dict[str, onnx.NodeProto], tensor: str,
+                 boundary: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes that compute `tensor` from `boundary` tensors, and the boundary tensors (or graph inputs)
+    they read: for a dynamically quantized MatMul, DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul."""
+    nodes: dict[str, onnx.NodeProto] = {}
+    inputs: list[str] = []
+    frontier, seen = [tensor], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen or not current:
+            continue
+        seen.add(current)
+        node = producers.get(current)
+        if node is None or (current in boundary and current != tensor):
+            inputs.append(current)
+            continue
+        nodes[node.output[0]] = node
+        frontier.extend(node.input)
+    return list(nodes.values()), inputs
+
+
+@dataclass
+class _Local:
+    """One quantized node as a model of its own, fed the float model's values of what it reads."""
+
+    name: str  # the node in the float model
+    observed: str  # its output (or the first tensor after it that both models have)
+    nodes: list[onnx.NodeProto]
+    inputs: list[str]  # tensors both models have (or graph inputs), read by `nodes`
+    session: object | None = None
+    sums: _ChannelSums | None = None
+
+    def model(self, quantized: onnx.ModelProto, values: dict[str, np.ndarray]) -> bytes:
+        order = {id(n): i for i, n in enumerate(quantized.graph.node)}
+        nodes = sorted(self.nodes, key=lambda n: order[id(n)])
+        used = {i for n in nodes for i in n.input}
+        graph = onnx.helper.make_graph(
+            nodes, f"local-{self.name}",
+            [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
+             for i in self.inputs],
+            [onnx.ValueInfoProto(name=self.observed)],
+            [t for t in quantized.graph.initializer if t.name in used])
+        local = onnx.helper.make_model(graph, opset_imports=quantized.opset_import)
+        local.ir_version = quantized.ir_version
+        return local.SerializeToString()
+
+
+def rank_dynamic(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds: Sequence[Feed], *,
+                 max_samples: int = 8) -> list[TensorLoss]:
+    """Nodes of `float_model` that dynamic quantization rewrote, worst first, by the error each adds when fed
+    the float model's own values (see the module docstring), scored on (calibration) `feeds`."""
+    producers = {out: n for n in quantized_model.graph.node for out in n.output}
+    weights = {t.name for t in quantized_model.graph.initializer}
+    present = (set(producers) | {i.name for i in quantized_model.graph.input}) - weights
+    both = present & ({out for n in float_model.graph.node for out in n.output} |
+                      {i.name for i in float_model.graph.input})
+    quantized_names = _quantized_names(quantized_model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in float_model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    locals_: list[_Local] = []
+    for node in float_model.graph.node:
+        if node.op_type not in DYNAMIC_OPS or not node.output or not _was_quantized(node.name, quantized_names):
+            continue  # not rewritten: left in float (excluded, or an op the quantizer skipped)
+        observed = _observed_output(node, consumers, both)
+        if observed is not None:
+            nodes, inputs = _local_nodes(producers, observed, both)
+            locals_.append(_Local(node.name, observed, nodes, [i for i in inputs if i not in weights]))
+    if not locals_:
+        return []
+    feed_names = set(feeds[0]) if feeds else set()
+    wanted = sorted({t for loc in locals_ for t in (loc.observed, *loc.inputs)} - feed_names)
+    float_session = create_session(_with_outputs(float_model, wanted))
+    for feed in feeds[:max_samples]:
+        values = {**dict(zip(wanted, float_session.run(wanted, feed), strict=True)), **feed}
+        for loc in locals_:
+            if loc.session is None:  # built on the first feed: the inputs' types come from the float values
+                loc.session, loc.sums = create_session(loc.model(quantized_model, values)), _ChannelSums()
+            [out] = loc.session.run([loc.observed], {i: values[i] for i in loc.inputs})
+            loc.sums.add(np.asarray(values[loc.observed]), np.asarray(out))
+    losses = [TensorLoss(loc.observed, loc.sums.error() if loc.sums else 0.0, [loc.name]) for loc in locals_]
     losses.sort(key=lambda t: t.error, reverse=True)
     return losses
 
