@@ -17,10 +17,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text, update
 
-from app.services.jobs import JobQueue
+from app.services.jobs import _CLAIM_LOCK_KEY, JobQueue
 from app.settings import Settings
-from app.store import Database, Job
+from app.store import Database, Job, utcnow
 from app.worker.embedded import SETTINGS_ENV
 from tests import models
 from tests.conftest import Api
@@ -108,6 +109,38 @@ def test_racing_claimers_never_exceed_the_global_cap(queue_db: Database, cap: in
         thread.join(60)
     assert len(claimed) == cap
     assert JobQueue(db, 30, 2).counts()["running"] == cap
+    db.dispose()
+
+
+def test_a_claim_that_waited_for_the_lock_starts_after_the_job_that_finished_meanwhile(queue_db: Database) -> None:
+    """A claimer that read the clock, then waited for the database's write lock (SQLite's busy handler, the
+    claim lock on PostgreSQL) while another job finished, must not record a start before that finish: the
+    start is read once the lock is held. (A claim stamped with its clock reading before the wait made the
+    global-cap test see two jobs overlap that never ran at once.)"""
+    db = queue_db
+    first_id, second_id = _add_jobs(db, 2)
+    first = JobQueue(db, lease_s=30, max_attempts=2, max_running=1).claim("host:1:a")
+    assert first is not None and first.id == first_id
+    claimed: list[str | None] = []
+    other = JobQueue(Database(db.url), lease_s=30, max_attempts=2, max_running=1)
+    with db.write() as held:  # another transaction holds the write (claim) lock...
+        if db.is_sqlite:
+            held.execute(text("UPDATE jobs SET progress = progress WHERE id = :id"), {"id": first_id})
+        else:
+            held.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_KEY})
+        claimer = threading.Thread(target=lambda: claimed.append(getattr(other.claim("host:2:b"), "id", None)))
+        claimer.start()
+        claimer.join(0.5)  # ...while the second worker tries to claim (it waits for the lock)
+        assert claimed == []
+        held.execute(update(Job).where(Job.id == first_id).values(status="succeeded", finished_at=utcnow(),
+                                                                  lease_expires_at=None))
+    claimer.join(30)
+    other.db.dispose()
+    assert claimed == [second_id]
+    with db.read() as session:
+        finished = session.get(Job, first_id).finished_at
+        started = session.get(Job, second_id).started_at
+    assert started >= finished, (started, finished)
     db.dispose()
 
 

@@ -102,7 +102,6 @@ class JobQueue:
 
     def claim(self, worker_id: str) -> ClaimedJob | None:
         """Take the oldest queued job, or None when the queue is empty or `max_running` jobs already run."""
-        now = utcnow()
         with self.db.write() as session:
             if self.max_running > 0:
                 if not self.db.is_sqlite:
@@ -116,6 +115,10 @@ class JobQueue:
             ).first()
             if job is None:
                 return None
+            # The clock is read once the lock is held (SQLite's write lock, PostgreSQL's claim lock or row
+            # lock), not before waiting for it: a job that finished during the wait then never seems to
+            # overlap the one claimed after it.
+            now = utcnow()
             attempt = job.attempts + 1  # read before the UPDATE, which also refreshes `job`
             taken = session.execute(
                 update(Job).where(Job.id == job.id, Job.status == "queued").values(
