@@ -94,3 +94,21 @@ def test_a_dynamic_variant_is_repaired_by_leaving_exactly_the_two_sensitive_matm
     assert passed.changes["quantized_ops"]["MatMulInteger"] == len(matmuls) - 2
     # the source was pre-processed once for the target and every repair build
     assert search.prepared.reused == len(repair["attempts"])
+
+
+def test_a_union_that_passes_is_bisected_down_to_the_fewest_units_that_pass() -> None:
+    model = outlier_mlp(fed=(1, 2, 3))  # three MatMuls read an outlier channel: all three must stay float
+    m = _matmuls(model)
+    search = search_on(model)
+    target = search._add(dynamic_candidate("int8", per_channel=True, prepared=search.prepared))
+    record: dict = {"attempts": [], "passed": None}
+    units = [(m[1],), (m[2],), (m[3],), (m[0],), (m[4],)]
+    assert search._smallest_union(target.row, units, "top", "units", record) is True
+    # 1 and 2 units fail, 4 pass, then 3 (the middle) passes too: the three that read an outlier, no more
+    assert [(a["name"].rsplit("-", 1)[-1], a["status"]) for a in record["attempts"]] == [
+        ("top1", "rejected"), ("top2", "rejected"), ("top4", "ok"), ("top3", "ok")]
+    assert record["passed"] == f"{target.row.name}-repair-top3"
+    assert sorted(search.built[record["passed"]].row.settings["exclude_nodes"]) == sorted(m[1:4])
+    # the same union asked again is the earlier outcome, not a second build
+    assert search._union(target.row, units, 3, "top", "units", record) is True
+    assert len(record["attempts"]) == 4
