@@ -9,7 +9,9 @@ its calibration cache instead of a data reader, because inside `quantize_static`
 - memory can only be bounded with `CalibStridedMinMax` (the stride must divide the sample count) or
   `CalibMaxIntermediateOutputs`, which in ORT 1.32 drops data instead of merging it (pitfalls.md).
 Our own chunked feeding holds at most `memory_budget_bytes` of activations (estimated from shape
-inference) whatever the method: the calibrators merge ranges and histograms across calls.
+inference) whatever the method: the calibrators merge ranges and histograms across calls. The
+histogram methods get optimizer.histograms' collector, whose entropy threshold search gives ORT's
+thresholds ~25x faster (ORT's took 600 s of 625 on PP-OCRv4 det).
 Also from real models: per-channel weights need opset >= 13 (DequantizeLinear `axis`) or the tool
 writes an invalid file without warning, so older models are converted first; a result with no
 quantized op, a tool exception or a model that does not run is a PassError, except when leaving a
@@ -38,6 +40,7 @@ from onnxruntime.quantization.calibrate import CalibraterBase, TensorsData, crea
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from optimizer.errors import CalibrationError, PassError, first_line
+from optimizer.histograms import use_fast_collector
 from optimizer.passes.base import PassResult, verify_runs
 from optimizer.passes.int8_dynamic import map_node_names, op_histogram, pre_process, require_quantized
 
@@ -187,6 +190,7 @@ def _collect(source: Path, workdir: Path, config: Int8StaticConfig, feeds: Seque
         calibrate_method=_METHODS[config.method],
         extra_options=_calibrator_options(config),
     )
+    use_fast_collector(calibrator)  # ORT's entropy threshold search, vectorised with the same results
     for start in range(0, len(feeds), chunk):
         calibrator.collect_data(_FeedReader(feeds[start : start + chunk]))
     return calibrator.compute_data()

@@ -1,0 +1,119 @@
+"""ONNX Runtime's histogram collector with its entropy threshold search rewritten in numpy, same results.
+
+Why our own code: ORT 1.32's `HistogramCollector.get_entropy_threshold` tries every candidate threshold
+(num_bins / 2 - num_quantized_bins / 2 + 1 of them: 961 with our 2048 bins) and for each one sums the
+outlier bins and merges the kept bins into quantized bins with Python's built-in `sum()` and
+per-quantized-bin Python loops over numpy arrays. That is ~1 ms per candidate, ~1.8 s per tensor: on
+PP-OCRv4 det (329 float tensors) the entropy calibration spent 600 s in this search against 25 s
+collecting the histograms.
+
+`FastHistogramCollector` replaces only that search. Every quantity before the smoothing is integer
+arithmetic (exact whichever way it is summed), built with cumulative sums and reshapes instead of loops;
+the smoothing and KL divergence repeat ORT's float32 operations element for element, and each float32 sum
+is numpy's pairwise sum over the same 1-D array as in ORT, so each candidate's divergence, and hence the
+chosen threshold, is bit for bit what ORT computes (tests/test_histograms.py checks it against ORT's
+method). Collecting and the percentile and distribution
+methods are ORT's code unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization.calibrate import CalibraterBase, HistogramCollector
+
+_EPS = 0.0001  # smooth_distribution's default
+
+
+def _smooth(counts: np.ndarray) -> np.ndarray | None:
+    """quant_utils.smooth_distribution(counts) in fewer numpy calls, element for element the same float32
+    values: an empty bin becomes float32(eps), a non-empty one float32(count) + float32(-eps1)."""
+    zeros = int(np.count_nonzero(counts == 0))
+    nonzeros = counts.size - zeros
+    if not nonzeros:
+        return None
+    eps1 = _EPS * float(zeros) / float(nonzeros)
+    assert eps1 < 1.0, f"n_zeros={zeros}, n_nonzeros={nonzeros}, eps1={eps1}"  # as ORT asserts
+    return np.where(counts == 0, np.float32(_EPS), counts.astype(np.float32) + np.float32(-eps1))
+
+
+def _divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """ORT's np.array(entropy(smooth(p), smooth(q)), float32) (inf when either is all zeros), with the same
+    float32 operations in the same order: each sum is numpy's pairwise sum over the same 1-D array."""
+    ps, qs = _smooth(p), _smooth(q)
+    if ps is None or qs is None:
+        return np.inf
+    pk = ps / np.sum(ps, axis=0, keepdims=True)
+    qk = qs / np.sum(qs, axis=0, keepdims=True)
+    vec = pk * np.log(pk / qk)
+    vec[(pk == 0) & (qk >= 0)] = 0
+    vec[~((pk > 0) & (qk > 0))] = np.inf
+    return np.sum(vec, axis=0)
+
+
+def entropy_threshold(histogram: tuple[Any, ...], num_quantized_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) ORT's get_entropy_threshold returns for `histogram` = (hist, edges, min, max, ...).
+
+    Mirrors ORT's quirks on purpose: the bins left over when the kept slice does not divide into
+    `num_quantized_bins` count in the last quantized bin but are not expanded back into q; q holds the
+    quantized counts spread over the non-empty bins truncated to integers (ORT assigns them into an int64
+    array).
+    """
+    hist, edges = histogram[0], histogram[1]
+    num_bins = hist.size
+    zero = num_bins // 2
+    half = num_quantized_bins // 2
+    dtype = edges.dtype
+    prefix = np.concatenate(([0], np.cumsum(hist, dtype=np.int64)))
+    total = prefix[-1]
+    divergences = np.zeros(zero - half + 1)
+    bounds = []
+    for i in range(half, zero + 1):
+        start, end = zero - i, min(zero + i + 1, num_bins)
+        bounds.append((start, end))
+        sliced = hist[start:end]
+        p = sliced.astype(np.int64)  # a copy
+        p[0] += prefix[start]
+        p[-1] += total - prefix[end]
+        merged = sliced.size // num_quantized_bins
+        body = num_quantized_bins * merged
+        quantized = sliced[:body].reshape(num_quantized_bins, merged).sum(axis=1, dtype=np.int64)
+        quantized[-1] += sliced[body:].sum(dtype=np.int64)
+        norm = (p[:body] != 0).reshape(num_quantized_bins, merged).sum(axis=1, dtype=np.int64)
+        spread = np.zeros(num_quantized_bins, dtype=np.int64)
+        filled = norm != 0
+        spread[filled] = quantized[filled] / norm[filled]  # float division, truncated by the int64 store
+        q = np.zeros(p.size, dtype=np.int64)
+        q[:body] = np.repeat(spread, merged)
+        divergences[i - half] = np.array(_divergence(p, q), dtype=dtype)  # ORT rounds it to the edges' type
+    start, end = bounds[int(np.argmin(divergences))]
+    low, high = edges[start], edges[end]
+    min_value, max_value = histogram[2], histogram[3]
+    if low < min_value:
+        low = min_value
+    if high > max_value:
+        high = max_value
+    return low, high
+
+
+class FastHistogramCollector(HistogramCollector):
+    """ORT's HistogramCollector whose entropy threshold search is `entropy_threshold`."""
+
+    def get_entropy_threshold(self, histogram: tuple[Any, ...], num_quantized_bins: int) -> tuple[Any, Any]:
+        return entropy_threshold(histogram, num_quantized_bins)
+
+
+def use_fast_collector(calibrator: CalibraterBase) -> None:
+    """Give a histogram calibrator (Entropy, Percentile, Distribution) our collector before it collects:
+    ORT's collect_data creates its own only when none is set. A MinMax calibrator is left alone."""
+    if not hasattr(calibrator, "num_quantized_bins"):
+        return
+    calibrator.collector = FastHistogramCollector(
+        method=calibrator.method,
+        symmetric=calibrator.symmetric,
+        num_bins=calibrator.num_bins,
+        num_quantized_bins=calibrator.num_quantized_bins,
+        percentile=calibrator.percentile,
+        scenario=calibrator.scenario,
+    )
