@@ -160,3 +160,50 @@ def test_named_dims_are_kept() -> None:
     loaded = load_model(models.transformer().SerializeToString())
     assert [d.dim_param for d in loaded.proto.graph.input[0].type.tensor_type.shape.dim][0] == "batch"
     assert not any("unknown" in note for note in loaded.notes)
+
+
+def test_the_loaded_model_carries_inferred_shapes_and_the_users_file_is_untouched(tmp_path: Path) -> None:
+    """The checks read the user's file when loading changed nothing, else a copy: the file is never rewritten."""
+    plain, renamed = tmp_path / "plain.onnx", tmp_path / "renamed.onnx"
+    onnx.save(models.mlp(), plain)
+    onnx.save(_paddle_style_model(), renamed)
+    before = {path: path.read_bytes() for path in (plain, renamed)}
+    loaded = load_model(plain)
+    assert {v.name for v in loaded.proto.graph.value_info} >= {n.output[0] for n in loaded.proto.graph.node[:-1]}
+    cleared = load_model(renamed)
+    assert [d.dim_param for d in cleared.proto.graph.input[0].type.tensor_type.shape.dim] == ["", "", "", ""]
+    assert [v.name for v in cleared.proto.graph.value_info] == ["c", "g"]  # inferred on the changed model
+    assert {path: path.read_bytes() for path in (plain, renamed)} == before
+
+
+_PEAK_CHILD = """
+import sys
+from pathlib import Path
+from optimizer.loading import load_model
+from tests import models
+
+def status(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) * 1024
+
+load_model(models.mlp().SerializeToString())  # onnx's and ONNX Runtime's one-time allocations
+start = status("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+loaded = load_model(Path(sys.argv[1]))
+print(status("VmHWM") - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak memory")
+def test_validating_a_model_takes_about_twice_its_size_in_memory_not_six_times(tmp_path: Path) -> None:
+    """The checker, ONNX Runtime and shape inference read the file while nothing else holds a copy (measured
+    2.1x for a 100 MB model, 6.0x when each got bytes beside the held bytes and proto)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.onnx"
+    onnx.save(models.mlp(features=256, hidden=3000), path)  # ~40 MB of weights
+    size = path.stat().st_size
+    root = Path(__file__).resolve().parent.parent
+    peak = int(subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path)], check=True, capture_output=True,
+                              text=True, cwd=root).stdout.split()[-1])
+    assert peak < 3 * size, f"peak {peak / size:.1f}x the file ({size / 2**20:.0f} MiB)"
