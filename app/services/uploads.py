@@ -3,7 +3,7 @@
 Everything here runs before the 202, so a user learns at once what is wrong with what they sent;
 the worker only ever sees models ONNX Runtime can load and sample sets that fit them.
 
-Loading a model to validate it takes a few times its size in memory, in the API process: at most
+Loading a model to validate it takes about twice its size in memory, in the API process: at most
 `max_concurrent_validations` run at once (ValidationLimiter). An upload that finds no free slot
 within `validation_wait_s` gets 503 with Retry-After (the server is busy, not the client wrong or
 over a quota: hence 503, not 429), and nothing of it is kept.
