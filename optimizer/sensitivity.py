@@ -271,8 +271,8 @@ class _Local:
     sums: _ChannelSums | None = None
 
     def model(self, quantized: onnx.ModelProto, values: dict[str, np.ndarray]) -> bytes:
-        order = {id(n): i for i, n in enumerate(quantized.graph.node)}
-        nodes = sorted(self.nodes, key=lambda n: order[id(n)])
+        order = {n.output[0]: i for i, n in enumerate(quantized.graph.node) if n.output}
+        nodes = sorted(self.nodes, key=lambda n: order[n.output[0]])  # the quantized model's topological order
         used = {i for n in nodes for i in n.input}
         graph = onnx.helper.make_graph(
             nodes, f"local-{self.name}",
