@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         default=False, description="let idle intra-op threads spin (lower latency alone, but they steal the "
                                    "event loop's core under load)",
     )
+    workers: int = Field(
+        default=1, ge=1, description="API processes `onnxforge serve` runs on its port (app/prefork.py), each "
+                                     "with its own event loop, sessions and batcher; one optimizer worker for all",
+    )
     # 2, not more: each session already uses every core through intra-op threads, so more threads
     # running session.run at once only oversubscribe the cores (4 x 2 threads on 2 cores measured worse).
     predict_threads: int = Field(default=2, ge=1, description="threads running session.run off the event loop")
@@ -47,7 +51,8 @@ class Settings(BaseSettings):
                                       "probe at load shows batching pays (app/runtime/batching.py)",
     )
     batch_max_running: int = Field(
-        default=1, ge=1, description="dynamic batching: batches of one model version running at once"
+        default=2, ge=1, description="dynamic batching: batches of one model version running at once (more than "
+                                     "predict_threads only queue for a thread)",
     )
     batch_max_delay_ms: float = Field(
         default=0.0, ge=0,

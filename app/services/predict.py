@@ -154,6 +154,7 @@ class PredictService:
         """Drop the sessions of deleted versions."""
         ids = set(version_ids)
         self.sessions.evict(lambda key: key[0] in ids)
+        self.batcher.forget(lambda key: key[3] in ids)
         for key in [k for k in self._routes if k[0] in ids]:
             self._routes.pop(key, None)
 
