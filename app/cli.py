@@ -15,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 
+def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:  # noqa: ANN401
+    """The settings given on the command line (the common options and `extra`), over the environment's."""
+    overrides = {key: getattr(args, key) for key in ("data_dir", "database_url", "log_level", "providers")
+                 if getattr(args, key, None) is not None}
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    return overrides
+
+
 def _settings(args: argparse.Namespace, **extra: Any):  # noqa: ANN202, ANN401 - app.settings.Settings
     """Settings from the environment (ONNXFORGE_*), overridden by the options given on the command line."""
     from app.settings import Settings
 
-    overrides = {key: getattr(args, key) for key in ("data_dir", "database_url", "log_level", "providers")
-                 if getattr(args, key, None) is not None}
-    overrides.update({k: v for k, v in extra.items() if v is not None})
-    return Settings(**overrides)
+    return Settings(**_overrides(args, **extra))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +45,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from app.settings import Settings
+
+    overrides = _overrides(args, host=args.host, port=args.port, run_worker=False if args.no_worker else None,
+                           workers=args.workers)
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        from app.prefork import serve_processes
+
+        return serve_processes(settings, overrides)
     from app.main import create_app
 
-    settings = _settings(args, host=args.host, port=args.port, run_worker=False if args.no_worker else None)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -62,6 +75,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, help="port (ONNXFORGE_PORT; 8000)")
     parser.add_argument("--no-worker", action="store_true",
                         help="do not start a worker process (run `onnxforge worker` elsewhere)")
+    parser.add_argument("--workers", type=int,
+                        help="API processes on the one port (ONNXFORGE_WORKERS; 1), each with its own sessions "
+                             "and batcher; the optimizer worker stays one")
     _add_common(parser)
     parser.set_defaults(handler=_serve)
 

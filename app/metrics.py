@@ -6,6 +6,7 @@ model is known to exist: labels from arbitrary request paths would let any clien
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -39,6 +40,10 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("onnxforge_sessions_estimated_bytes",
                                 "Estimated memory of the loaded sessions (what session_cache_max_mb bounds)",
                                 value=self.sessions_bytes())
+        process = GaugeMetricFamily("onnxforge_api_process", "The API process that answered this scrape: with "
+                                    "`serve --workers N` each process keeps its own metrics", labels=["pid"])
+        process.add_metric([str(os.getpid())], 1)
+        yield process
         running, refused = self.validations()
         yield GaugeMetricFamily("onnxforge_upload_validations_running", "Uploads being validated now "
                                 "(at most max_concurrent_validations)", value=running)

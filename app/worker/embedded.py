@@ -35,6 +35,7 @@ class EmbeddedWorker:
         self.restarts = 0
         self._backoff = 0.0
         self._started_at = 0.0
+        self._restart_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -51,21 +52,32 @@ class EmbeddedWorker:
         self._started_at = time.monotonic()
         log.info("worker process started (pid %s)", self.process.pid)
 
+    def poll(self) -> None:
+        """One supervision step, never blocking: start the worker again if it died and its back-off is over.
+
+        Called from the API's event loop (`supervise`) or from `serve --workers N`'s parent (app/prefork.py).
+        """
+        if self.process is None or self.process.poll() is None:
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            log.warning("worker process %s died (exit code %s); starting a new one",
+                        self.process.pid, self.process.returncode)
+            # A worker that keeps dying soon after its start gets restarted ever more slowly.
+            if now - self._started_at > 60:
+                self._backoff = 0.0
+            self._restart_at = now + self._backoff
+            self._backoff = min(_MAX_BACKOFF_S, max(1.0, self._backoff * 2))
+        if now >= self._restart_at:
+            self._restart_at = None
+            self.start()
+            self.restarts += 1
+
     async def supervise(self) -> None:
         """Restart the worker whenever it dies, backing off if it keeps dying at once."""
         while True:
             await asyncio.sleep(_CHECK_EVERY_S)
-            if self.process is None or self.process.poll() is None:
-                continue
-            log.warning("worker process %s died (exit code %s); starting a new one",
-                        self.process.pid, self.process.returncode)
-            # A worker that keeps dying soon after its start gets restarted ever more slowly.
-            if time.monotonic() - self._started_at > 60:
-                self._backoff = 0.0
-            await asyncio.sleep(self._backoff)
-            self._backoff = min(_MAX_BACKOFF_S, max(1.0, self._backoff * 2))
-            self.start()
-            self.restarts += 1
+            self.poll()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the worker to stop (it puts a running job back in the queue), kill it if it does not."""

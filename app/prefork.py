@@ -1,0 +1,71 @@
+"""`onnxforge serve --workers N`: N API processes answering on one socket, one optimizer worker beside them.
+
+WHY: one Python process parses HTTP and runs the framework on about one core; on a small model that,
+not ONNX Runtime, is the limit (bench/serving.py). N processes each have their own event loop, session
+cache and batcher: N times the sessions' memory, batches formed per process, /metrics per process
+(the `onnxforge_api_process` gauge says which one answered a scrape).
+
+uvicorn's own supervisor binds the socket once, starts the processes (spawned: each builds the app
+from the same settings, through `app_factory`), starts again one that dies and passes SIGTERM on, so
+each process finishes its requests in flight. The optimizer worker is started by this parent, not by
+each API process: N workers would run N optimizations at once, each wanting every core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from app.settings import Settings
+
+log = logging.getLogger("onnxforge")
+
+OVERRIDES_ENV = "ONNXFORGE_SERVE_OVERRIDES"  # the command line's settings, as JSON, for the API processes
+
+
+def app_factory():  # noqa: ANN201 - a FastAPI app; uvicorn calls this in each API process
+    """The app of one API process: the parent's settings (environment + its command line), no worker of its own."""
+    from app.main import create_app
+    from app.worker.lifeline import die_with_parent
+
+    die_with_parent(os.getppid())  # a SIGKILLed parent must not leave API processes holding the port
+    overrides = json.loads(os.environ.get(OVERRIDES_ENV, "{}"))
+    return create_app(Settings(**{**overrides, "run_worker": False}))
+
+
+def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
+    """Run `settings.workers` API processes until SIGTERM/SIGINT, with the embedded worker if the settings ask."""
+    from uvicorn import Config
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from app.store import Database
+    from app.worker.embedded import EmbeddedWorker
+
+    os.environ[OVERRIDES_ENV] = json.dumps(overrides, default=str)  # spawned processes inherit the environment
+    config = Config("app.prefork:app_factory", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=settings.log_level, proxy_headers=True,
+                    timeout_graceful_shutdown=30)
+    # Once here, before N processes race to CREATE TABLE on SQLite.
+    database = Database(settings.resolved_database_url)
+    database.create_schema()
+    database.dispose()
+    worker = EmbeddedWorker(settings) if settings.run_worker else None
+    socket = config.bind_socket()
+
+    class Supervisor(Multiprocess):
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            if worker is not None and not self.should_exit.is_set():
+                worker.poll()  # from this (main) thread: the worker's death signal is tied to its parent thread
+
+    if worker is not None:
+        worker.start()
+    try:
+        Supervisor(config, sockets=[socket]).run()
+    finally:
+        if worker is not None:
+            worker.stop()
+        socket.close()
+    return 0

@@ -1,0 +1,74 @@
+"""`onnxforge serve --workers 2`: two API processes answer on one port, one optimizer worker beside them,
+and SIGTERM stops them all. The real command, the real processes; /metrics says which process answered."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from optimizer.runtime import create_session
+from tests import models
+from tests.service import start_service, stop
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of `pid`: pid -> command line."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def _answering_pid(base: str) -> tuple[int, float]:
+    """Which process answers a fresh connection, and how many predicts of model `m` it has counted."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text  # a new connection each time: the kernel picks a process
+    pid = int(re.search(r'onnxforge_api_process\{pid="(\d+)"\} 1', text).group(1))
+    ok = re.search(r'onnxforge_predict_requests_total\{model="m",outcome="ok",variant="original",version="1"\} '
+                   r'([0-9.e+]+)', text)
+    return pid, float(ok.group(1)) if ok else 0.0
+
+
+def test_two_api_processes_answer_one_worker_runs_and_sigterm_stops_all(tmp_path: Path) -> None:
+    base, process = start_service(tmp_path / "data", tmp_path / "server.log", "--workers", "2", run_worker="true")
+    try:
+        children = _children(process.pid)
+        workers = [pid for pid, cmd in children.items() if "app.worker" in cmd]
+        assert len(workers) == 1, children  # one optimizer worker for the two API processes, not one each
+        model = models.mlp()
+        files = {"file": ("m.onnx", model.SerializeToString(), "application/octet-stream")}
+        assert httpx.post(f"{base}/v1/models", files=files, data={"name": "m"}, timeout=30).status_code == 202
+        reference = create_session(model.SerializeToString())
+        counted: dict[int, float] = {}
+        for i in range(400):  # until both processes have answered predicts (each loads its own session)
+            feed = models.random_feed(model, batch=1, seed=i)
+            body = {"inputs": {"features": feed["features"].tolist()}}
+            response = httpx.post(f"{base}/v1/models/m/predict", json=body, timeout=30)
+            assert response.status_code == 200, response.text
+            np.testing.assert_allclose(np.asarray(response.json()["outputs"]["logits"], np.float32),
+                                       reference.run(["logits"], feed)[0], rtol=1e-4, atol=1e-5)
+            pid, ok = _answering_pid(base)
+            counted[pid] = ok
+            if len(counted) == 2 and all(v > 0 for v in counted.values()):
+                break
+        assert len(counted) == 2 and all(v > 0 for v in counted.values()), counted
+        api = set(counted)
+        assert api <= set(_children(process.pid)), "the answering processes are the parent's children"
+        assert not api & set(workers)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(40) == 0  # each API process finished its requests, the worker was stopped
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in [*api, *workers]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in [*api, *workers] if Path(f"/proc/{pid}").exists()]
+    finally:
+        stop(process)
