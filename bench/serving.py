@@ -1,20 +1,27 @@
 """Serving benchmark: requests/s and p50/p99 latency of ways to serve one ONNX model on this machine.
 
-For two small models, an MLP (a run costs ~5 us: HTTP is nearly all of a request) and a small CNN
-(3 Conv-BN-Relu blocks on a 64x64 image, ~0.5 ms a run), and a mid-size one (2-layer transformer
-encoder, hidden 128, seq 32), at concurrency 1, 8 and 32, side by side in one run:
+Models: `small`, a tiny MLP (64-128-128-10; a run costs ~5 us: HTTP is nearly all of a request);
+`rank`, a tabular/ranking MLP (256 features, two hidden layers of 1024, one score: 1.3M parameters;
+a batch-1 run is a GEMV over 5 MB of weights, ~60 us, and a row costs ~12 us in a batch of 32, so
+batching has something to save); `cnn`, a small CNN (3 Conv-BN-Relu blocks on a 64x64 image, ~0.8
+ms a run, a row costs *more* in a batch); `mid`, a 2-layer transformer encoder (hidden 128, seq 32).
+At concurrency 1, 8 and 32, side by side in one run:
   (a) ort         ONNX Runtime called directly in one process, one thread per concurrent caller (the limit)
-  (b) fastapi     a minimal FastAPI endpoint calling session.run per request (JSON in/out; what users write)
+  (b) fastapi     a minimal FastAPI endpoint calling session.run per request (JSON in/out; what users
+                  write), in one process and in N (uvicorn --workers N)
   (c) v1          our /v1 predict (JSON), without and with dynamic batching
   (d) v2-binary   our /v2 infer with binary tensors, without and with dynamic batching, and with the
                   service's default (batching where a probe at load says it pays: see app/runtime/batching.py)
-"with batching" uploads each model with batch_max_size=32 (batching forced, no probe); "without" runs the
-service with ONNXFORGE_BATCH_MAX_SIZE=1; "default" sets neither. Every server starts first; each round then
-measures every cell in turn (the machine is shared: its load moves), and the table shows medians over rounds.
-The load comes from a separate process: a small asyncio HTTP/1.1 keep-alive client (one connection per
-concurrent caller, the same request body each time), so the client costs little of the 2 cores.
+  (e) v2-binary   the same in N processes (`onnxforge serve --workers N`), without and with batching
+"with batching" uploads each model with batch_max_size=32 (no probe; the batcher still adapts its
+batch limit to what it times); "without" runs the service with ONNXFORGE_BATCH_MAX_SIZE=1; "default"
+sets neither. Every server starts first; each round then measures every cell in turn (the machine is
+shared: its load moves), and the table shows medians over rounds. The load comes from a separate
+process: a small asyncio HTTP/1.1 keep-alive client (one connection per concurrent caller, the same
+request body each time; ~0.15 of a core at 3000 requests/s), so the client costs little of the 2 cores.
 
-    /work/venv/bin/python bench/serving.py [--seconds 2] [--rounds 3] [--concurrency 1 8 32] [--models small cnn mid]
+    /work/venv/bin/python bench/serving.py [--seconds 2] [--rounds 3] [--concurrency 1 8 32]
+        [--models small rank cnn mid] [--workers 2] [--only PREFIX ...]
 """
 
 from __future__ import annotations
@@ -47,12 +54,17 @@ from tests import models  # noqa: E402
 WARMUP_S = 0.5
 
 
+MODELS = ("small", "rank", "cnn", "mid")
+
+
 def _models() -> dict[str, tuple[object, dict[str, np.ndarray]]]:
     small = models.mlp()
+    rank = models.mlp(features=256, hidden=1024, classes=1)
     cnn = models.cnn(channels=(16, 32, 64), image=64)
     mid = models.transformer(hidden=128, layers=2)
     return {
         "small": (small, models.random_feed(small, batch=1)),
+        "rank": (rank, models.random_feed(rank, batch=1)),
         "cnn": (cnn, models.random_feed(cnn, batch=1)),
         "mid": (mid, models.random_feed(mid, batch=1, seq=32)),
     }
@@ -142,12 +154,11 @@ def _direct(session, feed: dict[str, np.ndarray], concurrency: int, seconds: flo
 # -- (b) the minimal FastAPI endpoint (runs in its own process) -----------------------------------------
 
 
-def _minimal_main(args: argparse.Namespace) -> None:
+def _minimal_app():  # noqa: ANN202 - a FastAPI app; uvicorn calls it in each process
     """What a user writes by hand: JSON lists in, session.run, JSON lists out."""
-    import uvicorn
     from fastapi import FastAPI
 
-    session = create_session(Path(args.model).read_bytes())
+    session = create_session(Path(os.environ["BENCH_MINIMAL_MODEL"]).read_bytes())
     app = FastAPI()
 
     @app.post("/predict")
@@ -161,7 +172,19 @@ def _minimal_main(args: argparse.Namespace) -> None:
     def ready() -> dict:
         return {}
 
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    return app
+
+
+def _minimal_main(args: argparse.Namespace) -> None:
+    """The minimal endpoint in `args.workers` processes (uvicorn's own --workers)."""
+    import uvicorn
+
+    os.environ["BENCH_MINIMAL_MODEL"] = args.model
+    if args.workers > 1:  # uvicorn's processes import the app by name: this file, as module `serving`
+        uvicorn.run("serving:_minimal_app", factory=True, workers=args.workers, host="127.0.0.1", port=args.port,
+                    log_level="warning")
+    else:
+        uvicorn.run(_minimal_app(), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 # -- servers ---------------------------------------------------------------------------------------------
@@ -198,14 +221,15 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _ours(data_dir: Path, mode: str, onnx_models: dict) -> tuple[subprocess.Popen, int]:
-    """Our service in `mode` "batch" (every model uploaded with batch_max_size=32), "nobatch" or "default"."""
+def _ours(data_dir: Path, mode: str, onnx_models: dict, workers: int = 1) -> tuple[subprocess.Popen, int]:
+    """Our service in `mode` "batch" (every model uploaded with batch_max_size=32), "nobatch" or "default",
+    in `workers` API processes (`serve --workers`)."""
     port = _free_port()
     env = {**os.environ, "ONNXFORGE_RUN_WORKER": "false", "ONNXFORGE_LOG_LEVEL": "warning"}
     if mode == "nobatch":
         env["ONNXFORGE_BATCH_MAX_SIZE"] = "1"
-    process = _start([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-                     f"http://127.0.0.1:{port}/readyz", env)
+    process = _start([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
+                      "--workers", str(workers)], f"http://127.0.0.1:{port}/readyz", env)
     for name, (model, _) in onnx_models.items():
         if httpx.get(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=30).status_code == 200:
             continue  # uploaded by the previous server on the same data folder
@@ -245,96 +269,126 @@ def _stats(latencies: list[float], seconds: float) -> tuple[float, float, float]
     return len(ms) / seconds, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per cell (after 0.5 s warm-up)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every cell; the table shows medians")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--models", nargs="+", default=["small", "cnn", "mid"], choices=["small", "cnn", "mid"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes of the multi-process cells (minimal FastAPI and ours); 1 = none of them")
+    parser.add_argument("--only", nargs="+", metavar="PREFIX", help="only the ways whose name starts so (e.g. d e)")
     args = parser.parse_args()
     onnx_models = {k: v for k, v in _models().items() if k in args.models}
+    n = args.workers
+    ways = ["a ort direct", "b fastapi minimal", "c v1 nobatch", "c v1 batch", "d v2-bin nobatch", "d v2-bin batch",
+            "d v2-bin default"]
+    if n > 1:
+        ways += [f"b fastapi minimal x{n}", f"e v2-bin nobatch x{n}", f"e v2-bin batch x{n}"]
+    if args.only:
+        ways = [w for w in ways if w.startswith(tuple(args.only))]
     samples: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     json_type = {"Content-Type": "application/json"}
 
     def record(kind: str, name: str, c: int, latencies: list[float], round_: int) -> None:
         rps, p50, p99 = _stats(latencies, args.seconds)
         samples.setdefault((kind, name, c), []).append((rps, p50, p99))
-        print(f"  round {round_} {kind:<18} {name:<6} c={c:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  "
+        print(f"  round {round_} {kind:<22} {name:<6} c={c:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  "
               f"p99 {p99:7.2f} ms", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         # Every server is started first and idles while another is measured, so that each round measures
         # all ways of serving a (model, concurrency) one after the other: a change in the machine's load
         # (it is shared) then shows up as spread between rounds, not as a difference between servers.
-        minimal = {}
-        for name, (model, _) in onnx_models.items():
-            path = Path(tmp) / f"{name}.onnx"
-            path.write_bytes(model.SerializeToString())
-            port = _free_port()
-            servers.callback(_stop, _start([sys.executable, __file__, "_minimal", "--model", str(path), "--port",
-                                            str(port)], f"http://127.0.0.1:{port}/ready"))
-            minimal[name] = port
-        ours = {}
-        for tag in ("nobatch", "batch", "default"):
-            server, ours[tag] = _ours(Path(tmp) / f"data-{tag}", tag, onnx_models)  # own folder: fields are stored
-            servers.callback(_stop, server)
+        ports: dict[str, int | dict[str, int]] = {}
+        for way in ways:
+            if way.startswith("b "):
+                workers = n if way.endswith(f"x{n}") else 1
+                ports[way] = {}
+                for name, (model, _) in onnx_models.items():
+                    path = Path(tmp) / f"{name}.onnx"
+                    path.write_bytes(model.SerializeToString())
+                    port = _free_port()
+                    servers.callback(_stop, _start([sys.executable, __file__, "_minimal", "--model", str(path),
+                                                    "--port", str(port), "--workers", str(workers)],
+                                                   f"http://127.0.0.1:{port}/ready"))
+                    ports[way][name] = port
+            elif way[0] in "cde":
+                mode, workers = way.split()[2], n if way[0] == "e" else 1
+                server_key = f"{mode} x{workers}"
+                if server_key not in ports:  # /v1 and /v2 cells share one server per mode
+                    server, ports[server_key] = _ours(Path(tmp) / f"data-{mode}-{workers}", mode, onnx_models,
+                                                      workers)  # own folder: fields are stored
+                    servers.callback(_stop, server)
+                ports[way] = ports[server_key]
         cells = []
         for name, (model, feed) in onnx_models.items():
             session = create_session(model.SerializeToString())
             body, headers = _v2_binary(feed)
             for c in args.concurrency:
-                cells.append(("a ort direct", name, c, functools.partial(_direct, session, feed, c, args.seconds)))
-                cells.append(("b fastapi minimal", name, c, functools.partial(
-                    _load, minimal[name], "/predict", _json_body(feed), json_type, c, args.seconds)))
-                for tag in ("nobatch", "batch"):
-                    cells.append((f"c v1 {tag}", name, c, functools.partial(
-                        _load, ours[tag], f"/v1/models/{name}/predict", _json_body(feed), json_type, c,
-                        args.seconds)))
-                for tag in ("nobatch", "batch", "default"):
-                    cells.append((f"d v2-bin {tag}", name, c, functools.partial(
-                        _load, ours[tag], f"/v2/models/{name}/infer", body, headers, c, args.seconds)))
+                for way in ways:
+                    if way.startswith("a "):
+                        measure = functools.partial(_direct, session, feed, c, args.seconds)
+                    elif way.startswith("b "):
+                        measure = functools.partial(_load, ports[way][name], "/predict", _json_body(feed), json_type,
+                                                    c, args.seconds)
+                    elif way.startswith("c "):
+                        measure = functools.partial(_load, ports[way], f"/v1/models/{name}/predict", _json_body(feed),
+                                                    json_type, c, args.seconds)
+                    else:
+                        measure = functools.partial(_load, ports[way], f"/v2/models/{name}/infer", body, headers, c,
+                                                    args.seconds)
+                    cells.append((way, name, c, measure))
         for round_ in range(1, args.rounds + 1):
             for kind, name, c, measure in cells:
                 record(kind, name, c, measure(), round_)
     results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(3))
                for key, values in samples.items()}
+    _print_table(args, onnx_models, ways, results)
 
-    kinds = sorted({k for k, _, _ in results})
+
+def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
+                 results: dict[tuple[str, str, int], tuple[float, float, float]]) -> None:
     print()
     print(f"machine: {describe()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"{args.rounds} interleaved rounds of {args.seconds:g} s per cell after {WARMUP_S} s warm-up, medians; "
-          "latency = request sent to response read")
+          f"latency = request sent to response read; load average at the end: {os.getloadavg()[0]:.1f} "
+          f"(1 min), {os.getloadavg()[2]:.1f} (15 min)")
+    print("cells: requests/s  p50/p99 ms; xN = N processes on one port (the rest: one process)")
+    for name in onnx_models:
+        print()
+        header = f"| {name:<22} | " + " | ".join(f"{'c=' + str(c):<22}" for c in args.concurrency) + " |"
+        print(header)
+        print("|" + "|".join("-" * len(part) for part in header.split("|")[1:-1]) + "|")
+        for way in ways:
+            row = []
+            for c in args.concurrency:
+                rps, p50, p99 = results.get((way, name, c), (0.0, float("nan"), float("nan")))
+                row.append(f"{rps:7.0f}/s {p50:6.2f}/{p99:6.2f}".ljust(22))
+            print(f"| {way:<22} | " + " | ".join(row) + " |")
     print()
-    header = f"| {'model':<6} | {'c':>3} | " + " | ".join(f"{k:<18}" for k in kinds) + " |"
-    print(header)
-    print("|" + "|".join("-" * len(part) for part in header.split("|")[1:-1]) + "|")
+    n, top = args.workers, max(args.concurrency)
     for name in onnx_models:
-        for c in args.concurrency:
-            cells = []
-            for kind in kinds:
-                rps, p50, p99 = results.get((kind, name, c), (0.0, float("nan"), float("nan")))
-                cells.append(f"{rps:6.0f}/s {p50:5.2f}/{p99:5.2f}".ljust(18))
-            print(f"| {name:<6} | {c:>3} | " + " | ".join(cells) + " |")
-    print("\ncells: requests/s  p50/p99 ms")
-    for name in onnx_models:
-        def rps(kind: str, c: int, name: str = name) -> float:
-            return results.get((kind, name, c), (0.0,))[0]
-        if 1 in args.concurrency:
+        def rps(kind: str, name: str = name) -> float:
+            return results.get((kind, name, top), (float("nan"),))[0]
+
+        def ratio(a: str, b: str) -> str:
+            return f"{rps(a) / rps(b):.2f}x" if rps(b) > 0 else "n/a"
+
+        if 1 in args.concurrency and ("d v2-bin nobatch", name, 1) in results and ("a ort direct", name, 1) in results:
             gap = results[("d v2-bin nobatch", name, 1)][1] - results[("a ort direct", name, 1)][1]
             print(f"{name}: c=1 p50 of /v2 (no batching) minus ORT direct: {gap:+.2f} ms")
-        if 32 in args.concurrency:
-            top = max(args.concurrency)
-            minimal = rps("b fastapi minimal", top)
-            for api in ("c v1", "d v2-bin"):
-                batch, nobatch = rps(f"{api} batch", top), rps(f"{api} nobatch", top)
-                print(f"{name}: c={top} {api}: batching/no batching {batch / max(nobatch, 1e-9):.2f}x, "
-                      f"batching/minimal FastAPI {batch / max(minimal, 1e-9):.2f}x")
-            default, nobatch = rps("d v2-bin default", top), rps("d v2-bin nobatch", top)
-            print(f"{name}: c={top} d v2-bin: default/no batching {default / max(nobatch, 1e-9):.2f}x, "
-                  f"default/minimal FastAPI {default / max(minimal, 1e-9):.2f}x")
+        print(f"{name}: c={top} one process:   /v2 batching/no batching {ratio('d v2-bin batch', 'd v2-bin nobatch')}, "
+              f"batching/minimal FastAPI {ratio('d v2-bin batch', 'b fastapi minimal')}, default/no batching "
+              f"{ratio('d v2-bin default', 'd v2-bin nobatch')}, default/minimal "
+              f"{ratio('d v2-bin default', 'b fastapi minimal')}; /v1 batching/no batching "
+              f"{ratio('c v1 batch', 'c v1 nobatch')}, /v1 batching/minimal {ratio('c v1 batch', 'b fastapi minimal')}")
+        if n > 1:
+            print(f"{name}: c={top} {n} processes: /v2 batching/no batching "
+                  f"{ratio(f'e v2-bin batch x{n}', f'e v2-bin nobatch x{n}')}, batching/minimal FastAPI x{n} "
+                  f"{ratio(f'e v2-bin batch x{n}', f'b fastapi minimal x{n}')}, batching/minimal FastAPI (1 process) "
+                  f"{ratio(f'e v2-bin batch x{n}', 'b fastapi minimal')}")
 
 
 if __name__ == "__main__":
@@ -349,6 +403,7 @@ if __name__ == "__main__":
         sub.add_argument("--concurrency", type=int, default=1)
         sub.add_argument("--seconds", type=float, default=5.0)
         sub.add_argument("--model")
+        sub.add_argument("--workers", type=int, default=1)
         parsed = sub.parse_args()
         (_load_main if parsed.mode == "_load" else _minimal_main)(parsed)
     else:
