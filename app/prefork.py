@@ -3,7 +3,8 @@
 WHY: one Python process parses HTTP and runs the framework on about one core; on a small model that,
 not ONNX Runtime, is the limit (bench/serving.py). N processes each have their own event loop, session
 cache and batcher: N times the sessions' memory, batches formed per process, /metrics per process
-(the `onnxforge_api_process` gauge says which one answered a scrape).
+(the `onnxforge_api_process` gauge says which one answered a scrape). Unless intra_op_threads is set,
+each process's sessions get the cores divided by N.
 
 uvicorn's own supervisor binds the socket once, starts the processes (spawned: each builds the app
 from the same settings, through `app_factory`), starts again one that dies and passes SIGTERM on, so
@@ -42,7 +43,11 @@ def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
 
     from app.store import Database
     from app.worker.embedded import EmbeddedWorker
+    from optimizer.runtime import default_threads
 
+    if not settings.intra_op_threads:
+        # The cores shared out: N processes each with a thread per core would run N x cores threads at once.
+        overrides = {**overrides, "intra_op_threads": max(1, default_threads() // settings.workers)}
     os.environ[OVERRIDES_ENV] = json.dumps(overrides, default=str)  # spawned processes inherit the environment
     config = Config("app.prefork:app_factory", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, proxy_headers=True,
