@@ -38,7 +38,8 @@ def _histogram(kind: str, seed: int, num_bins: int, num_quantized_bins: int) -> 
 
 
 @pytest.mark.parametrize("kind", ["normal", "relu", "heavy_tail", "growing", "sparse"])
-@pytest.mark.parametrize(("num_bins", "num_quantized_bins"), [(512, 128), (300, 64)])
+# (an odd number of quantized bins divides some kept slices exactly, so the last bin of p falls in a group)
+@pytest.mark.parametrize(("num_bins", "num_quantized_bins"), [(512, 128), (300, 64), (300, 63)])
 def test_thresholds_equal_onnxruntime_bit_for_bit(kind: str, num_bins: int, num_quantized_bins: int) -> None:
     for seed in range(3):
         histogram = _histogram(kind, seed, num_bins, num_quantized_bins)
