@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from optimizer import sensitivity
+from optimizer import auto, sensitivity
 from optimizer.auto import accuracy_margin
 from optimizer.candidates import dynamic_candidate
 from optimizer.passes import int8_dynamic
@@ -112,3 +112,17 @@ def test_a_union_that_passes_is_bisected_down_to_the_fewest_units_that_pass() ->
     # the same union asked again is the earlier outcome, not a second build
     assert search._union(target.row, units, 3, "top", "units", record) is True
     assert len(record["attempts"]) == 4
+
+
+def test_leave_one_out_stops_at_its_share_and_the_ranking_union_still_repairs(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(auto, "LEAVE_ONE_OUT_SHARE", 0.0)  # its share is used up before the first unit
+    model = outlier_mlp()
+    m = _matmuls(model)
+    search = search_on(model)
+    search._add(dynamic_candidate("int8", per_channel=True, prepared=search.prepared))
+    search._repair()
+    [repair] = search.repairs
+    assert repair["note"] == "leave-one-out stopped after 0 units: its share of this repair's time was used"
+    assert [a["name"].rsplit("-", 1)[-1] for a in repair["attempts"]] == ["head", "top1", "top2"]
+    assert repair["passed"].endswith("repair-top2")
+    assert sorted(search.built[repair["passed"]].row.settings["exclude_nodes"]) == sorted([m[1], m[3]])
