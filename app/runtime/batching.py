@@ -11,9 +11,9 @@ requests as one batch of 32 costs little more than one. How it works, per sessio
   to wake up stalled the whole queue.
 - Requests arriving while the slots are busy queue up; when a run finishes, the queue goes as the
   next batch. A queue that reaches the batch limit is dispatched at once.
-- The batch limit adapts, between 1 and `max_batch_size`: each queue times its runs (dispatch to
-  answer, per row, by power-of-two size) and grows the limit only while doubling the batch makes a
-  row at least `GAIN` cheaper; a size not timed for `RETRY_AFTER` dispatches is tried again. A
+- The batch limit adapts, between 1 and `max_batch_size`: each queue times its runs (per row, by
+  power-of-two size, each run plus DISPATCH_COST_S) and grows the limit only while doubling the batch
+  makes a row at least 1 - `GAIN` cheaper; a size not timed for `RETRY_AFTER` dispatches is tried again. A
   model whose rows cost as much batched as alone (the CNN: 0.82 ms a row alone, 1.1-1.4 ms in a
   batch of 32 on this CPU, its activations out of cache) then runs its requests one by one on all
   slots, as without batching; a small MLP (5 us a row alone, 0.4 us in 32) grows to the maximum.
@@ -118,7 +118,10 @@ class _Request:
 
 GAIN = 0.9  # the batch limit doubles only while a row costs at most this much of a row in half the batch
 RETRY_AFTER = 50  # dispatches after which a size found not to pay is tried again (noise; the load changes)
-_SMOOTHING = 0.25  # weight of the newest timing in a size's moving average
+_CREEP = 1.05  # a size's timing is the least seen, raised by this factor at each new timing
+# What a dispatch costs beyond its run, which a batch shares among its rows: the hop to a predict thread
+# and back, the futures, the split (~50 us of a small MLP's ~55 us unbatched request path, measured here).
+DISPATCH_COST_S = 50e-6
 
 
 def _bucket(rows: int) -> int:
@@ -156,7 +159,7 @@ class _Queue:
     running: int = 0  # batches of this key in the executor now
     timer: asyncio.TimerHandle | None = None
     dispatches: int = 0
-    # power-of-two batch size -> (seconds per row, moving average; the dispatch count when last timed)
+    # power-of-two batch size -> (seconds per row, a creeping floor; the dispatch count when last timed)
     timings: dict[int, tuple[float, int]] = field(default_factory=dict)
 
     def depth(self) -> int:
@@ -169,11 +172,16 @@ class _Queue:
         return batch_limit(self.timings, self.dispatches, self.policy.max_batch_size)
 
     def timed(self, rows: int, seconds: float) -> None:
+        """Keep a floor per size that creeps up: waits (for the GIL, a core) only ever add to a run's time,
+        so one slow run must not count, but a machine that got slower is followed within a few runs."""
         bucket = _bucket(rows)
         per_row = seconds / rows
         old = self.timings.get(bucket)
-        average = per_row if old is None else (1 - _SMOOTHING) * old[0] + _SMOOTHING * per_row
-        self.timings[bucket] = (average, self.dispatches)
+        if old is None:
+            # A size's first run allocates for its shapes: it may say "pays", not yet "does not pay" (stale at once).
+            self.timings[bucket] = (per_row, self.dispatches - RETRY_AFTER - 1)
+        else:
+            self.timings[bucket] = (min(per_row, old[0] * _CREEP), self.dispatches)
 
 
 class Batcher:
@@ -249,12 +257,12 @@ class Batcher:
             self.observe(key, queue.depth(), rows, [now - r.queued_at for r in batch])
         names = list(signature[0])
         future = asyncio.get_running_loop().run_in_executor(self.executor, _run_timed, session, names, batch)
-        future.add_done_callback(lambda f: self._finished(key, session, batch, f, rows, now))
+        future.add_done_callback(lambda f: self._finished(key, session, batch, f, rows))
 
     def _finished(self, key: Hashable, session, batch: list[_Request], done: asyncio.Future,  # noqa: ANN001
-                  rows: int, started: float) -> None:
+                  rows: int) -> None:
         exc = done.exception()
-        results, ended = (None, 0.0) if exc is not None else done.result()
+        results, seconds = (None, 0.0) if exc is not None else done.result()
         for i, request in enumerate(batch):
             if request.future.done():  # the caller went away
                 continue
@@ -266,10 +274,11 @@ class Batcher:
         queue = self._queues[key]
         queue.running -= 1
         if exc is None and queue.dispatches > self.max_running:
-            # From dispatch to the end of the run, the hop to a thread included (the way back waits on the
-            # event loop's other work, not on the batch: left out). Not the first run of each slot: a
-            # session's first runs allocate (an MLP's took 6 ms, not 50 us).
-            queue.timed(rows, ended - started)
+            # The run as timed in its thread, plus what a dispatch costs outside it. Not dispatch to answer:
+            # under load that is mostly waiting for the GIL and the event loop, noise that had a small MLP's
+            # limit fall back to 1 half the time. Not the first run of each slot: a session's first runs
+            # allocate (an MLP's took 6 ms, not 50 us).
+            queue.timed(rows, seconds + DISPATCH_COST_S)
         self._dispatch(key, session)
 
 
@@ -277,8 +286,9 @@ class Batcher:
 
 
 def _run_timed(session, names: list[str], batch: list[_Request]) -> tuple[list, float]:  # noqa: ANN001
-    """`_run_batch` and when it ended (perf_counter: the same clock as the event loop's)."""
-    return _run_batch(session, names, batch), time.perf_counter()
+    """`_run_batch` and how long it took in this thread."""
+    started = time.perf_counter()
+    return _run_batch(session, names, batch), time.perf_counter() - started
 
 
 def _run_batch(session, names: list[str], batch: list[_Request]) -> list[list[np.ndarray] | Exception]:  # noqa: ANN001
