@@ -11,12 +11,14 @@ requests as one batch of 32 costs little more than one. How it works, per sessio
   to wake up stalled the whole queue.
 - Requests arriving while the slots are busy queue up; when a run finishes, the queue goes as the
   next batch. A queue that reaches the batch limit is dispatched at once.
-- The batch limit adapts, between 1 and `max_batch_size`: each queue times its runs (per row, by
-  power-of-two size, each run plus DISPATCH_COST_S) and grows the limit only while doubling the batch
-  makes a row at least 1 - `GAIN` cheaper; a size not timed for `RETRY_AFTER` dispatches is tried again. A
-  model whose rows cost as much batched as alone (the CNN: 0.82 ms a row alone, 1.1-1.4 ms in a
-  batch of 32 on this CPU, its activations out of cache) then runs its requests one by one on all
-  slots, as without batching; a small MLP (5 us a row alone, 0.4 us in 32) grows to the maximum.
+- Without a delay, the batch limit adapts between 1 and `max_batch_size`: each queue times its runs
+  (per row, by power-of-two size, each run plus DISPATCH_COST_S) and grows the limit only while
+  doubling the batch makes a row at least 1 - `GAIN` cheaper; a size found not to pay is tried again
+  after `RETRY_AFTER` dispatches. A model whose rows cost as much batched as alone (the CNN: 0.82 ms
+  a row alone, 1.1-1.4 ms in a batch of 32 on this CPU, its activations out of cache) then runs its
+  requests one by one on all slots, as without batching; a small MLP (5 us a row alone, 0.4 us in
+  32) may grow to the maximum. When the event loop, not the run, is the limit (a tiny model at high
+  concurrency), few requests arrive during a run and batches stay small whatever the limit.
 - Requests are grouped by (outputs asked for, every input's dtype and non-batch dims): shapes are
   never mixed (no padding), so a request's answer does not depend on its batch-mates.
 - Only models whose every input and output has a dynamic first axis are batched (`batchable`); the
@@ -133,8 +135,7 @@ def batch_limit(timings: dict[int, tuple[float, int]], dispatches: int, most: in
     """Rows the next batch may take, from a queue's timings (power-of-two size -> (seconds per row, the
     dispatch count when timed)): doubles from 1 while a row gets at least 1 - GAIN cheaper; the first size
     not timed is the one tried, and a size found not to pay is tried again after RETRY_AFTER dispatches;
-    never above `most`. Before any timing (a burst gathered by
-    `max_delay_s`), `most`."""
+    never above `most`. Before any timing, `most`."""
     if not timings:
         return most
     size = 1
