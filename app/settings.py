@@ -81,9 +81,9 @@ class Settings(BaseSettings):
         default=4096, ge=0, description="estimated memory of loaded sessions (1.5x each model file), least "
                                         "recently used out; a model over it still loads, alone; 0 = count only",
     )
-    # Validating an upload loads it in the API process (bytes, protobuf, checker, an ONNX Runtime session):
-    # peak RSS measured ~6x the file (80 MiB MLP: 490 MiB; 48 MiB transformer: 298 MiB), so a burst of large
-    # uploads is bounded here; an upload that finds no slot in time gets 503 + Retry-After.
+    # Validating an upload loads it in the API process (protobuf, checker, an ONNX Runtime session): peak RSS
+    # measured ~2x the file (3x when loading rewrites it; bench/loading_memory.py), so a burst of large uploads
+    # is bounded here; an upload that finds no slot in time gets 503 + Retry-After.
     max_concurrent_validations: int = Field(
         default=2, ge=1, description="uploads validated at once in one API process; others wait"
     )

@@ -36,7 +36,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status_code >= 500:
+        if exc.status_code == 503:  # busy or not ready yet: expected, the client is told to retry
+            log.warning("%s: %s", type(exc).__name__, exc)
+        elif exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
         return error_response(exc.status_code, str(exc), exc.headers)
 

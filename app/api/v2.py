@@ -11,13 +11,13 @@ import gzip
 import zlib
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from app.api.deps import get_services, services_of
+from app.api.deps import services_of
 from app.api.schemas import ErrorOut
 from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, NotReadyError
 from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
@@ -68,8 +68,8 @@ def _storage_problems(services: Services) -> str | None:
 
 
 @router.get("/health/ready", responses={503: {"model": ErrorOut}})
-async def ready(request: Request) -> dict[str, Any]:
-    problem = await run_in_threadpool(_storage_problems, get_services(request))
+async def ready(services: Services = Depends(services_of)) -> dict[str, Any]:
+    problem = await run_in_threadpool(_storage_problems, services)
     if problem:
         raise NotReadyError(f"not ready: {problem}")
     return {"ready": True}

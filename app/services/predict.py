@@ -22,7 +22,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
@@ -140,15 +139,6 @@ class PredictService:
             self._resolving.pop(key, None)
         for key in [k for k, route in self._routes.items() if route.key[0] == name]:
             self._routes.pop(key, None)
-
-    def set_batching(self, name: str, version: int, settings: dict[str, int | float]) -> None:
-        """Store a version's own batching settings (blocking: call off the event loop).
-
-        Written right after the upload is accepted; call `invalidate(name)` after it.
-        """
-        with self.registry.db.write() as session:
-            session.execute(update(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
-                            .values(serving=settings))
 
     def forget(self, version_ids: list[str]) -> None:
         """Drop the sessions of deleted versions."""
