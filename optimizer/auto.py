@@ -41,7 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import onnx
@@ -422,8 +422,13 @@ class AutoSearch:
             scope = sensitivity.DYNAMIC_OPS
         if scope is None:
             return tuple(nodes)
-        op_of = {n.name: n.op_type for n in self.source.graph.node}
+        op_of = self._source_op_types
         return tuple(n for n in nodes if n not in op_of or op_of[n] in scope)
+
+    @cached_property
+    def _source_op_types(self) -> dict[str, str]:
+        """Node name -> op type in `source`, built once: `_in_scope` runs once per ranked unit."""
+        return {n.name: n.op_type for n in self.source.graph.node}
 
     def _add(self, candidate: Candidate) -> Built:
         built = build(candidate, self.source, self.samples, self.deadline)
