@@ -270,9 +270,9 @@ class _Local:
     session: object | None = None
     sums: _ChannelSums | None = None
 
-    def model(self, quantized: onnx.ModelProto, values: dict[str, np.ndarray]) -> bytes:
-        order = {n.output[0]: i for i, n in enumerate(quantized.graph.node) if n.output}
-        nodes = sorted(self.nodes, key=lambda n: order[n.output[0]])  # the quantized model's topological order
+    def model(self, quantized: onnx.ModelProto, order: dict[str, int], values: dict[str, np.ndarray]) -> bytes:
+        """`order`: the quantized model's node positions by first output, its topological order."""
+        nodes = sorted(self.nodes, key=lambda n: order[n.output[0]])
         used = {i for n in nodes for i in n.input}
         graph = onnx.helper.make_graph(
             nodes, f"local-{self.name}",
@@ -312,11 +312,12 @@ def rank_dynamic(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto,
     feed_names = set(feeds[0]) if feeds else set()
     wanted = sorted({t for loc in locals_ for t in (loc.observed, *loc.inputs)} - feed_names)
     float_session = create_session(_with_outputs(float_model, wanted))
+    order = {n.output[0]: i for i, n in enumerate(quantized_model.graph.node) if n.output}
     for feed in feeds[:max_samples]:
         values = {**dict(zip(wanted, float_session.run(wanted, feed), strict=True)), **feed}
         for loc in locals_:
             if loc.session is None:  # built on the first feed: the inputs' types come from the float values
-                loc.session, loc.sums = create_session(loc.model(quantized_model, values)), _ChannelSums()
+                loc.session, loc.sums = create_session(loc.model(quantized_model, order, values)), _ChannelSums()
             [out] = loc.session.run([loc.observed], {i: values[i] for i in loc.inputs})
             loc.sums.add(np.asarray(values[loc.observed]), np.asarray(out))
     losses = [TensorLoss(loc.observed, loc.sums.error() if loc.sums else 0.0, [loc.name]) for loc in locals_]
