@@ -87,7 +87,7 @@ class Metrics:
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):  # noqa: ANN001, ANN202 - a prometheus_client metric and its child
-        key = (metric._name, labels)
+        key = (id(metric), labels)  # the metrics live as long as this object
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
