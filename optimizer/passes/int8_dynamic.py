@@ -120,6 +120,11 @@ def require_quantized(model: onnx.ModelProto, source: onnx.ModelProto, pass_name
     return counts
 
 
+def model_key(model: onnx.ModelProto) -> str:
+    """A model's identity for the search's caches (this one and int8_static.SharedCalibration)."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
 class Preprocessed:
     """quant_pre_process's output per source model, for the many dynamic builds of one auto search.
 
@@ -133,7 +138,7 @@ class Preprocessed:
 
     def path(self, model: onnx.ModelProto, workdir: Path, pass_name: str) -> tuple[Path, list[str]]:
         """`pre_process(model, workdir, pass_name)`, from the cache when this source was pre-processed before."""
-        key = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        key = model_key(model)
         if key not in self._models:
             source, notes = pre_process(model, workdir, pass_name)
             self._models[key] = (source.read_bytes(), notes)

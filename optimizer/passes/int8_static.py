@@ -23,7 +23,6 @@ model and one calibration per method serve every format, activation type, scope 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import tempfile
 import time
@@ -42,7 +41,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from optimizer.errors import CalibrationError, PassError, first_line
 from optimizer.histograms import use_fast_collector
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.passes.int8_dynamic import map_node_names, op_histogram, pre_process, require_quantized
+from optimizer.passes.int8_dynamic import map_node_names, model_key, op_histogram, pre_process, require_quantized
 
 PASS_NAME = "int8 static"
 PER_CHANNEL_MIN_OPSET = 13
@@ -254,10 +253,6 @@ class SharedCalibration:
         self.calibrations: list[dict[str, Any]] = []  # {method, seconds, tensors}: one per calibration run
         self.reused = 0  # builds that got their ranges from here instead of calibrating
 
-    @staticmethod
-    def model_key(model: onnx.ModelProto) -> str:
-        return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
-
     def samples_key(self, feeds: Sequence[Feed]) -> tuple[int, ...]:
         """Identity of a sample list by its arrays (a slice of the same list gives the same key); the
         arrays are kept referenced so that an id is never reused by other data while this cache lives."""
@@ -405,14 +400,14 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
     source_model = _to_per_channel_opset(model, notes) if config.per_channel else model
     # quantize_static's own default: every op type either quantizer knows.
     op_types = list(config.op_types) if config.op_types else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    model_key = (SharedCalibration.model_key(model), config.per_channel) if shared else None
+    source_key = (model_key(model), config.per_channel) if shared else None
     samples_key = shared.samples_key(calibration_feeds) if shared else None
     changes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="onnxforge-int8s-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         # (the calibrators print progress to stdout, which would corrupt the command line's JSON output)
         workdir = Path(tmp)
         if shared is not None:
-            prepared = shared.prepared(model_key, lambda: _prepare(source_model, workdir, calibration_feeds[0]))
+            prepared = shared.prepared(source_key, lambda: _prepare(source_model, workdir, calibration_feeds[0]))
         else:
             prepared = _prepare(source_model, workdir, calibration_feeds[0])
         source = workdir / "preprocessed.onnx"
@@ -442,7 +437,7 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
                     return _Ranges(data, _tensors_by_op(source))
 
                 options = tuple(sorted(_calibrator_options(config).items()))
-                ranges, reused = shared.ranges((*model_key, samples_key, config.method, options), make)
+                ranges, reused = shared.ranges((*source_key, samples_key, config.method, options), make)
                 notes.append(f"{config.method} ranges " + ("reused from this search's shared calibration" if reused
                              else "calibrated once over every float tensor, shared with later builds"))
                 changes["calibration_shared"] = reused
@@ -451,7 +446,7 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
         except Exception as exc:  # noqa: BLE001 - the tools raise anything ("Too many bins for data range", ...)
             raise PassError(f"{PASS_NAME}: {config.method} calibration or quantize_static failed: "
                             f"{first_line(exc)}") from None
-        known = (shared.tool_excluded((*model_key, config.quant_format, config.activation_type, config.weight_type,
+        known = (shared.tool_excluded((*source_key, config.quant_format, config.activation_type, config.weight_type,
                                        tuple(op_types))) if shared is not None else [])
         known_before = list(known)
         quantized, found = _quantize_around_crashes(source, target, cache, config, op_types, excluded, known,
