@@ -8,7 +8,11 @@ guessing, in steps that each decide what the next one is worth:
    QOperator, S8S8 and U8S8, all ops and Conv/MatMul/Gemm only) is built, judged on the held-back
    samples and timed once, interleaved with the FP32 models at the selection batch size;
 2. repair: the fastest failing INT8 combinations, static or dynamic, are re-quantized with nodes
-   left in float: first the output head (cheap, costs no speed on real models), then, from a
+   left in float: first, when a failing output is a Concat of inputs on very different ranges (a
+   detector's boxes 0-320 next to its Sigmoid scores 0-1, which one INT8 scale rounds to 0), that
+   Concat and the small branch's cheap tail (`sensitivity.mixed_range_concats`: one build, no heavy
+   node), kept in every later attempt when it helped but did not pass; then the output head (cheap,
+   costs no speed on real models), then, from a
    ranking by `optimizer.sensitivity`, each of the top units alone in float (leave-one-out, scored
    by its accuracy margin, at most a third of the target's time), a greedy union of the units that
    raised the margin most, and last the cumulative top units of the ranking; each union grows
@@ -105,6 +109,7 @@ class AutoSearch:
     # (target, exclusions) -> the attempt's outcome: a union repeating an earlier attempt is not built again
     _tried: dict[tuple[str, tuple[str, ...]], Built | bool] = field(default_factory=dict)
     _target_deadline: float = float("inf")  # the current repair target's share of the budget ends then
+    _kept: tuple[str, ...] = ()  # nodes every attempt of the current repair target leaves in float
     # one pre-processed model and one calibration per method for every static build of this search
     shared: SharedCalibration = field(default_factory=SharedCalibration)
     # one quant_pre_process per source for every dynamic build of this search
@@ -234,12 +239,25 @@ class AutoSearch:
     # -- repair of one variant -------------------------------------------------------------------
 
     def _repair_one(self, row: Any, deadline: float) -> dict[str, Any]:
-        """Head first; then leave-one-out over the most sensitive units, a greedy union of the ones that
-        helped, and the cumulative top-k units of the ranking, until a variant passes and is not slower
-        than FP32 (every passing repair is timed), or `deadline`. Leave-one-out may use a third of the
-        time left, so that the unions, which are what passed on real models so far, still get built."""
+        """A mixed-range output Concat first, then the head; then leave-one-out over the most sensitive
+        units, a greedy union of the ones that helped, and the cumulative top-k units of the ranking, until
+        a variant passes and is not slower than FP32 (every passing repair is timed), or `deadline`.
+        Leave-one-out may use a third of the time left, so that the unions, which are what passed on real
+        models so far, still get built."""
         record: dict[str, Any] = {"target": row.name, "attempts": [], "ranking": None, "passed": None}
         self._target_deadline = deadline
+        self._kept = ()
+        base = accuracy_margin(row.accuracy, self.tolerance)
+        concat = self._mixed_range_unit(row, record)
+        outcome = self._attempt(row, concat, "repair-concat", "output Concat of mixed ranges (and its small branch's "
+                                "tail) in float", record)
+        if outcome in (True, None):
+            return record
+        if isinstance(outcome, Built) and accuracy_margin(outcome.row.accuracy, self.tolerance) > base:
+            # it fixed the shared scale but something else still fails: every later attempt keeps it, or the
+            # broken scores hide what each of them does (NudeNet: every leave-one-out kept slice cosine 0.000)
+            self._kept, base = concat, accuracy_margin(outcome.row.accuracy, self.tolerance)
+            record["kept_in_float"] = list(concat)
         head = self._in_scope(row, sensitivity.head_nodes(self.source))
         record["head_nodes"] = list(head)
         if self._attempt(row, head, "repair-head", "output head in float", record) in (True, None):
@@ -248,7 +266,6 @@ class AutoSearch:
         if not ranking:
             return record
         worth = [t for t in ranking if t.error >= MIN_TENSOR_ERROR] or ranking[:1]
-        base = accuracy_margin(row.accuracy, self.tolerance)
         units: list[tuple[str, ...]] = []
         for loss in worth:
             unit = self._in_scope(row, loss.nodes)
@@ -319,6 +336,21 @@ class AutoSearch:
         """An attempt's outcome passes accuracy (True: and beats FP32; a Built "ok": passes but is slower)."""
         return outcome is True or (isinstance(outcome, Built) and outcome.row.status == "ok")
 
+    def _mixed_range_unit(self, row: Any, record: dict[str, Any]) -> tuple[str, ...]:
+        """The nodes that give each branch of a failing output's Concat its own scale (`sensitivity.
+        mixed_range_concats`), in the target's scope: one float run per feed, then a single build."""
+        failing = [name for name, out in (row.accuracy or {}).get("outputs", {}).items() if out.get("passed") is False]
+        if not failing:
+            return ()
+        try:
+            found = sensitivity.mixed_range_concats(self.source, self.samples.calibration or self.samples.holdout,
+                                                    failing)
+        except Exception as exc:  # noqa: BLE001 - a model ORT cannot run with extra outputs is not a repair
+            record["note"] = f"the Concat ranges could not be read: {first_line(exc)}"
+            return ()
+        record["mixed_concats"] = [c.to_dict() for c in found]
+        return self._in_scope(row, [n for c in found for n in c.nodes])
+
     def _ranking(self, row: Any, record: dict[str, Any]) -> list[sensitivity.TensorLoss]:
         """Static: rank tensors on the QDQ model with the target's activation type and scope (built in the
         probe). Dynamic: rank the target's quantized nodes against the float source."""
@@ -355,9 +387,10 @@ class AutoSearch:
         """One repair build: True when it passes (and, where timed, beats FP32); its Built when it does not;
         False when there is nothing to leave in float; None when the time budget ran out. Nodes an earlier
         attempt already left in float give its outcome again, without a build."""
-        key = (row.name, tuple(sorted(exclude)))
         if not exclude:
             return False
+        exclude = tuple(dict.fromkeys((*self._kept, *exclude)))
+        key = (row.name, tuple(sorted(exclude)))
         if key in self._tried:
             return self._tried[key]
         if row.settings.get("mode") == "static":

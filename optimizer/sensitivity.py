@@ -30,7 +30,7 @@ on a real transformer) for quantizing one node at a time.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,3 +354,104 @@ def head_nodes(model: onnx.ModelProto, heavy_ops: Sequence[str] = HEAVY_OPS, lim
         if len(activations) == 1 or node.op_type == "Concat":
             frontier.extend(activations)
     return names
+
+
+#: Ops that only move values: an output Concat reaches its graph output through these.
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+#: Activations whose outputs span orders of magnitude inside a small range (a detector's scores: 3e-7 to 0.15 on
+#: NudeNet's drawn scenes): INT8's uniform steps round the small ones away even at the branch's own scale, while
+#: their inputs (logits) are linear and quantize well. So a small-range branch is left in float from here on.
+SQUASHING_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid", "Tanh"})
+#: A Concat input whose span is under 1/16 of the Concat's gets fewer than 16 of INT8's 256 levels.
+MIXED_RANGE_RATIO = 16.0
+#: Cheap nodes followed back from a Concat input or forward to an output before giving up.
+_MAX_CHAIN = 8
+
+
+@dataclass
+class MixedConcat:
+    """An output Concat whose inputs live on very different ranges, and the nodes that keep each branch's scale."""
+
+    concat: str
+    ranges: dict[str, tuple[float, float]]  # each activation input's (min, max) in the float model
+    small: list[str]  # the inputs spanning under 1/ratio of the Concat's range
+    nodes: list[str]  # the Concat, the layout ops after it, the small branches' cheap tails
+
+    def to_dict(self) -> dict:
+        return {"concat": self.concat, "small_inputs": self.small, "nodes": self.nodes,
+                "ranges": {t: [round(lo, 6), round(hi, 6)] for t, (lo, hi) in self.ranges.items()}}
+
+
+def _branch_tail(producers: dict[str, onnx.NodeProto], tensor: str,
+                 activations: Callable[[onnx.NodeProto], list[str]]) -> list[str]:
+    """The cheap nodes just before a Concat input: layout ops back to, and including, a squashing activation."""
+    names: list[str] = []
+    node = producers.get(tensor)
+    while node is not None and len(names) < _MAX_CHAIN:
+        inputs = activations(node)
+        if node.op_type not in LAYOUT_OPS | SQUASHING_OPS or len(inputs) != 1:
+            break
+        names.append(node.name)
+        if node.op_type in SQUASHING_OPS:
+            break
+        node = producers.get(inputs[0])
+    return names
+
+
+def mixed_range_concats(model: onnx.ModelProto, feeds: Sequence[Feed], outputs: Sequence[str] | None = None, *,
+                        ratio: float = MIXED_RANGE_RATIO, max_samples: int = 8) -> list[MixedConcat]:
+    """Concats that make graph `outputs` (through layout ops only) from inputs whose float ranges differ by more
+    than `ratio`, read from the float model's activations on (calibration) `feeds`.
+
+    Static INT8 gives a Concat's output one scale: boxes (0-320) next to scores (0-1) round every score to 0,
+    and no sensitivity ranking finds it, because every other node's error hides behind it (NudeNet: each
+    leave-one-out kept slice cosine 0.000). Leaving the Concat in float lets each branch keep its own scale.
+    """
+    producers = {out: n for n in model.graph.node for out in n.output}
+    weights = {t.name for t in model.graph.initializer}
+
+    def activations(node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and i not in weights
+                and getattr(producers.get(i), "op_type", None) != "Constant"]
+
+    found: dict[str, tuple[onnx.NodeProto, list[str]]] = {}  # concat name -> (node, layout ops up to the output)
+    for output in model.graph.output:
+        if outputs is not None and output.name not in outputs:
+            continue
+        after: list[str] = []
+        node = producers.get(output.name)
+        while node is not None and node.op_type in LAYOUT_OPS and len(activations(node)) == 1 \
+                and len(after) < _MAX_CHAIN:
+            after.append(node.name)
+            node = producers.get(activations(node)[0])
+        if node is not None and node.op_type == "Concat" and len(activations(node)) >= 2:
+            found.setdefault(node.name, (node, []))[1].extend(n for n in after if n not in found[node.name][1])
+    if not found or not feeds:
+        return []
+    wanted = sorted({t for node, _ in found.values() for t in activations(node)} - set(feeds[0]))
+    session = create_session(_with_outputs(model, wanted))
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for feed in feeds[:max_samples]:
+        values = {**dict(zip(wanted, session.run(wanted, feed), strict=True)), **feed}
+        for name, value in values.items():
+            array = np.asarray(value)
+            if name in wanted and np.issubdtype(array.dtype, np.floating) and array.size:
+                finite = array[np.isfinite(array)]
+                if finite.size:
+                    lo[name] = min(lo.get(name, np.inf), float(finite.min()))
+                    hi[name] = max(hi.get(name, -np.inf), float(finite.max()))
+    result = []
+    for node, after in found.values():
+        inputs = activations(node)
+        if not all(t in lo for t in inputs):
+            continue  # a non-float or unmeasured input: not a range problem
+        span = max(hi[t] for t in inputs) - min(lo[t] for t in inputs)
+        small = [t for t in inputs if (hi[t] - lo[t]) * ratio < span]
+        if not small:
+            continue
+        nodes = [node.name, *after]
+        for tensor in small:
+            nodes += [n for n in _branch_tail(producers, tensor, activations) if n not in nodes]
+        result.append(MixedConcat(node.name, {t: (lo[t], hi[t]) for t in inputs}, small, nodes))
+    return result
