@@ -253,9 +253,11 @@ class AutoSearch:
                                 "tail) in float", record)
         if outcome in (True, None):
             return record
-        if isinstance(outcome, Built) and accuracy_margin(outcome.row.accuracy, self.tolerance) > base:
-            # it fixed the shared scale but something else still fails: every later attempt keeps it, or the
-            # broken scores hide what each of them does (NudeNet: every leave-one-out kept slice cosine 0.000)
+        if isinstance(outcome, Built) and outcome.row.accuracy:
+            # It fixed the shared scale but something else still fails: every later attempt keeps it, or the
+            # zeroed scores hide what each of them does (NudeNet: every leave-one-out kept slice cosine 0.000).
+            # Kept whatever its margin: NudeNet's worst slice error rose (zeroed scores err by 100% of a slice's
+            # range, restored ones with noisy logits by up to 300%) while its slice cosine went 0.000 -> 0.591.
             self._kept, base = concat, accuracy_margin(outcome.row.accuracy, self.tolerance)
             record["kept_in_float"] = list(concat)
         head = self._in_scope(row, sensitivity.head_nodes(self.source))

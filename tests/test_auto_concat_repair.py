@@ -11,7 +11,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from optimizer import sensitivity
-from optimizer.auto import accuracy_margin
 from optimizer.candidates import static_candidate
 from tests import models
 from tests.test_auto import search_on
@@ -96,7 +95,6 @@ def test_a_concat_fix_that_is_not_enough_is_kept_in_every_later_attempt() -> Non
     first = repair["attempts"][0]
     concat_unit = [_named(model, "Concat")[0], _named(model, "Reshape")[0], _named(model, "Sigmoid")[1]]
     assert first["name"].endswith("repair-concat") and first["status"] == "rejected"
-    assert first["margin"] > accuracy_margin(target.row.accuracy, search.tolerance)  # it helped: kept
     assert repair["kept_in_float"] == concat_unit
     assert len(repair["attempts"]) > 1
     assert all(a["excluded_nodes"][:3] == concat_unit for a in repair["attempts"])
