@@ -64,27 +64,61 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
+def untyped_tensors(model: onnx.ModelProto) -> list[str]:
+    """Tensors that nodes read or write but no value_info, graph input or output gives an element type.
+
+    ORT's quantizers and calibrators read only element types from value_info (`is_float_tensor`,
+    `get_tensor_type`, `select_tensors_to_calibrate`), never dims, and a tensor missing there is left
+    unquantized or raises. Subgraphs are included: their nodes are quantized too.
+    """
+    graphs, nodes = [model.graph], _all_nodes(model.graph)
+    for node in nodes:
+        for attr in node.attribute:
+            graphs += [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    typed = {v.name for g in graphs for v in [*g.value_info, *g.input, *g.output] if v.type.tensor_type.elem_type}
+    constants = {t.name for g in graphs for t in g.initializer}
+    return sorted({name for node in nodes for name in [*node.input, *node.output]
+                   if name and name not in typed and name not in constants})
+
+
 def pre_process(model: onnx.ModelProto, workdir: Path, pass_name: str) -> tuple[Path, list[str]]:
     """Run `quant_pre_process` and return the path of the model to quantize, plus notes.
 
     Its ORT optimization also turns Constant nodes into initializers, which `quantize_dynamic`
-    requires ("Expected ... to be an initializer"). Symbolic shape inference fails on many real
-    models unless `auto_merge=True`, and on compute inside If branches even then: the last resort
-    skips it (ONNX shape inference still runs).
+    requires ("Expected ... to be an initializer"). Its first step, ORT's symbolic shape inference
+    (sympy), gives tensors symbolic dims and types that ONNX's shape inference (its last step) cannot
+    infer, e.g. contrib ops' outputs; it costs 31 s on PP-OCRv4 det (Resize) and 12 s on YOLOv8n. The
+    quantizers read element types only (`untyped_tensors`), so it runs only when the steps after it
+    leave a tensor without one; on the 12 real models it changed no node, only dims (and typed
+    MiniLM's two untyped EmbedLayerNormalization outputs). It fails on many real models unless
+    `auto_merge=True`, and on compute inside If branches even then: then the untyped result is used.
     """
     source = workdir / "input.onnx"
     onnx.save_model(model, source)
     target = workdir / "preprocessed.onnx"
-    try:
-        quant_pre_process(str(source), str(target), auto_merge=True)
-        return target, ["quant_pre_process: symbolic shape inference with auto_merge"]
-    except Exception as exc:  # noqa: BLE001 - sympy and ORT raise anything
-        symbolic_error = first_line(exc)
+    untyped: list[str] | None = None
     try:
         quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
-    except Exception as exc:  # noqa: BLE001
-        raise PassError(f"{pass_name}: quant_pre_process failed: {first_line(exc)}") from None
-    return target, [f"quant_pre_process: symbolic shape inference skipped (it failed: {symbolic_error})"]
+        untyped = untyped_tensors(onnx.load_model(target, load_external_data=False))
+    except Exception as exc:  # noqa: BLE001 - ORT and ONNX raise anything
+        cheap_error = first_line(exc)
+    if untyped == []:
+        return target, ["quant_pre_process: symbolic shape inference skipped (ONNX shape inference typed every "
+                        "tensor; the quantizers read no dims)"]
+    without_symbols = workdir / "without_symbols.onnx"
+    if untyped:
+        target.replace(without_symbols)
+    try:
+        quant_pre_process(str(source), str(target), auto_merge=True)
+        why = f"{len(untyped)} tensors untyped without it, e.g. {untyped[0]}" if untyped else cheap_error
+        return target, [f"quant_pre_process: symbolic shape inference with auto_merge ({why})"]
+    except Exception as exc:  # noqa: BLE001 - sympy and ORT raise anything
+        symbolic_error = first_line(exc)
+    if untyped is None:
+        raise PassError(f"{pass_name}: quant_pre_process failed: {cheap_error}")
+    without_symbols.replace(target)
+    return target, [f"quant_pre_process: symbolic shape inference failed ({symbolic_error}); "
+                    f"{len(untyped)} tensors have no type, e.g. {untyped[0]}"]
 
 
 def map_node_names(names: Sequence[str], model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -125,20 +159,36 @@ def model_key(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
+class ModelKeys:
+    """`model_key` once per model object: serializing and hashing MiniLM's 90 MB costs ~0.3 s, and a
+    search hands every build of a source the same object. Callers must not edit a model between
+    builds (a search never does). Each model stays referenced, so its id is never reused meanwhile."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, tuple[onnx.ModelProto, str]] = {}
+
+    def __call__(self, model: onnx.ModelProto) -> str:
+        entry = self._keys.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = self._keys[id(model)] = (model, model_key(model))
+        return entry[1]
+
+
 class Preprocessed:
     """quant_pre_process's output per source model, for the many dynamic builds of one auto search.
 
     A mixed-precision repair builds the same source again and again with other nodes left in float;
-    pre-processing it is most of a build (MiniLM: 4 of 6.5 s), and its output depends on the source only.
+    pre-processing MiniLM costs about as much as quantizing it (2-4 s each), and depends on the source only.
     """
 
     def __init__(self) -> None:
         self._models: dict[str, tuple[bytes, list[str]]] = {}
+        self._key = ModelKeys()
         self.reused = 0  # builds that skipped quant_pre_process
 
     def path(self, model: onnx.ModelProto, workdir: Path, pass_name: str) -> tuple[Path, list[str]]:
         """`pre_process(model, workdir, pass_name)`, from the cache when this source was pre-processed before."""
-        key = model_key(model)
+        key = self._key(model)
         if key not in self._models:
             source, notes = pre_process(model, workdir, pass_name)
             self._models[key] = (source.read_bytes(), notes)

@@ -41,7 +41,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from optimizer.errors import CalibrationError, PassError, first_line
 from optimizer.histograms import use_fast_collector
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.passes.int8_dynamic import map_node_names, model_key, op_histogram, pre_process, require_quantized
+from optimizer.passes.int8_dynamic import ModelKeys, map_node_names, op_histogram, pre_process, require_quantized
 
 PASS_NAME = "int8 static"
 PER_CHANNEL_MIN_OPSET = 13
@@ -251,6 +251,7 @@ class SharedCalibration:
         self._tool_excluded: dict[tuple, list[str]] = {}
         self._samples: dict[tuple[int, ...], list[Feed]] = {}
         self.calibrations: list[dict[str, Any]] = []  # {method, seconds, tensors}: one per calibration run
+        self.key = ModelKeys()  # a source's identity, hashed once per search
         self.reused = 0  # builds that got their ranges from here instead of calibrating
 
     def samples_key(self, feeds: Sequence[Feed]) -> tuple[int, ...]:
@@ -295,11 +296,14 @@ def _tensors_by_op(source: Path) -> dict[str, set[str]]:
     return result
 
 
-def _prepare(model: onnx.ModelProto, workdir: Path, first_feed: Feed) -> _Prepared:
-    source, notes = pre_process(model, workdir, PASS_NAME)
+def _prepare(model: onnx.ModelProto, per_channel: bool, workdir: Path, first_feed: Feed) -> _Prepared:
+    """Opset conversion (per-channel), quant_pre_process and the memory estimate: once per source in a search."""
+    notes: list[str] = []
+    source_model = _to_per_channel_opset(model, notes) if per_channel else model
+    source, pre_notes = pre_process(source_model, workdir, PASS_NAME)
     preprocessed = onnx.load_model(source)
     per_sample, unknown = activation_bytes_per_sample(preprocessed, first_feed)
-    return _Prepared(source.read_bytes(), notes, per_sample, unknown)
+    return _Prepared(source.read_bytes(), notes + pre_notes, per_sample, unknown)
 
 
 #: Nodes the crash search may leave in float before it gives up (each costs ~log2(nodes) quantize runs).
@@ -397,19 +401,18 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
             "dynamic INT8 (no samples needed)"
         )
     notes: list[str] = []
-    source_model = _to_per_channel_opset(model, notes) if config.per_channel else model
     # quantize_static's own default: every op type either quantizer knows.
     op_types = list(config.op_types) if config.op_types else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    source_key = (model_key(model), config.per_channel) if shared else None
+    source_key = (shared.key(model), config.per_channel) if shared else None
     samples_key = shared.samples_key(calibration_feeds) if shared else None
     changes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="onnxforge-int8s-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         # (the calibrators print progress to stdout, which would corrupt the command line's JSON output)
         workdir = Path(tmp)
-        if shared is not None:
-            prepared = shared.prepared(source_key, lambda: _prepare(source_model, workdir, calibration_feeds[0]))
-        else:
-            prepared = _prepare(source_model, workdir, calibration_feeds[0])
+        def prepare() -> _Prepared:
+            return _prepare(model, config.per_channel, workdir, calibration_feeds[0])
+
+        prepared = shared.prepared(source_key, prepare) if shared is not None else prepare()
         source = workdir / "preprocessed.onnx"
         source.write_bytes(prepared.model_bytes)
         notes += prepared.notes
