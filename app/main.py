@@ -17,8 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api import health, jobs, models, v2
 from app.api.errors import install_error_handlers
 from app.api.web import install_dashboard
+from app.fastpath import FastInfer, infer_target
 from app.metrics import HttpMetricsMiddleware
-from app.security import install_security
+from app.security import Receive, Scope, Send, cors_origins, install_security, load_api_keys
 from app.services.container import open_services
 from app.settings import Settings
 
@@ -42,14 +43,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(services.close)
 
 
+class Onnxforge(FastAPI):
+    """FastAPI with the fast infer path (app/fastpath.py) in front of its whole stack: an infer request is
+    recognized by a string test and answered there; every other request goes through FastAPI as usual."""
+
+    fast_infer: FastInfer | None = None  # None: every request takes the normal stack (CORS is configured)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_infer is not None and scope["type"] == "http" and scope["method"] == "POST" \
+                and not scope.get("root_path"):
+            target = infer_target(scope["path"])
+            if target is not None:
+                await self.fast_infer(scope, receive, send, target)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+    app = Onnxforge(
         title="onnxforge",
         version="0.1.0",
         summary="Upload an ONNX model, get it optimized (fusion, FP16, INT8) with proof, and served on ONNX Runtime.",
         lifespan=lifespan,
     )
-    app.state.settings = settings or Settings()
+    app.state.settings = settings = settings or Settings()
+    keys = load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_file)
     app.state.services = None
     install_error_handlers(app)
     app.include_router(v2.router)
@@ -59,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_dashboard(app)
     app.add_middleware(HttpMetricsMiddleware,
                        metrics=lambda: app.state.services.metrics if app.state.services else None)
-    install_security(app, app.state.settings)
+    install_security(app, settings, keys)
+    if not cors_origins(settings):
+        app.fast_infer = FastInfer(app, keys, settings.max_predict_body_bytes)
     return app
 
 

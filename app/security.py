@@ -3,6 +3,8 @@
 Middleware rather than a FastAPI dependency because it matches path prefixes (/v1, /v2): routes added
 later, including the plain Starlette /v2 infer routes, are covered without anyone remembering to
 add a dependency. Pure ASGI (no BaseHTTPMiddleware) so that it costs a predict almost nothing.
+The fast infer path (app/fastpath.py), in front of these middlewares, decides by the same
+`check_key` and `body_limit_message`.
 
 Keys come from ONNXFORGE_API_KEYS and/or a file (ONNXFORGE_API_KEYS_FILE), entries `role:key`
 (role `read` or `admin`; a bare key is admin). With no keys configured the service is open, as a
@@ -18,6 +20,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from app.errors import ServiceError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -97,11 +101,43 @@ def required_role(method: str, path: str) -> str | None:
     return ADMIN
 
 
-async def _answer(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+class MissingKeyError(ServiceError):
+    status_code = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="onnxforge"'}
+
+
+class ReadOnlyKeyError(ServiceError):
+    status_code = 403
+
+
+def check_key(keys: ApiKeys, needed: str, authorization: bytes) -> None:
+    """Raise MissingKeyError (401) or ReadOnlyKeyError (403) unless the `Authorization` header's value
+    carries a key with the `needed` role. The middleware and the fast infer path (app/fastpath.py) both
+    decide by it."""
+    scheme, _, key = authorization.decode("latin-1").partition(" ")
+    key = key.strip()
+    role = keys.role_of(key) if scheme.lower() == "bearer" and key else None
+    if role is None:
+        raise MissingKeyError("missing or invalid API key: send `Authorization: Bearer <key>`")
+    if needed == ADMIN and role != ADMIN:
+        raise ReadOnlyKeyError("this API key is read-only: uploading and deleting need an admin key")
+
+
+def body_limit_message(limit: int) -> str:
+    return (f"the request body is larger than the predict limit of {limit} bytes "
+            "(ONNXFORGE_MAX_PREDICT_BODY_BYTES): send fewer rows per request")
+
+
+def cors_origins(settings: Any) -> list[str]:  # noqa: ANN401 - app.settings.Settings
+    return [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+
+
+async def _answer(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"error": message}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+                            *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -123,15 +159,10 @@ class ApiKeyMiddleware:
         if needed is None:
             await self.app(scope, receive, send)
             return
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
-        scheme, _, key = header.partition(" ")
-        role = self.keys.role_of(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-        if role is None:
-            await _answer(send, 401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                          [(b"www-authenticate", b'Bearer realm="onnxforge"')])
-            return
-        if needed == ADMIN and role != ADMIN:
-            await _answer(send, 403, "this API key is read-only: uploading and deleting need an admin key")
+        try:
+            check_key(self.keys, needed, next((v for k, v in scope["headers"] if k == b"authorization"), b""))
+        except ServiceError as exc:
+            await _answer(send, exc.status_code, str(exc), exc.headers)
             return
         await self.app(scope, receive, send)
 
@@ -151,8 +182,7 @@ class PredictBodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        message = (f"the request body is larger than the predict limit of {limit} bytes "
-                   "(ONNXFORGE_MAX_PREDICT_BODY_BYTES): send fewer rows per request")
+        message = body_limit_message(limit)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
             await _answer(send, 413, message)
@@ -191,7 +221,7 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def install_security(app: Any, settings: Any) -> None:  # noqa: ANN401 - FastAPI app, app.settings.Settings
+def install_security(app: Any, settings: Any, keys: ApiKeys) -> None:  # noqa: ANN401 - FastAPI app, Settings
     """Add the body limit, the key check and (when origins are set) CORS, CORS outermost.
 
     CORS must wrap the key check: a browser's preflight carries no key, and a 401 needs CORS headers
@@ -200,9 +230,8 @@ def install_security(app: Any, settings: Any) -> None:  # noqa: ANN401 - FastAPI
     from starlette.middleware.cors import CORSMiddleware
 
     app.add_middleware(PredictBodyLimitMiddleware, max_bytes=settings.max_predict_body_bytes)
-    app.add_middleware(ApiKeyMiddleware,
-                       keys=load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_file))
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    origins = cors_origins(settings)
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"])

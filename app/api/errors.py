@@ -25,6 +25,25 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def error_of(exc: Exception, where: str) -> tuple[int, str, dict[str, str] | None]:
+    """Status, message and headers of the answer to an exception a route raised (`where`: method and path,
+    for the log). The exception handlers below and the fast infer path (app/fastpath.py) both answer by it."""
+    if isinstance(exc, ServiceError):
+        if exc.status_code == 503:  # busy or not ready yet: expected, the client is told to retry
+            log.warning("%s: %s", type(exc).__name__, exc)
+        elif exc.status_code >= 500:
+            log.error("%s: %s", type(exc).__name__, exc)
+        return exc.status_code, str(exc), exc.headers
+    if isinstance(exc, OptimizerError):
+        return 400, str(exc), None
+    log.error("unhandled error on %s", where, exc_info=exc)
+    return 500, f"internal error ({type(exc).__name__}); the server log has the details", None
+
+
+def _answer(exc: Exception, request: Request) -> JSONResponse:
+    return error_response(*error_of(exc, f"{request.method} {request.url.path}"))
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
@@ -35,16 +54,12 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status_code == 503:  # busy or not ready yet: expected, the client is told to retry
-            log.warning("%s: %s", type(exc).__name__, exc)
-        elif exc.status_code >= 500:
-            log.error("%s: %s", type(exc).__name__, exc)
-        return error_response(exc.status_code, str(exc), exc.headers)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _answer(exc, request)
 
     @app.exception_handler(OptimizerError)
-    async def _optimizer_error(_: Request, exc: OptimizerError) -> JSONResponse:
-        return error_response(400, str(exc))
+    async def _optimizer_error(request: Request, exc: OptimizerError) -> JSONResponse:
+        return _answer(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -61,5 +76,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details")
+        return _answer(exc, request)

@@ -19,9 +19,17 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.deps import services_of
 from app.api.schemas import ErrorOut
-from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, NotReadyError
+from app.errors import (
+    BadRequestError,
+    ConflictError,
+    ModelLoadError,
+    NotFoundError,
+    NotReadyError,
+    PayloadTooLargeError,
+)
 from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from app.runtime.signature import TensorSpec
+from app.security import body_limit_message
 from app.services.container import Services
 from optimizer.errors import first_line
 
@@ -137,15 +145,31 @@ def _decompressed(body: bytes, encoding: str | None) -> bytes:
     raise BadRequestError(f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or none")
 
 
-class _InferEndpoint:
-    """POST /v2/models/{name}[/versions/{version}]/infer as a raw ASGI app: JSON tensors or binary ones.
+INFER = "/v2/models/{name}/infer"
+VERSION_INFER = "/v2/models/{name}/versions/{version}/infer"
 
-    WHY raw ASGI: on a small model the framework around `session.run` is most of a request's cost.
-    A plain Starlette function endpoint still builds a Request and a Response and wraps the call in
-    its own exception layer; this reads the body straight from `receive` and answers with two
-    `send`s. Errors are raised, not answered here: the app's exception handlers give them the
-    service's one shape, and the middlewares in front (API keys, body limit, metrics) apply as to
-    any route.
+
+async def infer(services: Services, name: str, version: str | None, body: bytes, header_length: str | None,
+                encoding: str | None) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """One infer request, from its raw body (and the headers that say how to read it) to the answer's body
+    and headers. Raises the service's errors. The route below and the fast path (app/fastpath.py) call it."""
+    request = decode_request(_decompressed(body, encoding), header_length)
+    prediction = await services.predict.predict(name, request.inputs, version=_version(version, name), cast=False,
+                                                output_names=request.outputs)
+    content, length = encode_response(prediction.model, prediction.version, request, prediction.outputs)
+    if length is None:
+        return content, [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]
+    return content, [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/octet-stream"),
+                     (_HEADER_LENGTH, str(length).encode())]
+
+
+class _InferEndpoint:
+    """POST /v2/models/{name}[/versions/{version}]/infer as a raw ASGI route: JSON tensors or binary ones.
+
+    Most infer requests never get here: app/fastpath.py answers them in front of the whole stack. This
+    route serves the rest (with CORS configured, under a root path) and documents the path in the app.
+    Errors are raised, not answered here: the app's exception handlers give them the service's one
+    shape, and the middlewares in front (API keys, body limit, metrics) apply as to any route.
     """
 
     def __init__(self) -> None:
@@ -162,32 +186,26 @@ class _InferEndpoint:
                 header_length = value.decode("latin-1")
             elif key == b"content-encoding":
                 encoding = value.decode("latin-1").strip().lower()
-        body = _decompressed(await _read_body(receive), encoding)
-        infer = decode_request(body, header_length)
         params = scope["path_params"]
-        name = params["name"]
-        prediction = await services.predict.predict(
-            name, infer.inputs, version=_version(params.get("version"), name), cast=False,
-            output_names=infer.outputs,
-        )
-        content, length = encode_response(prediction.model, prediction.version, infer, prediction.outputs)
-        headers = [(b"content-length", str(len(content)).encode())]
-        if length is None:
-            headers.append((b"content-type", b"application/json"))
-        else:
-            headers += [(b"content-type", b"application/octet-stream"),
-                        (b"inference-header-content-length", str(length).encode())]
+        content, headers = await infer(services, params["name"], params.get("version"), await read_body(receive),
+                                       header_length, encoding)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def read_body(receive: Receive, limit: int | None = None) -> bytes:
+    """The whole request body; PayloadTooLargeError as soon as it passes `limit` bytes (None: no limit)."""
+    chunks, seen = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise BadRequestError("the client disconnected before sending the whole body")
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        if limit is not None:
+            seen += len(chunk)
+            if seen > limit:
+                raise PayloadTooLargeError(body_limit_message(limit))
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -195,7 +213,7 @@ async def _read_body(receive: Receive) -> bytes:
 def _add_infer_routes() -> None:
     """Infer routes first in the router: FastAPI matches a path against each route in turn (twice per
     request), so the hot path should not pay for the metadata routes ahead of it."""
-    for template in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+    for template in (INFER, VERSION_INFER):
         endpoint = _InferEndpoint()
         # add_route does not prepend the router's prefix, hence the full paths.
         router.add_route(template, endpoint, methods=["POST"])
