@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from app.metrics import Metrics
-from app.runtime.batching import RETRY_AFTER, Batcher, BatchPolicy, batch_limit, batchable, batching_pays
+from app.runtime.batching import (
+    RETRY_AFTER,
+    Batcher,
+    BatchPolicy,
+    batch_limit,
+    batchable,
+    batching_pays,
+    in_thread,
+)
 from app.runtime.signature import TensorSpec, signature_of
 from optimizer.runtime import SessionSettings, create_session
 from tests import models
@@ -195,3 +204,22 @@ def test_the_batch_limit_grows_only_while_rows_get_cheaper() -> None:
     assert batch_limit(cnn, fresh + RETRY_AFTER + 1, 32) == 2
     assert batch_limit(mlp, fresh + RETRY_AFTER + 1, 32) == 32  # one that pays is not: it keeps being timed
 
+
+
+def test_in_thread_hands_back_results_and_errors_and_a_caller_may_go_away(executor) -> None:  # noqa: ANN001
+    async def main() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        problems: list[dict] = []
+        loop.set_exception_handler(lambda _, context: problems.append(context))
+        assert await in_thread(executor, sum, [1, 2, 3]) == 6
+        with pytest.raises(ZeroDivisionError):
+            await in_thread(executor, lambda: 1 / 0)
+        gate = threading.Event()
+        gone = in_thread(executor, gate.wait, 5)
+        gone.cancel()  # a client that disconnected while its run was in the thread
+        gate.set()
+        assert await in_thread(executor, int, "7") == 7  # queued behind it or beside it: both have finished
+        await asyncio.sleep(0.05)
+        return problems
+
+    assert asyncio.run(main()) == []  # settling a cancelled future raised nothing in the loop

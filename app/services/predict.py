@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics
-from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays
+from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import prepare_feed
 from app.services.registry import Registry, serving_variant
@@ -210,8 +210,7 @@ class PredictService:
                 if route.policy is not None:
                     values = await self.batcher.run(route.key, loaded.session, names, feed, route.policy)
                 else:
-                    loop = asyncio.get_running_loop()
-                    values = await loop.run_in_executor(self.executor, loaded.session.run, names, feed)
+                    values = await in_thread(self.executor, loaded.session.run, names, feed)
             except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
                 raise BadRequestError(
                     f"ONNX Runtime could not run model {row.name!r} on these inputs: {first_line(exc)}"
