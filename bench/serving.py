@@ -73,49 +73,98 @@ def _models() -> dict[str, tuple[object, dict[str, np.ndarray]]]:
 # -- the load generator (runs in its own process) ------------------------------------------------------
 
 
-async def _client(host: str, port: int, request: bytes, stop: float, start: float, latencies: list[float]) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop:
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that sends the same prebuilt request again as soon as the
+    previous answer is read; latency is request written -> response fully read.
+
+    WHY a bare protocol on uvloop, not asyncio streams: on 2 cores the load generator's CPU is taken from
+    the server it measures. Streams cost ~2.5x the CPU per request (a StreamReader, readuntil, a
+    coroutine switch per await); wrk and hey are written in C for the same reason.
+    """
+
+    def __init__(self, request: bytes, start: float, stop: float, latencies: list[float],
+                 done: asyncio.Future) -> None:
+        self.request, self.start, self.stop, self.latencies, self.done = request, start, stop, latencies, done
+        self.buffer = bytearray()
+        self.need = -1  # bytes of the whole response, once its head is read
+        self.sent_at = 0.0
+        self.count = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self._send()
+
+    def _send(self) -> None:
+        self.sent_at = time.perf_counter()
+        if self.sent_at >= self.stop:
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.buffer.clear()
+        self.need = -1
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.need < 0:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
                 return
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = head[9:12]
+            head = bytes(self.buffer[:end]).lower()
             length = 0
             for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
+                if line.startswith(b"content-length:"):
                     length = int(line[15:])
-            body = await reader.readexactly(length)
-            if status != b"200":
-                raise RuntimeError(f"HTTP {status.decode()}: {body[:300]!r}")
-            t1 = time.perf_counter()
-            if t0 >= start:
-                latencies.append(t1 - t0)
-    finally:
-        writer.close()
+            self.need = end + 4 + length
+            if head[9:12] != b"200":
+                self.done.set_exception(RuntimeError(f"HTTP {head[9:12].decode()}: {bytes(self.buffer[:300])!r}"))
+                self.transport.close()
+                return
+        if len(self.buffer) >= self.need:
+            if self.sent_at >= self.start:
+                self.latencies.append(time.perf_counter() - self.sent_at)
+            self.count += 1
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or RuntimeError("the server closed the connection"))
 
 
 def _load_main(args: argparse.Namespace) -> None:
+    """Print {"latencies": [...], "client_cpu_us": the generator's own CPU per request} as JSON."""
+    import uvloop
+
     body = Path(args.body).read_bytes()
     headers = json.loads(args.headers)
     lines = [f"POST {args.path} HTTP/1.1", f"Host: {args.host}:{args.port}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
     latencies: list[float] = []
-    begin = time.perf_counter()
-    start, stop = begin + WARMUP_S, begin + WARMUP_S + args.seconds
 
-    async def main() -> None:
-        await asyncio.gather(*(_client(args.host, args.port, request, stop, start, latencies)
-                               for _ in range(args.concurrency)))
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        begin = time.perf_counter()
+        start, stop = begin + WARMUP_S, begin + WARMUP_S + args.seconds
+        connections = []
+        for _ in range(args.concurrency):
+            done = loop.create_future()
+            _, protocol = await loop.create_connection(
+                lambda done=done: _Connection(request, start, stop, latencies, done), args.host, args.port)
+            connections.append(protocol)
+        await asyncio.gather(*(c.done for c in connections))
+        return sum(c.count for c in connections)
 
-    asyncio.run(main())
-    print(json.dumps(latencies))
+    cpu = time.process_time()
+    requests = uvloop.run(main())
+    cpu = time.process_time() - cpu
+    print(json.dumps({"latencies": latencies, "client_cpu_us": cpu / max(requests, 1) * 1e6}))
 
 
-def _load(port: int, path: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> list[float]:
+def _load(port: int, path: str, body: bytes, headers: dict[str, str], concurrency: int,
+          seconds: float) -> tuple[list[float], float]:
+    """(latencies, the load generator's CPU microseconds per request)."""
     with tempfile.NamedTemporaryFile(suffix=".body") as file:
         file.write(body)
         file.flush()
@@ -124,13 +173,15 @@ def _load(port: int, path: str, body: bytes, headers: dict[str, str], concurrenc
              "--headers", json.dumps(headers), "--concurrency", str(concurrency), "--seconds", str(seconds)],
             check=True, capture_output=True, text=True,
         )
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    return result["latencies"], result["client_cpu_us"]
 
 
 # -- (a) ONNX Runtime in one process --------------------------------------------------------------------
 
 
-def _direct(session, feed: dict[str, np.ndarray], concurrency: int, seconds: float) -> list[float]:  # noqa: ANN001
+def _direct(session, feed: dict[str, np.ndarray], concurrency: int,  # noqa: ANN001
+            seconds: float) -> tuple[list[float], float]:
     latencies: list[float] = []
     begin = time.perf_counter()
     start, stop = begin + WARMUP_S, begin + WARMUP_S + seconds
@@ -148,7 +199,7 @@ def _direct(session, feed: dict[str, np.ndarray], concurrency: int, seconds: flo
         thread.start()
     for thread in threads:
         thread.join()
-    return latencies
+    return latencies, float("nan")  # no load generator
 
 
 # -- (b) the minimal FastAPI endpoint (runs in its own process) -----------------------------------------
@@ -259,6 +310,90 @@ def _v2_binary(feed: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     return body, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
 
 
+# -- in-process: the event loop's work per request, without HTTP -----------------------------------------
+
+
+def _in_process(args: argparse.Namespace, onnx_models: dict) -> None:
+    """Call our app's ASGI callable directly with a prebuilt scope, receive and send (no sockets, no HTTP
+    parser): `args.requests` /v2 binary infer requests from max(concurrency) tasks on uvloop per cell, and
+    per (model, batching, way) the wall time and the event-loop thread's CPU per request, medians over
+    rounds. Ways: "fast path" is the app as served; "full stack" calls FastAPI's own __call__, i.e. every
+    middleware and the router (what each infer request went through before app/fastpath.py)."""
+    import uvloop
+    from fastapi import FastAPI
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    c = max(args.concurrency)
+    per_task = max(1, args.requests // c)
+    samples: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+
+    async def run(tmp: str) -> None:
+        app = create_app(Settings(data_dir=Path(tmp), run_worker=False, log_level="warning"))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+                for name, (model, _) in onnx_models.items():
+                    for mode, size in (("nobatch", "1"), ("batch", "32")):
+                        files = {"file": ("m.onnx", model.SerializeToString(), "application/octet-stream")}
+                        fields = {"name": f"{name}-{mode}", "batch_max_size": size}
+                        (await client.post("/v1/models", files=files, data=fields)).raise_for_status()
+                        (await client.get(f"/v2/models/{name}-{mode}/ready")).raise_for_status()
+            statuses: set[int] = set()
+
+            async def send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.add(message["status"])
+
+            ways = {"fast path": app, "full stack": functools.partial(FastAPI.__call__, app)}
+            for round_ in range(1, args.rounds + 1):
+                for name, (_, feed) in onnx_models.items():
+                    body, headers = _v2_binary(feed)
+                    message = {"type": "http.request", "body": body, "more_body": False}
+
+                    async def receive(message: dict = message) -> dict:
+                        return message
+
+                    for mode in ("nobatch", "batch"):
+                        path = f"/v2/models/{name}-{mode}/infer"
+                        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+                                 "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+                                 "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "state": {},
+                                 "headers": [(b"host", b"127.0.0.1:8000"),
+                                             (b"content-length", str(len(body)).encode()),
+                                             *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
+                        for way, call in ways.items():
+                            async def task(k: int, call=call, scope=scope) -> None:  # noqa: ANN001
+                                for _ in range(k):
+                                    await call(dict(scope), receive, send)  # a server builds a scope per request
+
+                            await asyncio.gather(*(task(20) for _ in range(c)))  # warm-up
+                            statuses.clear()
+                            wall, cpu = time.perf_counter(), time.thread_time()
+                            await asyncio.gather(*(task(per_task) for _ in range(c)))
+                            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+                            assert statuses == {200}, statuses
+                            us = (wall / (per_task * c) * 1e6, cpu / (per_task * c) * 1e6)
+                            samples.setdefault((name, mode, way), []).append(us)
+                            print(f"  round {round_} {name:<6} {mode:<8} {way:<10} wall {us[0]:6.1f} us/request  "
+                                  f"event loop CPU {us[1]:6.1f} us/request", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uvloop.run(run(tmp))
+    print()
+    print(f"machine: {describe()}")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"in-process ASGI calls, {per_task * c} requests from {c} tasks per cell, {args.rounds} interleaved rounds, "
+          f"medians; load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
+    print("| model  | batching | way        | wall us/request | event loop CPU us/request |")
+    print("|--------|----------|------------|-----------------|---------------------------|")
+    for (name, mode, way), values in samples.items():
+        wall, cpu = (float(np.median([v[i] for v in values])) for i in range(2))
+        print(f"| {name:<6} | {mode:<8} | {way:<10} | {wall:15.1f} | {cpu:25.1f} |")
+
+
 # -- the table -------------------------------------------------------------------------------------------
 
 
@@ -278,8 +413,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="processes of the multi-process cells (minimal FastAPI and ours); 1 = none of them")
     parser.add_argument("--only", nargs="+", metavar="PREFIX", help="only the ways whose name starts so (e.g. d e)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="instead: the event loop's CPU per /v2 request, calling the app in-process (no HTTP)")
+    parser.add_argument("--requests", type=int, default=20000, help="requests per in-process cell")
     args = parser.parse_args()
     onnx_models = {k: v for k, v in _models().items() if k in args.models}
+    if args.in_process:
+        _in_process(args, onnx_models)
+        return
     n = args.workers
     ways = ["a ort direct", "b fastapi minimal", "c v1 nobatch", "c v1 batch", "d v2-bin nobatch", "d v2-bin batch",
             "d v2-bin default"]
@@ -287,14 +428,15 @@ def main() -> None:
         ways += [f"b fastapi minimal x{n}", f"e v2-bin nobatch x{n}", f"e v2-bin batch x{n}"]
     if args.only:
         ways = [w for w in ways if w.startswith(tuple(args.only))]
-    samples: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    samples: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
     json_type = {"Content-Type": "application/json"}
 
-    def record(kind: str, name: str, c: int, latencies: list[float], round_: int) -> None:
+    def record(kind: str, name: str, c: int, measured: tuple[list[float], float], round_: int) -> None:
+        latencies, client_us = measured
         rps, p50, p99 = _stats(latencies, args.seconds)
-        samples.setdefault((kind, name, c), []).append((rps, p50, p99))
+        samples.setdefault((kind, name, c), []).append((rps, p50, p99, client_us))
         print(f"  round {round_} {kind:<22} {name:<6} c={c:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  "
-              f"p99 {p99:7.2f} ms", flush=True)
+              f"p99 {p99:7.2f} ms  load generator {client_us:5.1f} us CPU/request", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         # Every server is started first and idles while another is measured, so that each round measures
@@ -342,13 +484,13 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             for kind, name, c, measure in cells:
                 record(kind, name, c, measure(), round_)
-    results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(3))
+    results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(4))
                for key, values in samples.items()}
     _print_table(args, onnx_models, ways, results)
 
 
 def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
-                 results: dict[tuple[str, str, int], tuple[float, float, float]]) -> None:
+                 results: dict[tuple[str, str, int], tuple[float, float, float, float]]) -> None:
     print()
     print(f"machine: {describe()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -364,7 +506,7 @@ def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
         for way in ways:
             row = []
             for c in args.concurrency:
-                rps, p50, p99 = results.get((way, name, c), (0.0, float("nan"), float("nan")))
+                rps, p50, p99, _ = results.get((way, name, c), (0.0, float("nan"), float("nan"), float("nan")))
                 row.append(f"{rps:7.0f}/s {p50:6.2f}/{p99:6.2f}".ljust(22))
             print(f"| {way:<22} | " + " | ".join(row) + " |")
     print()
@@ -374,7 +516,7 @@ def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
             return results.get((kind, name, top), (float("nan"),))[0]
 
         def ratio(a: str, b: str) -> str:
-            return f"{rps(a) / rps(b):.2f}x" if rps(b) > 0 else "n/a"
+            return f"{rps(a) / rps(b):.2f}x" if rps(a) > 0 and rps(b) > 0 else "n/a"  # nan > 0 is False
 
         if 1 in args.concurrency and ("d v2-bin nobatch", name, 1) in results and ("a ort direct", name, 1) in results:
             gap = results[("d v2-bin nobatch", name, 1)][1] - results[("a ort direct", name, 1)][1]
@@ -384,6 +526,9 @@ def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
               f"{ratio('d v2-bin default', 'd v2-bin nobatch')}, default/minimal "
               f"{ratio('d v2-bin default', 'b fastapi minimal')}; /v1 batching/no batching "
               f"{ratio('c v1 batch', 'c v1 nobatch')}, /v1 batching/minimal {ratio('c v1 batch', 'b fastapi minimal')}")
+        client = {w: results[(w, name, top)][3] for w in ways if (w, name, top) in results and w[0] != "a"}
+        print(f"{name}: c={top} load generator CPU per request: "
+              + ", ".join(f"{w} {us:.0f} us" for w, us in client.items()))
         if n > 1:
             print(f"{name}: c={top} {n} processes: /v2 batching/no batching "
                   f"{ratio(f'e v2-bin batch x{n}', f'e v2-bin nobatch x{n}')}, batching/minimal FastAPI x{n} "
