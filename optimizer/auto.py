@@ -11,7 +11,7 @@ guessing, in steps that each decide what the next one is worth:
    left in float: first, when a failing output is a Concat of inputs on very different ranges (a
    detector's boxes 0-320 next to its Sigmoid scores 0-1, which one INT8 scale rounds to 0), that
    Concat and the small branch's cheap tail (`sensitivity.mixed_range_concats`: one build, no heavy
-   node), kept in every later attempt when it helped but did not pass; then the output head (cheap,
+   node), kept in every later attempt when it does not pass alone; then the output head (cheap,
    costs no speed on real models), then, from a
    ranking by `optimizer.sensitivity`, each of the top units alone in float (leave-one-out, scored
    by its accuracy margin, at most a third of the target's time), a greedy union of the units that
@@ -388,7 +388,8 @@ class AutoSearch:
                  record: dict[str, Any]) -> Built | bool | None:
         """One repair build: True when it passes (and, where timed, beats FP32); its Built when it does not;
         False when there is nothing to leave in float; None when the time budget ran out. Nodes an earlier
-        attempt already left in float give its outcome again, without a build."""
+        attempt already left in float give its outcome again, without a build. The target's kept unit (a
+        mixed-range Concat) is left in float with `exclude`."""
         if not exclude:
             return False
         exclude = tuple(dict.fromkeys((*self._kept, *exclude)))
