@@ -133,7 +133,8 @@ class _Connection(asyncio.Protocol):
 
 
 def _load_main(args: argparse.Namespace) -> None:
-    """Print {"latencies": [...], "client_cpu_us": the generator's own CPU per request} as JSON."""
+    """Write {"latencies": [...], "client_cpu_us": the generator's own CPU per request} as JSON to `args.out`
+    (a file, not stdout: one run's output came back from the pipe with a stray line in it)."""
     import uvloop
 
     body = Path(args.body).read_bytes()
@@ -159,21 +160,21 @@ def _load_main(args: argparse.Namespace) -> None:
     cpu = time.process_time()
     requests = uvloop.run(main())
     cpu = time.process_time() - cpu
-    print(json.dumps({"latencies": latencies, "client_cpu_us": cpu / max(requests, 1) * 1e6}))
+    Path(args.out).write_text(json.dumps({"latencies": latencies, "client_cpu_us": cpu / max(requests, 1) * 1e6}))
 
 
 def _load(port: int, path: str, body: bytes, headers: dict[str, str], concurrency: int,
           seconds: float) -> tuple[list[float], float]:
     """(latencies, the load generator's CPU microseconds per request)."""
-    with tempfile.NamedTemporaryFile(suffix=".body") as file:
-        file.write(body)
-        file.flush()
-        out = subprocess.run(
-            [sys.executable, __file__, "_load", "--port", str(port), "--path", path, "--body", file.name,
-             "--headers", json.dumps(headers), "--concurrency", str(concurrency), "--seconds", str(seconds)],
-            check=True, capture_output=True, text=True,
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "body").write_bytes(body)
+        subprocess.run(
+            [sys.executable, __file__, "_load", "--port", str(port), "--path", path, "--body", f"{tmp}/body",
+             "--out", f"{tmp}/out.json", "--headers", json.dumps(headers), "--concurrency", str(concurrency),
+             "--seconds", str(seconds)],
+            check=True, capture_output=True,
         )
-    result = json.loads(out.stdout)
+        result = json.loads(Path(tmp, "out.json").read_text())
     return result["latencies"], result["client_cpu_us"]
 
 
@@ -544,6 +545,7 @@ if __name__ == "__main__":
         sub.add_argument("--port", type=int)
         sub.add_argument("--path")
         sub.add_argument("--body")
+        sub.add_argument("--out")
         sub.add_argument("--headers", default="{}")
         sub.add_argument("--concurrency", type=int, default=1)
         sub.add_argument("--seconds", type=float, default=5.0)
