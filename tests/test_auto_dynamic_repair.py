@@ -18,6 +18,10 @@ from tests import models
 from tests.test_auto import search_on
 
 OUTLIER = 300.0
+# U8 weights: on a CPU without VNNI (AVX2 only), ORT's u8s8 integer kernels add byte products in pairs into
+# saturating int16 (255*127 twice overflows), which puts every S8 layer several % off on its own and would hide
+# which layers the outliers break. U8U8 takes another kernel path; the outlier breaks it just the same.
+WEIGHTS = "uint8"
 
 
 def outlier_mlp(features: int = 32, hidden: int = 64, layers: int = 5, fed: tuple[int, ...] = (1, 3),
@@ -53,7 +57,8 @@ def _matmuls(model: onnx.ModelProto) -> list[str]:
 def test_rank_dynamic_puts_the_matmuls_that_read_the_outliers_first() -> None:
     model = outlier_mlp()
     feeds = [models.random_feed(model, batch=1, seed=i) for i in range(8)]
-    quantized = int8_dynamic.run(model, int8_dynamic.Int8DynamicConfig(per_channel=True), feeds[0]).model
+    config = int8_dynamic.Int8DynamicConfig(weight_type=WEIGHTS, per_channel=True)
+    quantized = int8_dynamic.run(model, config, feeds[0]).model
     ranking = sensitivity.rank_dynamic(model, quantized, feeds)
     matmuls = _matmuls(model)
     assert sorted(n for t in ranking for n in t.nodes) == sorted(matmuls)  # each quantized MatMul, once
@@ -62,7 +67,7 @@ def test_rank_dynamic_puts_the_matmuls_that_read_the_outliers_first() -> None:
     assert max(t.error for t in ranking[2:]) < 0.05  # ... the others add little to what they read
 
     # a node left in float is not ranked: there is nothing of it to repair
-    config = int8_dynamic.Int8DynamicConfig(per_channel=True, nodes_to_exclude=(matmuls[1],))
+    config = int8_dynamic.Int8DynamicConfig(weight_type=WEIGHTS, per_channel=True, nodes_to_exclude=(matmuls[1],))
     partly = int8_dynamic.run(model, config, feeds[0]).model
     assert matmuls[1] not in {n for t in sensitivity.rank_dynamic(model, partly, feeds) for n in t.nodes}
 
@@ -71,7 +76,7 @@ def test_a_dynamic_variant_is_repaired_by_leaving_exactly_the_two_sensitive_matm
     model = outlier_mlp()
     matmuls = _matmuls(model)
     search = search_on(model)
-    target = search._add(dynamic_candidate("int8", per_channel=True, prepared=search.prepared))
+    target = search._add(dynamic_candidate(WEIGHTS, per_channel=True, prepared=search.prepared))
     assert target.row.status == "rejected"
     assert target.row.accuracy["outputs"]["embedding"]["cosine"] < 0.9
     search._repair()
@@ -80,14 +85,16 @@ def test_a_dynamic_variant_is_repaired_by_leaving_exactly_the_two_sensitive_matm
     assert [r["nodes"] for r in repair["ranking"][:2]] in ([[matmuls[1]], [matmuls[3]]], [[matmuls[3]], [matmuls[1]]])
     attempts = {a["name"].rsplit("-", 1)[-1]: a for a in repair["attempts"]}
 
-    # each alone in float is not enough, but each raises the margin more than any other MatMul does
+    # each alone in float is not enough; they raise the margin more than any other MatMul does
     loo = [a for key, a in attempts.items() if key.startswith("loo")]
     assert all(a["status"] == "rejected" for a in loo)
     by_gain = sorted(loo, key=lambda a: -a["margin"])
     assert {tuple(a["excluded_nodes"]) for a in by_gain[:2]} == {(matmuls[1],), (matmuls[3],)}
-    assert by_gain[1]["margin"] > accuracy_margin(target.row.accuracy, search.tolerance)
+    assert by_gain[0]["margin"] > accuracy_margin(target.row.accuracy, search.tolerance)
     # together they pass, and nothing else is left in float
-    assert repair["passed"].endswith("repair-greedy2")
+    # the greedy union takes units whose leave-one-out raised the margin; with two broken layers, mending one may
+    # not raise the worst metric, and then the ranking's top 2 are the union that passes
+    assert repair["passed"].endswith(("repair-greedy2", "repair-top2"))
     passed = search.built[repair["passed"]].row
     assert passed.status == "ok" and passed.accuracy["outputs"]["embedding"]["cosine"] >= 0.99
     assert sorted(passed.settings["exclude_nodes"]) == sorted([matmuls[1], matmuls[3]])
@@ -100,7 +107,7 @@ def test_a_union_that_passes_is_bisected_down_to_the_fewest_units_that_pass() ->
     model = outlier_mlp(fed=(1, 2, 3))  # three MatMuls read an outlier channel: all three must stay float
     m = _matmuls(model)
     search = search_on(model)
-    target = search._add(dynamic_candidate("int8", per_channel=True, prepared=search.prepared))
+    target = search._add(dynamic_candidate(WEIGHTS, per_channel=True, prepared=search.prepared))
     record: dict = {"attempts": [], "passed": None}
     units = [(m[1],), (m[2],), (m[3],), (m[0],), (m[4],)]
     assert search._smallest_union(target.row, units, "top", "units", record) is True
@@ -119,7 +126,7 @@ def test_leave_one_out_stops_at_its_share_and_the_ranking_union_still_repairs(mo
     model = outlier_mlp()
     m = _matmuls(model)
     search = search_on(model)
-    search._add(dynamic_candidate("int8", per_channel=True, prepared=search.prepared))
+    search._add(dynamic_candidate(WEIGHTS, per_channel=True, prepared=search.prepared))
     search._repair()
     [repair] = search.repairs
     assert repair["note"] == "leave-one-out stopped after 0 units: its share of this repair's time was used"
