@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.api.errors import error_response
 from app.errors import ServiceError
 
 Scope = MutableMapping[str, Any]
@@ -132,13 +132,10 @@ def cors_origins(settings: Any) -> list[str]:  # noqa: ANN401 - app.settings.Set
     return [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
 
 
-async def _answer(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *extra]})
-    await send({"type": "http.response.body", "body": body})
+async def _answer(scope: Scope, receive: Receive, send: Send, status: int, message: str,
+                  headers: dict[str, str] | None = None) -> None:
+    """The service's one error shape, as app/api/errors.py answers it (and the fast infer path)."""
+    await error_response(status, message, headers)(scope, receive, send)
 
 
 class ApiKeyMiddleware:
@@ -162,7 +159,7 @@ class ApiKeyMiddleware:
         try:
             check_key(self.keys, needed, next((v for k, v in scope["headers"] if k == b"authorization"), b""))
         except ServiceError as exc:
-            await _answer(send, exc.status_code, str(exc), exc.headers)
+            await _answer(scope, receive, send, exc.status_code, str(exc), exc.headers)
             return
         await self.app(scope, receive, send)
 
@@ -185,7 +182,7 @@ class PredictBodyLimitMiddleware:
         message = body_limit_message(limit)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
-            await _answer(send, 413, message)
+            await _answer(scope, receive, send, 413, message)
             return
         seen = 0
         exceeded = answered = False
@@ -208,13 +205,13 @@ class PredictBodyLimitMiddleware:
                 await send(sent)
             elif not answered and sent["type"] == "http.response.start":
                 answered = True
-                await _answer(send, 413, message)
+                await _answer(scope, receive, send, 413, message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not answered:
-                await _answer(send, 413, message)
+                await _answer(scope, receive, send, 413, message)
 
 
 class _BodyTooLarge(Exception):
