@@ -55,7 +55,10 @@ def _check_answers(model, feeds: list[dict], results: list[dict]) -> None:  # no
 
 def test_a_models_own_batch_size_is_honoured_and_others_keep_the_default(serve) -> None:  # noqa: ANN001
     model = models.mlp()
-    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(12)]
+    # A long burst: the adaptive limit starts small and grows as the batcher times its runs; 12 requests once
+    # all ran alone on a loaded machine.
+    burst = 40
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(burst)]
     with serve(run_worker=False, registry_cache_ttl_s=60, batch_max_size=32) as api:
         assert api.upload(model, name="small2", batch_max_size="2").status_code == 202
         assert api.upload(model, name="plain").status_code == 202
@@ -64,9 +67,9 @@ def test_a_models_own_batch_size_is_honoured_and_others_keep_the_default(serve) 
             assert api.predict(name, feeds[0]).status_code == 200  # load and cache before the burst
             _check_answers(model, feeds, _predict_together(api, name, feeds))
         count, rows = _count_and_sum(api, "small2")
-        assert rows == 13 and count >= 7 and _bucket(api, "small2", "2.0") == count  # every batch <= 2 rows
+        assert rows == burst + 1 and count >= burst // 2 and _bucket(api, "small2", "2.0") == count  # batches <= 2 rows
         count, rows = _count_and_sum(api, "plain")
-        assert rows == 13 and count < 12  # batched (batches grow as the batcher times them: not all in one)
+        assert rows == burst + 1 and count < burst  # batched (batches grow as the batcher times them: not all in one)
         assert _bucket(api, "plain", "2.0") < count  # and not held to 2 rows
         assert _count_and_sum(api, "alone") == (0, 0)  # never through the batcher
         described = api.client.get("/v1/models/small2").json()["versions"][0]
