@@ -75,9 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     install_dashboard(app)
-    app.add_middleware(HttpMetricsMiddleware,
-                       metrics=lambda: app.state.services.metrics if app.state.services else None)
     install_security(app, settings, keys)
+    # Outermost: the key check's 401/403 and the body limit's 413 are answers too, counted with their status.
+    app.add_middleware(HttpMetricsMiddleware, routes=lambda: app.router.routes,
+                       metrics=lambda: app.state.services.metrics if app.state.services else None)
     if not cors_origins(settings):
         app.fast_infer = FastInfer(app, keys, settings.max_predict_body_bytes)
     return app

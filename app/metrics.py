@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import Match
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -114,11 +115,17 @@ class Metrics:
 
 
 class HttpMetricsMiddleware:
-    """Count every request by method, route template (not raw path) and status. Pure ASGI: no body buffering."""
+    """Count every request by method, route template (not raw path) and status. Pure ASGI: no body buffering.
 
-    def __init__(self, app, metrics: Callable[[], Metrics | None]) -> None:  # noqa: ANN001 - ASGI app
+    Installed outermost, so answers the security middlewares give before any route runs (401, 403, 413)
+    are counted with their real status; their route template is found by matching `routes` the way the
+    router would, since the router never saw them.
+    """
+
+    def __init__(self, app, metrics: Callable[[], Metrics | None], routes: Callable[[], list]) -> None:  # noqa: ANN001
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
@@ -136,6 +143,28 @@ class HttpMetricsMiddleware:
         finally:
             metrics = self.metrics()
             if metrics is not None:
-                route = scope.get("route")
+                route = scope.get("route") or self._route_of(scope)
                 template = getattr(route, "path", None) or "unmatched"
                 metrics.count_http(scope["method"], template, str(status["code"]))
+
+    def _route_of(self, scope) -> object | None:  # noqa: ANN001
+        """The route the router would have chosen (a full match, else one that differs only in method)."""
+        partial = None
+        for route in _flat(self.routes()):
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return route
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        return partial
+
+
+def _flat(routes: list) -> Iterator:
+    """The routes of `routes` with included routers opened (FastAPI keeps an included router as one entry;
+    ours are included without a prefix, so their routes' own templates are the full ones)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
