@@ -32,7 +32,8 @@ Every static build shares one calibration per method (`int8_static.SharedCalibra
 depend on the float model, the samples and the method only, so the grid and each repair attempt
 cost a quantize_static run, not a calibration (20-35 s on real models before). Entropy and
 Percentile cannot share statistics with each other: ORT's collectors build different histograms
-(value range vs absolute value).
+(value range vs absolute value). Static and dynamic builds also share one quant_pre_process of the
+source (`int8_dynamic.Preprocessed`, handed to the SharedCalibration): 2-4 s each on MiniLM.
 A passing repair is timed against FP32 side by side at once: float islands add Q/DQ boundaries
 and can make it slower than FP32 (pitfalls.md), and then the search goes on instead of stopping.
 The probe may use half of the build budget; grid candidates past that are built after the repair
@@ -110,10 +111,13 @@ class AutoSearch:
     _tried: dict[tuple[str, tuple[str, ...]], Built | bool] = field(default_factory=dict)
     _target_deadline: float = float("inf")  # the current repair target's share of the budget ends then
     _kept: tuple[str, ...] = ()  # nodes every attempt of the current repair target leaves in float
-    # one pre-processed model and one calibration per method for every static build of this search
-    shared: SharedCalibration = field(default_factory=SharedCalibration)
-    # one quant_pre_process per source for every dynamic build of this search
+    # one quant_pre_process per source for every INT8 build of this search, static and dynamic
     prepared: Preprocessed = field(default_factory=Preprocessed)
+    # one calibration per method for every static build of this search (pre-processed by `prepared`)
+    shared: SharedCalibration = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shared = SharedCalibration(self.prepared)
 
     # -- the steps -------------------------------------------------------------------------------
 

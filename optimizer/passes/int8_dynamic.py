@@ -176,22 +176,26 @@ class ModelKeys:
 
 
 class Preprocessed:
-    """quant_pre_process's output per source model, for the many dynamic builds of one auto search.
+    """quant_pre_process's output per source model, for every INT8 build of one auto search.
 
-    A mixed-precision repair builds the same source again and again with other nodes left in float;
-    pre-processing MiniLM costs about as much as quantizing it (2-4 s each), and depends on the source only.
+    A mixed-precision repair builds the same source again and again with other nodes left in float,
+    and the static and dynamic builds of a search pre-process the same source (int8_static.SharedCalibration
+    asks this cache too): pre-processing MiniLM costs about as much as quantizing it (2-4 s each), and
+    depends on the source only.
     """
 
     def __init__(self) -> None:
         self._models: dict[str, tuple[bytes, list[str]]] = {}
-        self._key = ModelKeys()
+        self.key = ModelKeys()  # a source's identity, hashed once per search (shared with SharedCalibration)
+        self.runs = 0  # quant_pre_process runs
         self.reused = 0  # builds that skipped quant_pre_process
 
     def path(self, model: onnx.ModelProto, workdir: Path, pass_name: str) -> tuple[Path, list[str]]:
         """`pre_process(model, workdir, pass_name)`, from the cache when this source was pre-processed before."""
-        key = self._key(model)
+        key = self.key(model)
         if key not in self._models:
             source, notes = pre_process(model, workdir, pass_name)
+            self.runs += 1
             self._models[key] = (source.read_bytes(), notes)
             return source, notes
         self.reused += 1

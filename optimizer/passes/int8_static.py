@@ -41,7 +41,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from optimizer.errors import CalibrationError, PassError, first_line
 from optimizer.histograms import use_fast_collector
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.passes.int8_dynamic import ModelKeys, map_node_names, op_histogram, pre_process, require_quantized
+from optimizer.passes.int8_dynamic import Preprocessed, map_node_names, op_histogram, pre_process, require_quantized
 
 PASS_NAME = "int8 static"
 PER_CHANNEL_MIN_OPSET = 13
@@ -242,16 +242,18 @@ class SharedCalibration:
     its scope needs through the calibration cache, which gives the same ranges and the same model as
     calibrating itself (tests/test_int8_static.py). It also remembers the nodes that made the tool
     crash for a configuration, so a repair does not search for them again. One instance per sample
-    set: the samples are part of every key.
+    set: the samples are part of every key. `preprocessed`: the search's quant_pre_process cache, shared
+    with its dynamic builds (the same source is pre-processed once, not once per mode).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, preprocessed: Preprocessed | None = None) -> None:
+        self.preprocessed = preprocessed or Preprocessed()
         self._prepared: dict[tuple, _Prepared] = {}
         self._ranges: dict[tuple, _Ranges] = {}
         self._tool_excluded: dict[tuple, list[str]] = {}
         self._samples: dict[tuple[int, ...], list[Feed]] = {}
         self.calibrations: list[dict[str, Any]] = []  # {method, seconds, tensors}: one per calibration run
-        self.key = ModelKeys()  # a source's identity, hashed once per search
+        self.key = self.preprocessed.key  # a source's identity, hashed once per search
         self.reused = 0  # builds that got their ranges from here instead of calibrating
 
     def samples_key(self, feeds: Sequence[Feed]) -> tuple[int, ...]:
@@ -296,11 +298,16 @@ def _tensors_by_op(source: Path) -> dict[str, set[str]]:
     return result
 
 
-def _prepare(model: onnx.ModelProto, per_channel: bool, workdir: Path, first_feed: Feed) -> _Prepared:
-    """Opset conversion (per-channel), quant_pre_process and the memory estimate: once per source in a search."""
+def _prepare(model: onnx.ModelProto, per_channel: bool, workdir: Path, first_feed: Feed,
+             preprocessed: Preprocessed | None = None) -> _Prepared:
+    """Opset conversion (per-channel), quant_pre_process and the memory estimate: once per source in a search.
+
+    `preprocessed`: the search's quant_pre_process cache; a model that needed no opset conversion is the
+    dynamic builds' source too, and is pre-processed once for both.
+    """
     notes: list[str] = []
     source_model = _to_per_channel_opset(model, notes) if per_channel else model
-    source, pre_notes = pre_process(source_model, workdir, PASS_NAME)
+    source, pre_notes = (preprocessed.path if preprocessed else pre_process)(source_model, workdir, PASS_NAME)
     preprocessed = onnx.load_model(source)
     per_sample, unknown = activation_bytes_per_sample(preprocessed, first_feed)
     return _Prepared(source.read_bytes(), notes + pre_notes, per_sample, unknown)
@@ -410,7 +417,8 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
         # (the calibrators print progress to stdout, which would corrupt the command line's JSON output)
         workdir = Path(tmp)
         def prepare() -> _Prepared:
-            return _prepare(model, config.per_channel, workdir, calibration_feeds[0])
+            return _prepare(model, config.per_channel, workdir, calibration_feeds[0],
+                            shared.preprocessed if shared is not None else None)
 
         prepared = shared.prepared(source_key, prepare) if shared is not None else prepare()
         source = workdir / "preprocessed.onnx"
