@@ -12,6 +12,7 @@ from app.api.deps import services_of
 from app.api.schemas import ErrorOut
 from app.errors import NotReadyError
 from app.services.container import Services
+from app.services.jobs import WORKER_SEEN_WITHIN_S
 from optimizer.errors import first_line
 
 router = APIRouter(tags=["health"])
@@ -36,14 +37,30 @@ def _check(services: Services) -> dict[str, str]:
     return problems
 
 
+def _workers(services: Services) -> dict[str, Any]:
+    """This process's own worker, how many workers beat lately (any host), and a warning when queued jobs
+    have nobody to run them (an API started with --no-worker and no `onnxforge worker` anywhere)."""
+    own = "external" if services.worker is None else ("running" if services.worker.alive() else "restarting")
+    seen, queued = services.jobs.workers_seen(), services.jobs.counts()["queued"]
+    answer: dict[str, Any] = {"worker": own, "workers_seen": seen}
+    if seen == 0 and queued:
+        answer["warning"] = (f"{queued} job(s) queued and no optimizer worker seen in the last "
+                             f"{WORKER_SEEN_WITHIN_S:g} s: start `onnxforge worker` on this database "
+                             "(or `onnxforge serve` without --no-worker)")
+    return answer
+
+
 @router.get("/readyz", responses={503: {"model": ErrorOut}})
 async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
-    """Ready when the database and the artifact store answer; 503 otherwise."""
+    """Ready when the database and the artifact store answer; 503 otherwise.
+
+    Predict does not need a worker, so a missing worker is reported (`workers_seen`, `warning`), not a 503.
+    """
     problems = await run_in_threadpool(_check, services)
     if problems:
         raise NotReadyError("not ready: " + "; ".join(f"{part}: {why}" for part, why in problems.items()))
-    worker = "external" if services.worker is None else ("running" if services.worker.alive() else "restarting")
-    return {"status": "ready", "database": "ok", "storage": "ok", "provider": services.provider, "worker": worker}
+    workers = await run_in_threadpool(_workers, services)
+    return {"status": "ready", "database": "ok", "storage": "ok", "provider": services.provider, **workers}
 
 
 @router.get("/metrics", response_class=Response)

@@ -24,13 +24,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 
 from app.errors import NotFoundError
-from app.store import Database, Job, ModelVersion, utcnow
+from app.store import Database, Job, ModelVersion, WorkerBeat, utcnow
 
 ACTIVE = ("queued", "running")
 _CLAIM_LOCK_KEY = 0x6F6E6E78636C6D  # pg_advisory_xact_lock key serializing capped claims ("onnxclm")
+#: A worker beats every 2 s (app/worker/loop.py); one not heard from this long is not counted as present.
+WORKER_SEEN_WITHIN_S = 15.0
+_FORGET_WORKERS_AFTER = timedelta(days=1)  # rows of workers gone this long are deleted
 
 
 def new_worker_id() -> str:
@@ -98,7 +101,30 @@ class JobQueue:
         counts.update({status: n for status, n in rows})
         return counts
 
+    def workers_seen(self, within_s: float = WORKER_SEEN_WITHIN_S) -> int:
+        """How many workers, on any host, beat in the last `within_s` seconds."""
+        since = utcnow() - timedelta(seconds=within_s)
+        with self.db.read() as session:
+            return session.scalar(select(func.count()).select_from(WorkerBeat).where(WorkerBeat.last_seen >= since))
+
     # -- the worker's side --------------------------------------------------------------------------
+
+    def beat(self, worker_id: str, running: int) -> None:
+        """Record that `worker_id` is alive (running `running` jobs); forget workers long gone."""
+        now = utcnow()
+        with self.db.write() as session:
+            row = session.get(WorkerBeat, worker_id)
+            if row is None:
+                session.add(WorkerBeat(id=worker_id, running=running, last_seen=now))
+                session.execute(delete(WorkerBeat).where(WorkerBeat.last_seen < now - _FORGET_WORKERS_AFTER))
+            else:
+                row.running, row.last_seen = running, now
+
+    def forget_worker(self, worker_id: str) -> None:
+        """A worker that stops cleanly takes itself off the list at once."""
+        with self.db.write() as session:
+            session.execute(delete(WorkerBeat).where(WorkerBeat.id == worker_id))
+
 
     def claim(self, worker_id: str) -> ClaimedJob | None:
         """Take the oldest queued job, or None when the queue is empty or `max_running` jobs already run."""

@@ -1,4 +1,5 @@
-"""The two tables: model versions (what was uploaded, its status and report) and jobs (the queue).
+"""The tables: model versions (what was uploaded, its status and report), jobs (the queue) and the
+workers' heartbeats (who is there to run the queue).
 
 Times are naive UTC datetimes: SQLite drops time zones, and one convention for both databases keeps
 lease comparisons in SQL simple.
@@ -91,3 +92,18 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WorkerBeat(Base):
+    """One optimizer worker's heartbeat, written every few seconds whether it has work or not.
+
+    WHY: an API process started with `--no-worker` (or an `onnxforge worker` that died) cannot see
+    whether anything will ever run the queue; jobs would sit "queued" with every health check green.
+    /readyz counts the workers seen lately from these rows.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # the worker id (host:pid:nonce)
+    running: Mapped[int] = mapped_column(Integer, default=0)  # jobs it was running at its last beat
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)

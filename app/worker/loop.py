@@ -13,6 +13,7 @@ the worker is asked to stop (SIGTERM, SIGINT): the job is then put back in the q
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -109,6 +110,8 @@ class Worker:
             self._stop.set()  # running jobs are put back in the queue
             for thread in self._running:
                 thread.join()
+            with contextlib.suppress(SQLAlchemyError):  # if not, the row ages out of /readyz's count
+                self.queue.forget_worker(self.worker_id)
         log.info("worker %s stopped", self.worker_id)
 
     def run_once(self) -> bool:
@@ -117,13 +120,14 @@ class Worker:
         False when there was nothing to do (no free slot, nothing queued, or the global cap reached).
         """
         self._running = [thread for thread in self._running if thread.is_alive()]
-        if len(self._running) >= self.settings.worker_concurrency:
-            return False
         try:
             if time.monotonic() - self._last_recovery >= _RECOVER_EVERY_S:
                 self._last_recovery = time.monotonic()
+                self.queue.beat(self.worker_id, len(self._running))  # busy or idle: /readyz counts it
                 for job_id, action in self.queue.recover_lost():
                     log.warning("job %s lost its worker: %s", job_id, action)
+            if len(self._running) >= self.settings.worker_concurrency:
+                return False
             job = self.queue.claim(self.worker_id)
         except SQLAlchemyError as exc:  # the database is down: keep trying, it may come back
             log.error("cannot reach the database: %s", str(exc).splitlines()[0])
