@@ -128,7 +128,8 @@ def test_batch_metrics_are_exported(executor) -> None:  # noqa: ANN001
     assert "onnxforge_batch_queue_depth{" in text
 
 
-def test_two_running_batches_when_allowed(executor) -> None:  # noqa: ANN001
+def test_requests_due_in_one_loop_iteration_go_as_one_batch(executor) -> None:  # noqa: ANN001
+    """The first request of a burst does not leave alone while its company is already on the loop."""
     model = models.mlp()
     session = _session(model)
     sizes: list[int] = []
@@ -138,8 +139,35 @@ def test_two_running_batches_when_allowed(executor) -> None:  # noqa: ANN001
     results = _gather(batcher, session, ["logits"], feeds)
     for feed, (got,) in zip(feeds, results, strict=True):
         np.testing.assert_allclose(got, session.run(["logits"], feed)[0], rtol=1e-5, atol=1e-6)
-    # Two go at once, alone; the other 8 queue behind them.
-    assert sizes[:2] == [1, 1] and sum(sizes) == 10 and max(sizes) > 1
+    assert sizes == [10]  # was [1, 1, 8]: the first two ran alone, the rest queued behind them
+    sizes.clear()
+    _gather(batcher, session, ["logits"], feeds[:1])
+    assert sizes == [1]  # a lone request still goes (after the loop's current iteration), no timer
+
+
+def test_two_running_batches_when_allowed(executor) -> None:  # noqa: ANN001
+    """A burst over the batch limit fills both run slots at once: their runs meet at a barrier in the threads."""
+    model = models.mlp()
+    session = _session(model)
+    meeting = threading.Barrier(2, timeout=10)
+    runs = []
+
+    class Meeting:  # the real session; its first two runs wait for each other, so they must run at the same time
+        def run(self, names, feed):  # noqa: ANN001, ANN202
+            runs.append(1)
+            if len(runs) <= 2:
+                meeting.wait()
+            return session.run(names, feed)
+
+    sizes: list[int] = []
+    batcher = Batcher(executor, max_batch_size=32, max_running=2,
+                      observe=lambda key, depth, size, waited: sizes.append(size))
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(10)]
+    results = _gather(batcher, Meeting(), ["logits"], feeds, BatchPolicy(max_batch_size=4))
+    for feed, (got,) in zip(feeds, results, strict=True):
+        np.testing.assert_allclose(got, session.run(["logits"], feed)[0], rtol=1e-5, atol=1e-6)
+    assert not meeting.broken  # with one slot the first run waits alone until the barrier breaks
+    assert sizes == [4, 4, 2]
 
 
 def test_a_models_own_policy_overrides_the_default(executor) -> None:  # noqa: ANN001
