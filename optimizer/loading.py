@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -214,14 +215,40 @@ def _check(path: Path) -> None:
         raise InvalidModelError(f"the ONNX checker refuses the model: {exc}") from None
 
 
+# What ONNX Runtime wraps around the reason a model does not load: its status prefix, the file it was
+# given (a server's temporary upload path, meaningless to the user) and the C++ source line and signature.
+_ORT_NOISE = (
+    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),
+    re.compile(r"Load model from .*? failed:\s*"),
+    re.compile(r"/onnxruntime_src/\S+:\d+ .*?\)(?: const)? (?=[A-Z])"),
+)
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """ONNX Runtime's reason without the server paths and C++ frames (which say nothing to the user)."""
+    text = first_line(exc)
+    for pattern in _ORT_NOISE:
+        text = pattern.sub("", text)
+    return text.strip().rstrip(".")
+
+
+def _opset_hint(path: Path) -> str:
+    """What to change when the model's standard opset is newer than this ONNX Runtime runs."""
+    opsets = {o.domain or "ai.onnx": o.version for o in onnx.load_model(path, load_external_data=False).opset_import}
+    newest = onnx.defs.onnx_opset_version()
+    version = opsets.get("ai.onnx", 0)
+    if version > newest:
+        return f"the model uses ai.onnx opset {version}: export it again with opset {newest} or lower"
+    return "check that every op is a standard ONNX op (or one ONNX Runtime implements) and that the opset is supported"
+
+
 def _try_session(path: Path) -> None:
     """ONNX Runtime can create a session (dropped again: validation only proves that it loads)."""
     try:
         create_session(path, SessionSettings(optimization_level="disabled"))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise UnsupportedModelError(
-            f"ONNX Runtime cannot load the model: {first_line(exc)}. Check that every op is a standard ONNX op "
-            "(or one ONNX Runtime implements) and that the opset is supported"
+            f"ONNX Runtime cannot load the model: {_ort_reason(exc)}; {_opset_hint(path)}"
         ) from None
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.graph_inspect import inspect
+from tests import models
+from tests.conftest import assert_only_good_serves, post_bad, serving_good_model
 
 
 def _model_with_weights_in_an_if(features: int = 16) -> onnx.ModelProto:
@@ -44,3 +48,17 @@ def test_inspect_counts_the_weights_inside_if_branches() -> None:
     assert report.node_count == 1  # the main graph's nodes only, as documented
     assert report.parameter_count == 2 * 16 * 16
     assert report.parameter_bytes == 2 * 16 * 16 * 4
+
+
+def test_a_model_with_a_too_new_opset_is_refused_with_what_to_change(tmp_path: Path) -> None:
+    # The 400 quoted ONNX Runtime whole: the server's temporary upload path and a C++ signature, no advice.
+    model = models.mlp()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 2
+    with serving_good_model(tmp_path / "data", run_worker=False) as api:
+        response = post_bad(api, model.SerializeToString())
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert str(api.services.settings.data_dir) not in error
+        assert "onnxruntime_src" not in error and "::" not in error
+        assert f"export it again with opset {onnx.defs.onnx_opset_version()} or lower" in error
+        assert_only_good_serves(api)
