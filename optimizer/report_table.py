@@ -25,8 +25,11 @@ def variants_table(report: dict[str, Any]) -> str:
     rows = report["variants"]
     base = next((v for v in rows if v["name"] == report["baseline"]), None)
     base_p50 = base["latency_ms"]["p50"] if base and base.get("latency_ms") else None
-    header = f"{'variant':34} {'status':9} {'size KiB':>9} {'nodes':>6} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} " \
-             f"{'speedup':>8}  accuracy"
+    # As wide as the longest name: auto's names (int8-static-minmax-qoperator-u8s8-heavy-repair-greedy2)
+    # overflowed a fixed width and pushed every column after them out of line.
+    width = max([len("variant") - 1, *(len(v["name"]) for v in rows)]) + 1
+    header = f"{'variant':{width + 1}} {'status':9} {'size KiB':>9} {'nodes':>6} {'p50 ms':>9} {'p90 ms':>9} " \
+             f"{'p99 ms':>9} {'speedup':>8}  accuracy"
     lines = [header, "-" * len(header)]
     for v in rows:
         lat = v.get("latency_ms") or {}
@@ -34,12 +37,12 @@ def variants_table(report: dict[str, Any]) -> str:
         mark = "*" if v["name"] == report["selected"] else " "
         size = v["size_bytes"] / 1024 if v.get("size_bytes") else None
         lines.append(
-            f"{mark}{v['name']:33} {v['status']:9} {_fmt(size, '9.1f'):>9} {_fmt(v.get('node_count')):>6} "
+            f"{mark}{v['name']:{width}} {v['status']:9} {_fmt(size, '9.1f'):>9} {_fmt(v.get('node_count')):>6} "
             f"{_fmt(lat.get('p50'), '9.3f'):>9} {_fmt(lat.get('p90'), '9.3f'):>9} {_fmt(lat.get('p99'), '9.3f'):>9} "
             f"{ratio:>8}  {_accuracy(v)}"
         )
         if v.get("reason"):
-            lines.append(f"{'':36}{v['reason'][:200]}")
+            lines.append(f"{'':{width + 3}}{v['reason'][:200]}")
     return "\n".join(lines)
 
 

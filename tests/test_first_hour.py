@@ -9,6 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.graph_inspect import inspect
+from optimizer.report_table import variants_table
 from tests import models
 from tests.conftest import assert_only_good_serves, post_bad, serving_good_model
 
@@ -62,3 +63,22 @@ def test_a_model_with_a_too_new_opset_is_refused_with_what_to_change(tmp_path: P
         assert "onnxruntime_src" not in error and "::" not in error
         assert f"export it again with opset {onnx.defs.onnx_opset_version()} or lower" in error
         assert_only_good_serves(api)
+
+
+def test_the_cli_table_keeps_its_columns_with_autos_long_variant_names() -> None:
+    # `onnxforge optimize --precision auto` printed repair variants' names over the status and size columns.
+    long_name = "int8-static-minmax-qoperator-u8s8-heavy-repair-greedy2"
+    variant = {"status": "rejected", "size_bytes": 2048, "node_count": 7, "reason": "slower than the baseline",
+               "latency_ms": {"p50": 2.0, "p90": 3.0, "p99": 4.0}, "accuracy": None}
+    report = {"baseline": "original", "selected": "original", "variants": [
+        {**variant, "name": "original", "status": "ok", "reason": None},
+        {**variant, "name": long_name},
+    ]}
+    rows = [line for line in variants_table(report).splitlines() if line.split() and line.split()[0].lstrip("*")
+            in ("variant", "original", long_name)]
+    assert len(rows) == 3
+    status_at = {line.index(line.split()[1]) for line in rows}
+    assert len(status_at) == 1, variants_table(report)
+    p50_at = {line.index("p50 ms") + len("p50 ms") if "p50 ms" in line else line.index("2.000") + len("2.000")
+              for line in rows}
+    assert len(p50_at) == 1, variants_table(report)
