@@ -127,3 +127,56 @@ def prepare_feed(specs: list[TensorSpec], given: Mapping[str, np.ndarray], *, ca
         _check_shape(spec, array, dims)
         feed[spec.name] = array
     return feed
+
+
+class FeedChecker:
+    """`prepare_feed` for one model's inputs, with the common request checked against what its specs fix,
+    worked out once: every input given, no other, each of the exact dtype and in a shape that fits.
+
+    WHY: prepare_feed builds its lookups and its error context on every call (~2 us a request for one
+    input, ~5 us for three, measured here), which the event loop pays per infer request. Anything the
+    shortcut does not accept as is (a cast, a missing or unknown input, a shape that does not fit, the
+    element limit, an input predict cannot feed) goes to prepare_feed, which accepts or refuses it exactly
+    as before, with the same messages.
+    """
+
+    def __init__(self, specs: list[TensorSpec]) -> None:
+        self.specs = specs
+        # (name, dtype, rank, the axes that are fixed or named): None when some input needs prepare_feed
+        self._exact: list[tuple[str, np.dtype, int, tuple[tuple[int, int | str], ...]]] | None = []
+        for spec in specs:
+            if spec.dtype is None or spec.shape is None:
+                self._exact = None
+                break
+            axes = tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim is not None)
+            self._exact.append((spec.name, spec.dtype, len(spec.shape), axes))
+
+    def __call__(self, given: Mapping[str, np.ndarray], *, cast: bool = True,
+                 max_elements: int | None = None) -> dict[str, np.ndarray]:
+        """What `prepare_feed(self.specs, given, ...)` returns or raises."""
+        feed = self._as_is(given, max_elements)
+        if feed is None:
+            return prepare_feed(self.specs, given, cast=cast, max_elements=max_elements)
+        return feed
+
+    def _as_is(self, given: Mapping[str, np.ndarray], max_elements: int | None) -> dict[str, np.ndarray] | None:
+        """The feed when every input fits unchanged (what prepare_feed would return), else None."""
+        if self._exact is None or len(given) != len(self._exact):
+            return None
+        feed: dict[str, np.ndarray] = {}
+        named: dict[str, int] = {}
+        for name, dtype, rank, axes in self._exact:
+            array = given.get(name)
+            if array is None or array.dtype != dtype or array.ndim != rank:
+                return None
+            if max_elements is not None and array.size > max_elements:
+                return None
+            shape = array.shape
+            for axis, dim in axes:
+                if isinstance(dim, int):
+                    if shape[axis] != dim:
+                        return None
+                elif named.setdefault(dim, shape[axis]) != shape[axis]:
+                    return None
+            feed[name] = array
+        return feed

@@ -25,10 +25,10 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
-from app.metrics import Metrics
+from app.metrics import Metrics, PredictSeries
 from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread
 from app.runtime.sessions import LoadedSession, SessionCache
-from app.services.inputs import prepare_feed
+from app.services.inputs import FeedChecker
 from app.services.registry import Registry, serving_variant
 from app.store import ModelVersion
 from optimizer.errors import first_line
@@ -54,11 +54,16 @@ class ServingModel:
 
 @dataclass(frozen=True)
 class _Route:
-    """What the hot path needs about one (version, variant), worked out once: it never changes."""
+    """What the hot path needs about one (version, variant), worked out once: it never changes. (The name and
+    version are copied here: each read of the database row's attribute goes through SQLAlchemy's descriptor.)"""
 
     key: tuple[str, str, str, str]  # (name, version, variant, version id): the batching queue and metrics key
     policy: BatchPolicy | None  # None: each request runs alone (not batchable, or batching is off)
     outputs: tuple[str, ...]
+    name: str
+    version: int
+    feed: FeedChecker  # the input checks
+    series: PredictSeries  # the metrics
 
 
 def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, bool]:
@@ -184,7 +189,8 @@ class PredictService:
             if not await loop.run_in_executor(self.executor, batching_pays, loaded.session, loaded.inputs):
                 policy = None
         route = _Route((row.name, str(row.version), model.variant, row.id), policy,
-                       tuple(spec.name for spec in loaded.outputs))
+                       tuple(spec.name for spec in loaded.outputs), row.name, row.version, FeedChecker(loaded.inputs),
+                       self.metrics.predict_series(row.name, row.version, model.variant))
         return self._routes.setdefault(key, route)  # a concurrent first request may have probed too
 
     # -- predict -------------------------------------------------------------------------------------
@@ -194,12 +200,12 @@ class PredictService:
                       output_names: list[str] | None = None) -> Prediction:
         """Run the serving variant of a model on `inputs`; BadRequestError (400) names a bad input."""
         model = await self.serving(name, version, variant)
-        row, loaded = model.row, model.loaded
+        loaded = model.loaded
         route = await self._route(model)
         started = time.perf_counter()
         ok = False
         try:
-            feed = prepare_feed(loaded.inputs, inputs, cast=cast, max_elements=self.max_input_elements)
+            feed = route.feed(inputs, cast=cast, max_elements=self.max_input_elements)
             if output_names is not None:
                 unknown = [n for n in output_names if n not in route.outputs]
                 if unknown:
@@ -213,10 +219,10 @@ class PredictService:
                     values = await in_thread(self.executor, loaded.session.run, names, feed)
             except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
                 raise BadRequestError(
-                    f"ONNX Runtime could not run model {row.name!r} on these inputs: {first_line(exc)}"
+                    f"ONNX Runtime could not run model {route.name!r} on these inputs: {first_line(exc)}"
                 ) from None
             ok = True
             outputs = dict(zip(names, values, strict=True))
-            return Prediction(row.name, row.version, model.variant, loaded.provider, outputs)
+            return Prediction(route.name, route.version, model.variant, loaded.provider, outputs)
         finally:
-            self.metrics.observe_predict(row.name, row.version, model.variant, started, ok)
+            route.series.observe(started, ok)
