@@ -387,12 +387,15 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int] | None:
 
 
 def synthetic_samples(model: onnx.ModelProto, count: int = 8, batch: int = 1, dynamic_dim: int = 8,
-                      seed: int = 0) -> SampleSet:
+                      spatial_dim: int = 64, seed: int = 0) -> SampleSet:
     """Generated feeds for the accuracy check when the user sent no samples (holdout only).
 
     Plausible values rather than uniform noise: normal floats, ones for masks, zeros for token
     type ids, small non-negative integers elsewhere (ids below any realistic vocabulary size).
-    Dynamic batch dims get `batch`, other dynamic dims `dynamic_dim`.
+    Dynamic batch dims get `batch`, the other dynamic dims of an image-like input (rank 4 or more)
+    `spatial_dim`, the rest `dynamic_dim`. 64, not 8, for images: detectors and segmenters (DBNet,
+    YOLO, U-Nets) add feature maps of strides up to 32 back together, so an 8x8 image fails inside
+    the model and the whole job with it.
     """
     rng = np.random.default_rng(seed)
     specs = model_inputs(model)
@@ -401,7 +404,8 @@ def synthetic_samples(model: onnx.ModelProto, count: int = 8, batch: int = 1, dy
         feed = {}
         for spec in specs:
             dims = spec.dims if spec.dims is not None else [batch]
-            shape = [d if isinstance(d, int) else (batch if _is_batch_dim(spec, i) else dynamic_dim)
+            other = spatial_dim if len(dims) >= 4 else dynamic_dim
+            shape = [d if isinstance(d, int) else (batch if _is_batch_dim(spec, i) else other)
                      for i, d in enumerate(dims)]
             lowered = spec.name.lower()
             if "mask" in lowered:

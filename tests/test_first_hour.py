@@ -8,7 +8,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer.calibration import synthetic_samples
 from optimizer.graph_inspect import inspect
+from optimizer.pipeline import OptimizeConfig, optimize
 from optimizer.report_table import variants_table
 from tests import models
 from tests.conftest import assert_only_good_serves, post_bad, serving_good_model
@@ -82,3 +84,32 @@ def test_the_cli_table_keeps_its_columns_with_autos_long_variant_names() -> None
     p50_at = {line.index("p50 ms") + len("p50 ms") if "p50 ms" in line else line.index("2.000") + len("2.000")
               for line in rows}
     assert len(p50_at) == 1, variants_table(report)
+
+
+def _stride32_segmenter() -> onnx.ModelProto:
+    """image[batch,3,H,W] + upsample(maxpool_32(image)): runs only when H and W are multiples of 32, like
+    PaddleOCR's DBNet detector, whose feature pyramid adds maps of strides 4 to 32 back together."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    out = helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    scales = numpy_helper.from_array(np.array([1, 1, 32, 32], np.float32), "scales")
+    nodes = [
+        helper.make_node("MaxPool", ["image"], ["pooled"], kernel_shape=[32, 32], strides=[32, 32]),
+        helper.make_node("Resize", ["pooled", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Add", ["image", "up"], ["maps"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "stride32", [image], [out], [scales]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_detector_uploaded_without_samples_is_optimized_not_failed_on_8x8_images(tmp_path: Path) -> None:
+    # PaddleOCR's detector uploaded without a calibration set: 202, then the job failed ("Attempting to
+    # broadcast an axis by a dimension other than 1. 2 by 8") on generated 8x8 images, and the model never served.
+    result = optimize(_stride32_segmenter().SerializeToString(), out_dir=tmp_path / "out",
+                      config=OptimizeConfig(precision="fp32"))
+    assert result.report["calibration"]["synthetic"] is True
+    assert result.report["selected"] in ("original", "fused")
+    feed = synthetic_samples(_stride32_segmenter(), count=1).holdout[0]
+    assert feed["image"].shape == (1, 3, 64, 64)
