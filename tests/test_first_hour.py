@@ -86,6 +86,18 @@ def test_the_cli_table_keeps_its_columns_with_autos_long_variant_names() -> None
     assert len(p50_at) == 1, variants_table(report)
 
 
+def test_the_cli_table_says_how_many_runs_its_p99_comes_from() -> None:
+    # The timing stops after ~2 s: MiniLM's p99 came from 22 runs (their maximum) and read like a tail latency.
+    timing = {"p50": 9.55, "p90": 23.9, "p99": 39.5}
+    report = {"baseline": "original", "selected": "original", "variants": [
+        {"name": "original", "status": "ok", "size_bytes": 2048, "node_count": 7, "reason": None, "accuracy": None,
+         "latency_ms": timing, "latency_by_batch": {"1": {"runs": 22, "p99_ms": 39.5}, "8": {"runs": 20}}},
+    ]}
+    header, _, row = variants_table(report).splitlines()
+    end = header.index(" runs") + len(" runs")  # right-aligned: the value ends where the title does
+    assert row[end - 5:end].strip() == "22", variants_table(report)
+
+
 def _stride32_segmenter() -> onnx.ModelProto:
     """image[batch,3,H,W] + upsample(maxpool_32(image)): runs only when H and W are multiples of 32, like
     PaddleOCR's DBNet detector, whose feature pyramid adds maps of strides 4 to 32 back together."""
