@@ -85,8 +85,8 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: Path | None) ->
         )
     if not target.is_file():
         raise ExternalDataError(
-            f"tensor {tensor.name!r} needs the external data file {location!r}, which is missing: upload it "
-            "together with the model"
+            f"tensor {tensor.name!r} needs the external data file {location!r}, which is missing from the "
+            "model's folder"
         )
 
 

@@ -125,3 +125,15 @@ def test_a_detector_uploaded_without_samples_is_optimized_not_failed_on_8x8_imag
     assert result.report["selected"] in ("original", "fused")
     feed = synthetic_samples(_stride32_segmenter(), count=1).holdout[0]
     assert feed["image"].shape == (1, 3, 64, 64)
+
+
+def test_an_upload_with_external_data_is_told_one_thing_to_do(tmp_path: Path) -> None:
+    # The 400 said "upload it together with the model. The service takes the model as one .onnx file".
+    onnx.save(models.mlp(), tmp_path / "mlp.onnx", save_as_external_data=True, location="mlp.data", size_threshold=0)
+    with serving_good_model(tmp_path / "data") as api:
+        response = post_bad(api, (tmp_path / "mlp.onnx").read_bytes())
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert "'mlp.data'" in error and "save_as_external_data=False" in error
+        assert "together" not in error
+        assert_only_good_serves(api)
