@@ -282,8 +282,9 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
             f"{exc}. The service takes the model as one .onnx file: save it with every tensor inside "
             "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)"
         ) from None
-    if calibration_path is not None:
-        load_samples(calibration_path, loaded.proto)
+    # What reading the samples noted (too few held back for a meaningful accuracy check, dtypes cast) goes
+    # on the version, beside the model's own notes: it was only in the report's calibration section before.
+    sample_notes = load_samples(calibration_path, loaded.proto).notes if calibration_path is not None else []
     if loaded.ir_version != loaded.original_ir_version:
         model_path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
     outputs = [o.name for o in loaded.proto.graph.output]
@@ -302,5 +303,5 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
         inputs=_value_infos(loaded.proto.graph.input, initializers),
         outputs=_value_infos(loaded.proto.graph.output, set()),
         options=options,
-        notes=list(loaded.notes),
+        notes=[*loaded.notes, *(f"calibration set: {note}" for note in sample_notes)],
     )
