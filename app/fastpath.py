@@ -1,21 +1,22 @@
-"""The hot path: `POST /v2/models/{name}[/versions/{version}]/infer` answered in one ASGI callable, in front
-of the whole FastAPI/Starlette stack.
+"""The hot path: `POST /v2/models/{name}[/versions/{version}]/infer` and `POST /v1/models/{name}[/versions/
+{version}]/predict` answered in one ASGI callable, in front of the whole FastAPI/Starlette stack.
 
-WHY: on a small model the layers around the infer route cost more of the event loop than the route does
+WHY: on a small model the layers around the predict routes cost more of the event loop than the route does
 (measured in-process with `bench/serving.py --in-process`: ServerErrorMiddleware, FastAPI's telemetry
 check, API keys, the body limit, the metrics send-wrapper, ExceptionMiddleware, AsyncExitStack, route
-matching by regex). With 32 clients the event loop, not ONNX Runtime, is the limit, so every microsecond
-of it per request is throughput, batched or not.
+matching by regex, FastAPI's dependencies). With 32 clients the event loop, not ONNX Runtime, is the limit,
+so every microsecond of it per request is throughput, batched or not.
 
-Here, in one place, is everything those layers do for an infer request: the API key (`check_key`, the
+Here, in one place, is everything those layers do for such a request: the API key (`check_key`, the
 same roles, 401/403 bodies and WWW-Authenticate), the predict body limit (413 by Content-Length and while
 the body streams in), the HTTP request count under the route's template, and errors in the service's one
 shape (`error_of`: ServiceError statuses and headers, OptimizerError 400, anything else 500 and logged).
-The route itself (`app.api.v2.infer`) is shared with the normal stack's /v2 route.
+The routes themselves (`app.api.v2.infer`, `app.api.models.predict_json`: raw body in, answer out) are
+shared with the normal stack's routes.
 
 Off when CORS origins are set: CORS rules (preflights, which origin gets which headers) stay with
-Starlette's middleware, and the normal stack answers every request. Paths that are not an infer path
-(and any request under a root path) go to the normal stack untouched.
+Starlette's middleware, and the normal stack answers every request. Other paths (and any request under
+a root path) go to the normal stack untouched.
 """
 
 from __future__ import annotations
@@ -23,32 +24,38 @@ from __future__ import annotations
 from typing import Any
 
 from app.api.errors import error_of, error_response
+from app.api.models import PREDICT, VERSION_PREDICT, predict_json
 from app.api.v2 import INFER, VERSION_INFER, infer, read_body
 from app.errors import NotReadyError, PayloadTooLargeError
 from app.protocol.v2_codec import HEADER_LENGTH
 from app.security import READ, ApiKeys, Receive, Scope, Send, body_limit_message, check_key
 
-_PREFIX, _SUFFIX = "/v2/models/", "/infer"
 _HEADER_LENGTH = HEADER_LENGTH.encode()
+# (path prefix, path suffix, route template, its versioned template): the routes the fast path answers.
+_ROUTES = (("/v2/models/", "/infer", INFER, VERSION_INFER), ("/v1/models/", "/predict", PREDICT, VERSION_PREDICT))
 
 
-def infer_target(path: str) -> tuple[str, str, str | None] | None:
-    """(route template, model name, version text or None) when `path` is an infer path, else None.
+def fast_target(path: str) -> tuple[str, str, str | None] | None:
+    """(route template, model name, version text or None) when `path` is a /v2 infer or /v1 predict path,
+    else None.
 
     Matches exactly what the router's templates match (`{name}` and `{version}`: one non-empty segment).
     """
-    if not (path.startswith(_PREFIX) and path.endswith(_SUFFIX)) or len(path) <= len(_PREFIX) + len(_SUFFIX):
+    for prefix, suffix, plain, versioned in _ROUTES:
+        if not (path.startswith(prefix) and path.endswith(suffix)) or len(path) <= len(prefix) + len(suffix):
+            continue
+        parts = path[len(prefix):-len(suffix)].split("/")
+        if len(parts) == 1 and parts[0]:
+            return plain, parts[0], None
+        if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+            return versioned, parts[0], parts[2]
         return None
-    parts = path[len(_PREFIX):-len(_SUFFIX)].split("/")
-    if len(parts) == 1 and parts[0]:
-        return INFER, parts[0], None
-    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
-        return VERSION_INFER, parts[0], parts[2]
     return None
 
 
 class FastInfer:
-    """Answers infer requests for `app` (whose `state.services` the lifespan sets) with its keys and body limit."""
+    """Answers /v2 infer and /v1 predict requests for `app` (whose `state.services` the lifespan sets) with its
+    keys and body limit."""
 
     def __init__(self, app: Any, keys: ApiKeys, max_body_bytes: int) -> None:  # noqa: ANN401 - the FastAPI app
         self.state = app.state
@@ -73,12 +80,15 @@ class FastInfer:
                 elif key == b"content-encoding":
                     encoding = value.decode("latin-1").strip().lower()
             if self.keys.enabled:
-                check_key(self.keys, READ, authorization)  # running a model is what a read key is for
+                check_key(self.keys, READ, authorization)  # running a model is what a read key is for (required_role)
             limit = self.max_body_bytes
             if length is not None and length.isdigit() and int(length) > limit:
                 raise PayloadTooLargeError(body_limit_message(limit))
-            content, headers = await infer(services, name, version, await read_body(receive, limit),
-                                           header_length, encoding)
+            body = await read_body(receive, limit)
+            if template is PREDICT or template is VERSION_PREDICT:
+                content, headers = await predict_json(services, name, version, body)
+            else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read the body
+                content, headers = await infer(services, name, version, body, header_length, encoding)
             started = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             status = 200

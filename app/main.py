@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import health, jobs, models, v2
 from app.api.errors import install_error_handlers
 from app.api.web import install_dashboard
-from app.fastpath import FastInfer, infer_target
+from app.fastpath import FastInfer, fast_target
 from app.metrics import HttpMetricsMiddleware
 from app.security import Receive, Scope, Send, cors_origins, install_security, load_api_keys
 from app.services.container import open_services
@@ -44,15 +44,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class Onnxforge(FastAPI):
-    """FastAPI with the fast infer path (app/fastpath.py) in front of its whole stack: an infer request is
-    recognized by a string test and answered there; every other request goes through FastAPI as usual."""
+    """FastAPI with the fast path (app/fastpath.py) in front of its whole stack: a /v2 infer or /v1 predict
+    request is recognized by a string test and answered there; every other request goes through FastAPI."""
 
     fast_infer: FastInfer | None = None  # None: every request takes the normal stack (CORS is configured)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fast_infer is not None and scope["type"] == "http" and scope["method"] == "POST" \
                 and not scope.get("root_path"):
-            target = infer_target(scope["path"])
+            target = fast_target(scope["path"])
             if target is not None:
                 await self.fast_infer(scope, receive, send, target)
                 return

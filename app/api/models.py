@@ -286,26 +286,40 @@ def _predict_body(body: bytes) -> tuple[dict[str, Any], str | None]:
     return inputs, variant
 
 
-async def _predict(request: Request, services: Services, name: str, version: int | None) -> Response:
-    inputs, variant = _predict_body(await request.body())
-    prediction = await services.predict.predict(name, _decode(inputs), version=version, variant=variant)
+PREDICT = "/v1/models/{name}/predict"  # the routes' templates: /metrics counts under them, the fast path too
+VERSION_PREDICT = "/v1/models/{name}/versions/{version}/predict"
+_JSON = b"application/json"
+
+
+async def predict_json(services: Services, name: str, version: str | None,
+                       body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """One /v1 predict request, from its raw body to the answer's body and headers. Raises the service's errors.
+    The routes below and the fast path (app/fastpath.py) call it, so both answer alike."""
+    number = None if version is None else _version_number(version, name)
+    inputs, variant = _predict_body(body)
+    prediction = await services.predict.predict(name, _decode(inputs), version=number, variant=variant)
     content = orjson.dumps(
         {"model": prediction.model, "version": prediction.version, "variant": prediction.variant,
          "outputs": prediction.outputs},
         option=orjson.OPT_SERIALIZE_NUMPY, default=_fallback,
     )
+    return content, [(b"content-length", str(len(content)).encode()), (b"content-type", _JSON)]
+
+
+async def _predict(request: Request, services: Services, name: str, version: str | None) -> Response:
+    content, _ = await predict_json(services, name, version, await request.body())
     return Response(content, media_type="application/json")
 
 
-@router.post("/{name}/predict", response_model=PredictOut, responses=_ERRORS,
+@router.post(PREDICT.removeprefix(router.prefix), response_model=PredictOut, responses=_ERRORS,
              openapi_extra={"requestBody": _PREDICT_BODY})
 async def predict(name: str, request: Request, services: Services = Depends(services_of)) -> Response:
     """Run the serving version; inputs are checked against the model's names, dtypes and shapes (400 names one)."""
     return await _predict(request, services, name, None)
 
 
-@router.post("/{name}/versions/{version}/predict", response_model=PredictOut, responses=_ERRORS,
+@router.post(VERSION_PREDICT.removeprefix(router.prefix), response_model=PredictOut, responses=_ERRORS,
              openapi_extra={"requestBody": _PREDICT_BODY})
 async def predict_version(name: str, version: str, request: Request,
                           services: Services = Depends(services_of)) -> Response:
-    return await _predict(request, services, name, _version_number(version, name))
+    return await _predict(request, services, name, version)
