@@ -66,7 +66,7 @@ def test_upload_optimize_report_and_predict(serve) -> None:  # noqa: ANN001
         assert accepted.status_code == 202, accepted.text
         job = api.wait(accepted.json()["job_id"])
         assert job["status"] == "succeeded", job
-        assert (job["progress"], job["attempts"], job["error"]) == (1.0, 1, None)
+        assert (job["stage"], job["progress"], job["attempts"], job["error"]) == (None, 1.0, 1, None)
         assert job["started_at"] <= job["finished_at"]
 
         described = api.client.get("/v1/models/mlp").json()

@@ -181,7 +181,7 @@ class JobQueue:
         now = utcnow()
         with self.db.write() as session:
             if session.execute(self._owned(job.id, worker_id).values(
-                status="succeeded", progress=1.0, finished_at=now, lease_expires_at=None, error=None,
+                status="succeeded", stage=None, progress=1.0, finished_at=now, lease_expires_at=None, error=None,
             )).rowcount != 1:
                 return False
             session.execute(update(ModelVersion).where(

@@ -181,7 +181,8 @@ class Registry:
             latest = versions[-1]
             raise ConflictError(
                 f"no version of model {name!r} can serve: every version failed to optimize (latest, version "
-                f"{latest.version}: {latest.error}). Upload a fixed model"
+                f"{latest.version}: {latest.error}). Upload again with what that error names fixed (the model, its "
+                f"calibration set or the options)"
             )
         return serving
 
