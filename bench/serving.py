@@ -293,6 +293,22 @@ def _ours(data_dir: Path, mode: str, onnx_models: dict, workers: int = 1) -> tup
     return process, port
 
 
+def _batch_counts(port: int, name: str) -> tuple[float, float, float]:
+    """(runs, rows, runs of one row) the server has batched for model `name` so far, from its /metrics."""
+    counts = {"count": 0.0, "sum": 0.0, "alone": 0.0}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines():
+        if not line.startswith("onnxforge_batch_size") or f'model="{name}"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("onnxforge_batch_size_count"):
+            counts["count"] += value
+        elif line.startswith("onnxforge_batch_size_sum"):
+            counts["sum"] += value
+        elif line.startswith("onnxforge_batch_size_bucket") and 'le="1.0"' in line:
+            counts["alone"] += value
+    return counts["count"], counts["sum"], counts["alone"]
+
+
 # -- requests --------------------------------------------------------------------------------------------
 
 
@@ -430,6 +446,7 @@ def main() -> None:
     if args.only:
         ways = [w for w in ways if w.startswith(tuple(args.only))]
     samples: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
+    batches: dict[tuple[str, str, int], list[tuple[float, float]]] = {}  # (rows a run, share of runs of one row)
     json_type = {"Content-Type": "application/json"}
 
     def record(kind: str, name: str, c: int, measured: tuple[list[float], float], round_: int) -> None:
@@ -484,10 +501,19 @@ def main() -> None:
                     cells.append((way, name, c, measure))
         for round_ in range(1, args.rounds + 1):
             for kind, name, c, measure in cells:
+                port = ports[kind] if kind.startswith("d v2-bin b") or kind.startswith("d v2-bin d") else None
+                before = _batch_counts(port, name) if port else None
                 record(kind, name, c, measure(), round_)
+                if port:  # how the batcher formed its runs in this cell (warm-up included)
+                    runs, rows, alone = (a - b for a, b in zip(_batch_counts(port, name), before, strict=True))
+                    batches.setdefault((kind, name, c), []).append((rows / max(runs, 1), alone / max(runs, 1)))
     results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(4))
                for key, values in samples.items()}
     _print_table(args, onnx_models, ways, results)
+    for (kind, name, c), values in batches.items():
+        if c == max(args.concurrency):
+            print(f"{name}: c={c} {kind}: {np.median([v[0] for v in values]):.1f} rows a run, "
+                  f"{np.median([v[1] for v in values]):.0%} of runs of one row (medians over rounds)")
 
 
 def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
