@@ -15,7 +15,8 @@ The rules, in one place:
   ([batch, classes], classes >= 2) unless its name says it is an embedding/hidden state/feature
   vector, or a float output of rank >= 3 whose name says logits or probabilities (argmax over the
   last axis). A row agrees when the candidate's argmax is a maximum of the reference row (ties in the
-  reference count as agreement). `Tolerance.class_outputs` overrides the guess.
+  reference count as agreement). `Tolerance.class_outputs` overrides the guess. It is reported with
+  the rows it rests on and a 95% lower bound (Wilson): few rows prove little, and the report says so.
 - Slice check (channel axis): rank 3 -> the last axis when it is <= 1024 (detector heads
   [N, boxes, 4+classes]), else axis 1 when that is <= 1024 ([N, 4+classes, boxes]); rank >= 4 ->
   axis 1 (ONNX's NCHW channels); rank <= 2 -> none (classifier columns over a few samples are noise;
@@ -134,6 +135,8 @@ class OutputAccuracy:
     relative_error: float | None = None
     cosine: float | None = None
     top1: float | None = None  # None: not class scores
+    top1_rows: int | None = None  # how many argmax decisions top1 was measured on
+    top1_lower_95: float | None = None  # what top1 can be said to be at least, at 95% confidence (on top1_rows)
     metric: str = "default"  # what gates this output (Tolerance.metrics)
     mask_agreement: float | None = None  # share of positions on the same side of the mask threshold
     nonfinite: int = 0  # candidate NaN/Inf where the reference is finite
@@ -203,7 +206,29 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def _top1(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
+def agreement_lower_bound(agree: int, total: int, z: float = 1.645) -> float:
+    """One-sided 95% lower bound of an agreement rate seen as `agree` of `total` (Wilson score interval).
+
+    WHY: held-back sets are small; 5 of 5 rows agreeing says little about the 99% the gate asks for
+    (the bound is 0.65), and a report should say how much its top-1 figure can be trusted.
+    """
+    if total <= 0:
+        return 0.0
+    p, z2 = agree / total, z * z
+    center = p + z2 / (2 * total)
+    spread = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
+    return max(0.0, (center - spread) / (1 + z2 / total))
+
+
+def _set_top1(result: OutputAccuracy, ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
+    agree, total = _top1_counts(ref, cand)
+    result.top1 = agree / total if total else 1.0
+    result.top1_rows = total
+    result.top1_lower_95 = agreement_lower_bound(agree, total) if total else None
+
+
+def _top1_counts(ref: list[np.ndarray], cand: list[np.ndarray]) -> tuple[int, int]:
+    """(rows whose argmax agrees, rows): over every row of the last axis in every sample."""
     agree = total = 0
     for r, c in zip(ref, cand, strict=True):
         r2 = r.reshape(-1, r.shape[-1]).astype(np.float64)
@@ -211,7 +236,7 @@ def _top1(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
         picked = np.take_along_axis(r2, np.nanargmax(np.where(np.isfinite(c2), c2, -np.inf), axis=1)[:, None], 1)
         agree += int(np.sum(picked[:, 0] >= np.nanmax(r2, axis=1)))
         total += r2.shape[0]
-    return agree / total if total else 1.0
+    return agree, total
 
 
 def _slices(ref: list[np.ndarray], cand: list[np.ndarray], axis: int) -> SliceResult:
@@ -277,7 +302,7 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
         result.cosine = _cosine(a, b)
     is_scores = name in tol.class_outputs if tol.class_outputs is not None else is_class_scores(name, ref[0])
     if is_scores and ref[0].ndim >= 1 and ref[0].shape[-1] >= 2:
-        result.top1 = _top1(ref, cands)
+        _set_top1(result, ref, cands)
     explicit = tol.channel_axis is not None and checked  # a user's axis applies to the outputs that matter
     axis = tol.channel_axis if explicit else default_channel_axis(ref[0].shape)
     slice_check = tol.min_slice_cosine is not None or tol.max_slice_error is not None
@@ -295,7 +320,7 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
     kind, threshold = parse_metric(result.metric, name)
     if kind == "top1":  # the declared task metric gates alone; cosine and slices above are reported
         if result.top1 is None:
-            result.top1 = _top1(ref, cands)
+            _set_top1(result, ref, cands)
         if result.top1 < tol.min_top1:
             return fail(f"top-1 agreement {result.top1:.2%} < limit {tol.min_top1:.2%} (metric top1)")
         return result

@@ -16,6 +16,7 @@ and the same selection rule.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -263,6 +264,7 @@ def optimize(
             "synthetic": samples.synthetic, "source": samples.source, "method": config.calibration_method,
             "samples": len(samples.calibration), "holdout_samples": len(samples.holdout), "notes": samples.notes,
         },
+        "accuracy_notes": accuracy_notes(chosen.accuracy, tolerance, len(samples.holdout), searched=search is not None),
         "variants": [asdict(r) for r in rows],
         "skipped_candidates": skipped,
         "baseline": BASELINE,
@@ -279,3 +281,32 @@ def optimize(
     _atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     notify("benchmark", 1.0)
     return OptimizationResult(report=report, model_path=model_path, selected=selected)
+
+
+def accuracy_notes(accuracy: dict[str, Any] | None, tolerance: Tolerance, holdout: int, *,
+                   searched: bool) -> list[str]:
+    """What the selected variant's accuracy figures can and cannot say, in words a user acts on.
+
+    WHY: a reviewer's Magika upload passed at 100% top-1 on its 5 held-back samples and agreed on
+    96-98% of fresh inputs. The gate stays on the measured figure; the report says how little a few
+    rows prove, and that a search choosing among many variants by the same samples flatters its winner.
+    """
+    notes: list[str] = []
+    for name, out in ((accuracy or {}).get("outputs") or {}).items():
+        rows, bound = out.get("top1_rows"), out.get("top1_lower_95")
+        if out.get("checked") and rows and bound is not None and bound < tolerance.min_top1:
+            notes.append(f"output {name!r}: top-1 agreement {out['top1']:.1%} was measured on {rows} row(s); on so "
+                         f"few, the true agreement may be as low as {bound:.1%} (95% lower bound), under the "
+                         f"{tolerance.min_top1:.0%} asked for"
+                         + (f"; at least {rows_to_prove(tolerance.min_top1)} held-back rows, all agreeing, prove it "
+                            "(20% of a calibration set is held back)" if tolerance.min_top1 < 1 else ""))
+    if searched and notes:
+        notes.append(f"auto chose among its variants by these same {holdout} held-back sample(s), which makes the "
+                     "winner's figures optimistic; more samples narrow that too")
+    return notes
+
+
+
+def rows_to_prove(rate: float, z: float = 1.645) -> int:
+    """The fewest rows that, all agreeing, put the 95% lower bound (Wilson) at `rate` or above."""
+    return math.ceil(rate * z * z / (1 - rate))

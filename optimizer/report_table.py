@@ -60,4 +60,5 @@ def summary(report: dict[str, Any]) -> str:
         f"selected: {report['selected']} ({report.get('selection_reason', '')})",
         f"speedup p50: {_fmt(report.get('speedup_p50'))}x   size ratio: {_fmt(report.get('size_ratio'))}",
     ]
+    lines += [f"note: {note}" for note in report.get("accuracy_notes", [])]
     return "\n".join(lines)

@@ -10,12 +10,14 @@ import pytest
 from optimizer.accuracy import (
     Tolerance,
     ToleranceError,
+    agreement_lower_bound,
     compare,
     default_channel_axis,
     is_class_scores,
     run_outputs,
 )
 from optimizer.errors import OptimizerError
+from optimizer.pipeline import accuracy_notes, rows_to_prove
 from optimizer.runtime import SessionSettings, create_session
 from tests.models import cnn, random_feed
 
@@ -346,3 +348,28 @@ def test_metric_for_a_missing_output_or_without_classes_is_refused() -> None:
         compare(ref, cand, Tolerance(metrics={"boxes": "top1"}))
     with pytest.raises(ToleranceError, match="classes on the last axis"):
         compare(ref, cand, Tolerance(metrics={"aux": "top1"}))
+
+
+def test_top1_says_how_many_rows_it_rests_on_and_how_low_it_may_really_be() -> None:
+    few, many = _logits(rows=5), _logits(rows=400)
+    for ref, rows in ((few, 5), (many, 400)):
+        out = compare(ref, _copy(ref)).outputs["logits"]
+        assert (out.top1, out.top1_rows) == (1.0, rows)
+    assert compare(few, _copy(few)).outputs["logits"].top1_lower_95 == pytest.approx(0.6488, abs=1e-4)
+    assert compare(many, _copy(many)).outputs["logits"].top1_lower_95 > 0.99
+    # the Wilson bound: 268 rows all agreeing are the fewest that prove 99% at 95% confidence
+    assert rows_to_prove(0.99) == 268
+    assert agreement_lower_bound(268, 268) >= 0.99 > agreement_lower_bound(267, 267)
+    assert agreement_lower_bound(0, 10) == 0.0 and agreement_lower_bound(98, 100) == pytest.approx(0.9413, abs=1e-4)
+
+
+def test_the_report_warns_when_a_passing_top1_rests_on_too_few_rows() -> None:
+    few, many = _logits(rows=5), _logits(rows=400)
+    notes = accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, searched=True)
+    assert len(notes) == 2
+    assert "top-1 agreement 100.0% was measured on 5 row(s)" in notes[0] and "as low as 64.9%" in notes[0]
+    assert "at least 268 held-back rows, all agreeing, prove it" in notes[0]
+    assert "auto chose among its variants by these same 5 held-back sample(s)" in notes[1]
+    assert accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, searched=False) == notes[:1]
+    assert accuracy_notes(compare(many, _copy(many)).to_dict(), Tolerance(), 400, searched=True) == []
+    assert accuracy_notes(None, Tolerance(), 5, searched=True) == []  # the original: nothing measured

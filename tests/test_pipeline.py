@@ -12,12 +12,13 @@ import pytest
 
 from optimizer import CalibrationError, OptimizerError
 from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
+from optimizer.report_table import summary
 from optimizer.runtime import create_session
 from tests import models
 
 FAST = {"benchmark_seconds": 0.2, "batch_sizes": (1,)}
 REQUIRED_KEYS = {"source", "provider", "graph", "variants", "baseline", "selected", "speedup_p50", "size_ratio",
-                 "calibration"}
+                 "calibration", "accuracy_notes"}
 
 
 def _npz(model: onnx.ModelProto, samples: int = 24, seed: int = 0) -> bytes:
@@ -61,6 +62,10 @@ def test_fp32_report_has_every_field_and_serves_a_model_that_agrees(tmp_path: Pa
         assert v["throughput_per_s"] > 0
     assert report["calibration"]["synthetic"] is True
     _assert_served_is_never_worse(report)
+    # 8 generated rows cannot prove a 99% top-1: the report and the printed summary say so
+    assert [note.split(";")[0] for note in report["accuracy_notes"]] == [
+        "output 'logits': top-1 agreement 100.0% was measured on 8 row(s)"]
+    assert "note: output 'logits': top-1 agreement 100.0% was measured on 8 row(s)" in summary(report)
 
     feed = models.random_feed(model, batch=3)
     served = create_session(result.model_path).run(None, feed)[0]
