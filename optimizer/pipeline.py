@@ -200,6 +200,7 @@ def optimize(
     built: dict[str, Built] = {}
     base_row = VariantReport(name=BASELINE, precision="fp32", settings={"source": "the uploaded model"})
     describe(original, base_row)
+    base_row.size_bytes = loaded.size_bytes  # the user's file, not our copy with the shapes inference added
     built[BASELINE] = Built(base_row, original)
 
     notify("fuse", 0.1)

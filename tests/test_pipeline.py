@@ -54,6 +54,8 @@ def test_fp32_report_has_every_field_and_serves_a_model_that_agrees(tmp_path: Pa
     assert set(report) >= REQUIRED_KEYS
     assert [v["name"] for v in report["variants"]] == ["original", "fused"]
     assert report["graph"]["before"]["node_count"] == len(model.graph.node)
+    # the original's size is the file given (and downloaded), not the copy with inferred shapes: size_ratio uses it
+    assert _variant(report, "original")["size_bytes"] == report["source"]["size_bytes"] == model.ByteSize()
     fused = _variant(report, "fused")
     assert fused["node_count"] < len(model.graph.node)
     assert fused["accuracy"]["passed"] is True
