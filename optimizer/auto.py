@@ -638,7 +638,8 @@ def worst_accuracy(accuracy: dict[str, Any] | None) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """report["auto"] as text: one line per candidate (p50, ratio to the original, accuracy, status), the winner."""
+    """report["auto"] as text: one line per candidate (p50, ratio to the original, accuracy, status), the winner,
+    then what the search did (`search_notes`)."""
     auto = report["auto"]
     rows = auto["candidates"]
     base = next((r["latency_ms"]["p50"] for r in rows if r["name"] == "original" and r.get("latency_ms")), None)
@@ -654,8 +655,16 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{worst_accuracy(r.get('accuracy'))}")
         if r["status"] in ("failed", "skipped") and r.get("reason"):
             lines.append(f"{'':10}{r['reason'][:160]}")
-        if r.get("tool_excluded_nodes"):
-            lines.append(f"{'':10}quantizer failed on {', '.join(r['tool_excluded_nodes'])}: left in float")
+    lines.append(f"selected: {auto['selected']} ({auto['selection_reason']})")
+    return "\n".join(lines + search_notes(auto))
+
+
+def search_notes(auto: dict[str, Any]) -> list[str]:
+    """What the search did beyond the per-candidate numbers: nodes the quantizer failed on, repairs, candidates
+    not tried, nodes left in float, the rule and the time per step. Apart from the table so that the CLI can
+    print them under the report's variant table without repeating every row."""
+    lines = [f"{r['name']}: quantizer failed on {', '.join(r['tool_excluded_nodes'])}: left in float"
+             for r in auto["candidates"] if r.get("tool_excluded_nodes")]
     for repair in auto["repairs"]:
         tried = "; ".join(f"{a['name']} ({len(a['excluded_nodes'])} in float): {a['status']}"
                           for a in repair["attempts"])
@@ -663,9 +672,8 @@ def format_table(report: dict[str, Any]) -> str:
                      + (f" [{repair['note']}]" if repair.get("note") else ""))
     for skipped in auto["skipped"]:
         lines.append(f"not tried: {skipped['name']}: {skipped['reason'][:140]}")
-    lines.append(f"selected: {auto['selected']} ({auto['selection_reason']})")
     if auto["excluded_nodes"]:
         lines.append(f"left in float: {', '.join(auto['excluded_nodes'])}")
     lines.append(f"rule: {auto['rule']}")
     lines.append("steps (s): " + ", ".join(f"{k} {v}" for k, v in auto["steps_s"].items()))
-    return "\n".join(lines)
+    return lines

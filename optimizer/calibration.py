@@ -309,15 +309,14 @@ def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int
     return calibration, holdout
 
 
-def load_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto, holdout_fraction: float = 0.2,
-                 min_holdout: int = 4, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
-    """Read a user's `.npz`, validate it against the model's inputs and split off the holdout.
+def read_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
+    """Read a user's `.npz` and validate it against the model's inputs: every sample in `holdout`, none held
+    back from it (`bench` times one; no accuracy check, so one sample is enough).
 
     Raises CalibrationError for anything the user must fix (names, dtypes, shapes, a pickle, a
-    corrupt or oversized file), with the input's name and the expected and given shapes.
+    corrupt or oversized file, empty arrays), with the input's name and the expected and given shapes.
     """
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     specs = model_inputs(model)
     archive, source = _open_zip(path_or_bytes)
     with archive:
@@ -348,17 +347,27 @@ def load_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto, hold
             "sample"
         )
     samples = [{name: parts[i] for name, parts in per_input.items()} for i in range(next(iter(counts.values())))]
+    for sample in samples:
+        _check_shared_dims(specs, sample)
+    return SampleSet([], samples, synthetic=False, source=source, notes=notes)
+
+
+def load_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto, holdout_fraction: float = 0.2,
+                 min_holdout: int = 4, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
+    """Read a user's `.npz`, validate it against the model's inputs (`read_samples`) and split off the holdout."""
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    read = read_samples(path_or_bytes, model, max_bytes)
+    samples, source = read.holdout, read.source
     if len(samples) < 2:
-        given = ", ".join(f"{name}: {list(arrays[name].shape)}" for name in expected)
+        given = ", ".join(f"{name}: {list(a.shape)}" for sample in samples[:1] for name, a in sample.items())
         raise CalibrationError(
             f"{source} holds {len(samples)} sample ({given}); at least 2 are needed, one to calibrate on and one "
             f"held back for the accuracy check ({min_holdout * 5} or more give meaningful numbers). Stack samples "
             "along a new first axis or along the batch axis"
         )
-    for sample in samples:
-        _check_shared_dims(specs, sample)
-    calibration, holdout = split_holdout(samples, holdout_fraction, min_holdout, seed, notes)
-    return SampleSet(calibration, holdout, synthetic=False, source=source, notes=notes)
+    calibration, holdout = split_holdout(samples, holdout_fraction, min_holdout, seed, read.notes)
+    return SampleSet(calibration, holdout, synthetic=False, source=source, notes=read.notes)
 
 
 # ---------------------------------------------------------------------------------------------------
