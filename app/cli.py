@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,61 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _number(kind: type, ok: Callable[[float], bool], what: str):  # noqa: ANN202 - an argparse `type`
+    """An argparse `type` that refuses what `ok` rejects (NaN fails every comparison) with a usage error
+    naming the option (exit 2), not a traceback from deep inside the library."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+_POSITIVE_INT = _number(int, lambda v: v >= 1, "a whole number >= 1")
+_COUNT = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_SECONDS = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds > 0")
+
+
+@contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Only errors from the libraries' logging while the command runs: ONNX Runtime's quantization tools log
+    warnings through the root logger (`logging.warning`, which adds a stderr handler on first use)."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    if enabled:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
+def _accuracy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The --min-cosine, --min-top1 and --metrics given, read by the HTTP upload's own parser (same rules and
+    messages); the ones not given keep the optimizer's defaults. ValueError names the option to fix."""
+    from app.errors import BadRequestError
+    from app.services.uploads import parse_options
+
+    chosen = {}
+    for key in ("min_cosine", "min_top1", "metrics"):
+        text = getattr(args, key)
+        if text is None:
+            continue
+        try:
+            value = getattr(parse_options({key: text}, has_calibration=True), key)
+        except BadRequestError as exc:
+            raise ValueError(f"--{key.replace('_', '-')}: {exc}") from None
+        if value is not None:
+            chosen[key] = value
+    return chosen
+
+
 def _optimize(args: argparse.Namespace) -> int:
     import json
 
@@ -114,23 +170,34 @@ def _optimize(args: argparse.Namespace) -> int:
     from optimizer.pipeline import OptimizeConfig, optimize
     from optimizer.report_table import summary
 
+    try:
+        accuracy = _accuracy_options(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # here, before minutes of work, not after
+    except OSError as exc:
+        return _fail(f"--out {args.out}: cannot make the output folder there ({exc.strerror}); name a folder")
     config = OptimizeConfig(precision=args.precision, int8_mode=args.int8_mode,
                             calibration_method=args.calibration_method, provider=args.provider,
-                            time_budget_s=args.time_budget)
+                            time_budget_s=args.time_budget, **accuracy)
     try:
-        result = optimize(args.model, out_dir=args.out, config=config, calibration=args.calibration,
-                          progress=None if args.quiet else lambda stage, f: print(f"[{f:4.0%}] {stage}",
-                                                                                    file=sys.stderr))
+        with _quiet(args.quiet):
+            result = optimize(args.model, out_dir=args.out, config=config, calibration=args.calibration,
+                              progress=None if args.quiet else lambda stage, f: print(f"[{f:4.0%}] {stage}",
+                                                                                        file=sys.stderr))
     except OptimizerError as exc:
         return _fail(str(exc))
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
+        # One fact once: the variant table (every variant's numbers and why it lost) and, for auto, what the
+        # search did besides; auto's own candidate table would repeat every row.
         print(summary(result.report))
         if "auto" in result.report:
-            from optimizer.auto import format_table
+            from optimizer.auto import search_notes
 
-            print("\n" + format_table(result.report))
+            print("\n" + "\n".join(search_notes(result.report["auto"])))
         print(f"\nwrote {result.model_path} and {Path(args.out) / 'report.json'}")
     return 0
 
@@ -148,9 +215,18 @@ def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--int8-mode", choices=INT8_MODES, help="default: static with --calibration, else dynamic")
     parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole job (default 300)")
+    parser.add_argument("--time-budget", type=_SECONDS, default=300.0, help="seconds for the whole job (default 300)")
+    parser.add_argument("--min-cosine", metavar="X",
+                        help="accuracy tolerance: lowest cosine similarity to the original's outputs on held-back "
+                             "samples, 0-1 (default 0.99)")
+    parser.add_argument("--min-top1", metavar="X",
+                        help="accuracy tolerance: lowest top-1 agreement with the original, 0-1 (default 0.99)")
+    parser.add_argument("--metrics", metavar="JSON",
+                        help='the metric that gates an output, as JSON: output name -> "default" | "top1" | '
+                             '"mask:<threshold>", e.g. \'{"maps": "mask:0.3"}\'')
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines or library warnings on stderr "
+                                                            "(errors still)")
     parser.set_defaults(handler=_optimize)
 
 
@@ -194,13 +270,14 @@ def _bench(args: argparse.Namespace) -> int:
     import numpy as np
 
     from optimizer import OptimizerError, load_model
-    from optimizer.calibration import load_samples, synthetic_samples
+    from optimizer.calibration import read_samples, synthetic_samples
     from optimizer.latency import measure_batches
     from optimizer.runtime import SessionSettings, resolve_provider
 
     try:
         first = load_model(args.models[0]).proto
-        samples = load_samples(args.inputs, first) if args.inputs else synthetic_samples(first, count=1)
+        # one sample is all the timing needs: nothing is held back, there is no accuracy check here
+        samples = read_samples(args.inputs, first) if args.inputs else synthetic_samples(first, count=1)
         feed = (samples.calibration or samples.holdout)[0]
         settings = SessionSettings(provider=resolve_provider(args.provider), intra_op_threads=args.threads)
         models = {str(path): path for path in args.models}
@@ -226,9 +303,9 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--inputs", type=Path, help=".npz with one array per input (default: generated inputs)")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timing per batch size")
+    parser.add_argument("--threads", type=_COUNT, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    parser.add_argument("--batch", type=_POSITIVE_INT, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    parser.add_argument("--seconds", type=_SECONDS, default=2.0, help="timing per batch size")
     parser.set_defaults(handler=_bench)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,150 @@ def test_bench_times_models_side_by_side(cnn_files: tuple[Path, Path], capsys: p
     assert [(r[0].rsplit("/", 1)[-1], r[1]) for r in rows] == [("cnn.onnx", "1"), ("copy.onnx", "1"),
                                                                ("cnn.onnx", "4"), ("copy.onnx", "4")]
     assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
+
+
+# -- what a new user ran into: overlapping tables, warnings under --quiet, tracebacks on bad arguments --------
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """`onnxforge optimize --precision auto --quiet` in its own process, so stderr is exactly what a user sees."""
+    folder = tmp_path_factory.mktemp("auto")
+    model = models.cnn()
+    onnx.save(model, folder / "cnn.onnx")
+    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(12)]
+    np.savez(folder / "samples.npz", image=np.stack([f["image"] for f in feeds]))
+    run = subprocess.run([sys.executable, "-m", "app.cli", "optimize", str(folder / "cnn.onnx"), "--out",
+                          str(folder / "out"), "--calibration", str(folder / "samples.npz"), "--precision", "auto",
+                          "--time-budget", "60", "--quiet"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run, json.loads((folder / "out" / "report.json").read_text())
+
+
+def test_auto_prints_each_variant_and_the_selection_once(auto_run: tuple[subprocess.CompletedProcess[str],
+                                                                          dict]) -> None:
+    run, report = auto_run
+    lines = run.stdout.splitlines()
+    assert len(report["variants"]) >= 5
+    for variant in report["variants"]:
+        rows = [line for line in lines if line[1:].startswith(variant["name"] + " ")]
+        assert len(rows) == 1, (variant["name"], rows)
+    assert sum(line.startswith("selected:") for line in lines) == 1
+    # what only the search knows is still there, once
+    assert sum(line.startswith("rule:") for line in lines) == 1
+    assert sum(line.startswith("not tried: ") for line in lines) == len(report["auto"]["skipped"]) > 0
+
+
+def test_quiet_silences_the_quantizers_root_logger_warnings(auto_run: tuple[subprocess.CompletedProcess[str],
+                                                                           dict]) -> None:
+    run, report = auto_run
+    # the QOperator S8S8 variants are the ones ONNX Runtime's quantize_static warns about through the root
+    # logger ("Please use QuantFormat.QDQ for activation type QInt8..."): they were built, and nothing was said
+    built = {v["name"] for v in report["variants"] if v["status"] != "failed"}
+    assert "int8-static-minmax-qoperator-s8s8-all" in built
+    assert run.stderr == ""
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stderr of a command that should be refused: argparse's SystemExit or main's return."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_out_that_cannot_be_a_folder_is_a_one_line_error(cnn_files: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = cnn_files
+    existing = tmp_path / "report.txt"
+    existing.write_text("not a folder")
+    for out in (existing, existing / "sub"):
+        code, err = _refused(["optimize", str(model), "--out", str(out), "--precision", "fp32", "--quiet"], capsys)
+        assert code == 2
+        assert err.splitlines() == [f"error: --out {out}: cannot make the output folder there "
+                                    f"({'File exists' if out == existing else 'Not a directory'}); name a folder"]
+    assert existing.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["bench", "{model}", "--batch", "0"], "--batch"),
+    (["bench", "{model}", "--batch", "1", "-8"], "--batch"),
+    (["bench", "{model}", "--seconds", "0"], "--seconds"),
+    (["bench", "{model}", "--seconds", "nan"], "--seconds"),
+    (["bench", "{model}", "--seconds", "inf"], "--seconds"),
+    (["bench", "{model}", "--threads", "-1"], "--threads"),
+    (["optimize", "{model}", "--out", "{tmp}/o", "--time-budget", "-5"], "--time-budget"),
+])
+def test_bad_numbers_are_usage_errors(argv: list[str], option: str, cnn_files: tuple[Path, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = cnn_files
+    code, err = _refused([a.format(model=model, tmp=tmp_path) for a in argv], capsys)
+    assert code == 2
+    assert f"error: argument {option}: " in err.splitlines()[-1]
+
+
+def test_bad_files_are_one_line_errors(cnn_files: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    model, npz = cnn_files
+    not_npz = tmp_path / "samples.txt"
+    not_npz.write_text("1 2 3")
+    misnamed = tmp_path / "misnamed.npz"
+    np.savez(misnamed, pixels=np.zeros((2, 1, 3, 32, 32), np.float32))
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, image=np.zeros((0, 1, 3, 32, 32), np.float32))
+    cases = {
+        "cannot read the model file": [str(tmp_path / "missing.onnx")],
+        "is not a .npz file": [str(model), "--inputs", str(not_npz)],
+        "no array for input(s) ['image']": [str(model), "--inputs", str(misnamed)],
+        "holds no sample": [str(model), "--inputs", str(empty)],
+        "does not exist": [str(model), "--inputs", str(tmp_path / "missing.npz")],
+    }
+    for expected, args in cases.items():
+        for command in (["bench", *args], ["optimize", *args[:1], "--out", str(tmp_path / "o"), "--quiet",
+                                           *(["--calibration", args[2]] if len(args) > 1 else [])]):
+            code, err = _refused(command, capsys)
+            assert code == 2, command
+            [line] = err.splitlines()
+            assert line.startswith("error: ") and expected in line, (command, line)
+
+
+def test_bench_times_a_one_sample_file(cnn_files: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    model, npz = cnn_files
+    one = tmp_path / "one.npz"
+    np.savez(one, image=np.load(npz)["image"][:1])
+    assert main(["bench", str(model), "--inputs", str(one), "--seconds", "0.1", "--batch", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith("x")]
+    assert [(r[0].rsplit("/", 1)[-1], r[1], r[-1]) for r in rows] == [("cnn.onnx", "2", "1.00x")]
+
+
+def test_accuracy_tolerance_options_reach_the_report(cnn_files: tuple[Path, Path], tmp_path: Path) -> None:
+    model, npz = cnn_files
+    out = tmp_path / "out"
+    assert main(["optimize", str(model), "--out", str(out), "--calibration", str(npz), "--precision", "fp32",
+                 "--min-cosine", "0.995", "--min-top1", "0.9", "--metrics", '{"logits": "top1"}', "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["config"]["min_cosine"], report["config"]["min_top1"]) == (0.995, 0.9)
+    assert report["config"]["metrics"] == {"logits": "top1"}
+    fused = next(v for v in report["variants"] if v["name"] == "fused")
+    assert fused["accuracy"]["outputs"]["logits"]["metric"] == "top1"
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    # the HTTP upload's messages (app.services.uploads.parse_options), named by the option
+    ("--min-cosine", "1.5", "--min-cosine: min_cosine must be between 0 and 1 (e.g. 0.99); got 1.5"),
+    ("--min-top1", "most", "--min-top1: min_top1 must be a number between 0 and 1 (e.g. 0.99); got 'most'"),
+    ("--metrics", "logits=top1", '--metrics: metrics must be a JSON object of output name -> "default" | "top1"'),
+    ("--metrics", '{"logits": "mask"}', "--metrics: unknown metric 'mask' for output 'logits'"),
+])
+def test_accuracy_tolerance_options_are_checked_like_the_upload(option: str, value: str, message: str,
+                                                                cnn_files: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = cnn_files
+    code, err = _refused(["optimize", str(model), "--out", str(tmp_path / "o"), option, value, "--quiet"], capsys)
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith(f"error: {message}")
+    assert not (tmp_path / "o").exists()  # refused before any work
