@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         proxy_headers=True,
         timeout_graceful_shutdown=30,  # finish in-flight requests on SIGTERM before the lifespan shuts down
     )

@@ -50,7 +50,8 @@ def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
         overrides = {**overrides, "intra_op_threads": max(1, default_threads() // settings.workers)}
     os.environ[OVERRIDES_ENV] = json.dumps(overrides, default=str)  # spawned processes inherit the environment
     config = Config("app.prefork:app_factory", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=settings.log_level, proxy_headers=True,
+                    workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
+                    proxy_headers=True,
                     timeout_graceful_shutdown=30)
     # Once here, before N processes race to CREATE TABLE on SQLite.
     database = Database(settings.resolved_database_url)
