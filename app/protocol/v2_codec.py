@@ -122,9 +122,10 @@ def _decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
         if array.dtype.kind not in "biuf":
             raise BadRequestError(f"input {name!r}: {datatype} data must be numbers (or booleans for BOOL)")
         want = DATATYPES[datatype]
-        if want.kind == "b" and array.dtype.kind != "b":
+        # `data: []` parses as float64: an empty tensor of any datatype, not a value of the wrong kind
+        if want.kind == "b" and array.dtype.kind != "b" and array.size:
             raise BadRequestError(f"input {name!r}: BOOL data must be true/false")
-        if want.kind in "iub" and array.dtype.kind == "f":
+        if want.kind in "iub" and array.dtype.kind == "f" and array.size:
             raise BadRequestError(f"input {name!r}: {datatype} data must be integers, got numbers with a fraction")
         with np.errstate(over="ignore", invalid="ignore"):
             converted = array.astype(want)
@@ -171,6 +172,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequestError("each input needs a `name`, `shape`, `datatype` and `data` (or binary data)")
         name = spec["name"]
+        if name in inputs:
+            raise BadRequestError(f"input {name!r} is given twice: name each input once")
         datatype = spec.get("datatype")
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequestError(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")

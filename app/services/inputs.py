@@ -51,10 +51,12 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
             )
         info = np.iinfo(want)
         # For floats compare with the exclusive upper bound: float(2**63 - 1) rounds up to 2**63, which
-        # would pass a `> info.max` test and then wrap around in the cast.
-        too_big = (array.max() >= float(info.max) + 1) if got.kind == "f" else (array.max() > info.max)
-        if array.size and (array.min() < info.min or too_big):
-            raise BadRequestError(f"input {spec.name!r}: values outside the range of {spec.dtype_name}")
+        # would pass a `> info.max` test and then wrap around in the cast. An empty array has no max: its
+        # shape is checked next like any other (`[]` parses as float64, so it comes through here).
+        if array.size:
+            too_big = (array.max() >= float(info.max) + 1) if got.kind == "f" else (array.max() > info.max)
+            if array.min() < info.min or too_big:
+                raise BadRequestError(f"input {spec.name!r}: values outside the range of {spec.dtype_name}")
         return array.astype(want)
     if want.kind == "f":
         with np.errstate(over="ignore", invalid="ignore"):
