@@ -315,7 +315,8 @@ class Batcher:
                 request.future.set_result(outcome)
         queue = self._queues[key]
         queue.running -= 1
-        if exc is None and queue.dispatches > self.max_running:
+        if exc is None and rows and queue.dispatches > self.max_running:
+            # (Not a batch of only empty requests, 0-row tensors ONNX Runtime runs: it has no cost per row.)
             # The run as timed in its thread, plus what a dispatch costs outside it. Not dispatch to answer:
             # under load that is mostly waiting for the GIL and the event loop, noise that had a small MLP's
             # limit fall back to 1 half the time. Not the first run of each slot: a session's first runs
