@@ -109,6 +109,8 @@ def _open_zip(path_or_bytes: str | Path | bytes) -> tuple[zipfile.ZipFile, str]:
         source, handle = f"uploaded .npz ({len(raw)} bytes)", io.BytesIO(raw)
     else:
         path = Path(path_or_bytes)
+        if path.is_dir():
+            raise CalibrationError(f"calibration file {str(path)!r} is a folder: name the .npz file in it")
         if not path.is_file():
             raise CalibrationError(f"calibration file {str(path)!r} does not exist")
         source, handle = path.name, path

@@ -169,6 +169,7 @@ def test_bad_files_are_one_line_errors(cnn_files: tuple[Path, Path], tmp_path: P
         "no array for input(s) ['image']": [str(model), "--inputs", str(misnamed)],
         "holds no sample": [str(model), "--inputs", str(empty)],
         "does not exist": [str(model), "--inputs", str(tmp_path / "missing.npz")],
+        "is a folder: name the .npz file in it": [str(model), "--inputs", str(tmp_path)],
     }
     for expected, args in cases.items():
         for command in (["bench", *args], ["optimize", *args[:1], "--out", str(tmp_path / "o"), "--quiet",
