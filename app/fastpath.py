@@ -85,7 +85,7 @@ class FastInfer:
             if length is not None and length.isdigit() and int(length) > limit:
                 raise PayloadTooLargeError(body_limit_message(limit))
             body = await read_body(receive, limit)
-            if template is PREDICT or template is VERSION_PREDICT:
+            if template in (PREDICT, VERSION_PREDICT):
                 content, headers = await predict_json(services, name, version, body)
             else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read the body
                 content, headers = await infer(services, name, version, body, header_length, encoding)
