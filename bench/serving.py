@@ -332,10 +332,10 @@ def _v2_binary(feed: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
 
 def _in_process(args: argparse.Namespace, onnx_models: dict) -> None:
     """Call our app's ASGI callable directly with a prebuilt scope, receive and send (no sockets, no HTTP
-    parser): `args.requests` /v2 binary infer requests from max(concurrency) tasks on uvloop per cell, and
-    per (model, batching, way) the wall time and the event-loop thread's CPU per request, medians over
-    rounds. Ways: "fast path" is the app as served; "full stack" calls FastAPI's own __call__, i.e. every
-    middleware and the router (what each infer request went through before app/fastpath.py)."""
+    parser): `args.requests` requests (/v2 binary infer, /v1 JSON predict) from max(concurrency) tasks on
+    uvloop per cell, and per (model, batching, API, way) the wall time and the event-loop thread's CPU per
+    request, medians over rounds. Ways: "fast path" is the app as served; "full stack" calls FastAPI's own
+    __call__, i.e. every middleware and the router (what each request went through before app/fastpath.py)."""
     import uvloop
     from fastapi import FastAPI
 
@@ -344,7 +344,7 @@ def _in_process(args: argparse.Namespace, onnx_models: dict) -> None:
 
     c = max(args.concurrency)
     per_task = max(1, args.requests // c)
-    samples: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    samples: dict[tuple[str, str, str, str], list[tuple[float, float]]] = {}
 
     async def run(tmp: str) -> None:
         app = create_app(Settings(data_dir=Path(tmp), run_worker=False, log_level="warning"))
@@ -364,38 +364,47 @@ def _in_process(args: argparse.Namespace, onnx_models: dict) -> None:
                     statuses.add(message["status"])
 
             ways = {"fast path": app, "full stack": functools.partial(FastAPI.__call__, app)}
+
+            async def measure(round_: int, key: tuple[str, str, str, str], path: str, body: bytes,
+                              headers: dict[str, str]) -> None:
+                message = {"type": "http.request", "body": body, "more_body": False}
+
+                async def receive() -> dict:
+                    return message
+
+                scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+                         "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+                         "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                         "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "state": {},
+                         "headers": [(b"host", b"127.0.0.1:8000"), (b"content-length", str(len(body)).encode()),
+                                     *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
+                call = ways[key[3]]
+
+                async def task(k: int) -> None:
+                    for _ in range(k):
+                        await call(dict(scope), receive, send)  # a server builds a scope per request
+
+                await asyncio.gather(*(task(20) for _ in range(c)))  # warm-up
+                statuses.clear()
+                wall, cpu = time.perf_counter(), time.thread_time()
+                await asyncio.gather(*(task(per_task) for _ in range(c)))
+                wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+                assert statuses == {200}, statuses
+                us = (wall / (per_task * c) * 1e6, cpu / (per_task * c) * 1e6)
+                samples.setdefault(key, []).append(us)
+                print(f"  round {round_} {' '.join(f'{k:<10}' for k in key)} wall {us[0]:6.1f} us/request  "
+                      f"event loop CPU {us[1]:6.1f} us/request", flush=True)
+
             for round_ in range(1, args.rounds + 1):
                 for name, (_, feed) in onnx_models.items():
-                    body, headers = _v2_binary(feed)
-                    message = {"type": "http.request", "body": body, "more_body": False}
-
-                    async def receive(message: dict = message) -> dict:
-                        return message
-
-                    for mode in ("nobatch", "batch"):
-                        path = f"/v2/models/{name}-{mode}/infer"
-                        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-                                 "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
-                                 "raw_path": path.encode(), "root_path": "", "query_string": b"",
-                                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "state": {},
-                                 "headers": [(b"host", b"127.0.0.1:8000"),
-                                             (b"content-length", str(len(body)).encode()),
-                                             *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
-                        for way, call in ways.items():
-                            async def task(k: int, call=call, scope=scope) -> None:  # noqa: ANN001
-                                for _ in range(k):
-                                    await call(dict(scope), receive, send)  # a server builds a scope per request
-
-                            await asyncio.gather(*(task(20) for _ in range(c)))  # warm-up
-                            statuses.clear()
-                            wall, cpu = time.perf_counter(), time.thread_time()
-                            await asyncio.gather(*(task(per_task) for _ in range(c)))
-                            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-                            assert statuses == {200}, statuses
-                            us = (wall / (per_task * c) * 1e6, cpu / (per_task * c) * 1e6)
-                            samples.setdefault((name, mode, way), []).append(us)
-                            print(f"  round {round_} {name:<6} {mode:<8} {way:<10} wall {us[0]:6.1f} us/request  "
-                                  f"event loop CPU {us[1]:6.1f} us/request", flush=True)
+                    requests = {"v2-bin": ("/v2/models/{}/infer", *_v2_binary(feed)),
+                                "v1-json": ("/v1/models/{}/predict", _json_body(feed),
+                                            {"Content-Type": "application/json"})}
+                    for api, (template, body, headers) in requests.items():
+                        for mode in ("nobatch", "batch"):
+                            for way in ways:
+                                await measure(round_, (name, mode, api, way), template.format(f"{name}-{mode}"),
+                                              body, headers)
 
     with tempfile.TemporaryDirectory() as tmp:
         uvloop.run(run(tmp))
@@ -404,11 +413,11 @@ def _in_process(args: argparse.Namespace, onnx_models: dict) -> None:
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"in-process ASGI calls, {per_task * c} requests from {c} tasks per cell, {args.rounds} interleaved rounds, "
           f"medians; load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
-    print("| model  | batching | way        | wall us/request | event loop CPU us/request |")
-    print("|--------|----------|------------|-----------------|---------------------------|")
-    for (name, mode, way), values in samples.items():
+    print("| model  | batching | API     | way        | wall us/request | event loop CPU us/request |")
+    print("|--------|----------|---------|------------|-----------------|---------------------------|")
+    for (name, mode, api, way), values in samples.items():
         wall, cpu = (float(np.median([v[i] for v in values])) for i in range(2))
-        print(f"| {name:<6} | {mode:<8} | {way:<10} | {wall:15.1f} | {cpu:25.1f} |")
+        print(f"| {name:<6} | {mode:<8} | {api:<7} | {way:<10} | {wall:15.1f} | {cpu:25.1f} |")
 
 
 # -- the table -------------------------------------------------------------------------------------------
@@ -431,7 +440,8 @@ def main() -> None:
                         help="processes of the multi-process cells (minimal FastAPI and ours); 1 = none of them")
     parser.add_argument("--only", nargs="+", metavar="PREFIX", help="only the ways whose name starts so (e.g. d e)")
     parser.add_argument("--in-process", action="store_true",
-                        help="instead: the event loop's CPU per /v2 request, calling the app in-process (no HTTP)")
+                        help="instead: the event loop's CPU per /v2 and /v1 request, calling the app in-process "
+                             "(no HTTP)")
     parser.add_argument("--requests", type=int, default=20000, help="requests per in-process cell")
     args = parser.parse_args()
     onnx_models = {k: v for k, v in _models().items() if k in args.models}
