@@ -96,7 +96,8 @@ def required_role(method: str, path: str) -> str | None:
     """Which role a request needs: None (open), READ or ADMIN."""
     if not (path + "/").startswith(PROTECTED_PREFIXES) or path.startswith(OPEN_PREFIXES):
         return None
-    if method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and path.endswith(_READ_POST_SUFFIXES)):
+    # A trailing slash is the same route to the router (it redirects): the same role, not admin.
+    if method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and path.rstrip("/").endswith(_READ_POST_SUFFIXES)):
         return READ
     return ADMIN
 
