@@ -30,9 +30,10 @@ class LoadedModel:
 
     proto: onnx.ModelProto
     sha256: str
-    size_bytes: int
+    size_bytes: int  # the .onnx file given
     original_ir_version: int
     notes: list[str] = field(default_factory=list)
+    external_bytes: int = 0  # the weights read from its external data files (0: every tensor inside the file)
 
     @property
     def ir_version(self) -> int:
@@ -181,11 +182,13 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
     original_ir = model.ir_version
 
     external = _external_tensors(model)
+    external_bytes = 0
     for tensor in external:
         _check_external_location(tensor, base)
     if external:
         assert base is not None  # _check_external_location refused otherwise
         external_data_helper.load_external_data_for_model(model, str(base))
+        external_bytes = sum(len(tensor.raw_data) for tensor in external)
         notes.append(f"{len(external)} tensors loaded from external data files")
 
     _lower_ir_version(model, notes)
@@ -203,7 +206,7 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
         _try_session(path)
         proto = _infer_shapes(path, Path(scratch) / "inferred.onnx")
     return LoadedModel(proto=proto, sha256=sha256, size_bytes=size_bytes, original_ir_version=original_ir,
-                       notes=notes)
+                       notes=notes, external_bytes=external_bytes)
 
 
 def _check(path: Path) -> None:

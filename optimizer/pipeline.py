@@ -200,7 +200,8 @@ def optimize(
     built: dict[str, Built] = {}
     base_row = VariantReport(name=BASELINE, precision="fp32", settings={"source": "the uploaded model"})
     describe(original, base_row)
-    base_row.size_bytes = loaded.size_bytes  # the user's file, not our copy with the shapes inference added
+    # What the user has (the file given and its external data files), not our copy with the shapes inference added
+    base_row.size_bytes = loaded.size_bytes + loaded.external_bytes
     built[BASELINE] = Built(base_row, original)
 
     notify("fuse", 0.1)
