@@ -245,6 +245,19 @@ def _opset_hint(path: Path) -> str:
     return "check that every op is a standard ONNX op (or one ONNX Runtime implements) and that the opset is supported"
 
 
+def require_tensor_outputs(model: onnx.ModelProto) -> None:
+    """UnsupportedModelError naming the outputs that are not tensors (sequences, maps: scikit-learn's ZipMap
+    probabilities). WHY: the accuracy check compares arrays and both predict APIs answer with arrays; such a
+    model was accepted, answered every predict with a 500 and failed its job inside the accuracy check."""
+    others = [output.name for output in model.graph.output if not output.type.HasField("tensor_type")]
+    if others:
+        raise UnsupportedModelError(
+            f"output(s) {', '.join(map(repr, others))} are not tensors (a sequence or map, e.g. the ZipMap "
+            "probabilities of a scikit-learn classifier): onnxforge serves tensor outputs only; export the model "
+            "without them (skl2onnx: the zipmap=False option)"
+        )
+
+
 def _try_session(path: Path) -> None:
     """ONNX Runtime can create a session (dropped again: validation only proves that it loads)."""
     try:

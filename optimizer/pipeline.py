@@ -32,7 +32,7 @@ from optimizer.candidates import Candidate
 from optimizer.errors import CalibrationError, OptimizerError
 from optimizer.graph_inspect import inspect
 from optimizer.latency import measure_batches
-from optimizer.loading import LoadedModel, load_model
+from optimizer.loading import LoadedModel, load_model, require_tensor_outputs
 from optimizer.passes import cleanup
 from optimizer.runtime import SessionSettings, create_session, resolve_provider
 from optimizer.variants import Built, VariantReport, build, describe, evaluate, set_latency
@@ -189,6 +189,7 @@ def optimize(
 
     notify("validate", 0.0)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    require_tensor_outputs(loaded.proto)
     original = loaded.proto
     samples = _samples(loaded, calibration, config)
     int8_mode = _int8_mode(config, samples) if config.precision == "int8" else None

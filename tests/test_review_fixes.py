@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import TensorProto, helper
 
+from app.main import create_app
+from app.settings import Settings
+from optimizer import UnsupportedModelError
 from optimizer.pipeline import OptimizeConfig, optimize
 from tests import models
+from tests.conftest import TEST_SETTINGS
 
 
 def test_size_ratio_of_a_model_with_external_data_counts_its_weights(tmp_path: Path) -> None:
@@ -22,3 +29,34 @@ def test_size_ratio_of_a_model_with_external_data_counts_its_weights(tmp_path: P
     sizes = {v["name"]: v["size_bytes"] for v in report["variants"]}
     assert abs(sizes["original"] - on_disk) <= 0.01 * on_disk
     assert 0.9 < sizes["fused"] / sizes["original"] < 1.1
+
+
+def _zipmap_classifier() -> onnx.ModelProto:
+    """What scikit-learn classifiers export by default (skl2onnx): a label tensor and probabilities as a
+    sequence of maps (ZipMap), which ONNX Runtime returns as a list of dicts, not an array."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    probs = helper.make_value_info("probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+             helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0)]
+    opsets = [helper.make_opsetid("", models.OPSET), helper.make_opsetid("ai.onnx.ml", 1)]
+    model = helper.make_model(helper.make_graph(nodes, "zipmap", [x], [label, probs]), opset_imports=opsets)
+    model.ir_version = models.IR_VERSION
+    return model
+
+
+def test_a_model_with_a_non_tensor_output_is_refused_naming_it(tmp_path: Path) -> None:
+    """Was: the upload accepted (202), every predict a 500 (orjson: 'Dict key must be str'; /v2: a list has no
+    dtype) and the job failed inside the accuracy check (AttributeError), so the model never served."""
+    model = _zipmap_classifier()
+    with pytest.raises(UnsupportedModelError, match="'probabilities'.*zipmap"):
+        optimize(model.SerializeToString(), out_dir=tmp_path / "out", config=OptimizeConfig(precision="fp32"))
+    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path / "app", "run_worker": False})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.post("/v1/models", files={"file": ("clf.onnx", model.SerializeToString())},
+                               data={"name": "clf"})
+        assert response.status_code == 400
+        assert "'probabilities'" in response.json()["error"]
+        assert client.get("/v1/models/clf").status_code == 404

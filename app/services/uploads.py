@@ -26,7 +26,7 @@ from app.errors import BadRequestError, NotReadyError, UnsupportedMediaTypeError
 from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
 from optimizer.errors import ExternalDataError
-from optimizer.loading import LoadedModel, load_model
+from optimizer.loading import LoadedModel, load_model, require_tensor_outputs
 from optimizer.pipeline import CALIBRATION_METHODS, INT8_MODES, PRECISIONS
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -282,6 +282,7 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
             f"{exc}. The service takes the model as one .onnx file: save it with every tensor inside "
             "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)"
         ) from None
+    require_tensor_outputs(loaded.proto)  # a 400 now, not a 500 per predict and a failed job
     # What reading the samples noted (too few held back for a meaningful accuracy check, dtypes cast) goes
     # on the version, beside the model's own notes: it was only in the report's calibration section before.
     sample_notes = load_samples(calibration_path, loaded.proto).notes if calibration_path is not None else []
