@@ -33,7 +33,7 @@ class LoadedModel:
     size_bytes: int  # the .onnx file given
     original_ir_version: int
     notes: list[str] = field(default_factory=list)
-    external_bytes: int = 0  # the weights read from its external data files (0: every tensor inside the file)
+    external_bytes: int = 0  # the size of its external data files (0: every tensor inside the file)
 
     @property
     def ir_version(self) -> int:
@@ -187,8 +187,10 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
         _check_external_location(tensor, base)
     if external:
         assert base is not None  # _check_external_location refused otherwise
+        # the data files' sizes, not the loaded tensors' (reading raw_data copies each tensor)
+        locations = {external_data_helper.ExternalDataInfo(tensor).location for tensor in external}
+        external_bytes = sum((base / location).stat().st_size for location in locations)
         external_data_helper.load_external_data_for_model(model, str(base))
-        external_bytes = sum(len(tensor.raw_data) for tensor in external)
         notes.append(f"{len(external)} tensors loaded from external data files")
 
     _lower_ir_version(model, notes)
