@@ -136,6 +136,7 @@ class OutputAccuracy:
     cosine: float | None = None
     top1: float | None = None  # None: not class scores
     top1_rows: int | None = None  # how many argmax decisions top1 was measured on
+    top1_units: int | None = None  # how many of them are independent (one per sequence for rank >= 3 outputs)
     top1_lower_95: float | None = None  # what top1 can be said to be at least, at 95% confidence (on top1_rows)
     metric: str = "default"  # what gates this output (Tolerance.metrics)
     mask_agreement: float | None = None  # share of positions on the same side of the mask threshold
@@ -206,7 +207,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def agreement_lower_bound(agree: int, total: int, z: float = 1.645) -> float:
+def agreement_lower_bound(agree: float, total: int, z: float = 1.645) -> float:
     """One-sided 95% lower bound of an agreement rate seen as `agree` of `total` (Wilson score interval).
 
     WHY: held-back sets are small; 5 of 5 rows agreeing says little about the 99% the gate asks for
@@ -224,7 +225,11 @@ def _set_top1(result: OutputAccuracy, ref: list[np.ndarray], cand: list[np.ndarr
     agree, total = _top1_counts(ref, cand)
     result.top1 = agree / total if total else 1.0
     result.top1_rows = total
-    result.top1_lower_95 = agreement_lower_bound(agree, total) if total else None
+    # The bound counts independent units: rows of a [batch, classes] output, but one per sequence of a rank >= 3
+    # output ([batch, steps, classes]: a sentence's tokens or a line's CTC steps rise and fall together).
+    units = sum(int(np.prod(r.shape[:-2])) if r.ndim >= 3 else int(np.prod(r.shape[:-1])) for r in ref)
+    result.top1_units = units
+    result.top1_lower_95 = agreement_lower_bound(result.top1 * units, units) if total and units else None
 
 
 def _top1_counts(ref: list[np.ndarray], cand: list[np.ndarray]) -> tuple[int, int]:

@@ -297,8 +297,10 @@ def accuracy_notes(accuracy: dict[str, Any] | None, tolerance: Tolerance, holdou
     notes: list[str] = []
     for name, out in ((accuracy or {}).get("outputs") or {}).items():
         rows, bound = out.get("top1_rows"), out.get("top1_lower_95")
+        units = out.get("top1_units") or rows
         if out.get("checked") and rows and bound is not None and bound < tolerance.min_top1:
-            notes.append(f"output {name!r}: top-1 agreement {out['top1']:.1%} was measured on {rows} row(s); on so "
+            of = f" ({units} independent: one per sequence)" if units != rows else ""
+            notes.append(f"output {name!r}: top-1 agreement {out['top1']:.1%} was measured on {rows} row(s){of}; on so "
                          f"few, the true agreement may be as low as {bound:.1%} (95% lower bound), under the "
                          f"{tolerance.min_top1:.0%} asked for"
                          + (f"; at least {rows_to_prove(tolerance.min_top1)} held-back rows, all agreeing, prove it "

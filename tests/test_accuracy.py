@@ -373,3 +373,14 @@ def test_the_report_warns_when_a_passing_top1_rests_on_too_few_rows() -> None:
     assert accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, searched=False) == notes[:1]
     assert accuracy_notes(compare(many, _copy(many)).to_dict(), Tolerance(), 400, searched=True) == []
     assert accuracy_notes(None, Tolerance(), 5, searched=True) == []  # the original: nothing measured
+
+
+def test_steps_of_one_sequence_count_as_one_unit_in_the_bound() -> None:
+    """A CTC line's 20 steps agree or drift together: 5 lines prove what 5 rows do, not what 100 rows would."""
+    rng = np.random.default_rng(3)
+    ref = [{"logits": rng.normal(0, 3, (1, 20, 5)).astype(np.float32)} for _ in range(5)]
+    out = compare(ref, _copy(ref)).outputs["logits"]
+    assert (out.top1, out.top1_rows, out.top1_units) == (1.0, 100, 5)
+    assert out.top1_lower_95 == pytest.approx(agreement_lower_bound(5, 5)) and out.top1_lower_95 < 0.65
+    note = accuracy_notes(compare(ref, _copy(ref)).to_dict(), Tolerance(), 5, searched=False)[0]
+    assert "measured on 100 row(s) (5 independent: one per sequence)" in note
