@@ -43,3 +43,10 @@ def test_the_embedded_worker_beats_too(serve) -> None:  # noqa: ANN001
             assert time.monotonic() < deadline, ready
             time.sleep(0.2)
         assert ready["worker"] == "running"
+
+
+def test_a_slow_poll_widens_the_window_a_worker_counts_in(serve) -> None:  # noqa: ANN001
+    """An idle worker beats once per poll: with a 20 s poll, one seen 16 s ago is still there."""
+    with serve(run_worker=False, worker_poll_s=20) as api:
+        api.upload(models.mlp(), name="m", precision="fp32")
+        assert "no optimizer worker seen in the last 60 s" in _ready(api)["warning"]

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import services_of
@@ -42,11 +43,13 @@ def _workers(services: Services) -> dict[str, Any]:
     """This process's own worker, how many workers beat lately (any host), and a warning when queued jobs
     have nobody to run them (an API started with --no-worker and no `onnxforge worker` anywhere)."""
     own = "external" if services.worker is None else ("running" if services.worker.alive() else "restarting")
-    seen, queued = services.jobs.workers_seen(), services.jobs.counts()["queued"]
+    # An idle worker beats once per poll: a slow poll setting must not make it look gone between two beats.
+    within = max(WORKER_SEEN_WITHIN_S, 3 * services.settings.worker_poll_s)
+    seen, queued = services.jobs.workers_seen(within), services.jobs.counts()["queued"]
     answer: dict[str, Any] = {"worker": own, "workers_seen": seen}
     if seen == 0 and queued:
         answer["warning"] = (f"{queued} job(s) queued and no optimizer worker seen in the last "
-                             f"{WORKER_SEEN_WITHIN_S:g} s: start `onnxforge worker` on this database "
+                             f"{within:g} s: start `onnxforge worker` on this database "
                              "(or `onnxforge serve` without --no-worker)")
     return answer
 
@@ -60,7 +63,10 @@ async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
     problems = await run_in_threadpool(_check, services)
     if problems:
         raise NotReadyError("not ready: " + "; ".join(f"{part}: {why}" for part, why in problems.items()))
-    workers = await run_in_threadpool(_workers, services)
+    try:
+        workers = await run_in_threadpool(_workers, services)
+    except SQLAlchemyError as exc:  # the database went away since the check above
+        raise NotReadyError(f"not ready: database: {first_line(exc)}") from None
     return {"status": "ready", "database": "ok", "storage": "ok", "provider": services.provider, **workers}
 
 
