@@ -49,7 +49,11 @@ def test_two_api_processes_answer_one_worker_runs_and_sigterm_stops_all(tmp_path
         assert httpx.post(f"{base}/v1/models", files=files, data={"name": "m"}, timeout=30).status_code == 202
         reference = create_session(model.SerializeToString())
         counted: dict[int, float] = {}
-        for i in range(400):  # until both processes have answered predicts (each loads its own session)
+        # Until both processes have answered predicts (each loads its own session). By time, not by count: 400
+        # requests once all went to one process while the other was still starting on a loaded machine.
+        deadline, i = time.monotonic() + 60, 0
+        while time.monotonic() < deadline:
+            i += 1
             feed = models.random_feed(model, batch=1, seed=i)
             body = {"inputs": {"features": feed["features"].tolist()}}
             response = httpx.post(f"{base}/v1/models/m/predict", json=body, timeout=30)
