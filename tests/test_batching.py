@@ -101,6 +101,21 @@ def test_errors_reach_the_caller(executor) -> None:  # noqa: ANN001
         _gather(batcher, session, ["logits"], [{"features": np.zeros((1, 63), np.float32)}])
 
 
+def test_a_dispatch_that_cannot_start_answers_its_requests_instead_of_leaving_them_waiting() -> None:
+    """The dispatch runs from call_soon, where a raise would reach only the loop's log (the callers would hang)."""
+    stopped = ThreadPoolExecutor(1)
+    stopped.shutdown()
+    session = _session(models.mlp())
+    batcher = Batcher(stopped, max_batch_size=8)
+    feed = models.random_feed(models.mlp(), batch=1)
+
+    async def main() -> None:
+        await asyncio.wait_for(batcher.run("m", session, ["logits"], feed), timeout=5)
+
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(main())
+
+
 def test_which_models_are_batchable() -> None:
     mlp_in, mlp_out = signature_of(_session(models.mlp()))
     assert batchable(mlp_in, mlp_out)

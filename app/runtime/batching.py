@@ -310,10 +310,18 @@ class Batcher:
         queue.running += 1
         queue.dispatches += 1
         now = time.perf_counter()
-        if self.observe is not None:
-            self.observe(key, queue.depth(), rows, [now - r.queued_at for r in batch])
-        names = list(signature[0])
-        future = in_thread(self.executor, _run_timed, session, names, batch)
+        try:
+            if self.observe is not None:
+                self.observe(key, queue.depth(), rows, [now - r.queued_at for r in batch])
+            names = list(signature[0])
+            future = in_thread(self.executor, _run_timed, session, names, batch)
+        except Exception as exc:  # noqa: BLE001 - e.g. the executor shut down: answer, never leave them waiting
+            # WHY: a dispatch may run from call_soon, where a raise reaches only the loop's log, not the callers.
+            queue.running -= 1
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
         future.add_done_callback(lambda f: self._finished(key, session, batch, f, rows))
 
     def _finished(self, key: Hashable, session, batch: list[_Request], done: asyncio.Future,  # noqa: ANN001
