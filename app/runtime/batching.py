@@ -217,11 +217,14 @@ class _Queue:
             return self.policy.max_batch_size
         return batch_limit(self.timings, self.dispatches, self.policy.max_batch_size)
 
-    def company(self, group: list[_Request]) -> bool:
-        """May `group` take a run slot while another run of this queue is in flight? Only with 2 rows or more,
-        or where rows run one by one (limit 1): a lone row rather waits for that run to end (module doc). A
-        model with a delay waits for company its own way (`max_delay_s`)."""
-        return len(group) > 1 or group[0].rows > 1 or self.policy.max_delay_s > 0 or self.limit() == 1
+    def may_start(self, group: list[_Request], max_running: int) -> bool:
+        """May `group` take a run slot now? When one is free and no run is in flight, or, beside a run in
+        flight, with 2 rows or more, or where rows run one by one (limit 1): a lone row rather waits for that
+        run to end (module doc). A model with a delay waits for company its own way (`max_delay_s`)."""
+        if self.running >= max_running:
+            return False
+        return (self.running == 0 or len(group) > 1 or group[0].rows > 1 or self.policy.max_delay_s > 0
+                or self.limit() == 1)
 
     def timed(self, rows: int, seconds: float) -> None:
         """Keep a floor per size that creeps up: waits (for the GIL, a core) only ever add to a run's time,
@@ -266,7 +269,7 @@ class Batcher:
             queue.policy = policy
         group = queue.groups.setdefault(signature, [])
         group.append(request)
-        if queue.running < self.max_running and (queue.running == 0 or queue.company(group)):
+        if queue.may_start(group, self.max_running):
             if queue.policy.max_delay_s <= 0:
                 if queue.timer is None:  # after the requests already due in this loop iteration (module doc)
                     queue.timer = loop.call_soon(self._dispatch, key, session)
@@ -287,9 +290,7 @@ class Batcher:
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
-        while queue.groups and queue.running < self.max_running:
-            if queue.running and not queue.company(next(iter(queue.groups.values()))):
-                break  # a lone row waits for the run in flight, or for company (module doc)
+        while queue.groups and queue.may_start(next(iter(queue.groups.values())), self.max_running):
             self._dispatch_one(key, queue, session)
 
     def forget(self, predicate: Callable[[Hashable], bool]) -> None:
