@@ -207,7 +207,10 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def agreement_lower_bound(agree: float, total: int, z: float = 1.645) -> float:
+Z_95 = 1.645  # one-sided 95%
+
+
+def agreement_lower_bound(agree: float, total: int, z: float = Z_95) -> float:
     """One-sided 95% lower bound of an agreement rate seen as `agree` of `total` (Wilson score interval).
 
     WHY: held-back sets are small; 5 of 5 rows agreeing says little about the 99% the gate asks for
@@ -219,6 +222,11 @@ def agreement_lower_bound(agree: float, total: int, z: float = 1.645) -> float:
     center = p + z2 / (2 * total)
     spread = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
     return max(0.0, (center - spread) / (1 + z2 / total))
+
+
+def rows_to_prove(rate: float, z: float = Z_95) -> int:
+    """The fewest rows that, all agreeing, put `agreement_lower_bound` at `rate` or above."""
+    return math.ceil(rate * z * z / (1 - rate))
 
 
 def _set_top1(result: OutputAccuracy, ref: list[np.ndarray], cand: list[np.ndarray]) -> None:

@@ -16,7 +16,6 @@ and the same selection rule.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer import candidates as candidate_lists
-from optimizer.accuracy import Tolerance, run_outputs
+from optimizer.accuracy import Tolerance, rows_to_prove, run_outputs
 from optimizer.auto import AutoSearch
 from optimizer.calibration import SampleSet, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
@@ -311,7 +310,3 @@ def accuracy_notes(accuracy: dict[str, Any] | None, tolerance: Tolerance, holdou
     return notes
 
 
-
-def rows_to_prove(rate: float, z: float = 1.645) -> int:
-    """The fewest rows that, all agreeing, put the 95% lower bound (Wilson) at `rate` or above."""
-    return math.ceil(rate * z * z / (1 - rate))

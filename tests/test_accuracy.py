@@ -14,10 +14,11 @@ from optimizer.accuracy import (
     compare,
     default_channel_axis,
     is_class_scores,
+    rows_to_prove,
     run_outputs,
 )
 from optimizer.errors import OptimizerError
-from optimizer.pipeline import accuracy_notes, rows_to_prove
+from optimizer.pipeline import accuracy_notes
 from optimizer.runtime import SessionSettings, create_session
 from tests.models import cnn, random_feed
 
