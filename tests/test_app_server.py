@@ -47,7 +47,9 @@ def test_served_over_http_from_upload_to_predict_and_clean_shutdown(server) -> N
         served = client.post("/v1/models/cnn/predict", json={"inputs": {"image": feed["image"].tolist()}}).json()
         got = np.asarray(served["outputs"]["logits"], np.float32)
         cosine = float(got.ravel() @ expected.ravel() / (np.linalg.norm(got) * np.linalg.norm(expected)))
-        assert served["variant"] == "optimized" and cosine > 0.99
+        # "original" when the optimizer found nothing faster (it then serves the original and says so)
+        assert served["variant"] == ("original" if report["selected"] == "original" else "optimized")
+        assert cosine > 0.99
 
         bad = client.post("/v1/models/cnn/predict", json={"inputs": {"image": [[1.0, 2.0]]}})
         assert bad.status_code == 400 and "'image'" in bad.json()["error"]

@@ -208,13 +208,14 @@ def test_upload_watch_report_and_try_it_in_chromium(browser, tmp_path: Path) -> 
         # The models list shows the same speedup and size ratio.
         row = browser.execute_script("return [...document.querySelector('#models tr[data-model=cnn]').cells]"
                                      ".map(c => c.textContent)")
-        assert row == ["cnn", "1", "ready", "v1", "optimized", "cpu", f"{report['speedup_p50']:.2f}x",
+        variant = "original" if report["selected"] == "original" else "optimized"
+        assert row == ["cnn", "1", "ready", "v1", variant, "cpu", f"{report['speedup_p50']:.2f}x",
                        f"{report['size_ratio']:.2f}"]
 
         # Try it: one predict with the generated example; the answer shown is the API's answer.
         browser.find_element("id", "try-send").click()
         wait_for(browser, "document.querySelector('#try-latency').dataset.ms")
-        assert re.fullmatch(r"v1 \(optimized\) answered in [\d.]+ ms \(round trip from this browser\)",
+        assert re.fullmatch(rf"v1 \({variant}\) answered in [\d.]+ ms \(round trip from this browser\)",
                             text(browser, "#try-latency"))
         feed = json.loads(browser.execute_script("return document.querySelector('#try-input').value"))
         assert np.asarray(feed["inputs"]["image"]).shape == (1, 3, 32, 32)  # "batch" became 1

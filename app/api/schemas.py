@@ -103,7 +103,8 @@ class ModelOut(BaseModel):
 class PredictIn(BaseModel):
     inputs: dict[str, Any] = Field(description='{"<input name>": nested list or number}; dtypes come from the model')
     variant: Literal["optimized", "original"] | None = Field(
-        default=None, description="default: optimized once ready, the validated original until then"
+        default=None, description="default: optimized once ready, the validated original until then (and for good "
+                                  "when the optimizer found nothing faster: the answer's variant says which served)"
     )
 
     model_config = {"json_schema_extra": {"example": {"inputs": {"features": [[0.1, 0.2, 0.3]]}}}}

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import BadRequestError, ModelLoadError, NotFoundError, ServiceError
+from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics, PredictSeries
 from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import FeedChecker
-from app.services.registry import Registry, serving_variant
+from app.services.registry import VARIANTS, Registry, serving_variant
 from app.store import ModelVersion
 from optimizer.errors import first_line
 
@@ -50,6 +50,26 @@ class ServingModel:
     row: ModelVersion
     variant: str
     loaded: LoadedSession
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A looked-up version and the variant each request for it gets, worked out once per lookup rather than per
+    request (each read of a row's attribute goes through SQLAlchemy's descriptor)."""
+
+    row: ModelVersion
+    id: str
+    variants: dict[str | None, str]  # requested variant (None: default) -> served; absent: serving_variant refuses
+
+    @classmethod
+    def of(cls, row: ModelVersion) -> _Resolved:
+        variants = {}
+        for requested in (None, *VARIANTS):
+            try:
+                variants[requested] = serving_variant(row, requested)
+            except ConflictError:
+                continue
+        return cls(row, row.id, variants)
 
 
 @dataclass(frozen=True)
@@ -96,14 +116,14 @@ class PredictService:
         self.batcher = batcher
         # Batch a model without its own batch size only if a probe shows that batching pays for it.
         self.probe_batching = probe_batching
-        self._resolved: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
+        self._resolved: dict[tuple[str, int | None], tuple[float, _Resolved]] = {}
         self._resolving: dict[tuple[str, int | None], asyncio.Task] = {}
         self._generations: dict[str, int] = {}  # bumped by invalidate(name): a lookup begun before is not cached
         self._routes: dict[tuple[str, str], _Route] = {}
 
     # -- which version, which session ---------------------------------------------------------------
 
-    async def _resolve(self, name: str, version: int | None) -> ModelVersion:
+    async def _resolve(self, name: str, version: int | None) -> _Resolved:
         key = (name, version)
         cached = self._resolved.get(key)
         if cached is not None and cached[0] > time.monotonic():
@@ -117,23 +137,23 @@ class PredictService:
         return await asyncio.shield(lookup)
 
     async def _lookup(self, key: tuple[str, int | None],
-                      cached: tuple[float, ModelVersion] | None) -> ModelVersion:
+                      cached: tuple[float, _Resolved] | None) -> _Resolved:
         name, version = key
         generation = self._generations.get(name, 0)
         try:
-            row = await run_in_threadpool(self.registry.resolve, name, version)
+            resolved = _Resolved.of(await run_in_threadpool(self.registry.resolve, name, version))
         except NotFoundError:
             self._resolved.pop(key, None)
             if cached is not None:  # deleted, maybe through another replica: free its sessions now
                 self.forget([cached[1].id])
             raise
-        if cached is not None and cached[1].id != row.id:
+        if cached is not None and cached[1].id != resolved.id:
             # Another replica deleted or replaced what this name served: drop its sessions now rather
             # than when the LRU gets to them (a replaced version reloads on demand if still asked for).
             self.forget([cached[1].id])
         if self._generations.get(name, 0) == generation:  # not invalidated meanwhile: the answer is current
-            self._resolved[key] = (time.monotonic() + self.cache_ttl_s, row)  # with a TTL of 0: only remembered
-        return row
+            self._resolved[key] = (time.monotonic() + self.cache_ttl_s, resolved)  # TTL 0: only remembered
+        return resolved
 
     def invalidate(self, name: str) -> None:
         """Forget which version serves `name` (after an upload or delete through this API)."""
@@ -155,9 +175,10 @@ class PredictService:
 
     async def serving(self, name: str, version: int | None = None, variant: str | None = None) -> ServingModel:
         """The version, variant and loaded session a request for (name, version, variant) gets."""
-        row = await self._resolve(name, version)
-        chosen = serving_variant(row, variant)
-        key = (row.id, chosen)
+        resolved = await self._resolve(name, version)
+        row = resolved.row
+        chosen = resolved.variants.get(variant) or serving_variant(row, variant)  # the latter raises why not
+        key = (resolved.id, chosen)
         loaded = self.sessions.get(key)
         if loaded is None:
             loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from app.services.uploads import ValidatedUpload
 from app.storage import ArtifactStore
 from app.storage.base import CALIBRATION, OPTIMIZED, ORIGINAL, artifact_key, version_prefix
 from app.store import Database, Job, ModelVersion, utcnow
+from optimizer.pipeline import BASELINE
 
 VARIANTS = ("optimized", "original")
 _VARIANT_FILES = {"optimized": OPTIMIZED, "original": ORIGINAL}
@@ -32,14 +33,19 @@ class Accepted:
 
 
 def serving_variant(version: ModelVersion, requested: str | None) -> str:
-    """The variant a request gets: what it asked for, else optimized once ready, else the original."""
+    """The variant a request gets: what it asked for, else optimized once ready, else the original.
+
+    A ready version whose optimizer kept the original (nothing beat it: `selected` is the baseline) serves and
+    says "original" even when asked for "optimized": its optimized file is the original model, and an answer
+    saying "optimized" would promise a speedup that was not found.
+    """
     if version.status == "failed":
         raise ConflictError(
             f"model {version.name!r} version {version.version} failed to optimize and does not serve: "
             f"{version.error}"
         )
     if requested in (None, "optimized") and version.status == "ready":
-        return "optimized"
+        return "original" if version.selected == BASELINE else "optimized"
     if requested == "optimized":
         raise ConflictError(
             f"model {version.name!r} version {version.version} is still optimizing: its optimized variant is not "
