@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
 from app.storage.base import OPTIMIZED, ORIGINAL, artifact_key
+from app.store import Job, ModelVersion
 from optimizer.runtime import create_session
 from tests import models
 from tests.conftest import Api
@@ -65,3 +67,59 @@ def test_a_version_whose_optimizer_kept_the_original_says_original(serve, tmp_pa
         # A version where a recipe won still says optimized, and the original stays one request away.
         assert api.predict("fused", feed).json()["variant"] == "optimized"
         assert api.predict("fused", feed, variant="original").json()["variant"] == "original"
+
+
+# -- 2. a stored model whose outputs are not all tensors --------------------------------------------------
+
+
+def _zipmap_classifier() -> onnx.ModelProto:
+    """scikit-learn's default export (skl2onnx): a label tensor and the probabilities as a sequence of maps."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    probs = helper.make_value_info("probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+             helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0)]
+    opsets = [helper.make_opsetid("", models.OPSET), helper.make_opsetid("ai.onnx.ml", 1)]
+    model = helper.make_model(helper.make_graph(nodes, "zipmap", [x], [label, probs]), opset_imports=opsets)
+    model.ir_version = models.IR_VERSION
+    return model
+
+
+def _store_as_an_older_release(api: Api, name: str, model: onnx.ModelProto, tmp: Path) -> None:
+    """What releases before the tensor-output check (optimizer.loading.require_tensor_outputs) stored for an
+    upload they accepted: the version row, its job and the original file."""
+    services = api.services
+    source = tmp / f"{name}.onnx"
+    source.write_bytes(model.SerializeToString())
+    with services.db.write() as session:
+        version = ModelVersion(name=name, version=1, status="optimizing", filename=source.name, sha256="0" * 64,
+                               size_bytes=source.stat().st_size, options={}, inputs=[], outputs=[], notes=[])
+        session.add(version)
+        session.flush()
+        session.add(Job(version_id=version.id, name=name, version=1))
+    services.store.put_file(artifact_key(name, 1, ORIGINAL), source)
+
+
+def test_a_stored_model_with_a_map_output_answers_predict_with_a_conflict_not_500(serve, tmp_path: Path) -> None:  # noqa: ANN001
+    """Was: 500 on /v1 predict (orjson: 'Dict key must be str') and on /v2 infer, for every request. Now a 409
+    naming the output and the fix; /v2 may still ask for the tensor outputs alone, and gets them."""
+    feed = {"x": [[0.1, 2.0, 0.3], [3.0, 0.2, 0.1]]}
+    with serve(run_worker=False) as api:
+        _store_as_an_older_release(api, "clf", _zipmap_classifier(), tmp_path)
+        for path in ("/v1/models/clf/predict", "/v1/models/clf/versions/1/predict"):
+            answer = api.client.post(path, json={"inputs": feed})
+            assert answer.status_code == 409, answer.text
+            error = answer.json()["error"]
+            assert "'probabilities'" in error and "zipmap=False" in error and "'label'" not in error
+        infer = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": sum(feed["x"], [])}]}
+        answer = api.client.post("/v2/models/clf/infer", json=infer)
+        assert answer.status_code == 409 and "'probabilities'" in answer.json()["error"], answer.text
+        label_only = api.client.post("/v2/models/clf/infer", json={**infer, "outputs": [{"name": "label"}]})
+        assert label_only.status_code == 200, label_only.text
+        assert label_only.json()["outputs"][0]["data"] == [1, 0]
+        described = api.client.get("/v1/models/clf")
+        assert described.status_code == 200, described.text
+        assert [o["name"] for o in described.json()["outputs"]] == ["label", "probabilities"]
+        assert api.client.get("/v2/models/clf").status_code == 200

@@ -80,6 +80,7 @@ class _Route:
     key: tuple[str, str, str, str]  # (name, version, variant, version id): the batching queue and metrics key
     policy: BatchPolicy | None  # None: each request runs alone (not batchable, or batching is off)
     outputs: tuple[str, ...]
+    non_tensors: tuple[str, ...]  # outputs predict cannot answer with (sequences, maps), see _refuse_non_tensors
     name: str
     version: int
     feed: FeedChecker  # the input checks
@@ -210,7 +211,9 @@ class PredictService:
             if not await loop.run_in_executor(self.executor, batching_pays, loaded.session, loaded.inputs):
                 policy = None
         route = _Route((row.name, str(row.version), model.variant, row.id), policy,
-                       tuple(spec.name for spec in loaded.outputs), row.name, row.version, FeedChecker(loaded.inputs),
+                       tuple(spec.name for spec in loaded.outputs),
+                       tuple(spec.name for spec in loaded.outputs if spec.dtype is None),
+                       row.name, row.version, FeedChecker(loaded.inputs),
                        self.metrics.predict_series(row.name, row.version, model.variant))
         return self._routes.setdefault(key, route)  # a concurrent first request may have probed too
 
@@ -233,6 +236,8 @@ class PredictService:
                     raise BadRequestError(f"unknown output {unknown[0]!r}: the model's outputs are "
                                           f"{list(route.outputs)}")
             names = output_names or list(route.outputs)
+            if route.non_tensors:
+                _refuse_non_tensors(route, names)
             try:
                 if route.policy is not None:
                     values = await self.batcher.run(route.key, loaded.session, names, feed, route.policy)
@@ -247,3 +252,17 @@ class PredictService:
             return Prediction(route.name, route.version, model.variant, loaded.provider, outputs)
         finally:
             route.series.observe(started, ok)
+
+
+def _refuse_non_tensors(route: _Route, names: list[str]) -> None:
+    """ConflictError (409) when `names` include outputs that are not tensors. WHY: uploads are refused such
+    models now (optimizer.loading.require_tensor_outputs), but one stored before that check still serves, and
+    both protocols encode arrays only: its every predict was a 500."""
+    others = [name for name in names if name in route.non_tensors]
+    if others:
+        raise ConflictError(
+            f"model {route.name!r} version {route.version}: output(s) {', '.join(map(repr, others))} are not tensors "
+            "(a sequence or map, e.g. the ZipMap probabilities of a scikit-learn classifier) and predict answers "
+            "with tensors only: export the model without them (skl2onnx: the zipmap=False option) and upload it "
+            "again, or ask /v2 infer for the other outputs by name"
+        )
