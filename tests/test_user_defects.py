@@ -19,7 +19,7 @@ from app.storage.base import OPTIMIZED, ORIGINAL, artifact_key
 from app.store import Job, ModelVersion
 from optimizer.runtime import create_session
 from tests import models
-from tests.conftest import Api
+from tests.conftest import Api, files_under
 
 
 def _finish_job(api: Api, selected: str, tmp: Path) -> None:
@@ -123,3 +123,24 @@ def test_a_stored_model_with_a_map_output_answers_predict_with_a_conflict_not_50
         assert described.status_code == 200, described.text
         assert [o["name"] for o in described.json()["outputs"]] == ["label", "probabilities"]
         assert api.client.get("/v2/models/clf").status_code == 200
+
+
+# -- 3. deleting a model removes its folder ---------------------------------------------------------------
+
+
+def test_deleting_a_model_removes_its_folder_and_nothing_of_another(serve) -> None:  # noqa: ANN001
+    """Was: `models/<name>/` stayed behind, empty, after the model's last version was deleted."""
+    with serve(run_worker=False) as api:
+        for name in ("a", "a", "ab"):  # "ab" shares the prefix "a": its files must survive a's delete
+            assert api.upload(models.mlp(), name=name).status_code == 202
+        root = api.services.settings.artifacts_dir / "models"
+        assert api.client.delete("/v1/models/a/versions/1").status_code == 200
+        assert files_under(root) == {"a/2/original.onnx", "ab/1/original.onnx"}
+        assert sorted(p.name for p in (root / "a").iterdir()) == ["2"]
+        assert api.client.delete("/v1/models/a").status_code == 200
+        assert files_under(root) == {"ab/1/original.onnx"}
+        assert sorted(p.name for p in root.iterdir()) == ["ab"]
+        assert api.predict("ab", models.random_feed(models.mlp())).status_code == 200
+        assert api.client.delete("/v1/models/ab").status_code == 200
+        assert api.upload(models.mlp(), name="a").status_code == 202  # a name comes back: version 3, stored
+        assert files_under(root) == {"a/3/original.onnx"}

@@ -25,6 +25,20 @@ def version_prefix(name: str, version: int) -> str:
     return f"models/{name}/{version}/"
 
 
+def remove_empty_parents(path: Path, root: Path) -> None:
+    """Remove `path`'s parent folders up to (not including) `root` while they are empty: once a model's last
+    version is deleted, its `models/<name>/` folder goes too instead of staying behind, empty, forever.
+    `rmdir` removes empty folders only, so another version's files, or an upload writing into the folder
+    meanwhile, stop it; it never looks at a sibling (another model's folder)."""
+    for folder in path.parents:
+        if folder == root or not folder.is_relative_to(root):
+            return
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            return
+
+
 class ArtifactStore(ABC):
     @abstractmethod
     def put_file(self, key: str, source: Path, *, move: bool = False) -> None:

@@ -7,7 +7,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from app.storage.base import ArtifactStore
+from app.storage.base import ArtifactStore, remove_empty_parents
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -52,6 +52,7 @@ class LocalArtifactStore(ArtifactStore):
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+        remove_empty_parents(path, self.root)
 
     def check(self) -> None:
         probe = self.root / f".ready-{uuid.uuid4().hex}"

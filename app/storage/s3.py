@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ServiceError
-from app.storage.base import ArtifactStore
+from app.storage.base import ArtifactStore, remove_empty_parents
 
 
 class StorageConfigError(ServiceError):
@@ -114,6 +114,7 @@ class S3ArtifactStore(ArtifactStore):
             shutil.rmtree(local, ignore_errors=True)
         else:
             local.unlink(missing_ok=True)
+        remove_empty_parents(local, self.cache)
 
     def check(self) -> None:
         probe = self._object(f".ready/{uuid.uuid4().hex}")
