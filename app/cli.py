@@ -164,6 +164,16 @@ def _accuracy_options(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders `path.mkdir(parents=True)` would create, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
 def _optimize(args: argparse.Namespace) -> int:
     import json
 
@@ -175,6 +185,7 @@ def _optimize(args: argparse.Namespace) -> int:
         accuracy = _accuracy_options(args)
     except ValueError as exc:
         return _fail(str(exc))
+    created = _missing_folders(args.out)
     try:
         args.out.mkdir(parents=True, exist_ok=True)  # here, before minutes of work, not after
     except OSError as exc:
@@ -182,13 +193,22 @@ def _optimize(args: argparse.Namespace) -> int:
     config = OptimizeConfig(precision=args.precision, int8_mode=args.int8_mode,
                             calibration_method=args.calibration_method, provider=args.provider,
                             time_budget_s=args.time_budget, **accuracy)
+    done = False
     try:
         with _quiet(args.quiet):
             result = optimize(args.model, out_dir=args.out, config=config, calibration=args.calibration,
                               progress=None if args.quiet else lambda stage, f: print(f"[{f:4.0%}] {stage}",
                                                                                         file=sys.stderr))
+        done = True
     except OptimizerError as exc:
         return _fail(str(exc))
+    finally:
+        if not done:  # a refused model or samples, or Ctrl-C: no empty folder of ours stays behind
+            for folder in created:
+                try:
+                    folder.rmdir()  # empty folders only: never one that existed, nor one holding anything
+                except OSError:
+                    break
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:

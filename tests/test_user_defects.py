@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from app.cli import main
 from app.storage.base import OPTIMIZED, ORIGINAL, artifact_key
 from app.store import Job, ModelVersion
 from optimizer.runtime import create_session
@@ -144,3 +145,27 @@ def test_deleting_a_model_removes_its_folder_and_nothing_of_another(serve) -> No
         assert api.client.delete("/v1/models/ab").status_code == 200
         assert api.upload(models.mlp(), name="a").status_code == 202  # a name comes back: version 3, stored
         assert files_under(root) == {"a/3/original.onnx"}
+
+
+# -- 4. `onnxforge optimize` refused: no empty --out folder left ---------------------------------------------
+
+
+def test_a_refused_optimize_leaves_no_folder_it_made(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Was: --out (and its missing parents) created before the model was read, and left empty when it was refused."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07" + bytes(range(256)) * 4)  # starts like a model, is not one
+    model = tmp_path / "mlp.onnx"
+    onnx.save(models.mlp(), model)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, other=np.zeros((4, 64), np.float32))  # no array for the model's input `features`
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    cases = [([str(bad)], tmp_path / "new" / "deeper"), ([str(model), "--calibration", str(wrong)], tmp_path / "o"),
+             ([str(bad)], existing), ([str(bad)], existing / "sub")]
+    for args, out in cases:
+        assert main(["optimize", *args, "--out", str(out), "--precision", "fp32", "--quiet"]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: ")
+        assert not out.exists() or out == existing, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "existing", "mlp.onnx", "wrong.npz"]
+    assert not any(existing.iterdir())
