@@ -144,19 +144,21 @@ def _quiet(enabled: bool) -> Iterator[None]:
         root.setLevel(before)
 
 
-def _accuracy_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The --min-cosine, --min-top1 and --metrics given, read by the HTTP upload's own parser (same rules and
-    messages); the ones not given keep the optimizer's defaults. ValueError names the option to fix."""
+def _upload_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The --int8-mode, --min-cosine, --min-top1 and --metrics given, read by the HTTP upload's own parser (same
+    rules and messages); the ones not given keep the optimizer's defaults. ValueError names the option to fix.
+    So static --int8-mode without --calibration is refused, as the upload refuses it, whatever the precision
+    (auto used to ignore it silently)."""
     from app.errors import BadRequestError
     from app.services.uploads import parse_options
 
     chosen = {}
-    for key in ("min_cosine", "min_top1", "metrics"):
+    for key in ("int8_mode", "min_cosine", "min_top1", "metrics"):
         text = getattr(args, key)
         if text is None:
             continue
         try:
-            value = getattr(parse_options({key: text}, has_calibration=True), key)
+            value = getattr(parse_options({key: text}, has_calibration=args.calibration is not None), key)
         except BadRequestError as exc:
             raise ValueError(f"--{key.replace('_', '-')}: {exc}") from None
         if value is not None:
@@ -182,7 +184,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from optimizer.report_table import summary
 
     try:
-        accuracy = _accuracy_options(args)
+        options = _upload_options(args)
     except ValueError as exc:
         return _fail(str(exc))
     created = _missing_folders(args.out)
@@ -190,9 +192,8 @@ def _optimize(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)  # here, before minutes of work, not after
     except OSError as exc:
         return _fail(f"--out {args.out}: cannot make the output folder there ({exc.strerror}); name a folder")
-    config = OptimizeConfig(precision=args.precision, int8_mode=args.int8_mode,
-                            calibration_method=args.calibration_method, provider=args.provider,
-                            time_budget_s=args.time_budget, **accuracy)
+    config = OptimizeConfig(precision=args.precision, calibration_method=args.calibration_method,
+                            provider=args.provider, time_budget_s=args.time_budget, **options)
     done = False
     try:
         with _quiet(args.quiet):

@@ -169,3 +169,27 @@ def test_a_refused_optimize_leaves_no_folder_it_made(tmp_path: Path, capsys) -> 
         assert not out.exists() or out == existing, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "existing", "mlp.onnx", "wrong.npz"]
     assert not any(existing.iterdir())
+
+
+# -- 5. static INT8 without calibration samples: refused by the CLI as by the upload --------------------------
+
+
+def test_static_int8_without_calibration_is_refused_by_cli_and_upload_alike(serve, tmp_path: Path,  # noqa: ANN001
+                                                                           capsys) -> None:  # noqa: ANN001
+    """Was: `onnxforge optimize --precision auto --int8-mode static` without --calibration ran, silently ignoring the
+    mode (auto never reads it), while the upload refused the same combination with a 400."""
+    model = tmp_path / "mlp.onnx"
+    onnx.save(models.mlp(), model)
+    with serve(run_worker=False) as api:
+        for precision in ("auto", "int8", "fp32"):
+            out = tmp_path / f"out-{precision}"
+            code = main(["optimize", str(model), "--out", str(out), "--precision", precision, "--int8-mode", "static",
+                         "--time-budget", "2", "--quiet"])
+            [line] = capsys.readouterr().err.splitlines()
+            assert (code, out.exists()) == (2, False), line
+            uploaded = api.upload(models.mlp(), name="m", precision=precision, int8_mode="static")
+            assert uploaded.status_code == 400, uploaded.text
+            message = uploaded.json()["error"]
+            assert line == f"error: --int8-mode: {message}"
+            assert "needs a calibration set" in message and "--calibration" in message
+        assert api.client.get("/v1/models").json() == []

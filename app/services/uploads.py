@@ -178,10 +178,10 @@ def parse_options(fields: dict[str, str], has_calibration: bool) -> UploadOption
         min_top1=_fraction(fields, "min_top1"),
         metrics=_metrics(fields),
     )
-    if options.int8_mode == "static" and not has_calibration:
+    if options.int8_mode == "static" and not has_calibration:  # whatever the precision: auto would ignore it
         raise BadRequestError(
-            "int8_mode=static needs a calibration set: add a `calibration` .npz with samples for every input, "
-            "or use int8_mode=dynamic"
+            "int8_mode=static needs a calibration set: pass calibration samples (.npz with samples for every "
+            "input: the `calibration` upload field, --calibration on the command line), or use int8_mode=dynamic"
         )
     return options
 
