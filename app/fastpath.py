@@ -67,8 +67,6 @@ class FastInfer:
         services = self.state.services
         status, started = 500, False
         try:
-            if services is None:
-                raise NotReadyError("the service is starting or stopping")
             authorization, length, header_length, encoding = b"", None, None, None
             for key, value in scope["headers"]:  # one pass for every header this path reads
                 if key == _HEADER_LENGTH:
@@ -81,6 +79,8 @@ class FastInfer:
                     encoding = value.decode("latin-1").strip().lower()
             if self.keys.enabled:
                 check_key(self.keys, READ, authorization)  # running a model is what a read key is for (required_role)
+            if services is None:  # after the key: a client without one learns nothing of the service's state
+                raise NotReadyError("the service is starting or stopping")
             limit = self.max_body_bytes
             if length is not None and length.isdigit() and int(length) > limit:
                 raise PayloadTooLargeError(body_limit_message(limit))

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 
 from app.cli import main
+from app.main import create_app
+from app.settings import Settings
 from app.storage.base import OPTIMIZED, ORIGINAL, artifact_key
 from app.store import Job, ModelVersion
 from optimizer.runtime import create_session
 from tests import models
-from tests.conftest import Api, files_under
+from tests.conftest import TEST_SETTINGS, Api, files_under
 
 
 def _finish_job(api: Api, selected: str, tmp: Path) -> None:
@@ -193,3 +196,25 @@ def test_static_int8_without_calibration_is_refused_by_cli_and_upload_alike(serv
             assert line == f"error: --int8-mode: {message}"
             assert "needs a calibration set" in message and "--calibration" in message
         assert api.client.get("/v1/models").json() == []
+
+
+# -- 6. the API key is checked before "not ready" -------------------------------------------------------------
+
+
+def test_while_the_service_is_not_ready_predict_checks_the_key_first(tmp_path: Path) -> None:
+    """Was: the fast path answered 503 ("starting or stopping") to a client without a key, before checking it.
+    The app is not started (no lifespan): its services are not there, as while it starts or stops."""
+    read, admin = "read-key-0123456789abcdef", "admin-key-0123456789abcdef"
+    feed = {"inputs": {"features": [[0.0] * 64]}}
+    infer = {"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+    for cors in ("", "https://example.org"):  # the fast path, then the normal stack (CORS turns the fast path off)
+        settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path / "data", "run_worker": False,
+                               "api_keys": f"admin:{admin}, read:{read}", "cors_origins": cors})
+        client = TestClient(create_app(settings), raise_server_exceptions=False)
+        for path, body in (("/v1/models/m/predict", feed), ("/v1/models/m/versions/1/predict", feed),
+                           ("/v2/models/m/infer", infer), ("/v2/models/m/versions/1/infer", infer)):
+            assert client.post(path, json=body).status_code == 401, (cors, path)
+            assert client.post(path, json=body, headers={"Authorization": "Bearer wrong-key-0123456789"}
+                               ).status_code == 401, (cors, path)
+            answer = client.post(path, json=body, headers={"Authorization": f"Bearer {read}"})
+            assert answer.status_code == 503 and "starting or stopping" in answer.json()["error"], (cors, path)
