@@ -1,8 +1,9 @@
 """The worker process: jobs succeed end to end, replace versions only when ready, and survive crashes,
 kills, time limits, deletes and restarts without ever staying stuck in `running`.
 
-Faults are made deterministic by freezing the optimizer child with SIGSTOP once the job runs: the
-job then cannot finish before the fault (a kill, a restart, a deadline) is injected.
+Faults are made deterministic: where the job fails anyway, its model is one whose run never ends
+(tests/hostile.model_that_hangs); where it must finish after the fault (a restart, a retry), the optimizer
+child is frozen with SIGSTOP once the job runs, so it cannot finish before the fault is injected.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from app.store import Job
 from optimizer.runtime import create_session
-from tests import models
+from tests import hostile, models
 from tests.conftest import Api, npz
 
 
@@ -134,8 +135,7 @@ def test_a_failed_version_never_replaces_the_serving_one(serve) -> None:  # noqa
     with serve() as api:
         assert api.wait(api.upload(models.mlp(seed=1), name="m").json()["job_id"])["status"] == "succeeded"
     with serve(job_time_limit_s=1.5) as api:
-        second = api.upload(models.mlp(seed=2), name="m").json()["job_id"]
-        _freeze_runner(api, second)
+        second = api.upload(hostile.model_that_hangs(), name="m").json()["job_id"]
         assert api.wait(second)["status"] == "failed"
         served = api.predict("m", feed).json()
         assert (served["version"], served["variant"]) == (1, _variant(api, "m", 1))
@@ -174,9 +174,10 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_retried(serve) -> None:  
 
 def test_worker_killed_on_the_last_attempt_fails_the_job_with_the_reason(serve) -> None:  # noqa: ANN001
     with serve(job_max_attempts=1) as api:
-        job_id = api.upload(models.mlp(), name="m").json()["job_id"]
-        _freeze_runner(api, job_id)
+        job_id = api.upload(hostile.model_that_hangs(), name="m").json()["job_id"]
+        runner = _runner_pid(api, job_id)
         os.kill(api.services.worker.pid, signal.SIGKILL)
+        assert _gone(runner), "the optimizer child outlived its worker"
         job = api.wait(job_id)
         assert job["status"] == "failed"
         assert "stopped 1 times" in job["error"] and "Upload the model again" in job["error"]
@@ -186,7 +187,7 @@ def test_worker_killed_on_the_last_attempt_fails_the_job_with_the_reason(serve) 
 
 def test_optimizer_crash_fails_only_its_job(serve) -> None:  # noqa: ANN001
     with serve() as api:
-        crashed = api.upload(models.mlp(), name="crash").json()["job_id"]
+        crashed = api.upload(hostile.model_that_hangs(), name="crash").json()["job_id"]
         worker_pid = api.services.worker.pid
         os.kill(_runner_pid(api, crashed), signal.SIGKILL)  # as if ONNX Runtime segfaulted
         job = api.wait(crashed)
@@ -199,20 +200,20 @@ def test_optimizer_crash_fails_only_its_job(serve) -> None:  # noqa: ANN001
 
 def test_job_over_its_time_limit_is_stopped_and_failed(serve) -> None:  # noqa: ANN001
     with serve(job_time_limit_s=1.5) as api:
-        job_id = api.upload(models.mlp(), name="slow").json()["job_id"]
-        runner = _freeze_runner(api, job_id)
+        job_id = api.upload(hostile.model_that_hangs(), name="slow").json()["job_id"]
+        runner = _runner_pid(api, job_id)
         job = api.wait(job_id)
         assert job["status"] == "failed"
         assert "time limit of 1.5 s" in job["error"]
         assert _gone(runner)
-        refused = api.predict("slow", models.random_feed(models.mlp()))  # its only version failed
+        refused = api.predict("slow", {"x": [[1.0]]})  # its only version failed
         assert refused.status_code == 409 and "every version failed" in refused.json()["error"]
 
 
 def test_deleting_a_model_mid_job_stops_the_job_and_leaves_no_files(serve) -> None:  # noqa: ANN001
     with serve() as api:
-        job_id = api.upload(models.mlp(), name="doomed").json()["job_id"]
-        runner = _freeze_runner(api, job_id)
+        job_id = api.upload(hostile.model_that_hangs(), name="doomed").json()["job_id"]
+        runner = _runner_pid(api, job_id)
         assert api.client.delete("/v1/models/doomed").status_code == 200
         job = api.job(job_id)
         assert (job["status"], job["error"]) == ("failed", "the model version was deleted")
