@@ -1,13 +1,16 @@
 """Does SmoothQuant-style smoothing (optimizer/passes/smooth.py) rescue INT8 on real MatMul models? Side by side.
 
     python bench/smooth.py [--models minilm ocr_rec] [--alphas 0.5 0.75] [--seconds 20] [--samples 40]
+                           [--float NODE ...]
 
 Per model, on the fused FP32 model (what precision=auto quantizes): dynamic S8 per-channel and static MinMax
-QDQ U8S8 on Conv/MatMul/Gemm, each without smoothing, with smoothing folded into producers only, and with a
-Mul inserted where no producer can absorb it, at each alpha. Columns: worst output cosine, worst channel-slice
-cosine (the strict gate wants both >= 0.99), whether the strict and the task gate (bench/real_models.py
-task_metrics) pass, and p50 at batch 1 as a ratio to the original FP32, from one interleaved timing of all
-rows of the model (spinning off). Needs `python bench/real_models.py fetch`.
+QDQ U8S8 on Conv/MatMul/Gemm, each without smoothing, with smoothing of LayerNorm outputs (the paper's recipe)
+folded into the LayerNorm only, with a Mul where it cannot be folded, and with every activation smoothed (Mul
+where no producer absorbs it), at each alpha; `--float` keeps the named nodes in float in every quantized row
+(e.g. what auto's repair chose). Columns: worst output cosine, worst channel-slice cosine (the strict gate:
+cosine >= 0.99, slices >= 0.98), whether the strict and the task gate (bench/real_models.py task_metrics)
+pass, and p50 at batch 1 as a ratio to the original FP32, from one interleaved timing of all rows of the
+model (spinning off). Needs `python bench/real_models.py fetch`.
 """
 
 from __future__ import annotations
@@ -44,15 +47,16 @@ def _worst(report: AccuracyReport) -> tuple[float, float]:
     return cos, min(slices, default=float("nan"))
 
 
-def run_model(real: real_models.RealModel, alphas: list[float], seconds: float, samples: int) -> None:
+def run_model(real: real_models.RealModel, alphas: list[float], seconds: float, samples: int,
+              in_float: tuple[str, ...]) -> None:
     original = onnx.load(str(real.path))
     calibration, holdout = split_holdout(real.sample_feeds(samples, 0), 0.2, 4, 0, [])
     fused = cleanup.run(original, cleanup.CleanupConfig(provider="cpu"), feed=holdout[0]).model
     reference = run_outputs(create_session(original.SerializeToString()), holdout)
     prepared, shared = int8_dynamic.Preprocessed(), int8_static.SharedCalibration()
-    dynamic = int8_dynamic.Int8DynamicConfig(weight_type="int8", per_channel=True)
+    dynamic = int8_dynamic.Int8DynamicConfig(weight_type="int8", per_channel=True, nodes_to_exclude=in_float)
     static = int8_static.Int8StaticConfig(method="minmax", quant_format="qdq", activation_type="uint8",
-                                          op_types=HEAVY_OPS)
+                                          op_types=HEAVY_OPS, nodes_to_exclude=in_float)
 
     def quantizers(source: onnx.ModelProto) -> dict[str, Callable[[], onnx.ModelProto]]:
         return {"dynamic S8 pc": lambda: int8_dynamic.run(source, dynamic, holdout[0], prepared).model,
@@ -61,15 +65,16 @@ def run_model(real: real_models.RealModel, alphas: list[float], seconds: float, 
 
     sources: dict[str, onnx.ModelProto] = {"": fused}
     for alpha in alphas:
-        for insert in (False, True):
+        for scope, insert in (("norm", False), ("norm", True), ("all", True)):
+            label = f" + SQ a{alpha} {scope}{' +Mul' if insert else ' fold'}"
             try:
-                result = smooth.run(fused, smooth.SmoothConfig(alpha=alpha, insert_mul=insert), calibration,
-                                    holdout[0])
+                result = smooth.run(fused, smooth.SmoothConfig(alpha=alpha, scope=scope, insert_mul=insert),
+                                    calibration, holdout[0])
             except PassError as exc:
-                print(f"  smooth alpha {alpha} insert_mul {insert}: {exc}")
+                print(f"  {label}: {exc}")
                 continue
-            sources[f" + SQ a{alpha}{' +Mul' if insert else ' fold'}"] = result.model
-            print(f"  smooth alpha {alpha} insert_mul {insert}: {result.changes['smoothed']}", flush=True)
+            sources[label] = result.model
+            print(f"  {label}: {result.changes['smoothed']}", flush=True)
     built = {"original FP32": original.SerializeToString(), "fused FP32": fused.SerializeToString()}
     rows: dict[str, tuple[float, float, bool, bool]] = {}
     strict, task = Tolerance(), Tolerance(metrics=dict(real.task_metrics))
@@ -105,13 +110,14 @@ def main() -> None:
     parser.add_argument("--alphas", nargs="*", type=float, default=[0.5, 0.75])
     parser.add_argument("--seconds", type=float, default=20.0, help="interleaved timing of one model's rows")
     parser.add_argument("--samples", type=int, default=40, help="samples (20%% held back for accuracy)")
+    parser.add_argument("--float", nargs="*", default=[], help="nodes every quantized row keeps in float (a repair's)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     print(f"machine: {describe()}\ncommand: python bench/smooth.py {' '.join(sys.argv[1:])}")
     for real in real_models.available_models():
         if real.name in args.models:
             print(f"\n{real.name}", flush=True)
-            run_model(real, args.alphas, args.seconds, args.samples)
+            run_model(real, args.alphas, args.seconds, args.samples, tuple(args.float))
 
 
 if __name__ == "__main__":

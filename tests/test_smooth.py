@@ -82,9 +82,11 @@ def test_layernorm_absorbs_the_division_fp32_unchanged_and_int8_error_smaller() 
 
 def test_producer_that_cannot_absorb_gets_a_mul_only_when_asked() -> None:
     model, calibration, held = _model("relu"), _feeds("relu", 8, 0), _feeds("relu", 4, 1)
+    with pytest.raises(PassError, match="reads a LayerNormalization's output"):
+        smooth.run(model, smooth.SmoothConfig(insert_mul=True), calibration, held[0])  # the default scope
     with pytest.raises(PassError, match="no producer can absorb"):
-        smooth.run(model, smooth.SmoothConfig(), calibration, held[0])
-    result = smooth.run(model, smooth.SmoothConfig(insert_mul=True), calibration, held[0])
+        smooth.run(model, smooth.SmoothConfig(scope="all"), calibration, held[0])
+    result = smooth.run(model, smooth.SmoothConfig(scope="all", insert_mul=True), calibration, held[0])
     assert result.changes["smoothed"] == {"inserted Mul": 1}
     assert [n.op_type for n in result.model.graph.node] == ["Relu", "Mul", "MatMul"]
     reference = _run(model, held)

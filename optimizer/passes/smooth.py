@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -41,6 +42,9 @@ _S_RANGE = (1e-4, 1e4)  # bounds on s, so a dead channel cannot blow a weight ro
 @dataclass(frozen=True)
 class SmoothConfig:
     alpha: float = 0.5  # share of the outliers moved into the weights (0: none, 1: all)
+    # "norm": only activations a (Skip/Embed)LayerNormalization writes, the paper's recipe (QKV and FFN-in
+    # projections); "all": every one, also after GELU or attention (MiniLM: worse, see bench/smooth.py).
+    scope: Literal["norm", "all"] = "norm"
     # Insert Mul(1/s) where no producer can absorb the division (costs one elementwise op per activation).
     insert_mul: bool = False
     max_samples: int = 32  # calibration samples read for the channel maxima
@@ -225,8 +229,12 @@ def run(model: onnx.ModelProto, config: SmoothConfig, calibration_feeds: Sequenc
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
     found = candidates(smoothed)
+    if config.scope == "norm":
+        producer = {o: n.op_type for n in smoothed.graph.node for o in n.output}
+        found = {t: targets for t, targets in found.items() if producer.get(t) in _NORMS}
     if not found:
-        raise PassError(f"{PASS_NAME}: no MatMul/Gemm/Attention reads a constant float weight")
+        raise PassError(f"{PASS_NAME}: no MatMul/Gemm/Attention with a constant float weight reads "
+                        + ("a LayerNormalization's output" if config.scope == "norm" else "an activation"))
     try:
         maxima = channel_maxima(smoothed, sorted(found), calibration_feeds[: config.max_samples])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
