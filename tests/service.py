@@ -27,8 +27,19 @@ def start_service(data_dir: Path, log_path: Path, *extra_args: str, **settings: 
     """Run the service with TEST_SETTINGS (+ `settings`) and wait until /readyz answers; returns (base URL, process).
 
     The caller owns the process (stop it when done); its output goes to `log_path`, quoted when it dies at start.
+    A port that free_port() found free can be taken before the service binds it (another process's connection on
+    a busy machine): the service is then started again on another port.
     """
-    port = free_port()
+    for _ in range(3):
+        started = _start(data_dir, log_path, free_port(), extra_args, settings)
+        if started is not None:
+            return started
+    raise AssertionError(f"the service found its port taken 3 times:\n{log_path.read_text()[-2000:]}")
+
+
+def _start(data_dir: Path, log_path: Path, port: int, extra_args: tuple[str, ...],
+           settings: dict[str, Any]) -> tuple[str, subprocess.Popen] | None:
+    """One start on `port`: (base URL, process) once ready, None if the port was taken."""
     env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in {**TEST_SETTINGS, **settings}.items()}}
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
@@ -42,6 +53,8 @@ def start_service(data_dir: Path, log_path: Path, *extra_args: str, **settings: 
         except httpx.TransportError:
             pass
         if process.poll() is not None:
+            if "address already in use" in log_path.read_text():
+                return None
             raise AssertionError(f"the service exited at start:\n{log_path.read_text()[-2000:]}")
         if time.monotonic() >= deadline:
             process.kill()
