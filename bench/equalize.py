@@ -1,6 +1,6 @@
 """Static INT8 with and without activation equalization (optimizer/passes/equalize.py), on the real CNNs.
 
-    python bench/equalize.py [--models ocr_det layout_cdla ...] [--samples 40] [--alpha 0.5 ...]
+    python bench/equalize.py [--models ocr_det layout_cdla ...] [--samples 40] [--configs 0.5,4,0 0.5,inf,4 ...]
                              [--recipes qdq-u8-heavy qoperator-u8-all ...] [--seconds 3]
 
 Per model and recipe (MinMax ranges, per-channel S8 weights, the recipes auto probes): the worst output
@@ -68,15 +68,18 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
     reference = run_outputs(create_session(original.SerializeToString(), SessionSettings()), holdout)
     fused = cleanup.run(original, cleanup.CleanupConfig(), feed=holdout[0]).model
     sources = {"": fused}
-    for alpha in args.alpha:
+    for spec in args.configs:
+        alpha, min_spread, output_spread = (float(v) for v in spec.split(","))
+        config = equalize.EqualizeConfig(alpha=alpha, min_spread=min_spread, output_spread=output_spread or None)
+        label = f"+eq[{spec}]"
         started = time.perf_counter()
         try:
-            result = equalize.run(fused, equalize.EqualizeConfig(alpha=alpha), calibration, holdout[0])
+            result = equalize.run(fused, config, calibration, holdout[0])
         except OptimizerError as exc:
-            print(f"  equalize alpha={alpha}: {exc}", flush=True)
+            print(f"  {label}: {exc}", flush=True)
             continue
-        sources[f"+eq{alpha:g}"] = result.model
-        print(f"  equalize alpha={alpha}: {result.changes} ({time.perf_counter() - started:.1f} s)", flush=True)
+        sources[label] = result.model
+        print(f"  {label}: {result.changes} ({time.perf_counter() - started:.1f} s)", flush=True)
     shared = int8_static.SharedCalibration()
     built: dict[str, onnx.ModelProto] = {"fp32": fused}
     rows: dict[str, dict[str, Any]] = {"fp32": _judge(fused, reference, holdout, real.task_metrics)}
@@ -95,10 +98,10 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
     stats = measure({k: m.SerializeToString() for k, m in built.items()}, holdout[0], settings,
                     target_seconds=args.seconds * len(built))
     base = stats["fp32"].p50_ms
-    print(f"  {'variant':<28} {'cosine':>8} {'slice':>8} {'strict':>6} {'task':>5} {'p50 ms':>8} {'x fp32':>7}")
+    print(f"  {'variant':<34} {'cosine':>8} {'slice':>8} {'strict':>6} {'task':>5} {'p50 ms':>8} {'x fp32':>7}")
     for name, row in rows.items():
         task = "-" if "task" not in row else ("pass" if row["task"] else "FAIL")
-        print(f"  {name:<28} {row['cos']:8.4f} {row['slice']:8.3f} {'pass' if row['strict'] else 'FAIL':>6} "
+        print(f"  {name:<34} {row['cos']:8.4f} {row['slice']:8.3f} {'pass' if row['strict'] else 'FAIL':>6} "
               f"{task:>5} {stats[name].p50_ms:8.2f} {base / stats[name].p50_ms:7.2f}", flush=True)
 
 
@@ -106,7 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS))
     parser.add_argument("--samples", type=int, default=40, help="samples (20%% held back for accuracy)")
-    parser.add_argument("--alpha", type=float, nargs="*", default=[0.5], help="SmoothQuant migration strengths")
+    parser.add_argument("--configs", nargs="*", default=["0.5,4,0", "0.5,4,4"],
+                        help="alpha,min_spread,output_spread per equalized variant (EqualizeConfig; "
+                             "min_spread inf: no Conv input, output_spread 0: no Conv output)")
     parser.add_argument("--recipes", nargs="*", default=["qdq-u8-heavy", "qoperator-u8-all"], choices=list(RECIPES))
     parser.add_argument("--seconds", type=float, default=2.0, help="timing seconds per variant")
     args = parser.parse_args()

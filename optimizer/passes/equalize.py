@@ -49,6 +49,9 @@ Feed = dict[str, np.ndarray]
 class EqualizeConfig:
     alpha: float = 0.5  # 0: scales from weights only; 1: every channel's activation range made equal
     min_spread: float = 4.0  # leave tensors whose largest channel range is within this factor of the median
+    # Conv outputs whose largest channel range is this many times the median get their own scales, undone
+    # by an inserted Div (one elementwise op each, in float); None: never.
+    output_spread: float | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,49 @@ def apply(model: onnx.ModelProto, sites: Sequence[Site], scales: dict[str, np.nd
     return result
 
 
+def equalize_outputs(model: onnx.ModelProto, convs: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Divide each named Conv's output channel i by s_i (weights, bias) and insert Div(1/s) after it.
+
+    For Conv outputs nothing downstream can absorb a scale (HardSwish, SiLU): the Conv's quantized
+    output gets equal channel ranges, the float ops after the Div see the original values. A Div, not
+    a Mul: quant_pre_process (and ONNX Runtime at load) folds a Conv's constant Mul back into its weights
+    (ConvMulFusion), which would undo the scaling before calibration; the same holds for absorbing the
+    scale into a constant Mul that follows the Conv (PP-LCNet's affine blocks).
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = _Graph(result)
+    nodes: list[onnx.NodeProto] = []
+    extra: list[onnx.TensorProto] = []
+    for node in result.graph.node:
+        nodes.append(node)
+        if node.op_type != "Conv" or node.name not in convs:
+            continue
+        s = convs[node.name]
+        weight = graph.array(node.input[1])
+        name = f"{node.input[1]}_eqo"
+        extra.append(numpy_helper.from_array((weight / s.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype),
+                                             name))
+        node.input[1] = name
+        if len(node.input) > 2 and node.input[2]:
+            bias = graph.array(node.input[2])
+            extra.append(numpy_helper.from_array((bias / s).astype(bias.dtype), f"{node.input[2]}_eqo"))
+            node.input[2] = f"{node.input[2]}_eqo"
+        output = node.output[0]
+        node.output[0] = f"{output}_eqo"
+        # (not named *_scale: quantize_static names the Conv output's scale f"{tensor}_scale" and would clash)
+        divisor = f"{output}_eqo_divisor"
+        extra.append(numpy_helper.from_array(1 / s.reshape(1, -1, *([1] * (weight.ndim - 2))), divisor))
+        nodes.append(onnx.helper.make_node("Div", [node.output[0], divisor], [output], name=f"{node.name}_eqo_div"))
+    del result.graph.node[:]
+    result.graph.node.extend(nodes)
+    used = {name for n in result.graph.node for name in n.input}
+    kept = [i for i in result.graph.initializer if i.name in used]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend([*kept, *extra])
+    return result
+
+
 def _max_relative_change(before: onnx.ModelProto, after: onnx.ModelProto, feed: Feed) -> float:
     settings = SessionSettings(optimization_level="basic")
     ref = create_session(before.SerializeToString(), settings).run(None, feed)
@@ -266,8 +312,14 @@ def run(model: onnx.ModelProto, config: EqualizeConfig, calibration_feeds: Seque
     if not calibration_feeds:
         raise PassError(f"{PASS_NAME}: needs calibration samples to measure channel ranges")
     sites = find_sites(model)
-    ranges = channel_ranges(model, [s.tensor for s in sites], calibration_feeds) if sites else {}
     graph = _Graph(model)
+    absorbing = {graph.nodes[e.node].name for site in sites for e in site.edits if e.kind == "conv_out"}
+    outputs = {} if config.output_spread is None else {
+        n.output[0]: n.name for n in graph.nodes
+        if n.op_type == "Conv" and n.name and n.name not in absorbing and n.output[0] not in graph.outputs
+        and n.input[1] in graph.inits and (len(n.input) < 3 or not n.input[2] or n.input[2] in graph.inits)}
+    tensors = [s.tensor for s in sites] + list(outputs)
+    ranges = channel_ranges(model, tensors, calibration_feeds) if tensors else {}
     chosen, scales, spreads = [], {}, []
     for site in sites:
         amax = ranges[site.tensor]
@@ -284,10 +336,17 @@ def run(model: onnx.ModelProto, config: EqualizeConfig, calibration_feeds: Seque
         chosen.append(site)
         scales[site.tensor] = smooth_scales(amax, wmax, config.alpha)
         spreads.append(spread)
-    if not chosen:
+    output_scales = {}
+    for tensor, conv in outputs.items():
+        amax = ranges[tensor].astype(np.float64)
+        if amax.max() > 0 and amax.max() >= config.output_spread * np.median(amax):
+            output_scales[conv] = np.maximum(amax / amax.max(), 1e-4).astype(np.float32)
+    if not chosen and not output_scales:
         raise PassError(f"{PASS_NAME}: no Conv input qualifies ({len(sites)} scalable, none with channel ranges "
                         f"spread over {config.min_spread}x)")
     result = apply(model, chosen, scales)
+    if output_scales:
+        result = equalize_outputs(result, output_scales)
     verify_runs(result, feed, PASS_NAME)
     change = _max_relative_change(model, result, feed)
     if not change <= MAX_RELATIVE_CHANGE:
@@ -300,6 +359,7 @@ def run(model: onnx.ModelProto, config: EqualizeConfig, calibration_feeds: Seque
         "equalized": len(chosen),
         "absorbed_by": dict(kinds),
         "alpha": config.alpha,
-        "worst_spread_before": round(max(spreads), 1),
+        "worst_spread_before": round(max(spreads, default=0.0), 1),
+        "outputs_equalized": len(output_scales),
         "max_relative_change": change,
     })
