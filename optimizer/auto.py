@@ -54,11 +54,12 @@ import onnx
 from optimizer import sensitivity
 from optimizer.accuracy import Tolerance, parse_metric
 from optimizer.calibration import SampleSet
-from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, static_name, static_twin
+from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, smooth_config, static_name, static_twin
 from optimizer.errors import first_line
 from optimizer.latency import BenchmarkError, measure_batches
 from optimizer.passes.int8_dynamic import Preprocessed
 from optimizer.passes.int8_static import SharedCalibration
+from optimizer.passes.smooth import Smoothed
 from optimizer.runtime import SessionSettings
 from optimizer.variants import Built, build, evaluate
 
@@ -115,6 +116,8 @@ class AutoSearch:
     prepared: Preprocessed = field(default_factory=Preprocessed)
     # one calibration per method for every static build of this search (pre-processed by `prepared`)
     shared: SharedCalibration = field(init=False)
+    # one smoothing per source for every "-sq" build of this search and its ranking
+    smoothed: Smoothed = field(default_factory=Smoothed)
 
     def __post_init__(self) -> None:
         self.shared = SharedCalibration(self.prepared)
@@ -134,7 +137,7 @@ class AutoSearch:
         matmul_heavy = sum(op in ("MatMul", "Gemm", "Attention", "LSTM", "GRU") for op in ops) > ops.count("Conv")
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
                          fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy,
-                         shared=self.shared, prepared=self.prepared)
+                         shared=self.shared, prepared=self.prepared, smoothed=self.smoothed)
         self.skipped += plan.skipped
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
@@ -374,7 +377,11 @@ class AutoSearch:
             if target is None or target.model is None:
                 record["note"] = "the dynamic target's model is gone: nothing to rank against the float source"
                 return []
-            rank = partial(sensitivity.rank_dynamic, self.source, target.model, feeds)
+            source = self.source
+            if row.settings.get("smooth"):  # the target quantized the smoothed source: rank against that
+                source = self.smoothed.get(source, smooth_config(row.settings["smooth"]["alpha"]),
+                                           self.samples.calibration, self.samples.holdout[0]).model
+            rank = partial(sensitivity.rank_dynamic, source, target.model, feeds)
         if time.monotonic() >= min(self.deadline, self._target_deadline):
             record["note"] = "the time budget for this repair ran out before the sensitivity ranking"
             return []
@@ -404,7 +411,9 @@ class AutoSearch:
             candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared)
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
-                                          suffix=suffix, prepared=self.prepared)
+                                          suffix=suffix, prepared=self.prepared,
+                                          smooth_alpha=(row.settings.get("smooth") or {}).get("alpha"),
+                                          smoothed=self.smoothed)
         candidate.settings.update({"repair_of": row.name, "repair": what})
         if time.monotonic() >= min(self.deadline, self._target_deadline):
             self.skipped.append({"name": candidate.name, "reason": "the time budget for this repair ran out"})
@@ -513,7 +522,7 @@ class AutoSearch:
         """What decides latency: everything but the calibration method."""
         if settings.get("mode") == "static":
             return ("static", settings["format"], settings["activation_type"], str(settings["op_types"]))
-        return ("dynamic", settings.get("weight_type"), settings.get("per_channel"))
+        return ("dynamic", settings.get("weight_type"), settings.get("per_channel"), str(settings.get("smooth")))
 
     def _combo_passes(self, combo: tuple) -> bool:
         return any(b.row.status == "ok" and b.row.precision == "int8" and self._combo(b.row.settings) == combo

@@ -15,13 +15,16 @@ from typing import Any
 import onnx
 
 from optimizer.calibration import SampleSet
-from optimizer.passes import fp16, int8_dynamic, int8_static
+from optimizer.passes import fp16, int8_dynamic, int8_static, smooth
 from optimizer.passes.base import PassResult
 
 Build = Callable[[onnx.ModelProto, SampleSet], PassResult]
 
 #: The op types whose integer kernels pay; quantizing only these keeps softmax, mask adds and outputs in float.
 HEAVY_OPS = ("Conv", "MatMul", "Gemm")
+#: SmoothQuant's alpha for the "-sq" dynamic candidate (MiniLM: 0.5 and 0.75 passed with 2 FFN-output MatMuls in
+#: float, 0.5 with more slice margin; bench/smooth.py).
+SMOOTH_ALPHA = 0.5
 
 
 @dataclass
@@ -53,17 +56,40 @@ def _excluding(name: str, settings: dict[str, Any], exclude: tuple[str, ...], su
 
 
 def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclude: tuple[str, ...] = (),
-                      suffix: str = "", prepared: int8_dynamic.Preprocessed | None = None) -> Candidate:
+                      suffix: str = "", prepared: int8_dynamic.Preprocessed | None = None,
+                      smooth_alpha: float | None = None, smoothed: smooth.Smoothed | None = None) -> Candidate:
     """Dynamic INT8; `exclude` names nodes of the source model to keep in float (a repair).
 
     `prepared`: the search's cache of pre-processed sources, so its builds pre-process once, not once each.
+    `smooth_alpha`: smooth LayerNorm outputs first (optimizer/passes/smooth.py, on the calibration samples),
+    with the search's cache of smoothed sources `smoothed`.
     """
     config = int8_dynamic.Int8DynamicConfig(weight_type=weight_type, per_channel=per_channel,
                                             nodes_to_exclude=exclude)
     wt = "s8" if weight_type == "int8" else "u8"
     settings: dict[str, Any] = {"mode": "dynamic", "weight_type": weight_type, "per_channel": per_channel}
-    name = _excluding(f"int8-dynamic-{wt}{'-pc' if per_channel else ''}", settings, exclude, suffix)
-    return Candidate(name, "int8", settings, lambda m, s: int8_dynamic.run(m, config, s.holdout[0], prepared))
+    name = f"int8-dynamic-{wt}{'-pc' if per_channel else ''}"
+    if smooth_alpha is None:
+        return Candidate(_excluding(name, settings, exclude, suffix), "int8", settings,
+                         lambda m, s: int8_dynamic.run(m, config, s.holdout[0], prepared))
+    smoothing = smooth_config(smooth_alpha)
+    settings["smooth"] = {"alpha": smooth_alpha, "scope": smoothing.scope}
+    cache = smoothed or smooth.Smoothed()
+
+    def build(model: onnx.ModelProto, samples: SampleSet) -> PassResult:
+        smoothed_source = cache.get(model, smoothing, samples.calibration, samples.holdout[0])
+        result = int8_dynamic.run(smoothed_source.model, config, samples.holdout[0], prepared)
+        result.changes["smooth"] = smoothed_source.changes
+        result.notes[:0] = smoothed_source.notes
+        return result
+
+    return Candidate(_excluding(f"{name}-sq", settings, exclude, suffix), "int8", settings, build)
+
+
+def smooth_config(alpha: float) -> smooth.SmoothConfig:
+    """The smoothing of a "-sq" candidate: LayerNorm outputs, a Mul where a residual also reads them (post-LN
+    BERT: every one; the Muls cost nothing measurable on MiniLM, 2.13x vs 2.14x)."""
+    return smooth.SmoothConfig(alpha=alpha, scope="norm", insert_mul=True)
 
 
 def static_candidate(method: str = "minmax", quant_format: str = "qdq", activation_type: str = "int8",
@@ -127,7 +153,7 @@ def cpu_has_fp16_arithmetic() -> bool:
 
 def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
               matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None,
-              prepared: int8_dynamic.Preprocessed | None = None) -> Plan:
+              prepared: int8_dynamic.Preprocessed | None = None, smoothed: smooth.Smoothed | None = None) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
@@ -146,6 +172,10 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
         return result
     dynamic = [dynamic_candidate("int8", per_channel=True, prepared=prepared),
                dynamic_candidate("uint8", per_channel=True, prepared=prepared)]
+    if matmul_heavy and has_calibration:
+        # LayerNorm outputs' outlier channels made MiniLM's repair keep 8 nodes in float (1.53x); smoothed, 2 (1.87x+)
+        dynamic.append(dynamic_candidate("int8", per_channel=True, prepared=prepared, smooth_alpha=SMOOTH_ALPHA,
+                                         smoothed=smoothed))
     if matmul_heavy:
         result.candidates += dynamic
     if has_calibration:

@@ -277,3 +277,20 @@ def run(model: onnx.ModelProto, config: SmoothConfig, calibration_feeds: Sequenc
                "calibration_samples": min(len(calibration_feeds), config.max_samples)}
     notes = [f"{len(skipped)} activations left as they were: no producer can absorb 1/s exactly"] if skipped else []
     return PassResult(smoothed, changes, notes)
+
+
+class Smoothed:
+    """The smoothed source per (source, config) for one auto search. Every repair build of a "-sq" candidate and
+    its sensitivity ranking need the same smoothed model: measured once, and the same object reaches
+    int8_dynamic.Preprocessed, which pre-processes each model object once. A search hands every build of a source
+    the same object, and each stays referenced here, so an id is never reused meanwhile."""
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[int, SmoothConfig], tuple[onnx.ModelProto, PassResult]] = {}
+
+    def get(self, model: onnx.ModelProto, config: SmoothConfig, calibration_feeds: Sequence[Feed],
+            feed: Feed) -> PassResult:
+        entry = self._results.get((id(model), config))
+        if entry is None or entry[0] is not model:
+            entry = self._results[(id(model), config)] = (model, run(model, config, calibration_feeds, feed))
+        return entry[1]
