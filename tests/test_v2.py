@@ -31,7 +31,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields "
     try:
         for name, model in MODELS.items():
             files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
-            response = httpx.post(f"{base}/v1/models", files=files, data={"name": name}, timeout=30)
+            # The MLP's own batch size: batched without the timing probe, which a loaded machine can tip to "no
+            # batching" (its first run over 10 ms), and test_batching_reaches_the_metrics would find no batch.
+            fields = {"name": name, **({"batch_max_size": "32"} if name == "mlp" else {})}
+            response = httpx.post(f"{base}/v1/models", files=files, data=fields, timeout=30)
             assert response.status_code == 202, response.text
         yield base.removeprefix("http://")
     finally:
