@@ -7,6 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer.calibration import SampleSet
+from optimizer.candidates import auto_plan, dynamic_candidate, smooth_config
 from optimizer.errors import PassError
 from optimizer.passes import int8_dynamic, smooth
 from optimizer.runtime import create_session
@@ -104,3 +106,31 @@ def test_layernorm_output_read_by_a_residual_is_not_folded() -> None:
         next(t for t in model.graph.initializer if t.name == "gamma")))
     reference = _run(model, held)
     np.testing.assert_allclose(_run(result.model, held), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def test_auto_plans_a_smoothed_dynamic_candidate_for_matmul_models_with_samples() -> None:
+    with_samples = auto_plan(provider="cpu", method="minmax", has_calibration=True, fp16_on_cpu=False,
+                             matmul_heavy=True)
+    names = [c.name for c in with_samples.candidates]
+    assert "int8-dynamic-s8-pc-sq" in names
+    assert names.index("int8-dynamic-s8-pc-sq") < names.index("int8-static-minmax-qoperator-u8s8-all")
+    without = auto_plan(provider="cpu", method="minmax", has_calibration=False, fp16_on_cpu=False, matmul_heavy=True)
+    assert "int8-dynamic-s8-pc-sq" not in [c.name for c in without.candidates]  # nothing to measure channels on
+    cnn = auto_plan(provider="cpu", method="minmax", has_calibration=True, fp16_on_cpu=False)
+    assert "int8-dynamic-s8-pc-sq" not in [c.name for c in cnn.candidates]
+
+
+def test_smoothed_candidate_quantizes_the_smoothed_source_and_repairs_keep_it() -> None:
+    model, calibration, held = _model("layernorm"), _feeds("layernorm", 8, 0), _feeds("layernorm", 4, 1)
+    samples = SampleSet(calibration=calibration, holdout=held, synthetic=False, source="test")
+    cache = smooth.Smoothed()
+    candidate = dynamic_candidate(smooth_alpha=0.5, smoothed=cache)
+    result = candidate.build(model, samples)
+    assert candidate.settings["smooth"] == {"alpha": 0.5, "scope": "norm"}
+    assert result.changes["smooth"]["smoothed"] == {"LayerNormalization": 1}
+    reference = _run(model, held)
+    smoothed_error = float(np.sqrt(np.mean((_run(result.model, held) - reference) ** 2) / np.mean(reference ** 2)))
+    assert smoothed_error < 0.5 * _int8_error(model, reference, held), smoothed_error
+    repair = dynamic_candidate(exclude=("ln",), suffix="repair-top1", smooth_alpha=0.5, smoothed=cache)
+    assert repair.name == "int8-dynamic-s8-pc-sq-repair-top1"
+    assert cache.get(model, smooth_config(0.5), calibration, held[0]) is cache.get(model, smooth_config(0.5), [], {})
