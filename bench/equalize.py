@@ -102,7 +102,7 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
     for name, row in rows.items():
         task = "-" if "task" not in row else ("pass" if row["task"] else "FAIL")
         print(f"  {name:<34} {row['cos']:8.4f} {row['slice']:8.3f} {'pass' if row['strict'] else 'FAIL':>6} "
-              f"{task:>5} {stats[name].p50_ms:8.2f} {base / stats[name].p50_ms:7.2f}", flush=True)
+              f"{task:>5} {stats[name].p50_ms:8.2f} {base / stats[name].p50_ms:7.2f}  {row['why'][:90]}", flush=True)
 
 
 def main() -> None:

@@ -57,6 +57,7 @@ from optimizer.calibration import SampleSet
 from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, smooth_config, static_name, static_twin
 from optimizer.errors import first_line
 from optimizer.latency import BenchmarkError, measure_batches
+from optimizer.passes.equalize import Equalized
 from optimizer.passes.int8_dynamic import Preprocessed
 from optimizer.passes.int8_static import SharedCalibration
 from optimizer.passes.smooth import Smoothed
@@ -118,6 +119,8 @@ class AutoSearch:
     shared: SharedCalibration = field(init=False)
     # one smoothing per source for every "-sq" build of this search and its ranking
     smoothed: Smoothed = field(default_factory=Smoothed)
+    # one equalization per source for every "-eq" static build of this search
+    equalized: Equalized = field(default_factory=Equalized)
 
     def __post_init__(self) -> None:
         self.shared = SharedCalibration(self.prepared)
@@ -137,7 +140,8 @@ class AutoSearch:
         matmul_heavy = sum(op in ("MatMul", "Gemm", "Attention", "LSTM", "GRU") for op in ops) > ops.count("Conv")
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
                          fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy,
-                         shared=self.shared, prepared=self.prepared, smoothed=self.smoothed)
+                         shared=self.shared, prepared=self.prepared, smoothed=self.smoothed,
+                         equalized=self.equalized)
         self.skipped += plan.skipped
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
@@ -186,7 +190,8 @@ class AutoSearch:
                   and b.row.settings.get("method") == "minmax" and "exclude_nodes" not in b.row.settings]
         failed: dict[tuple[str, str], str] = {}  # (scope, method) -> the variant it failed on
         for row in sorted(static, key=self._probe_p50):
-            later = [static_twin(row.settings, method=m, shared=self.shared) for m in LATER_METHODS]
+            later = [static_twin(row.settings, method=m, shared=self.shared, equalized=self.equalized)
+                     for m in LATER_METHODS]
             if row.status in ("failed", "skipped"):
                 self._skip(later, f"its MinMax twin {row.name} did not build ({row.status})")
                 continue
@@ -202,7 +207,7 @@ class AutoSearch:
             if why_not:
                 self._skip(later, why_not)
                 continue
-            scope = str(row.settings["op_types"])
+            scope = str(row.settings["op_types"]) + ("-eq" if row.settings.get("equalize") else "")
             for i, candidate in enumerate(later):
                 method = candidate.settings["method"]
                 if (scope, method) in failed:
@@ -366,7 +371,8 @@ class AutoSearch:
         feeds = self.samples.calibration or self.samples.holdout
         if row.settings.get("mode") == "static":
             op_types = None if row.settings["op_types"] == "all" else tuple(row.settings["op_types"])
-            twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types)
+            twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types,
+                                    equalized=bool(row.settings.get("equalize")))
             twin = self.built.get(twin_name)
             if twin is None or twin.model is None:
                 record["note"] = f"no QDQ twin ({twin_name}) to rank sensitive nodes on"
@@ -408,7 +414,8 @@ class AutoSearch:
         if key in self._tried:
             return self._tried[key]
         if row.settings.get("mode") == "static":
-            candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared)
+            candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared,
+                                    equalized=self.equalized)
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix, prepared=self.prepared,
@@ -521,7 +528,8 @@ class AutoSearch:
     def _combo(settings: dict[str, Any]) -> tuple:
         """What decides latency: everything but the calibration method."""
         if settings.get("mode") == "static":
-            return ("static", settings["format"], settings["activation_type"], str(settings["op_types"]))
+            return ("static", settings["format"], settings["activation_type"], str(settings["op_types"]),
+                    str(settings.get("equalize")))
         return ("dynamic", settings.get("weight_type"), settings.get("per_channel"), str(settings.get("smooth")))
 
     def _combo_passes(self, combo: tuple) -> bool:

@@ -8,14 +8,14 @@ the pipeline measures them all the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from optimizer.calibration import SampleSet
-from optimizer.passes import fp16, int8_dynamic, int8_static, smooth
+from optimizer.passes import equalize, fp16, int8_dynamic, int8_static, smooth
 from optimizer.passes.base import PassResult
 
 Build = Callable[[onnx.ModelProto, SampleSet], PassResult]
@@ -25,6 +25,9 @@ HEAVY_OPS = ("Conv", "MatMul", "Gemm")
 #: SmoothQuant's alpha for the "-sq" dynamic candidate (MiniLM: 0.5 and 0.75 passed with 2 FFN-output MatMuls in
 #: float, 0.5 with more slice margin; bench/smooth.py).
 SMOOTH_ALPHA = 0.5
+#: The "-eq" static candidate's equalization (bench/equalize.py: PP-OCR det's QDQ U8S8 heavy worst cosine 0.919 ->
+#: 0.992, PicoDet layout's 0.45 -> 0.97; Conv inputs alone or outputs alone gained far less).
+EQUALIZE = equalize.EqualizeConfig(alpha=0.5, min_spread=4.0, output_spread=2.0)
 
 
 @dataclass
@@ -94,33 +97,53 @@ def smooth_config(alpha: float) -> smooth.SmoothConfig:
 
 def static_candidate(method: str = "minmax", quant_format: str = "qdq", activation_type: str = "int8",
                      op_types: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
-                     suffix: str = "", shared: int8_static.SharedCalibration | None = None) -> Candidate:
+                     suffix: str = "", shared: int8_static.SharedCalibration | None = None,
+                     equalizing: equalize.EqualizeConfig | None = None,
+                     equalized: equalize.Equalized | None = None) -> Candidate:
     """Static INT8 (per-channel S8 weights); `exclude` names nodes to keep in float (a repair).
 
     `shared`: the search's calibration cache, so its builds calibrate once per method, not once each.
+    `equalizing`: equalize Conv channel ranges first (optimizer/passes/equalize.py, on the calibration
+    samples), with the search's cache of equalized sources `equalized`.
     """
     config = int8_static.Int8StaticConfig(method=method, quant_format=quant_format, activation_type=activation_type,
                                           op_types=op_types, nodes_to_exclude=exclude)
     settings: dict[str, Any] = {"mode": "static", "method": method, "format": quant_format,
                                 "activation_type": activation_type, "weight_type": "int8", "per_channel": True,
                                 "op_types": list(op_types) if op_types else "all"}
-    name = _excluding(static_name(method, quant_format, activation_type, op_types), settings, exclude, suffix)
-    return Candidate(name, "int8", settings,
-                     lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0], shared))
+    name = static_name(method, quant_format, activation_type, op_types, equalized=equalizing is not None)
+    if equalizing is None:
+        return Candidate(_excluding(name, settings, exclude, suffix), "int8", settings,
+                         lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0], shared))
+    settings["equalize"] = asdict(equalizing)
+    cache = equalized or equalize.Equalized()
+
+    def build(model: onnx.ModelProto, samples: SampleSet) -> PassResult:
+        source = cache.get(model, equalizing, samples.calibration, samples.holdout[0])
+        result = int8_static.run(source.model, config, samples.calibration, samples.holdout[0], shared)
+        result.changes["equalize"] = source.changes
+        result.notes[:0] = source.notes
+        return result
+
+    return Candidate(_excluding(name, settings, exclude, suffix), "int8", settings, build)
 
 
-def static_name(method: str, quant_format: str, activation_type: str, op_types: tuple[str, ...] | None) -> str:
+def static_name(method: str, quant_format: str, activation_type: str, op_types: tuple[str, ...] | None,
+                equalized: bool = False) -> str:
     act = "s8" if activation_type == "int8" else "u8"
-    return f"int8-static-{method}-{quant_format}-{act}s8-{'heavy' if op_types else 'all'}"
+    return f"int8-static-{method}-{quant_format}-{act}s8-{'heavy' if op_types else 'all'}{'-eq' if equalized else ''}"
 
 
 def static_twin(settings: dict[str, Any], *, method: str | None = None, quant_format: str | None = None,
                 exclude: tuple[str, ...] = (), suffix: str = "",
-                shared: int8_static.SharedCalibration | None = None) -> Candidate:
-    """The static candidate with the same settings as a report row, one of them changed."""
+                shared: int8_static.SharedCalibration | None = None,
+                equalized: equalize.Equalized | None = None) -> Candidate:
+    """The static candidate with the same settings as a report row, one of them changed (equalization kept)."""
     op_types = None if settings["op_types"] == "all" else tuple(settings["op_types"])
+    equalizing = equalize.EqualizeConfig(**settings["equalize"]) if settings.get("equalize") else None
     return static_candidate(method or settings["method"], quant_format or settings["format"],
-                            settings["activation_type"], op_types, exclude=exclude, suffix=suffix, shared=shared)
+                            settings["activation_type"], op_types, exclude=exclude, suffix=suffix, shared=shared,
+                            equalizing=equalizing, equalized=equalized)
 
 
 def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, has_calibration: bool,
@@ -153,7 +176,8 @@ def cpu_has_fp16_arithmetic() -> bool:
 
 def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
               matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None,
-              prepared: int8_dynamic.Preprocessed | None = None, smoothed: smooth.Smoothed | None = None) -> Plan:
+              prepared: int8_dynamic.Preprocessed | None = None, smoothed: smooth.Smoothed | None = None,
+              equalized: equalize.Equalized | None = None) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
@@ -161,7 +185,9 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
     Entropy the format/type/scope combinations that measured faster than FP32 and failed accuracy.
     The order is what most likely pays first, so a budget that runs out cuts the least promising:
     dynamic first for MatMul-heavy models (transformers, RNNs), static U8S8 first otherwise (measured
-    fastest here), QOperator S8S8 last (ONNX Runtime itself warns it is slow on x64).
+    fastest here), QOperator S8S8 last (ONNX Runtime itself warns it is slow on x64). A search's
+    cache of equalized sources (`equalized`) adds QDQ U8S8 heavy with Conv channel ranges equalized
+    ("-eq", after its plain twin) for CNNs; without one it is not planned (each build would equalize again).
     """
     del method  # the probe always uses MinMax (see above); other methods are a later, pruned step
     result = Plan()
@@ -184,6 +210,11 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
             for op_types in (None, HEAVY_OPS):
                 result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types,
                                                           shared=shared))
+        if not matmul_heavy and equalized is not None:
+            # Conv channel ranges equalized first: only QDQ U8S8 on Conv/MatMul/Gemm gained on real CNNs
+            # (bench/equalize.py; QOperator and all-op scopes quantize the float ops the scales must pass through)
+            result.candidates.insert(4, static_candidate("minmax", "qdq", "uint8", HEAVY_OPS, shared=shared,
+                                                         equalizing=EQUALIZE, equalized=equalized))
     if not matmul_heavy:
         result.candidates[-2:-2] = dynamic  # before QOperator S8S8
     if not has_calibration:
