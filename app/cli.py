@@ -179,7 +179,6 @@ def _missing_folders(path: Path) -> list[Path]:
 def _optimize(args: argparse.Namespace) -> int:
     import json
 
-    from optimizer import OptimizerError
     from optimizer.pipeline import OptimizeConfig, optimize
     from optimizer.report_table import summary
 
@@ -201,8 +200,6 @@ def _optimize(args: argparse.Namespace) -> int:
                               progress=None if args.quiet else lambda stage, f: print(f"[{f:4.0%}] {stage}",
                                                                                         file=sys.stderr))
         done = True
-    except OptimizerError as exc:
-        return _fail(str(exc))
     finally:
         if not done:  # a refused model or samples, or Ctrl-C: no empty folder of ours stays behind
             for folder in created:
@@ -255,13 +252,10 @@ def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from optimizer import OptimizerError, load_model
+    from optimizer import load_model
     from optimizer.graph_inspect import inspect
 
-    try:
-        report = inspect(load_model(args.model).proto).to_dict()
-    except OptimizerError as exc:
-        return _fail(str(exc))
+    report = inspect(load_model(args.model).proto).to_dict()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -291,22 +285,18 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from optimizer import OptimizerError, load_model
+    from optimizer import load_model
     from optimizer.calibration import read_samples, synthetic_samples
     from optimizer.latency import measure_batches
     from optimizer.runtime import SessionSettings, resolve_provider
 
-    try:
-        first = load_model(args.models[0]).proto
-        # one sample is all the timing needs: nothing is held back, there is no accuracy check here
-        samples = read_samples(args.inputs, first) if args.inputs else synthetic_samples(first, count=1)
-        feed = (samples.calibration or samples.holdout)[0]
-        settings = SessionSettings(provider=resolve_provider(args.provider), intra_op_threads=args.threads)
-        models = {str(path): path for path in args.models}
-        results = measure_batches(models, feed, settings, batch_sizes=tuple(args.batch),
-                                  target_seconds=args.seconds)
-    except OptimizerError as exc:
-        return _fail(str(exc))
+    first = load_model(args.models[0]).proto
+    # one sample is all the timing needs: nothing is held back, there is no accuracy check here
+    samples = read_samples(args.inputs, first) if args.inputs else synthetic_samples(first, count=1)
+    feed = (samples.calibration or samples.holdout)[0]
+    settings = SessionSettings(provider=resolve_provider(args.provider), intra_op_threads=args.threads)
+    models = {str(path): path for path in args.models}
+    results = measure_batches(models, feed, settings, batch_sizes=tuple(args.batch), target_seconds=args.seconds)
     print(f"{'model':40} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'per s':>9} {'vs first':>8}")
     for batch, stats in results.items():
         base = stats[str(args.models[0])].p50_ms
@@ -346,8 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand. The one place its failures become an `error:` line (exit 2): the user's model or samples
+    refused (OptimizerError), or ONNX Runtime failing on them, explained as for a job (app.worker.runner.explain);
+    anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except Exception as exc:
+        from app.worker.runner import explain
+
+        option = "--calibration" if args.command == "optimize" else "--inputs"
+        message = explain(exc, generated_inputs=getattr(args, option[2:], None) is None,
+                          how_to_calibrate=f"pass real inputs with {option} samples.npz (one array per model input)")
+        if message is None:
+            raise
+        return _fail(message)
 
 
 if __name__ == "__main__":

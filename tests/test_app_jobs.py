@@ -142,8 +142,8 @@ def test_a_failed_version_never_replaces_the_serving_one(serve) -> None:  # noqa
         described = api.client.get("/v1/models/m").json()
         assert described["serving_version"] == 1
         assert [v["status"] for v in described["versions"]] == ["ready", "failed"]
-        refused = api.predict("m", feed, version=2)
-        assert refused.status_code == 409 and "failed to optimize" in refused.json()["error"]
+        refused = api.predict("m", feed, version=2, variant="optimized")  # its original would serve (and hang)
+        assert refused.status_code == 409 and "optimization failed" in refused.json()["error"]
 
 
 def test_shutdown_mid_job_requeues_it_and_the_next_start_finishes_it(serve) -> None:  # noqa: ANN001
@@ -206,8 +206,11 @@ def test_job_over_its_time_limit_is_stopped_and_failed(serve) -> None:  # noqa: 
         assert job["status"] == "failed"
         assert "time limit of 1.5 s" in job["error"]
         assert _gone(runner)
-        refused = api.predict("slow", {"x": [[1.0]]})  # its only version failed
-        assert refused.status_code == 409 and "every version failed" in refused.json()["error"]
+        # its only version failed to optimize: its original still serves (and would hang), never an optimized one
+        described = api.client.get("/v1/models/slow").json()
+        assert (described["serving_version"], described["serving_variant"]) == (1, "original")
+        refused = api.predict("slow", {"x": [[1.0]]}, variant="optimized")
+        assert refused.status_code == 409 and "optimization failed" in refused.json()["error"]
 
 
 def test_deleting_a_model_mid_job_stops_the_job_and_leaves_no_files(serve) -> None:  # noqa: ANN001

@@ -125,19 +125,25 @@ async def upload_model(request: Request, services: Services = Depends(services_o
         form.cleanup()
     services.predict.invalidate(accepted.name)
     status_url = f"{request.scope.get('root_path', '')}/v1/jobs/{accepted.job_id}"
-    body = UploadAccepted(name=accepted.name, version=accepted.version, job_id=accepted.job_id, status_url=status_url)
+    body = UploadAccepted(name=accepted.name, version=accepted.version, job_id=accepted.job_id, status_url=status_url,
+                          warnings=accepted.warnings)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": status_url})
 
 
 @router.get("", response_model=list[ModelSummary])
 def list_models(services: Services = Depends(services_of)) -> list[ModelSummary]:
     summaries = []
-    for name, versions in services.registry.names().items():
-        serving = pick_serving(versions)
+    models = services.registry.names()
+    jobs = services.registry.jobs_of([versions[-1].id for versions in models.values()])
+    for name, versions in models.items():
+        serving, latest = pick_serving(versions), versions[-1]
+        job = jobs.get(latest.id)
+        queued = latest.status == "optimizing" and job is not None and job.status == "queued"
         summaries.append(ModelSummary(
             name=name, serving_version=serving.version if serving else None,
             serving_variant=serving_variant(serving, None) if serving else None,
-            latest_version=versions[-1].version, latest_status=versions[-1].status, versions=len(versions),
+            latest_version=latest.version, latest_status="queued" if queued else latest.status,
+            versions=len(versions),
         ))
     return summaries
 

@@ -24,6 +24,8 @@ class UploadAccepted(BaseModel):
     version: int
     job_id: str
     status_url: str
+    warnings: list[str] = Field(default_factory=list, description="e.g. the inputs/outputs differ from the version "
+                                                                  "serving now (also in the version's notes)")
 
 
 class JobOut(BaseModel):
@@ -34,7 +36,8 @@ class JobOut(BaseModel):
     stage: str | None = Field(description="validate, fuse, calibrate, quantize, evaluate, benchmark")
     progress: float
     error: str | None
-    attempts: int
+    attempts: int = Field(description="runs counted against ONNXFORGE_JOB_MAX_ATTEMPTS; a run stopped by a worker "
+                                      "shutdown is not counted")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -54,7 +57,9 @@ class TensorOut(BaseModel):
 
 class VersionOut(BaseModel):
     version: int
-    status: Literal["optimizing", "ready", "failed"]
+    status: Literal["optimizing", "ready", "failed"] = Field(
+        description="failed: the optimization failed (`error` says why); the version serves its validated original"
+    )
     created_at: datetime
     ready_at: datetime | None
     filename: str
@@ -66,7 +71,7 @@ class VersionOut(BaseModel):
     provider: str | None = Field(description="the provider the worker measured on")
     error: str | None
     notes: list[str]
-    batching: dict[str, float] = Field(
+    batching: dict[str, int | float] = Field(
         default_factory=dict, description="this version's own batching settings given at upload (batch_max_size, "
                                           "batch_max_delay_ms); the service's defaults apply to the others",
     )
@@ -86,7 +91,8 @@ class ModelSummary(BaseModel):
     serving_version: int | None
     serving_variant: Literal["optimized", "original"] | None
     latest_version: int
-    latest_status: str
+    latest_status: str = Field(description="queued | optimizing | ready | failed (its optimization; it still serves "
+                                           "its original)")
     versions: int
 
 

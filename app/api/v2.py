@@ -91,7 +91,7 @@ async def _metadata(services: Services, name: str, version: str | None) -> dict[
     rows = await run_in_threadpool(services.registry.versions, name)
     return {
         "name": model.row.name,
-        "versions": [str(v.version) for v in rows if v.status != "failed"],
+        "versions": [str(v.version) for v in rows],  # a failed one still serves its original
         "platform": "onnxruntime_onnx",
         "inputs": [_tensor(s) for s in model.loaded.inputs],
         "outputs": [_tensor(s) for s in model.loaded.outputs],
@@ -210,15 +210,52 @@ async def read_body(receive: Receive, limit: int | None = None) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "datatype": {"type": "string", "example": "FP32"},
+    "data": {"type": "array", "items": {}, "description": "row-major values; absent with binary_data_size"},
+    "parameters": {"type": "object", "description": "binary_data_size: bytes of this tensor after the JSON header"},
+}}
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "inputs": {"type": "array", "items": _TENSOR},
+            "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+            "parameters": {"type": "object", "description": "binary_data_output: answer every output in binary"},
+        }}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
+            "binary tensor extension: the JSON request, then each tensor's bytes; the JSON's length in the "
+            "Inference-Header-Content-Length header")}},
+    }},
+    "responses": {"200": {"description": "model_name, model_version, outputs (JSON or binary tensors, as asked)"}},
+}
+
+
+async def _documented_infer(name: str) -> None:
+    """Run the serving version of a model (Open Inference Protocol, JSON or binary tensors)."""
+    # Never called: the raw route ahead of it (or app/fastpath.py) answers every POST to this path. FastAPI's
+    # OpenAPI document lists only its own routes, so this one exists for /docs and /openapi.json alone.
+    raise AssertionError("the raw /v2 infer route answers this path")
+
+
+async def _documented_version_infer(name: str, version: str) -> None:
+    """Run one version of a model (Open Inference Protocol, JSON or binary tensors)."""
+    raise AssertionError("the raw /v2 infer route answers this path")  # never called: see _documented_infer
+
+
 def _add_infer_routes() -> None:
     """Infer routes first in the router: FastAPI matches a path against each route in turn (twice per
-    request), so the hot path should not pay for the metadata routes ahead of it."""
-    for template in (INFER, VERSION_INFER):
+    request), so the hot path should not pay for the metadata routes ahead of it. Each is followed by a
+    documented twin that only /openapi.json sees (the raw route matches first)."""
+    for template, documented in ((VERSION_INFER, _documented_version_infer), (INFER, _documented_infer)):
+        router.add_api_route(template.removeprefix(router.prefix), documented, methods=["POST"], responses=_ERRORS,
+                             openapi_extra=_INFER_DOC, status_code=200)
         endpoint = _InferEndpoint()
         # add_route does not prepend the router's prefix, hence the full paths.
         router.add_route(template, endpoint, methods=["POST"])
         endpoint.route = router.routes.pop()
-        router.routes.insert(0, endpoint.route)
+        router.routes[0:0] = [endpoint.route, router.routes.pop()]
 
 
 _add_infer_routes()

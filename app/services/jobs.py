@@ -150,6 +150,7 @@ class JobQueue:
                 update(Job).where(Job.id == job.id, Job.status == "queued").values(
                     status="running", worker_id=worker_id, attempts=Job.attempts + 1, started_at=now,
                     lease_expires_at=now + self.lease, stage="validate", progress=0.0, runner_pid=None,
+                    error=None,  # why it was queued again ("interrupted ...") is over: it runs now
                 )
             ).rowcount
             if taken != 1:

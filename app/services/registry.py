@@ -1,8 +1,11 @@
 """Models and their versions: accept an upload, say which version serves, delete, hand out artifacts.
 
 Which version serves a name is decided here, in one place: the newest version that is ready; while
-none is ready, the newest one still optimizing (its validated original serves meanwhile). A new
-upload therefore replaces the serving version only once it is ready, and a failed one never does.
+none is ready, the newest one still optimizing (its validated original serves meanwhile); while none
+is optimizing either, the newest one whose optimization failed, with its validated original. A new
+upload therefore replaces the serving version only once it is ready, and a failed one never replaces
+a ready one; but a model that served while its optimization ran does not go offline when it fails
+(its original was validated at upload and served already: a failed optimizer is not an outage).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Accepted:
     name: str
     version: int
     job_id: str
+    warnings: list[str]
 
 
 def serving_variant(version: ModelVersion, requested: str | None) -> str:
@@ -37,13 +41,16 @@ def serving_variant(version: ModelVersion, requested: str | None) -> str:
 
     A ready version whose optimizer kept the original (nothing beat it: `selected` is the baseline) serves and
     says "original" even when asked for "optimized": its optimized file is the original model, and an answer
-    saying "optimized" would promise a speedup that was not found.
+    saying "optimized" would promise a speedup that was not found. A version whose optimization failed serves
+    its validated original; asked for "optimized", it says why there is none.
     """
     if version.status == "failed":
-        raise ConflictError(
-            f"model {version.name!r} version {version.version} failed to optimize and does not serve: "
-            f"{version.error}"
-        )
+        if requested == "optimized":
+            raise ConflictError(
+                f"model {version.name!r} version {version.version} has no optimized variant: its optimization "
+                f"failed ({version.error}). It serves its validated original: omit `variant` or ask for 'original'"
+            )
+        return "original"
     if requested in (None, "optimized") and version.status == "ready":
         return "original" if version.selected == BASELINE else "optimized"
     if requested == "optimized":
@@ -54,9 +61,27 @@ def serving_variant(version: ModelVersion, requested: str | None) -> str:
     return "original"
 
 
+def interface_changes(old: ModelVersion, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> list[str]:
+    """How `inputs`/`outputs` differ from `old`'s: names, dtypes and ranks (dimension sizes may change freely)."""
+    changes = []
+    for kind, before, after in (("input", old.inputs or [], inputs), ("output", old.outputs or [], outputs)):
+        was = {t["name"]: t for t in before}
+        now = {t["name"]: t for t in after}
+        changes += [f"{kind} {n!r} is gone" for n in was if n not in now]
+        changes += [f"{kind} {n!r} is new" for n in now if n not in was]
+        for n in (n for n in now if n in was):
+            if was[n].get("dtype") != now[n].get("dtype"):
+                changes.append(f"{kind} {n!r} was {was[n].get('dtype')}, is {now[n].get('dtype')}")
+            ranks = [None if t.get("shape") is None else len(t["shape"]) for t in (was[n], now[n])]
+            if ranks[0] != ranks[1]:
+                changes.append(f"{kind} {n!r} had rank {ranks[0]}, has {ranks[1]}")
+    return changes
+
+
 def pick_serving(versions: list[ModelVersion]) -> ModelVersion | None:
-    """The newest ready version, else the newest optimizing one; None if all failed."""
-    for status in ("ready", "optimizing"):
+    """The newest ready version, else the newest optimizing one, else the newest failed one (its original);
+    None only when there is no live version."""
+    for status in ("ready", "optimizing", "failed"):
         candidates = [v for v in versions if v.status == status]
         if candidates:
             return max(candidates, key=lambda v: v.version)
@@ -91,11 +116,12 @@ class Registry:
         try:
             with self.db.write() as session:
                 last = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == upload.name))
+                warnings = self._interface_warnings(session, upload)
                 version = ModelVersion(
                     name=upload.name, version=(last or 0) + 1, status="optimizing", filename=upload.filename,
                     sha256=upload.sha256, size_bytes=upload.size_bytes,
                     has_calibration=upload.calibration_path is not None, options=upload.options.to_dict(),
-                    inputs=upload.inputs, outputs=upload.outputs, notes=upload.notes, serving=serving,
+                    inputs=upload.inputs, outputs=upload.outputs, notes=[*upload.notes, *warnings], serving=serving,
                 )
                 session.add(version)
                 session.flush()  # claims (name, version) now: a racing upload fails here, before any file moves
@@ -108,12 +134,27 @@ class Registry:
                 if upload.calibration_path is not None:
                     self.store.put_file(artifact_key(version.name, version.version, CALIBRATION),
                                         upload.calibration_path, move=True)
-                accepted = Accepted(version.name, version.version, job.id)
+                accepted = Accepted(version.name, version.version, job.id, warnings)
         except BaseException:
             if stored_prefix is not None:
                 self.store.delete_prefix(stored_prefix)
             raise
         return accepted
+
+    @staticmethod
+    def _interface_warnings(session, upload: ValidatedUpload) -> list[str]:  # noqa: ANN001 - ORM Session
+        """A warning when the upload's inputs/outputs differ from the version serving now: once the new one
+        serves, requests written for the old interface get 400s. Accepted anyway (a deliberate change is fine)."""
+        serving = pick_serving(list(session.scalars(select(ModelVersion).where(
+            ModelVersion.name == upload.name, ModelVersion.status != "deleted"))))
+        if serving is None:
+            return []
+        changes = interface_changes(serving, upload.inputs, upload.outputs)
+        if not changes:
+            return []
+        return [f"warning: the inputs/outputs differ from version {serving.version}, which serves now: "
+                f"{'; '.join(changes)}. Once this version serves, requests written for version {serving.version} "
+                "get 400s"]
 
     def delete(self, name: str, version: int | None = None) -> list[str]:
         """Delete a model (every version) or one version; returns the deleted version ids.
@@ -181,36 +222,34 @@ class Registry:
             if row is None:
                 raise NotFoundError(_missing(name, version))
             return row
-        versions = self.versions(name)
-        serving = pick_serving(versions)
-        if serving is None:
-            latest = versions[-1]
-            raise ConflictError(
-                f"no version of model {name!r} can serve: every version failed to optimize (latest, version "
-                f"{latest.version}: {latest.error}). Upload again with what that error names fixed (the model, its "
-                f"calibration set or the options)"
-            )
+        serving = pick_serving(self.versions(name))
+        assert serving is not None  # versions() raised NotFoundError if there were none
         return serving
 
     def report(self, name: str, version: int | None = None) -> tuple[ModelVersion, dict[str, Any]]:
         row = self.resolve(name, version)
-        if row.status != "ready" or row.report is None:
+        if row.status == "failed":
             raise ConflictError(
-                f"model {name!r} version {row.version} has no report yet: its optimization is "
-                f"{'still running' if row.status == 'optimizing' else row.status}"
-                + (f" ({row.error})" if row.error else "")
+                f"model {name!r} version {row.version} has no report: its optimization failed ({row.error}). "
+                "It serves its validated original"
+            )
+        if row.status != "ready" or row.report is None:
+            job = self.jobs_of([row.id]).get(row.id)
+            state = "queued" if job is not None and job.status == "queued" else "still running"
+            raise ConflictError(
+                f"model {name!r} version {row.version} has no report yet: its optimization is {state}"
+                + (f" ({job.error})" if job is not None and job.error else "")
             )
         return row, row.report
 
     def artifact(self, name: str, version: int | None, variant: str | None) -> tuple[ModelVersion, str, Path]:
-        """A local path to a version's ONNX file: `variant` optimized | original, None for the one that serves."""
+        """A local path to a version's ONNX file: `variant` optimized | original, None for the one that serves.
+
+        The same choice as predict's (serving_variant): where the optimizer kept the original, "optimized" is the
+        original file as stored at upload (the bytes whose sha256 the version shows), not the optimizer's copy.
+        """
         row = self.resolve(name, version)
-        chosen = variant or serving_variant(row, None)
-        if chosen == "optimized" and row.status != "ready":
-            raise ConflictError(
-                f"model {name!r} version {row.version} has no optimized variant yet (status {row.status}); "
-                "ask for variant=original"
-            )
+        chosen = serving_variant(row, variant)
         return row, chosen, self.model_file(row, chosen)
 
     def model_file(self, row: ModelVersion, variant: str) -> Path:

@@ -262,7 +262,10 @@ class Worker:
         out = work / "out"
         try:
             report = json.loads((out / "report.json").read_text())
-            self.store.put_file(artifact_key(job.name, job.version, OPTIMIZED), out / "model.onnx", move=True)
+            # Where the optimizer kept the original, its model.onnx is the original with inferred shapes added: the
+            # "optimized" download is then the stored original itself (Registry.artifact), so this copy is not kept.
+            if outcome.selected != report.get("baseline"):  # (the report names it: no optimizer import here)
+                self.store.put_file(artifact_key(job.name, job.version, OPTIMIZED), out / "model.onnx", move=True)
             self.store.put_file(artifact_key(job.name, job.version, REPORT), out / "report.json", move=True)
         except (OSError, ValueError) as exc:
             self.queue.fail(job, self.worker_id, f"could not store the optimized model: {exc}")

@@ -52,8 +52,30 @@ def memory_message(limit_mb: int) -> str:
             f"{limit_mb}) and was stopped: raise the limit, or send fewer or smaller calibration samples")
 
 
+def explain(exc: BaseException, *, generated_inputs: bool, how_to_calibrate: str) -> str | None:
+    """What a user reads when an optimization raised `exc`; None when it is unexpected (our bug: keep the traceback).
+
+    The one mapping for the worker's jobs and the `onnxforge` command. ONNX Runtime's own exceptions (InvalidArgument,
+    Fail, ...) derive from Exception alone, so they are known by their module. One raised while the optimizer ran the
+    model on inputs it generated (no calibration samples given) almost always means those inputs do not suit the
+    model (Silero VAD needs 512 or more audio samples, the generated ones have 8): real inputs are the fix.
+    """
+    from optimizer.errors import OptimizerError, first_line
+
+    if isinstance(exc, OptimizerError):
+        return str(exc)
+    if not type(exc).__module__.startswith("onnxruntime"):
+        return None
+    said = f"{type(exc).__name__}: {first_line(exc)}"
+    if generated_inputs:
+        return (f"ONNX Runtime could not run the model on the inputs the optimizer generated, as no calibration "
+                f"samples were given ({said}). Generated inputs (random values, dynamic dimensions set to small sizes) "
+                f"did not suit this model: {how_to_calibrate}")
+    return f"ONNX Runtime failed while the optimizer ran the model on the calibration samples given: {said}"
+
+
 def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
-    from optimizer.errors import OptimizerError
+    from optimizer.errors import first_line
     from optimizer.pipeline import OptimizeConfig, optimize
 
     try:
@@ -65,15 +87,18 @@ def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
         if spec.memory_limit_mb and _out_of_memory(exc):  # also when the optimizer wrapped ONNX Runtime's error
             send(["error", memory_message(spec.memory_limit_mb)])
             return
-        if isinstance(exc, OptimizerError):
-            send(["error", str(exc)])
+        explained = explain(exc, generated_inputs=spec.calibration_path is None, how_to_calibrate=(
+            "upload calibration samples (real inputs: an .npz with one array per model input, "
+            "-F calibration=@samples.npz) with the model again"))
+        if explained is not None:
+            send(["error", explained])
             return
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             send(["error", "the disk ran full while the optimizer wrote its output (No space left on device); "
                            "the serving version is unchanged: free space under ONNXFORGE_DATA_DIR and upload again"])
             return
         logging.getLogger("onnxforge.runner").error("optimizer failed:\n%s", traceback.format_exc())
-        send(["error", f"the optimizer failed unexpectedly: {type(exc).__name__}: {exc}"])
+        send(["error", f"the optimizer failed unexpectedly: {type(exc).__name__}: {first_line(exc)}"])
 
 
 def main() -> None:
