@@ -58,7 +58,7 @@ def explain(exc: BaseException, *, generated_inputs: bool, how_to_calibrate: str
     The one mapping for the worker's jobs and the `onnxforge` command. ONNX Runtime's own exceptions (InvalidArgument,
     Fail, ...) derive from Exception alone, so they are known by their module. One raised while the optimizer ran the
     model on inputs it generated (no calibration samples given) almost always means those inputs do not suit the
-    model (Silero VAD needs 512 or more audio samples, the generated ones have 8): real inputs are the fix.
+    model (Silero VAD's STFT reflect-pads its audio by 64 samples, more than the 8 generated): real inputs fix it.
     """
     from optimizer.errors import OptimizerError, first_line
 
