@@ -44,7 +44,13 @@ class Settings(BaseSettings):
     )
     # 2, not more: each session already uses every core through intra-op threads, so more threads
     # running session.run at once only oversubscribe the cores (4 x 2 threads on 2 cores measured worse).
-    predict_threads: int = Field(default=2, ge=1, description="threads running session.run off the event loop")
+    predict_threads: int = Field(
+        default=2, ge=1, description="threads running session.run off the event loop; one model holds at most this "
+                                     "many at once, and one more thread is kept for the other models",
+    )
+    predict_time_limit_s: float = Field(
+        default=30.0, ge=0, description="a predict's session.run is stopped past this and answered 504 (0: no limit)"
+    )
     batch_max_size: int = Field(
         default=32, ge=1, description="dynamic batching: most rows per session.run (1 turns batching off); a "
                                       "model uploaded without its own batch_max_size is batched only where a "

@@ -32,6 +32,12 @@ requests as one batch of 32 costs little more than one. How it works, per sessio
   concurrency), few requests arrive during a run and batches stay small whatever the limit.
 - Requests are grouped by (outputs asked for, every input's dtype and non-batch dims): shapes are
   never mixed (no padding), so a request's answer does not depend on its batch-mates.
+- Unless the graph itself mixes rows: DynamicQuantizeLinear (dynamic INT8) takes one scale over the
+  whole tensor, so a row's answer moves with the largest row of its batch (a quantize_dynamic'ed MLP
+  with rows scaled by 10^U(-1,2): half the batched answers off by up to 149% of the output's range).
+  Such a model is never batched, whatever its settings (`row_coupling_ops`, checked at load); and the
+  probe also compares a batched run of rows of very different scales with the same rows run alone
+  (`rows_agree`), for what an op list cannot know (e.g. a reduction over the batch axis).
 - Only models whose every input and output has a dynamic first axis are batched (`batchable`); the
   split checks that each output really has the batch's rows, else the requests run one by one.
 - Each model can have its own `BatchPolicy` (most rows per run, how long to wait for company);
@@ -46,14 +52,18 @@ requests as one batch of 32 costs little more than one. How it works, per sessio
 from __future__ import annotations
 
 import asyncio
+import mmap
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import onnx
 
+from app.runtime.runs import RunTimeout
 from app.runtime.signature import TensorSpec
 
 Feed = dict[str, np.ndarray]
@@ -68,6 +78,72 @@ def batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
         return False
     symbols = {s.shape[0] for s in inputs if s.shape[0] is not None}
     return len(symbols) <= 1
+
+
+# Ops whose output for one row depends on every row of the run. DynamicQuantizeLinear computes one scale and zero
+# point over its whole input; ONNX Runtime's contrib DynamicQuantizeMatMul (what its optimizer fuses
+# DynamicQuantizeLinear + MatMulInteger into, found in files saved at the extended level) and DynamicQuantizeLSTM
+# quantize their input the same way. (QAttention and MatMulIntegerToFloat take their scales as inputs: from a
+# DynamicQuantizeLinear in what quantize_dynamic writes, which this set already catches.)
+ROW_COUPLING_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def row_coupling_ops(path: Path) -> list[str]:
+    """The op types of the model at `path` (subgraphs and local functions included) that mix a run's rows.
+
+    WHY not onnx.load: it parses every weight too; that memory stayed in the process (a session of a 24 MiB MLP
+    then grew RSS by 40 MiB, not 24). The file is mapped and only its nodes are parsed: the weights' pages are
+    skipped, never read.
+    """
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        nodes: list[onnx.NodeProto] = []
+        for number, start, end in _fields(buf, 0, len(buf)):
+            if number == 7:  # ModelProto.graph
+                nodes.extend(onnx.NodeProto.FromString(buf[s:e]) for n, s, e in _fields(buf, start, end) if n == 1)
+            elif number == 25:  # ModelProto.functions
+                nodes.extend(onnx.FunctionProto.FromString(buf[start:end]).node)
+    found: set[str] = set()
+    while nodes:
+        node = nodes.pop()
+        if node.op_type in ROW_COUPLING_OPS:
+            found.add(node.op_type)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                nodes.extend(attribute.g.node)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                nodes.extend(node for graph in attribute.graphs for node in graph.node)
+    return sorted(found)
+
+
+def _varint(buf: mmap.mmap, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the protobuf message in buf[start:end]."""
+    pos = start
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        wire = tag & 7
+        if wire == 0:
+            pos = _varint(buf, pos)[1]
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            yield tag >> 3, pos, pos + size
+            pos += size
+        else:  # groups: not in ONNX files
+            raise ValueError(f"unexpected protobuf wire type {wire}")
 
 
 def in_thread(executor: Executor, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -102,15 +178,51 @@ def _settle(future: asyncio.Future, result: object, exc: BaseException | None) -
         future.set_result(result)
 
 
-def _probe_feed(inputs: list[TensorSpec], rows: int, other_dims: int) -> Feed | None:
-    """A feed of `rows` rows (other dynamic dims `other_dims`), or None if an input cannot be made up."""
+def _probe_feed(inputs: list[TensorSpec], rows: int, other_dims: int, scaled: bool = False) -> Feed | None:
+    """A feed of `rows` rows (other dynamic dims `other_dims`), or None if an input cannot be made up.
+    `scaled`: float row i is 10^(i-1) (0.1, 1, 10, 100, ...), for `rows_agree`."""
     feed = {}
     for spec in inputs:
         if spec.dtype is None or spec.dtype.kind not in "biuf" or spec.shape is None or not spec.shape:
             return None
         dims = [rows] + [d if isinstance(d, int) else other_dims for d in spec.shape[1:]]
         feed[spec.name] = np.ones(dims, spec.dtype)  # ones: a valid token id, mask value and number alike
+        if scaled and spec.dtype.kind == "f":
+            scales = np.float_power(10.0, np.arange(rows) - 1).astype(spec.dtype)
+            feed[spec.name] *= scales.reshape([rows] + [1] * (len(dims) - 1))
     return feed
+
+
+def rows_agree(session, inputs: list[TensorSpec], *, rows: int = 4, other_dims: int = 16) -> bool | None:  # noqa: ANN001
+    """Does one run of `rows` rows of very different scales give each row what it gets alone? None when the
+    probe cannot tell (an input it cannot make up, a graph that refuses the made-up rows).
+
+    Beyond float tolerance only: a batch may take other kernels than a single row (blocking, vector widths),
+    ~1e-6 relative; a row-coupled op (module doc) is off by a large part of the output's range.
+    """
+    many = _probe_feed(inputs, rows, other_dims, scaled=True)
+    if many is None:
+        return None
+    try:
+        batched = session.run(None, many)
+        alone = [session.run(None, {k: v[i:i + 1] for k, v in many.items()}) for i in range(rows)]
+    except Exception:  # noqa: BLE001 - made-up rows a graph refuses: no answer either way
+        return None
+    for j, value in enumerate(batched):
+        if value.ndim == 0 or value.shape[0] != rows:
+            return False  # not split by rows: batching would run these one by one anyway
+        for i in range(rows):
+            mine, theirs = value[i:i + 1], alone[i][j]
+            if mine.shape != theirs.shape:
+                return False
+            if mine.dtype.kind not in "fc":
+                if not np.array_equal(mine, theirs):
+                    return False
+                continue
+            scale = float(np.nanmax(np.abs(theirs), initial=0.0, where=np.isfinite(theirs)))
+            if not np.allclose(mine, theirs, rtol=1e-3, atol=1e-4 * max(scale, 1e-3), equal_nan=True):
+                return False
+    return True
 
 
 def _run_time(session, feed: Feed) -> float:  # noqa: ANN001
@@ -121,7 +233,8 @@ def _run_time(session, feed: Feed) -> float:  # noqa: ANN001
 
 def batching_pays(session, inputs: list[TensorSpec], *, rows: int = 8, other_dims: int = 16,  # noqa: ANN001
                   max_single_s: float = 0.002, repeat: int = 7) -> bool:
-    """True when one run of `rows` rows costs at most half of `rows` single runs (timed on made-up inputs).
+    """True when one run of `rows` rows costs at most half of `rows` single runs (timed on made-up inputs)
+    and gives each row what it gets alone (`rows_agree`).
 
     The two are timed in turn, best of `repeat` each, so that a burst of load on a shared machine
     slows both rather than tipping the answer. A single run longer than `max_single_s` is
@@ -142,7 +255,7 @@ def batching_pays(session, inputs: list[TensorSpec], *, rows: int = 8, other_dim
         for _ in range(repeat):
             single = min(single, _run_time(session, one))
             batched = min(batched, _run_time(session, many))
-        return batched <= 0.5 * rows * single
+        return batched <= 0.5 * rows * single and rows_agree(session, inputs, other_dims=other_dims) is True
     except Exception:  # noqa: BLE001 - a probe that fails only means "do not batch"
         return False
 
@@ -366,6 +479,8 @@ def _run_batch(session, names: list[str], batch: list[_Request]) -> list[list[np
     total = sum(r.rows for r in batch)
     try:
         values = session.run(names, feed)
+    except RunTimeout as exc:  # not again one by one: each would take as long
+        return [exc for _ in batch]
     except Exception:  # noqa: BLE001 - one bad request must not fail its batch-mates: run each alone
         return [_run_alone(session, names, r.feed) for r in batch]
     if any(v.ndim == 0 or v.shape[0] != total for v in values):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from app.runtime.batching import batchable, row_coupling_ops
 from app.runtime.signature import TensorSpec, signature_of
 from optimizer.runtime import SessionSettings, create_session, session_provider
 
@@ -44,12 +45,20 @@ class LoadedSession:
     outputs: list[TensorSpec]
     provider: str  # what the session really got ("cpu" | "cuda"), read back from ONNX Runtime
     size_bytes: int = 0  # estimated memory held (estimated_bytes), for the cache's budget
+    # Its ops that mix the rows of a run (batching.row_coupling_ops): such a model is never batched.
+    row_coupling: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path, settings: SessionSettings) -> LoadedSession:
         session = create_session(path, settings)
         inputs, outputs = signature_of(session)
-        return cls(session, inputs, outputs, session_provider(session), estimated_bytes(path))
+        coupling: tuple[str, ...] = ()
+        if batchable(inputs, outputs):  # only then: batching is out of the question for the others
+            try:
+                coupling = tuple(row_coupling_ops(path))
+            except Exception:  # noqa: BLE001 - a file ONNX Runtime loaded but this reader cannot: the probe decides
+                coupling = ()
+        return cls(session, inputs, outputs, session_provider(session), estimated_bytes(path), coupling)
 
 
 class SessionCache:

@@ -85,7 +85,8 @@ def open_services(settings: Settings) -> Services:
     metrics = Metrics(jobs.counts, lambda: len(sessions), lambda: sessions.bytes,
                       lambda: (validations.running, validations.refused))
     registry = Registry(db, store)
-    executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+    # One thread more than one model may hold (max_running_per_model): a slow model leaves one to the others.
+    executor = ThreadPoolExecutor(settings.predict_threads + 1, thread_name_prefix="predict")
     batcher = None
     if settings.batch_max_size > 1:
         batcher = Batcher(executor, max_batch_size=settings.batch_max_size,
@@ -93,7 +94,9 @@ def open_services(settings: Settings) -> Services:
                           max_running=settings.batch_max_running,
                           observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
     predict = PredictService(registry, sessions, metrics, executor, cache_ttl_s=settings.registry_cache_ttl_s,
-                             max_input_elements=settings.max_input_elements, batcher=batcher)
+                             max_input_elements=settings.max_input_elements, batcher=batcher,
+                             run_time_limit_s=settings.predict_time_limit_s,
+                             max_running_per_model=settings.predict_threads)
     worker = EmbeddedWorker(settings) if settings.run_worker else None
     log.info("onnxforge: data in %s, database %s, sessions on %s, worker %s", settings.data_dir.resolve(),
              db.engine.url.render_as_string(hide_password=True), provider, "embedded" if worker else "external")

@@ -10,7 +10,10 @@ that a worker finishes starts serving within the TTL), and sessions stay loaded 
 `session.run` runs in a thread pool: ONNX Runtime releases the GIL, the event loop stays free.
 With a `Batcher`, concurrent requests of a model whose batch axis is dynamic share one run
 (app/runtime/batching.py); the answer of each is the same as alone. A version's own batching
-settings (given at upload, stored with it) override the service's defaults for that version.
+settings (given at upload, stored with it) override the service's defaults for that version, except that a
+model whose graph mixes the rows of a run (dynamic INT8) is never batched (`batching_note` says so).
+Every run has a time limit (504 past it), and one model holds at most `max_running_per_model` predict
+threads at once (app/runtime/runs.py).
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics, PredictSeries
-from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread
+from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread, rows_agree
+from app.runtime.runs import Limited, RunGate, RunTimeout, Watchdog
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import FeedChecker
 from app.services.registry import VARIANTS, Registry, serving_variant
 from app.store import ModelVersion
 from optimizer.errors import first_line
+
+
+class RunTimeLimitError(ServiceError):
+    """A run stopped at the service's time limit: the model is too slow here (or never ends) for these inputs."""
+
+    status_code = 504
 
 
 @dataclass
@@ -85,6 +95,7 @@ class _Route:
     version: int
     feed: FeedChecker  # the input checks
     series: PredictSeries  # the metrics
+    runner: Limited  # the session, its runs under the time limit
 
 
 def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, bool]:
@@ -103,7 +114,8 @@ def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, 
 class PredictService:
     def __init__(self, registry: Registry, sessions: SessionCache, metrics: Metrics, executor: Executor, *,
                  cache_ttl_s: float = 1.0, max_input_elements: int | None = None,
-                 batcher: Batcher | None = None, probe_batching: bool = True) -> None:
+                 batcher: Batcher | None = None, probe_batching: bool = True, run_time_limit_s: float = 0.0,
+                 max_running_per_model: int = 0) -> None:
         self.registry = registry
         self.sessions = sessions
         self.metrics = metrics
@@ -114,13 +126,19 @@ class PredictService:
             # Batching is off by default, but a version's own settings may still turn it on.
             batcher = Batcher(executor, max_batch_size=1,
                               observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
+        # One model's runs at once (0: no cap): unbatched ones wait at the gate, batches in the batcher's queue.
+        self.gate = RunGate(max_running_per_model) if max_running_per_model else None
+        if max_running_per_model:
+            batcher.max_running = min(batcher.max_running, max_running_per_model)
         self.batcher = batcher
+        self.watchdog = Watchdog(run_time_limit_s)
         # Batch a model without its own batch size only if a probe shows that batching pays for it.
         self.probe_batching = probe_batching
         self._resolved: dict[tuple[str, int | None], tuple[float, _Resolved]] = {}
         self._resolving: dict[tuple[str, int | None], asyncio.Task] = {}
         self._generations: dict[str, int] = {}  # bumped by invalidate(name): a lookup begun before is not cached
         self._routes: dict[tuple[str, str], _Route] = {}
+        self._batching_notes: dict[tuple[str, str], str] = {}
 
     # -- which version, which session ---------------------------------------------------------------
 
@@ -203,18 +221,30 @@ class PredictService:
         if route is not None:
             return route
         row, loaded = model.row, model.loaded
+        runner = Limited(loaded.session, self.watchdog)
         policy, own_size = batch_policy(row, self.batcher.default)
+        note = None
+        loop = asyncio.get_running_loop()
         if policy.max_batch_size <= 1 or not batchable(loaded.inputs, loaded.outputs):
             policy = None
+        elif loaded.row_coupling:  # whatever its settings say: its answers would depend on its batch-mates
+            policy = None
+            note = (f"never batched: its {', '.join(loaded.row_coupling)} quantize(s) a run's input with one scale "
+                    "over all its rows, so a row's answer would depend on its batch-mates")
         elif self.probe_batching and not own_size:
-            loop = asyncio.get_running_loop()
-            if not await loop.run_in_executor(self.executor, batching_pays, loaded.session, loaded.inputs):
+            if not await loop.run_in_executor(self.executor, batching_pays, runner, loaded.inputs):
                 policy = None
+        elif await loop.run_in_executor(self.executor, rows_agree, runner, loaded.inputs) is False:
+            policy = None  # its own batch size, but rows of different scales got other answers batched than alone
+            note = ("never batched: a run of rows of different scales gave some rows other answers than each alone "
+                    "(an op mixes the rows of a run)")
+        if note is not None:
+            self._batching_notes[key] = note
         route = _Route((row.name, str(row.version), model.variant, row.id), policy,
                        tuple(spec.name for spec in loaded.outputs),
                        tuple(spec.name for spec in loaded.outputs if spec.dtype is None),
                        row.name, row.version, FeedChecker(loaded.inputs),
-                       self.metrics.predict_series(row.name, row.version, model.variant))
+                       self.metrics.predict_series(row.name, row.version, model.variant), runner)
         return self._routes.setdefault(key, route)  # a concurrent first request may have probed too
 
     # -- predict -------------------------------------------------------------------------------------
@@ -240,9 +270,21 @@ class PredictService:
                 _refuse_non_tensors(route, names)
             try:
                 if route.policy is not None:
-                    values = await self.batcher.run(route.key, loaded.session, names, feed, route.policy)
+                    values = await self.batcher.run(route.key, route.runner, names, feed, route.policy)
+                elif self.gate is None:
+                    values = await in_thread(self.executor, route.runner.run, names, feed)
                 else:
-                    values = await in_thread(self.executor, loaded.session.run, names, feed)
+                    await self.gate.acquire(route.key)
+                    try:
+                        values = await in_thread(self.executor, route.runner.run, names, feed)
+                    finally:
+                        self.gate.release(route.key)
+            except RunTimeout as exc:
+                raise RunTimeLimitError(
+                    f"model {route.name!r} version {route.version}: a run took longer than the service's limit of "
+                    f"{exc.limit_s:g} s (ONNXFORGE_PREDICT_TIME_LIMIT_S) and was stopped; send fewer rows or "
+                    "smaller inputs, or ask the operator for a longer limit"
+                ) from None
             except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
                 raise BadRequestError(
                     f"ONNX Runtime could not run model {route.name!r} on these inputs: {first_line(exc)}"
@@ -252,6 +294,11 @@ class PredictService:
             return Prediction(route.name, route.version, model.variant, loaded.provider, outputs)
         finally:
             route.series.observe(started, ok)
+
+
+    def batching_note(self, version_id: str, variant: str) -> str | None:
+        """Why a loaded (version, variant) is not batched although its settings allow it (None: no such reason)."""
+        return self._batching_notes.get((version_id, variant))
 
 
 def _refuse_non_tensors(route: _Route, names: list[str]) -> None:
