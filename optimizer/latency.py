@@ -8,15 +8,21 @@ rounds and `target_seconds` have passed. Whatever slows the machine down slows e
 Idle ONNX Runtime threads spin and steal time from the other session on the same cores (an identical
 model measured 1.38x "faster"), so spinning is turned off for every measurement. Absolute numbers are
 then slightly conservative against a spinning serving session; the ratio is what they are for.
+
+Interleaving alone does not make two p50s comparable on a loaded machine: the same bytes in two
+sessions still measured 0.85-1.22x. So a measurement can time an A/A control (the first model opened
+again, last, as an independent session) and `paired_ratio` compares two models round by round:
+what the control's ratio to the first model shows is the noise of that very run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,10 @@ from optimizer.errors import OptimizerError, first_line
 from optimizer.runtime import SessionSettings, create_session, session_provider
 
 ModelSource = bytes | str | Path
+#: The name under which `measure(..., aa_control=True)` reports the first model's second session.
+AA_CONTROL = "A/A control"
+#: Called after a batch size's timing with (batch, stats); True times that batch size once more, as long again.
+ExtendIf = Callable[[int, "dict[str, LatencyStats]"], bool]
 
 
 class BenchmarkError(OptimizerError):
@@ -53,9 +63,44 @@ class LatencyStats:
     throughput_per_s: float
     provider: str  # what the session really ran on ("cpu" or "cuda"), not what was asked for
     deadline_hit: bool = False  # the caller's deadline cut the measurement short of min_runs/target_seconds
+    extended: bool = False  # timed a second time as long because `extend_if` asked for it
+    # this model's time in each round, in round order: entry i pairs with entry i of every model of the same call
+    round_ms: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["round_ms"]  # thousands of numbers; the percentiles and `paired_ratio` say what they hold
+        return out
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """How many times faster a model ran than a base, from the rounds' paired runs (> 1: faster)."""
+
+    median: float
+    low: float  # 95% confidence bounds of the median
+    high: float
+    rounds: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"median": round(self.median, 4), "low": round(self.low, 4), "high": round(self.high, 4),
+                "rounds": self.rounds}
+
+
+def paired_ratio(base: LatencyStats, other: LatencyStats) -> Ratio:
+    """Median over rounds of base's run / other's run in the same round, with a 95% confidence interval.
+
+    WHY paired rather than two p50s: both runs of a round see the same load, so a burst that slows
+    a round cancels in its ratio instead of landing in one model's tail. The interval is the usual
+    distribution-free one for a median (order statistics n/2 -+ 1.96*sqrt(n)/2, the binomial sign test):
+    run times are skewed and have outliers, so no normal model of them is assumed.
+    """
+    n = min(len(base.round_ms), len(other.round_ms))
+    if n == 0:
+        raise ValueError("paired_ratio needs stats with round times from the same measurement")
+    ratios = np.sort(np.asarray(base.round_ms[:n]) / np.asarray(other.round_ms[:n]))
+    k = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
+    return Ratio(float(np.median(ratios)), float(ratios[k]), float(ratios[n - 1 - k]), n)
 
 
 @dataclass
@@ -66,9 +111,18 @@ class _Opened:
 
 
 
-def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None) -> dict[str, _Opened]:
-    """One session per model with spinning off, timing how long each takes to create."""
+def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None,
+          aa_control: bool = False) -> dict[str, _Opened]:
+    """One session per model with spinning off, timing how long each takes to create.
+
+    The A/A control is opened last: if opening order mattered, it lies between the first model and
+    its control, so the control's spread covers it.
+    """
     settings = dataclasses.replace(settings or SessionSettings(), allow_spinning=False)
+    if aa_control:
+        if AA_CONTROL in models:
+            raise ValueError(f"{AA_CONTROL!r} is reserved for the A/A control")
+        models = {**models, AA_CONTROL: next(iter(models.values()))}
     opened = {}
     for name, model in models.items():
         start = time.perf_counter_ns()
@@ -96,27 +150,22 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _time_interleaved(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], batch: int, *, min_runs: int,
-                      max_runs: int, target_seconds: float, warmup: int,
-                      deadline: float | None) -> dict[str, LatencyStats]:
-    for name, o in opened.items():
-        for _ in range(warmup):
-            _run(name, o.session, feed)
+def _rounds(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], times: dict[str, list[int]], *,
+            min_runs: int, max_runs: int, target_seconds: float, deadline: float | None) -> bool:
+    """Append one run of each model per round to `times`; True when the deadline cut it short."""
     names = list(opened)
-    times: dict[str, list[int]] = {name: [] for name in names}
+    first = len(times[names[0]])
     target_ns = int(target_seconds * 1e9)
-    deadline_hit = False
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside one model's run would be charged to that model alone
     try:
         start = time.perf_counter_ns()
         for rounds in range(max_runs):
             if rounds >= min_runs and time.perf_counter_ns() - start >= target_ns:
-                break
+                return False
             if rounds >= 1 and _past(deadline):
-                deadline_hit = True
-                break
-            k = rounds % len(names)
+                return True
+            k = (first + rounds) % len(names)
             for name in names[k:] + names[:k]:  # rotate who goes first: no model always runs on a warm cache
                 session = opened[name].session
                 t0 = time.perf_counter_ns()
@@ -125,18 +174,40 @@ def _time_interleaved(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray]
     finally:
         if gc_was_enabled:
             gc.enable()
+    return False
 
+
+def _stats(opened: dict[str, _Opened], times: dict[str, list[int]], batch: int, warmup: int, deadline_hit: bool,
+           extended: bool) -> dict[str, LatencyStats]:
     stats = {}
-    for name in names:
+    for name, o in opened.items():
         ms = np.asarray(times[name], dtype=np.float64) / 1e6
         p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
         stats[name] = LatencyStats(
-            batch=batch, runs=len(ms), session_create_ms=opened[name].create_ms, warmup_runs=warmup,
+            batch=batch, runs=len(ms), session_create_ms=o.create_ms, warmup_runs=warmup,
             p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(ms.mean()),
             throughput_per_s=batch * 1000.0 / p50 if p50 > 0 else 0.0,
-            provider=opened[name].provider, deadline_hit=deadline_hit,
+            provider=o.provider, deadline_hit=deadline_hit, extended=extended, round_ms=ms.tolist(),
         )
     return stats
+
+
+def _time_interleaved(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], batch: int, *, min_runs: int,
+                      max_runs: int, target_seconds: float, warmup: int, deadline: float | None,
+                      extend_if: ExtendIf | None = None) -> dict[str, LatencyStats]:
+    for name, o in opened.items():
+        for _ in range(warmup):
+            _run(name, o.session, feed)
+    times: dict[str, list[int]] = {name: [] for name in opened}
+    hit = _rounds(opened, feed, times, min_runs=min_runs, max_runs=max_runs, target_seconds=target_seconds,
+                  deadline=deadline)
+    stats = _stats(opened, times, batch, warmup, hit, extended=False)
+    if extend_if is None or hit or _past(deadline) or not extend_if(batch, stats):
+        return stats
+    # once only, as long again: bounded, so a run too noisy to decide ends with "not proven", not a loop
+    hit = _rounds(opened, feed, times, min_runs=min_runs, max_runs=max_runs, target_seconds=target_seconds,
+                  deadline=deadline)
+    return _stats(opened, times, batch, warmup, hit, extended=True)
 
 
 def _check_counts(min_runs: int, max_runs: int, warmup: int) -> None:
@@ -146,22 +217,25 @@ def _check_counts(min_runs: int, max_runs: int, warmup: int) -> None:
 
 def measure(models: Mapping[str, ModelSource], feed: Mapping[str, np.ndarray],
             settings: SessionSettings | None = None, *, batch: int = 1, min_runs: int = 20, max_runs: int = 500,
-            target_seconds: float = 2.0, warmup: int = 5, deadline: float | None = None) -> dict[str, LatencyStats]:
+            target_seconds: float = 2.0, warmup: int = 5, deadline: float | None = None,
+            aa_control: bool = False, extend_if: ExtendIf | None = None) -> dict[str, LatencyStats]:
     """Time every model on the same `feed`, interleaved, and return each one's stats by name.
 
     `batch` is how many samples one run of `feed` holds (for throughput). Runs continue until at
     least `min_runs` rounds and `target_seconds` have passed, at most `max_runs` rounds. `deadline`
     (a `time.monotonic()` value) bounds the whole measurement: past it, timing stops after the
     current round (stats say `deadline_hit`); if it has already passed, BudgetExceededError.
+    `aa_control` also times the first model as a second session, reported as AA_CONTROL;
+    `extend_if` may ask, once, for as much timing again (see ExtendIf).
     """
     _check_counts(min_runs, max_runs, warmup)
     if not models:
         raise ValueError("measure needs at least one model")
     if _past(deadline):
         raise BudgetExceededError("the time budget ran out before latency could be measured")
-    opened = _open(models, settings)
+    opened = _open(models, settings, aa_control)
     return _time_interleaved(opened, feed, batch, min_runs=min_runs, max_runs=max_runs,
-                             target_seconds=target_seconds, warmup=warmup, deadline=deadline)
+                             target_seconds=target_seconds, warmup=warmup, deadline=deadline, extend_if=extend_if)
 
 
 def has_dynamic_batch(session: ort.InferenceSession) -> bool:
@@ -184,19 +258,21 @@ def batch_feed(feed: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarr
 def measure_batches(models: Mapping[str, ModelSource], feed: Mapping[str, np.ndarray],
                     settings: SessionSettings | None = None, *, batch_sizes: Sequence[int] = (1, 8),
                     min_runs: int = 20, max_runs: int = 500, target_seconds: float = 2.0, warmup: int = 5,
-                    deadline: float | None = None) -> dict[int, dict[str, LatencyStats]]:
+                    deadline: float | None = None, aa_control: bool = False,
+                    extend_if: ExtendIf | None = None) -> dict[int, dict[str, LatencyStats]]:
     """`measure` at each batch size, when every model's batch axis (axis 0 of every input) is dynamic.
 
     Returns {batch: {model name: stats}}. Sessions are created once and reused; `target_seconds` and
     the run counts apply per batch size. If any model has a fixed axis 0, only `feed` as given is
     timed, reported as batch 1. Batch sizes the deadline leaves no time for are left out.
+    `aa_control` and `extend_if` as in `measure`.
     """
     _check_counts(min_runs, max_runs, warmup)
     if not models or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("measure_batches needs at least one model and batch sizes >= 1")
     if _past(deadline):
         raise BudgetExceededError("the time budget ran out before latency could be measured")
-    opened = _open(models, settings)
+    opened = _open(models, settings, aa_control)
     dynamic = all(has_dynamic_batch(o.session) for o in opened.values())
     plan = [(b, batch_feed(feed, b)) for b in batch_sizes] if dynamic else [(1, dict(feed))]
     results: dict[int, dict[str, LatencyStats]] = {}
@@ -204,5 +280,6 @@ def measure_batches(models: Mapping[str, ModelSource], feed: Mapping[str, np.nda
         if results and _past(deadline):
             break
         results[batch] = _time_interleaved(opened, batch_inputs, batch, min_runs=min_runs, max_runs=max_runs,
-                                           target_seconds=target_seconds, warmup=warmup, deadline=deadline)
+                                           target_seconds=target_seconds, warmup=warmup, deadline=deadline,
+                                           extend_if=extend_if)
     return results

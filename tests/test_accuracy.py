@@ -366,14 +366,33 @@ def test_top1_says_how_many_rows_it_rests_on_and_how_low_it_may_really_be() -> N
 
 def test_the_report_warns_when_a_passing_top1_rests_on_too_few_rows() -> None:
     few, many = _logits(rows=5), _logits(rows=400)
-    notes = accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, searched=True)
-    assert len(notes) == 2
+    notes = accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, chose_among=3)
+    assert len(notes) == 3
     assert "top-1 agreement 100.0% was measured on 5 row(s)" in notes[0] and "as low as 64.9%" in notes[0]
     assert "at least 268 held-back rows, all agreeing, prove it" in notes[0]
-    assert "auto chose among its variants by these same 5 held-back sample(s)" in notes[1]
-    assert accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, searched=False) == notes[:1]
-    assert accuracy_notes(compare(many, _copy(many)).to_dict(), Tolerance(), 400, searched=True) == []
-    assert accuracy_notes(None, Tolerance(), 5, searched=True) == []  # the original: nothing measured
+    # the logits are gated by cosine too: 0.9^5 = 59% of the time 5 samples miss a 1-in-10 breakage
+    assert notes[1].startswith("output 'logits': cosine 1.0000 was measured on 5 held-back sample(s)")
+    assert "shows no broken one among 5 59% of the time; 20 or more samples" in notes[1]
+    assert notes[2].startswith("auto chose this variant among 3 that passed on these same 5 held-back sample(s)")
+    assert "selection bias" in notes[2]
+    assert accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5) == notes[:2]
+    assert accuracy_notes(compare(few, _copy(few)).to_dict(), Tolerance(), 5, chose_among=1) == notes[:2]
+    assert accuracy_notes(compare(many, _copy(many)).to_dict(), Tolerance(), 400) == []
+    assert accuracy_notes(None, Tolerance(), 5, chose_among=3) == []  # the original: nothing measured
+
+
+def test_cosine_and_selection_notes_without_a_top1_note() -> None:
+    """An embedding (cosine-gated, no argmax worth a bound) on 8 held-back samples, chosen by auto among 2: the
+    cosine note and the selection-bias note appear though there is no top-1 note; on 20 samples only the latter."""
+    rng = np.random.default_rng(1)
+    tol = Tolerance(min_top1=0.0)  # top-1 of an embedding means nothing: no bound can fall under 0
+    for samples, expected in ((8, ["cosine", "auto"]), (20, ["auto"])):
+        ref = [{"embedding": rng.normal(0, 1, (1, 32)).astype(np.float32)} for _ in range(samples)]
+        notes = accuracy_notes(compare(ref, _copy(ref), tol).to_dict(), tol, samples, chose_among=2)
+        assert ["auto" if n.startswith("auto") else n.split(": ")[1].split()[0] for n in notes] == expected
+        assert f"among 2 that passed on these same {samples} held-back sample(s)" in notes[-1]
+    cosine_note = accuracy_notes(compare(ref[:8], _copy(ref[:8]), tol).to_dict(), tol, 8)[0]
+    assert "measured on 8 held-back sample(s)" in cosine_note and "among 8 43% of the time" in cosine_note
 
 
 def test_steps_of_one_sequence_count_as_one_unit_in_the_bound() -> None:
@@ -383,5 +402,5 @@ def test_steps_of_one_sequence_count_as_one_unit_in_the_bound() -> None:
     out = compare(ref, _copy(ref)).outputs["logits"]
     assert (out.top1, out.top1_rows, out.top1_units) == (1.0, 100, 5)
     assert out.top1_lower_95 == pytest.approx(agreement_lower_bound(5, 5)) and out.top1_lower_95 < 0.65
-    note = accuracy_notes(compare(ref, _copy(ref)).to_dict(), Tolerance(), 5, searched=False)[0]
+    note = accuracy_notes(compare(ref, _copy(ref)).to_dict(), Tolerance(), 5)[0]
     assert "measured on 100 row(s) (5 independent: one per sequence)" in note

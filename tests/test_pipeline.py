@@ -66,7 +66,8 @@ def test_fp32_report_has_every_field_and_serves_a_model_that_agrees(tmp_path: Pa
     _assert_served_is_never_worse(report)
     # 8 generated rows cannot prove a 99% top-1: the report and the printed summary say so
     assert [note.split(";")[0] for note in report["accuracy_notes"]] == [
-        "output 'logits': top-1 agreement 100.0% was measured on 8 row(s)"]
+        "output 'logits': top-1 agreement 100.0% was measured on 8 row(s)",
+        "output 'logits': cosine 1.0000 was measured on 8 held-back sample(s)"]
     assert "note: output 'logits': top-1 agreement 100.0% was measured on 8 row(s)" in summary(report)
 
     feed = models.random_feed(model, batch=3)
