@@ -13,11 +13,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from optimizer.accuracy import Tolerance
+from optimizer.auto import AutoSearch
+from optimizer.calibration import SampleSet
 from optimizer.candidates import auto_plan
 from optimizer.errors import PassError
 from optimizer.passes import equalize, int8_static
 from optimizer.pipeline import OptimizeConfig, optimize
 from optimizer.runtime import SessionSettings, create_session
+from optimizer.variants import VariantReport
 from tests import models
 
 HEAVY = ("Conv", "MatMul", "Gemm")
@@ -132,3 +136,33 @@ def test_auto_plans_the_equalized_candidate_and_it_passes_where_its_plain_twin_f
     assert rows[equalized]["settings"]["equalize"]["alpha"] == 0.5
     worst = min(o["cosine"] for o in rows[equalized]["accuracy"]["outputs"].values())
     assert worst > 0.999
+
+
+def _failing_row(name: str, cosine: float, equalized: bool) -> VariantReport:
+    settings = {"mode": "static", "method": "minmax", "format": "qdq", "activation_type": "uint8",
+                "op_types": list(HEAVY)}
+    if equalized:
+        settings["equalize"] = {"alpha": 0.5, "min_spread": 4.0, "output_spread": 2.0}
+    accuracy = {"passed": False, "outputs": {"out": {"checked": True, "cosine": cosine,
+                                                     "slices": {"worst_cosine": cosine, "worst_error": 0.1}}}}
+    return VariantReport(name=name, precision="int8", settings=settings, status="rejected", accuracy=accuracy)
+
+
+@pytest.mark.parametrize(("plain_cosine", "equalized_cosine", "kept"), [(0.92, 0.985, "eq"), (0.95, 0.90, "plain")])
+def test_of_a_recipe_and_its_equalized_twin_only_the_one_closer_to_passing_is_repaired(
+        plain_cosine: float, equalized_cosine: float, kept: str) -> None:
+    model = models.detector()
+    feeds = _feeds(model, 4)
+    search = AutoSearch(source=model, samples=SampleSet(feeds[:2], feeds[2:], False, "test"),
+                        settings=SessionSettings(), tolerance=Tolerance(), reference=[], provider="cpu",
+                        deadline=0.0, built={}, fp32_name="fused", prune_by_latency=False)
+    plain = _failing_row("int8-static-minmax-qdq-u8s8-heavy", plain_cosine, equalized=False)
+    twin = _failing_row("int8-static-minmax-qdq-u8s8-heavy-eq", equalized_cosine, equalized=True)
+    other = _failing_row("int8-static-minmax-qdq-u8s8-all", 0.5, equalized=False)
+    other.settings["op_types"] = "all"
+
+    left = search._closer_of_equalized_twins([plain, twin, other])
+
+    assert [r.name for r in left] == [twin.name if kept == "eq" else plain.name, other.name]
+    dropped = plain if kept == "eq" else twin
+    assert search.skipped[0]["name"] == f"{dropped.name} (repair)"
