@@ -287,7 +287,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from optimizer import load_model
     from optimizer.calibration import read_samples, synthetic_samples
-    from optimizer.latency import measure_batches
+    from optimizer.latency import AA_CONTROL, measure_batches, paired_ratio
     from optimizer.runtime import SessionSettings, resolve_provider
 
     first = load_model(args.models[0]).proto
@@ -296,13 +296,21 @@ def _bench(args: argparse.Namespace) -> int:
     feed = (samples.calibration or samples.holdout)[0]
     settings = SessionSettings(provider=resolve_provider(args.provider), intra_op_threads=args.threads)
     models = {str(path): path for path in args.models}
-    results = measure_batches(models, feed, settings, batch_sizes=tuple(args.batch), target_seconds=args.seconds)
+    results = measure_batches(models, feed, settings, batch_sizes=tuple(args.batch), target_seconds=args.seconds,
+                              aa_control=True)
     print(f"{'model':40} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'per s':>9} {'vs first':>8}")
     for batch, stats in results.items():
+        control = stats.pop(AA_CONTROL)
         base = stats[str(args.models[0])].p50_ms
         for name, s in stats.items():
             print(f"{name[-40:]:40} {batch:5d} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} "
                   f"{s.throughput_per_s:9.1f} {base / s.p50_ms if s.p50_ms else np.nan:7.2f}x")
+        # the noise of this very run: the first model timed again as a second session; ratios round by round
+        first_stats = stats[str(args.models[0])]
+        paired = [(name, paired_ratio(first_stats, s)) for name, s in [(AA_CONTROL, control), *list(stats.items())[1:]]]
+        print(f"batch {batch} round-by-round speed-up over the first model, median [95%]: "
+              + "; ".join(f"{name[-40:]} {r.median:.2f}x [{r.low:.2f}-{r.high:.2f}]" for name, r in paired)
+              + " (A/A control: the first model again, as a second session; a gain inside its spread is noise)")
     print(f"provider {next(iter(next(iter(results.values())).values())).provider}; models timed interleaved, "
           "spinning off; 'vs first' = first model's p50 / this model's p50")
     return 0
