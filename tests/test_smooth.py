@@ -134,3 +134,32 @@ def test_smoothed_candidate_quantizes_the_smoothed_source_and_repairs_keep_it() 
     repair = dynamic_candidate(exclude=("ln",), suffix="repair-top1", smooth_alpha=0.5, smoothed=cache)
     assert repair.name == "int8-dynamic-s8-pc-sq-repair-top1"
     assert cache.get(model, smooth_config(0.5), calibration, held[0]) is cache.get(model, smooth_config(0.5), [], {})
+
+
+@pytest.mark.parametrize(("first", "folded"),
+                         [("gemm", "Gemm"), ("gemm_trans_b", "Gemm"), ("matmul_add", "MatMul+Add")])
+def test_a_preceding_linear_layer_absorbs_the_division_in_its_output_columns(first: str, folded: str) -> None:
+    """x -> Gemm / MatMul+Add (output channel 5 large) -> MatMul: the first layer's columns and bias take 1/s."""
+    rng = np.random.default_rng(1)
+    w1 = rng.normal(0, 0.2, (FEATURES, FEATURES)).astype(np.float32)
+    w1[:, OUTLIER] *= 40.0
+    bias = rng.normal(0, 0.1, FEATURES).astype(np.float32)
+    inits = [numpy_helper.from_array(w1.T.copy() if first == "gemm_trans_b" else w1, "W1"),
+             numpy_helper.from_array(bias, "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (FEATURES, OUT)).astype(np.float32), "W2")]
+    if first == "matmul_add":
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["p"], name="mm1"),
+                 helper.make_node("Add", ["p", "b1"], ["h"], name="add1")]
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="gemm1", transB=int(first == "gemm_trans_b"))]
+    nodes.append(helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2"))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, FEATURES])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, OUT])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calibration, held = _feeds("layernorm", 8, 0), _feeds("layernorm", 4, 1)
+    result = smooth.run(model, smooth.SmoothConfig(scope="all"), calibration, held[0])
+    assert result.changes["smoothed"] == {folded: 1}
+    assert len(result.model.graph.node) == len(nodes)
+    reference = _run(model, held)
+    np.testing.assert_allclose(_run(result.model, held), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
