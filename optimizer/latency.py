@@ -10,9 +10,15 @@ model measured 1.38x "faster"), so spinning is turned off for every measurement.
 then slightly conservative against a spinning serving session; the ratio is what they are for.
 
 Interleaving alone does not make two p50s comparable on a loaded machine: the same bytes in two
-sessions still measured 0.85-1.22x. So a measurement can time an A/A control (the first model opened
-again, last, as an independent session) and `paired_ratio` compares two models round by round:
-what the control's ratio to the first model shows is the noise of that very run.
+sessions still measured 0.85-1.22x (magika, load 6-7). Measured why (tests.models.cnn, busy processes on
+both cores): a run either runs through or is preempted for other processes' time slices. 27-41% of runs
+took 4-5x the fastest wall time (1.5 vs 5.6-8.6 ms) for the same CPU time (1.59 vs 1.67 ms), with one
+intra-op thread as with two (so not thread pools competing; spinning is off anyway). With near half
+the runs in each mode a p50 falls in either mode on a few runs' luck: 0.07x-16x between identical
+sessions. An opening-order or position effect did not reproduce (first vs last in the cycle: 0/12,
+then 5/12 trials). So a measurement can time an A/A control (the first model opened again, last, as
+an independent session) and `paired_ratio` compares two models round by round: what the control's
+ratio to the first model shows is the noise of that very run.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ def test_report_shows_the_aa_control_and_same_graph_is_never_claimed_under_load(
         assert aa["rounds"] >= 20 and aa["low"] <= aa["median"] <= aa["high"] and aa["p50_ms"] > 0
         assert noise["required_speedup"] >= 1 + MIN_GAIN
         assert noise["required_speedup"] >= max(1 / aa["median"], aa["median"]) - 1e-3
+        assert noise["required_median"] >= max(noise["required_speedup"], aa["high"])
         assert report["selected"] == BASELINE, (attempt, report["selection_reason"], noise)
         fused = next(v for v in report["variants"] if v["name"] == "fused")
         assert fused["latency_by_batch"]["1"]["speedup_vs_original"]["rounds"] == aa["rounds"]
@@ -108,4 +109,21 @@ def test_a_truly_faster_variant_is_still_selected(burners: None) -> None:
     noise = _benchmark(built, samples, SessionSettings(), config, time.monotonic() + 30)
     selected, why = _select([b.row for b in built.values()], noise)
     assert selected == "small", (why, noise.to_dict())
-    assert noise.ratios["small"].low >= noise.required
+    assert noise.proven(noise.ratios["small"]) and noise.ratios["small"].median >= noise.aa.high
+
+
+def test_bench_prints_the_aa_spread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(models.mlp().SerializeToString())
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(model.read_bytes())
+    assert main(["bench", str(model), str(copy), "--seconds", "0.1", "--batch", "1"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("batch 1 round-by-round"))
+    figures = line.split(": ", 1)[1].split(" (A/A")[0].split("; ")
+    assert [f.split(" ")[0] for f in figures] == ["A/A", str(copy)[-40:]]
+    for figure in figures:  # median [low-high]
+        median, bounds = figure.rsplit(" ", 2)[1:]
+        low, high = (float(b) for b in bounds.strip("[]").split("-"))
+        assert low <= float(median.rstrip("x")) <= high
