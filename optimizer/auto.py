@@ -582,9 +582,9 @@ class AutoSearch:
     def report(self, selected: str, reason: str) -> dict[str, Any]:
         chosen = self.built[selected].row
         return {
-            "rule": ("the fastest variant by p50 latency at batch "
-                     f"{self.batch} that passes the accuracy guard on held-back samples and beats the original; "
-                     "when none does, the original model is served"),
+            "rule": ("the fastest variant (highest round-by-round speed-up over the original) at batch "
+                     f"{self.batch} that passes the accuracy guard on held-back samples and whose speed-up clears "
+                     "this run's A/A noise (report['noise']); when none does, the original model is served"),
             "selected": selected,
             "selection_reason": reason,
             "excluded_nodes": chosen.settings.get("exclude_nodes", []),
