@@ -127,3 +127,14 @@ def test_bench_prints_the_aa_spread(tmp_path: Path, capsys: pytest.CaptureFixtur
         median, bounds = figure.rsplit(" ", 2)[1:]
         low, high = (float(b) for b in bounds.strip("[]").split("-"))
         assert low <= float(median.rstrip("x")) <= high
+
+
+def test_auto_final_choice_follows_the_same_noise_rule(tmp_path: Path, burners: None) -> None:
+    """Abs/Sqrt/Tanh has nothing to quantize: auto's only contender is fused FP32, the original's own graph.
+    Its final choice goes through the same A/A rule and keeps the original under load, every time."""
+    model = models.elementwise().SerializeToString()
+    for attempt in range(3):
+        report = optimize(model, out_dir=tmp_path / str(attempt),
+                          config=OptimizeConfig(benchmark_seconds=0.3, batch_sizes=(1,))).report
+        assert report["selected"] == report["auto"]["selected"] == BASELINE, (attempt, report["selection_reason"])
+        assert report["noise"]["aa_control"]["rounds"] >= 20 and "A/A" in report["auto"]["rule"]
