@@ -123,7 +123,7 @@ async function watchJob(accepted) {
     }
     if (job.status === "failed") {
       showJobError(`Optimization failed: ${job.error || "no reason recorded"}\n` +
-        "The model that served before (if any) keeps serving.");
+        "A ready version that served before keeps serving; if there is none, this one keeps serving its original.");
       await loadModels();
       return openReport(job.model, job.version);
     }
