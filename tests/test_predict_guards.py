@@ -61,9 +61,10 @@ def test_a_dynamic_int8_model_is_never_batched_and_answers_as_alone(serve, tmp_p
                 for mine, theirs in zip(got, alone, strict=True):
                     np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
             assert _count_and_sum(api, name) == (0, 0)  # never through the batcher
-        row = api.services.registry.resolve("forced", None)
-        note = api.services.predict.batching_note(row.id, "original")
+        note = api.client.get("/v1/models/forced").json()["batching_note"]
         assert "never batched" in note and "DynamicQuantizeLinear" in note
+        assert api.client.get("/v1/models/forced").json()["versions"][0]["batching"] == {
+            "batch_max_size": 8, "batch_max_delay_ms": 20.0}  # what was asked, kept as given
 
 
 def _row_coupled() -> onnx.ModelProto:
@@ -91,8 +92,7 @@ def test_a_model_whose_batched_rows_differ_from_alone_is_not_batched_even_when_t
         for feed, got in zip(feeds, api.client.portal.call(main), strict=True):
             np.testing.assert_allclose(got, feed["x"] / np.abs(feed["x"]).max(), rtol=1e-6)
         assert _count_and_sum(api, "coupled") == (0, 0)
-        row = api.services.registry.resolve("coupled", None)
-        assert "other answers than each alone" in api.services.predict.batching_note(row.id, "original")
+        assert "other answers than each alone" in api.client.get("/v1/models/coupled").json()["batching_note"]
 
 
 def test_a_run_past_the_time_limit_is_stopped_and_answered_504(serve) -> None:  # noqa: ANN001

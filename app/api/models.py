@@ -160,6 +160,7 @@ def describe_model(name: str, services: Services = Depends(services_of)) -> Mode
     return ModelOut(
         name=name, serving_version=serving.version if serving else None, serving_variant=variant,
         provider=loaded.provider if loaded else services.provider,
+        batching_note=services.predict.batching_note(serving.id, variant) if serving else None,
         inputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.inputs, "inputs")],
         outputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.outputs, "outputs")],
         versions=[VersionOut.of(v, jobs.get(v.id)) for v in versions],

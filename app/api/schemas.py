@@ -101,6 +101,8 @@ class ModelOut(BaseModel):
     serving_version: int | None = Field(description="what predict without a version serves; null if none can")
     serving_variant: Literal["optimized", "original"] | None
     provider: str = Field(description="what the serving session runs on (read back from ONNX Runtime once loaded)")
+    batching_note: str | None = Field(default=None, description="why the serving session is never batched whatever "
+                                      "the batching settings say (its rows would depend on each other), once it served")
     inputs: list[TensorOut]
     outputs: list[TensorOut]
     versions: list[VersionOut]
