@@ -161,8 +161,11 @@ def test_of_a_recipe_and_its_equalized_twin_only_the_one_closer_to_passing_is_re
     other = _failing_row("int8-static-minmax-qdq-u8s8-all", 0.5, equalized=False)
     other.settings["op_types"] = "all"
 
-    left = search._closer_of_equalized_twins([plain, twin, other])
+    plain.probe_latency_ms, twin.probe_latency_ms = {"p50": 10.0}, {"p50": 14.0}
+
+    left, slot = search._closer_of_equalized_twins([plain, twin, other])
 
     assert [r.name for r in left] == [twin.name if kept == "eq" else plain.name, other.name]
+    assert slot == {(twin if kept == "eq" else plain).name: 10.0}  # the plain recipe's place in the order
     dropped = plain if kept == "eq" else twin
     assert search.skipped[0]["name"] == f"{dropped.name} (repair)"
