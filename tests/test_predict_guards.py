@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -141,3 +142,35 @@ def test_a_never_ending_model_leaves_a_thread_to_the_others(serve) -> None:  # n
                                    rtol=1e-4, atol=1e-5)
         errors = [f.result(timeout=120) for f in pending]  # then each is stopped at the limit
         assert all(isinstance(e, RunTimeLimitError) and "8 s" in str(e) for e in errors), errors
+
+
+def test_callers_that_go_away_do_not_free_the_threads_their_runs_still_hold(serve) -> None:  # noqa: ANN001
+    """Clients that give up on a hanging model (a disconnect cancels the request) leave its runs going: their
+    slots stay taken until the runs end, so new requests to it wait and another model still gets a thread."""
+    fast = models.mlp()
+    feed = models.random_feed(fast, batch=1)
+    with serve(run_worker=False, predict_time_limit_s=4, predict_threads=2, registry_cache_ttl_s=60) as api:
+        assert api.upload(hostile.model_that_hangs(), name="slow").status_code == 202
+        assert api.upload(fast, name="fast").status_code == 202
+        assert api.predict("fast", feed).status_code == 200
+        predict = api.services.predict
+        key = ("slow", "1", "original", api.services.registry.resolve("slow", None).id)
+        hang = {"x": np.ones((1, 1), np.float32)}
+        deadline = time.monotonic() + 60
+
+        gone = [api.client.portal.start_task_soon(predict.predict, "slow", hang) for _ in range(2)]
+        while predict.gate.running(key) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for future in gone:
+            future.cancel()
+        later = [api.client.portal.start_task_soon(predict.predict, "slow", hang) for _ in range(2)]
+        while predict.gate.waiting(key) < 2:  # queued behind the runs of the callers that went away
+            assert time.monotonic() < deadline and not any(f.done() for f in later)
+            time.sleep(0.01)
+        assert predict.gate.running(key) == 2
+        assert api.predict("fast", feed).status_code == 200
+        assert not any(f.done() for f in later)
+        for future in later:
+            with pytest.raises(RunTimeLimitError):
+                future.result(timeout=120)

@@ -102,6 +102,9 @@ class RunGate:
     def running(self, key: Hashable) -> int:
         return self._running.get(key, 0)
 
+    def waiting(self, key: Hashable) -> int:
+        return len(self._waiting.get(key, ()))
+
     async def acquire(self, key: Hashable) -> None:
         running = self._running.get(key, 0)
         if running < self.limit and key not in self._waiting:

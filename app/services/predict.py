@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -275,10 +276,13 @@ class PredictService:
                     values = await in_thread(self.executor, route.runner.run, names, feed)
                 else:
                     await self.gate.acquire(route.key)
-                    try:
-                        values = await in_thread(self.executor, route.runner.run, names, feed)
-                    finally:
+                    try:  # the slot is freed when the run ends, not when a caller that went away stops waiting
+                        running = in_thread(self.executor, route.runner.run, names, feed,
+                                            finished=partial(self.gate.release, route.key))
+                    except BaseException:
                         self.gate.release(route.key)
+                        raise
+                    values = await running
             except RunTimeout as exc:
                 raise RunTimeLimitError(
                     f"model {route.name!r} version {route.version}: a run took longer than the service's limit of "
