@@ -192,6 +192,8 @@ class PredictService:
         self.batcher.forget(lambda key: key[3] in ids)
         for key in [k for k in self._routes if k[0] in ids]:
             self._routes.pop(key, None)
+        for key in [k for k in self._batching_notes if k[0] in ids]:
+            self._batching_notes.pop(key, None)
 
     async def serving(self, name: str, version: int | None = None, variant: str | None = None) -> ServingModel:
         """The version, variant and loaded session a request for (name, version, variant) gets."""
@@ -298,7 +300,6 @@ class PredictService:
             return Prediction(route.name, route.version, model.variant, loaded.provider, outputs)
         finally:
             route.series.observe(started, ok)
-
 
     def batching_note(self, version_id: str, variant: str) -> str | None:
         """Why a loaded (version, variant) is not batched although its settings allow it (None: no such reason)."""
