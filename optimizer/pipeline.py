@@ -368,6 +368,8 @@ def optimize(
         "selection_reason": why,
         "speedup_p50": round(base.latency_ms["p50"] / chosen.latency_ms["p50"], 3)
         if base.latency_ms and chosen.latency_ms else None,
+        # what the choice rests on: the served variant's round-by-round speed-up, median and 95% interval
+        "speedup_paired": noise.ratios[selected].to_dict() if selected in noise.ratios else None,
         "noise": noise.to_dict(),
         "size_ratio": round(chosen.size_bytes / base.size_bytes, 4) if base.size_bytes else None,
         "duration_s": round(time.monotonic() - started, 3),

@@ -94,6 +94,7 @@ def test_report_shows_the_aa_control_and_same_graph_is_never_claimed_under_load(
         assert noise["required_speedup"] >= max(1 / aa["median"], aa["median"]) - 1e-3
         assert noise["required_median"] >= max(noise["required_speedup"], aa["high"])
         assert report["selected"] == BASELINE, (attempt, report["selection_reason"], noise)
+        assert report["speedup_paired"] is None and report["speedup_p50"] == 1.0
         fused = next(v for v in report["variants"] if v["name"] == "fused")
         assert fused["latency_by_batch"]["1"]["speedup_vs_original"]["rounds"] == aa["rounds"]
         assert AA_CONTROL not in [v["name"] for v in report["variants"]]

@@ -41,6 +41,11 @@ def _assert_served_is_never_worse(report: dict) -> None:
         assert chosen["accuracy"]["passed"] is True
         assert chosen["latency_ms"]["p50"] < base["latency_ms"]["p50"]
         assert report["speedup_p50"] > 1.0
+        # served only on a speed-up proven against this run's A/A noise
+        assert report["speedup_paired"]["low"] >= report["noise"]["required_speedup"]
+        assert report["speedup_paired"]["median"] >= report["noise"]["required_median"]
+    else:
+        assert report["speedup_paired"] is None
     for v in report["variants"]:
         if v["status"] == "rejected":
             assert v["reason"]
