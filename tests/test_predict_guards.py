@@ -119,8 +119,7 @@ def test_a_never_ending_model_leaves_a_thread_to_the_others(serve) -> None:  # n
         assert api.upload(fast, name="fast").status_code == 202
         assert api.predict("fast", feed).status_code == 200  # loaded
         predict = api.services.predict
-        row = api.services.registry.resolve("slow", None)
-        key = ("slow", "1", "original", row.id)
+        key = (api.services.registry.resolve("slow", None).id, "original")
 
         async def slow() -> Exception | None:
             try:
@@ -131,7 +130,7 @@ def test_a_never_ending_model_leaves_a_thread_to_the_others(serve) -> None:  # n
 
         pending = [api.client.portal.start_task_soon(slow) for _ in range(3)]
         deadline = time.monotonic() + 60
-        while predict.gate.running(key) < 2:  # both of slow's slots taken: its runs hang in two threads
+        while predict.lanes.running(key) < 2:  # both of slow's slots taken: its runs hang in two threads
             assert time.monotonic() < deadline and not any(f.done() for f in pending)
             time.sleep(0.01)
         response = api.predict("fast", feed)
@@ -154,21 +153,21 @@ def test_callers_that_go_away_do_not_free_the_threads_their_runs_still_hold(serv
         assert api.upload(fast, name="fast").status_code == 202
         assert api.predict("fast", feed).status_code == 200
         predict = api.services.predict
-        key = ("slow", "1", "original", api.services.registry.resolve("slow", None).id)
+        key = (api.services.registry.resolve("slow", None).id, "original")
         hang = {"x": np.ones((1, 1), np.float32)}
         deadline = time.monotonic() + 60
 
         gone = [api.client.portal.start_task_soon(predict.predict, "slow", hang) for _ in range(2)]
-        while predict.gate.running(key) < 2:
+        while predict.lanes.running(key) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         for future in gone:
             future.cancel()
         later = [api.client.portal.start_task_soon(predict.predict, "slow", hang) for _ in range(2)]
-        while predict.gate.waiting(key) < 2:  # queued behind the runs of the callers that went away
+        while predict.lanes.queued(key) < 2:  # queued behind the runs of the callers that went away
             assert time.monotonic() < deadline and not any(f.done() for f in later)
             time.sleep(0.01)
-        assert predict.gate.running(key) == 2
+        assert predict.lanes.running(key) == 2
         assert api.predict("fast", feed).status_code == 200
         assert not any(f.done() for f in later)
         for future in later:

@@ -63,7 +63,7 @@ from typing import TypeVar
 import numpy as np
 import onnx
 
-from app.runtime.runs import RunTimeout
+from app.runtime.runs import Lane, RunTimeout
 from app.runtime.signature import TensorSpec
 
 Feed = dict[str, np.ndarray]
@@ -146,10 +146,9 @@ def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, in
             raise ValueError(f"unexpected protobuf wire type {wire}")
 
 
-def in_thread(executor: Executor, fn: Callable[..., T], *args: object,
-              finished: Callable[[], None] | None = None) -> asyncio.Future[T]:
-    """`fn(*args)` in `executor`; its result or exception in an asyncio future of the running loop.
-    `finished()` is called on the loop when `fn` has returned, even if the caller went away meanwhile.
+def in_thread(executor: Executor | Lane, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """`fn(*args)` in `executor`; its result or exception in an asyncio future of the running loop. Not run at all
+    if the caller went away before a thread got to it (a job queued behind a slow model's runs).
 
     WHY not `loop.run_in_executor`: that chains the executor's concurrent Future to an asyncio one in both
     directions (state copying, cancellation, a coroutine-function check per call): ~28 us of event-loop CPU
@@ -160,21 +159,20 @@ def in_thread(executor: Executor, fn: Callable[..., T], *args: object,
     future = loop.create_future()
 
     def job() -> None:
+        if future.cancelled():  # a read of its state from this thread: at worst a run nobody waits for
+            return
         try:
             result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request, whatever it is
-            loop.call_soon_threadsafe(_settle, future, None, exc, finished)
+            loop.call_soon_threadsafe(_settle, future, None, exc)
         else:
-            loop.call_soon_threadsafe(_settle, future, result, None, finished)
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     executor.submit(job)
     return future
 
 
-def _settle(future: asyncio.Future, result: object, exc: BaseException | None,
-            finished: Callable[[], None] | None = None) -> None:
-    if finished is not None:
-        finished()
+def _settle(future: asyncio.Future, result: object, exc: BaseException | None) -> None:
     if future.done():  # the caller went away (cancelled)
         return
     if exc is not None:

@@ -23,7 +23,6 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -31,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics, PredictSeries
 from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread, rows_agree
-from app.runtime.runs import Limited, RunGate, RunTimeout, Watchdog
+from app.runtime.runs import Lane, Lanes, Limited, RunTimeout, Watchdog
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import FeedChecker
 from app.services.registry import VARIANTS, Registry, serving_variant
@@ -97,6 +96,7 @@ class _Route:
     feed: FeedChecker  # the input checks
     series: PredictSeries  # the metrics
     runner: Limited  # the session, its runs under the time limit
+    lane: Executor | Lane  # where its unbatched runs go: the executor, or its lane of it (max_running_per_model)
 
 
 def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, bool]:
@@ -127,8 +127,8 @@ class PredictService:
             # Batching is off by default, but a version's own settings may still turn it on.
             batcher = Batcher(executor, max_batch_size=1,
                               observe=lambda key, *rest: metrics.observe_batch(key[:3], *rest))
-        # One model's runs at once (0: no cap): unbatched ones wait at the gate, batches in the batcher's queue.
-        self.gate = RunGate(max_running_per_model) if max_running_per_model else None
+        # One model's runs at once (0: no cap): unbatched ones queue in its lane, batches in the batcher's queue.
+        self.lanes = Lanes(executor, max_running_per_model) if max_running_per_model else None
         if max_running_per_model:
             batcher.max_running = min(batcher.max_running, max_running_per_model)
         self.batcher = batcher
@@ -247,7 +247,8 @@ class PredictService:
                        tuple(spec.name for spec in loaded.outputs),
                        tuple(spec.name for spec in loaded.outputs if spec.dtype is None),
                        row.name, row.version, FeedChecker(loaded.inputs),
-                       self.metrics.predict_series(row.name, row.version, model.variant), runner)
+                       self.metrics.predict_series(row.name, row.version, model.variant), runner,
+                       self.lanes.lane(key) if self.lanes is not None else self.executor)
         return self._routes.setdefault(key, route)  # a concurrent first request may have probed too
 
     # -- predict -------------------------------------------------------------------------------------
@@ -274,17 +275,8 @@ class PredictService:
             try:
                 if route.policy is not None:
                     values = await self.batcher.run(route.key, route.runner, names, feed, route.policy)
-                elif self.gate is None:
-                    values = await in_thread(self.executor, route.runner.run, names, feed)
                 else:
-                    await self.gate.acquire(route.key)
-                    try:  # the slot is freed when the run ends, not when a caller that went away stops waiting
-                        running = in_thread(self.executor, route.runner.run, names, feed,
-                                            finished=partial(self.gate.release, route.key))
-                    except BaseException:
-                        self.gate.release(route.key)
-                        raise
-                    values = await running
+                    values = await in_thread(route.lane, route.runner.run, names, feed)
             except RunTimeout as exc:
                 raise RunTimeLimitError(
                     f"model {route.name!r} version {route.version}: a run took longer than the service's limit of "
