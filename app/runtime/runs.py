@@ -8,7 +8,7 @@ waited behind it. Two guards:
   limit, and ONNX Runtime stops the run between kernels (also between a Loop's iterations: "Exiting due
   to terminate flag being set to true") and frees the thread. The run raises `RunTimeout`. Checked once
   per `period` (a tenth of the limit, at most 1 s), so a run stops within the limit plus that; the thread
-  exits when no run is in flight and starts again with the next.
+  starts with the first run and ends with its Watchdog (its service).
 - `Lanes`: at most `limit` runs of one model in the executor at once; the executor has one thread more
   than that (app/services/container.py), so a model that takes all its slots still leaves a thread to the
   others. Its other requests queue per model, in order.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -48,13 +49,11 @@ class Watchdog:
         """`session.run(names, feed)`, stopped with RunTimeout past the limit."""
         if self.limit_s <= 0:
             return session.run(names, feed)
+        if self._thread is None:
+            self._start()
         options = ort.RunOptions()
         key = id(options)
-        with self._lock:  # with the thread's check for "nothing to watch", so that no run goes unwatched
-            self._running[key] = (time.monotonic() + self.limit_s, options)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="predict-watchdog", daemon=True)
-                self._thread.start()
+        self._running[key] = (time.monotonic() + self.limit_s, options)  # no lock: one dict operation
         try:
             return session.run(names, feed, options)
         except Exception:
@@ -62,20 +61,29 @@ class Watchdog:
                 raise RunTimeout(self.limit_s) from None
             raise
         finally:
-            self._running.pop(key, None)
+            del self._running[key]
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(self.period)
-            with self._lock:
-                if not self._running:
-                    self._thread = None
-                    return
-                running = list(self._running.values())
-            now = time.monotonic()
-            for deadline, options in running:
-                if deadline <= now:
-                    options.terminate = True  # read by ONNX Runtime's run in its thread: made for this
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=_watch, args=(weakref.ref(self), self.period),
+                                                name="predict-watchdog", daemon=True)
+                self._thread.start()
+
+
+def _watch(ref: weakref.ref[Watchdog], period: float) -> None:
+    """The watchdog thread: it holds no reference between checks, and ends with its Watchdog."""
+    while True:
+        time.sleep(period)
+        watchdog = ref()
+        if watchdog is None:
+            return
+        running = watchdog._running.copy().values()  # one dict operation: the runs' threads change it meanwhile
+        del watchdog
+        now = time.monotonic()
+        for deadline, options in running:
+            if deadline <= now:
+                options.terminate = True  # read by ONNX Runtime's run in its thread: made for this
 
 
 class Limited:
