@@ -296,3 +296,19 @@ def random_feed(model: onnx.ModelProto, batch: int = 2, seq: int = 8, seed: int 
         else:
             feed[inp.name] = rng.normal(0, 1, size=dims).astype(helper.tensor_dtype_to_np_dtype(elem))
     return feed
+
+
+def zipmap_classifier() -> onnx.ModelProto:
+    """What scikit-learn classifiers export by default (skl2onnx): a label tensor and probabilities as a
+    sequence of maps (ZipMap), which ONNX Runtime returns as a list of dicts, not an array."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    probs = helper.make_value_info("probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+             helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0)]
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", 1)]
+    model = helper.make_model(helper.make_graph(nodes, "zipmap", [x], [label, probs]), opset_imports=opsets)
+    model.ir_version = IR_VERSION
+    return model

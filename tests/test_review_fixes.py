@@ -7,7 +7,6 @@ from pathlib import Path
 import onnx
 import pytest
 from fastapi.testclient import TestClient
-from onnx import TensorProto, helper
 
 from app.main import create_app
 from app.settings import Settings
@@ -31,26 +30,10 @@ def test_size_ratio_of_a_model_with_external_data_counts_its_weights(tmp_path: P
     assert 0.9 < sizes["fused"] / sizes["original"] < 1.1
 
 
-def _zipmap_classifier() -> onnx.ModelProto:
-    """What scikit-learn classifiers export by default (skl2onnx): a label tensor and probabilities as a
-    sequence of maps (ZipMap), which ONNX Runtime returns as a list of dicts, not an array."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
-    probs = helper.make_value_info("probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
-        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
-    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])
-    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
-             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
-             helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0)]
-    opsets = [helper.make_opsetid("", models.OPSET), helper.make_opsetid("ai.onnx.ml", 1)]
-    model = helper.make_model(helper.make_graph(nodes, "zipmap", [x], [label, probs]), opset_imports=opsets)
-    model.ir_version = models.IR_VERSION
-    return model
-
-
 def test_a_model_with_a_non_tensor_output_is_refused_naming_it(tmp_path: Path) -> None:
     """Was: the upload accepted (202), every predict a 500 (orjson: 'Dict key must be str'; /v2: a list has no
     dtype) and the job failed inside the accuracy check (AttributeError), so the model never served."""
-    model = _zipmap_classifier()
+    model = models.zipmap_classifier()
     with pytest.raises(UnsupportedModelError, match="'probabilities'.*zipmap"):
         optimize(model.SerializeToString(), out_dir=tmp_path / "out", config=OptimizeConfig(precision="fp32"))
     settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path / "app", "run_worker": False})

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from fastapi.testclient import TestClient
-from onnx import TensorProto, helper
 
 from app.cli import main
 from app.main import create_app
@@ -76,21 +75,6 @@ def test_a_version_whose_optimizer_kept_the_original_says_original(serve, tmp_pa
 # -- 2. a stored model whose outputs are not all tensors --------------------------------------------------
 
 
-def _zipmap_classifier() -> onnx.ModelProto:
-    """scikit-learn's default export (skl2onnx): a label tensor and the probabilities as a sequence of maps."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
-    probs = helper.make_value_info("probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
-        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
-    label = helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])
-    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
-             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
-             helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0)]
-    opsets = [helper.make_opsetid("", models.OPSET), helper.make_opsetid("ai.onnx.ml", 1)]
-    model = helper.make_model(helper.make_graph(nodes, "zipmap", [x], [label, probs]), opset_imports=opsets)
-    model.ir_version = models.IR_VERSION
-    return model
-
-
 def _store_as_an_older_release(api: Api, name: str, model: onnx.ModelProto, tmp: Path) -> None:
     """What releases before the tensor-output check (optimizer.loading.require_tensor_outputs) stored for an
     upload they accepted: the version row, its job and the original file."""
@@ -111,7 +95,7 @@ def test_a_stored_model_with_a_map_output_answers_predict_with_a_conflict_not_50
     naming the output and the fix; /v2 may still ask for the tensor outputs alone, and gets them."""
     feed = {"x": [[0.1, 2.0, 0.3], [3.0, 0.2, 0.1]]}
     with serve(run_worker=False) as api:
-        _store_as_an_older_release(api, "clf", _zipmap_classifier(), tmp_path)
+        _store_as_an_older_release(api, "clf", models.zipmap_classifier(), tmp_path)
         for path in ("/v1/models/clf/predict", "/v1/models/clf/versions/1/predict"):
             answer = api.client.post(path, json={"inputs": feed})
             assert answer.status_code == 409, answer.text
