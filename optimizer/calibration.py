@@ -36,6 +36,9 @@ from onnx import TensorProto, helper
 from optimizer.errors import CalibrationError
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # declared array bytes in one .npz, checked before anything is loaded
+#: Held-back samples from which an accuracy check is meaningful: under it, the report's accuracy notes say how little a
+#: cosine on so few samples proves (optimizer.pipeline.accuracy_notes), and the errors below name the set size it takes.
+MEANINGFUL_HOLDOUT = 20
 
 Feed = dict[str, np.ndarray]
 Dim = int | str | None  # static size, named dynamic dim, or unnamed dynamic dim
@@ -288,6 +291,22 @@ def _check_shared_dims(specs: list[_InputSpec], sample: Feed) -> None:
             seen.setdefault(want, (spec.name, got))
 
 
+def holdout_size(n: int, holdout_fraction: float, min_holdout: int) -> int:
+    """How many of `n` samples are held back: the fraction, at least `min_holdout`, at most half."""
+    return min(max(math.ceil(n * holdout_fraction), min_holdout), n // 2)
+
+
+def how_many_samples(holdout_fraction: float, min_holdout: int) -> str:
+    """What a set's size does to its accuracy numbers (README, calibration sample sets): with fewer than
+    `min_holdout` held back the notes call them rough; from MEANINGFUL_HOLDOUT held back they are meaningful."""
+    def smallest(held: int) -> int:
+        return next(n for n in range(2, 1_000_000) if holdout_size(n, holdout_fraction, min_holdout) >= held)
+
+    return (f"with fewer than {smallest(min_holdout)} (fewer than {min_holdout} held back) the accuracy numbers are "
+            f"rough, and {smallest(MEANINGFUL_HOLDOUT)} or more ({MEANINGFUL_HOLDOUT} or more held back) give "
+            "meaningful ones")
+
+
 def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int, seed: int,
                   notes: list[str]) -> tuple[list[Feed], list[Feed]]:
     """Disjoint (calibration, holdout) lists; the holdout never exceeds half the samples."""
@@ -295,10 +314,9 @@ def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int
     if n < 2:
         raise CalibrationError(
             f"the calibration set has {n} sample(s); at least 2 are needed (one to calibrate on, one held back "
-            f"for the accuracy check), and {min_holdout * 5} or more give meaningful numbers"
+            f"for the accuracy check); {how_many_samples(holdout_fraction, min_holdout)}"
         )
-    wanted = max(math.ceil(n * holdout_fraction), min_holdout)
-    n_holdout = min(wanted, n // 2)
+    n_holdout = holdout_size(n, holdout_fraction, min_holdout)
     if n_holdout < min_holdout:
         notes.append(
             f"only {n} samples: held back {n_holdout} for the accuracy check (fewer than {min_holdout}) and "
@@ -365,7 +383,7 @@ def load_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto, hold
         given = ", ".join(f"{name}: {list(a.shape)}" for sample in samples[:1] for name, a in sample.items())
         raise CalibrationError(
             f"{source} holds {len(samples)} sample ({given}); at least 2 are needed, one to calibrate on and one "
-            f"held back for the accuracy check ({min_holdout * 5} or more give meaningful numbers). Stack samples "
+            f"held back for the accuracy check; {how_many_samples(holdout_fraction, min_holdout)}. Stack samples "
             "along a new first axis or along the batch axis"
         )
     calibration, holdout = split_holdout(samples, holdout_fraction, min_holdout, seed, read.notes)

@@ -27,7 +27,7 @@ from typing import Any
 from optimizer import candidates as candidate_lists
 from optimizer.accuracy import Tolerance, rows_to_prove, run_outputs
 from optimizer.auto import AutoSearch
-from optimizer.calibration import SampleSet, load_samples, synthetic_samples
+from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
 from optimizer.errors import CalibrationError, OptimizerError
 from optimizer.graph_inspect import inspect
@@ -383,7 +383,7 @@ def optimize(
 
 
 #: Held-back samples under which a cosine-gated output gets a note: the count the calibration errors call meaningful.
-FEW_SAMPLES = 20
+FEW_SAMPLES = MEANINGFUL_HOLDOUT
 #: The broken share of inputs the cosine note puts a number on (1 in 10).
 BROKEN_SHARE = 0.1
 

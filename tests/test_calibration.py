@@ -193,6 +193,31 @@ def test_too_few_samples_is_refused_with_shapes(cnn):
     assert "1 sample" in message and "image: [1, 3, 32, 32]" in message
 
 
+def test_the_sample_counts_the_refusal_names_are_where_the_notes_change_and_the_readme_says_so(cnn):
+    """The refusal of a 1-sample set said 20 (min_holdout * 5) samples give meaningful numbers, while 20 samples hold
+    back 4 and the report's accuracy notes call a cosine on fewer than 20 held back unproven; the README said 20 too."""
+    import re
+    from pathlib import Path
+
+    from optimizer.pipeline import FEW_SAMPLES
+
+    with pytest.raises(CalibrationError) as err:
+        load_samples(npz(image=tagged_images(1, stacked=False)), cnn)
+    rough, meaningful = map(int, re.search(r"fewer than (\d+) \(fewer than 4 held back\).* (\d+) or more \(20 or more "
+                                           r"held back\) give meaningful", str(err.value)).groups())
+    assert (rough, meaningful) == (8, 96) and FEW_SAMPLES == 20
+
+    def split(n: int):  # noqa: ANN202
+        return load_samples(npz(image=tagged_images(n, stacked=False)), cnn)
+
+    assert any("rough" in note for note in split(rough - 1).notes)
+    assert not any("rough" in note for note in split(rough).notes)
+    assert len(split(meaningful - 1).holdout) < FEW_SAMPLES <= len(split(meaningful).holdout)
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"with fewer than {rough} (fewer than 4 held back)" in readme
+    assert f"{meaningful} or more (20 or more held back" in readme
+
+
 def test_synthetic_samples_are_plausible_and_run(transformer):
     samples = synthetic_samples(transformer, count=3, dynamic_dim=5)
     assert samples.synthetic and samples.calibration == [] and len(samples.holdout) == 3
