@@ -7,9 +7,11 @@ guessing, in steps that each decide what the next one is worth:
 1. probe: every recipe that is cheap to build (dynamic S8/U8 per-channel; static MinMax in QDQ and
    QOperator, S8S8 and U8S8, all ops and Conv/MatMul/Gemm only) is built, judged on the held-back
    samples and timed once, interleaved with the FP32 models at the selection batch size;
-2. repair: the fastest failing INT8 combinations, static or dynamic, are re-quantized with nodes
-   left in float: first, when a failing output is a Concat of inputs on very different ranges (a
-   detector's boxes 0-320 next to its Sigmoid scores 0-1, which one INT8 scale rounds to 0), that
+2. repair: two failing INT8 combinations, static or dynamic, the closest to passing of those that
+   probed at least MIN_REPAIR_SPEEDUP faster than FP32 (with FIRST_TARGET_SHARE of the time), then the
+   fastest (mostly an all-op recipe that fails worst), are re-quantized with nodes left in float:
+   first, when a failing output is a Concat of inputs on very different ranges (a detector's boxes
+   0-320 next to its Sigmoid scores 0-1, which one INT8 scale rounds to 0), that
    Concat and the small branch's cheap tail (`sensitivity.mixed_range_concats`: one build, no heavy
    node), kept in every later attempt when it does not pass alone; then the output head (cheap,
    costs no speed on real models), then, from a
@@ -34,6 +36,8 @@ cost a quantize_static run, not a calibration (20-35 s on real models before). E
 Percentile cannot share statistics with each other: ORT's collectors build different histograms
 (value range vs absolute value). Static and dynamic builds also share one quant_pre_process of the
 source (`int8_dynamic.Preprocessed`, handed to the SharedCalibration): 2-4 s each on MiniLM.
+Pruning compares speed-ups over FP32 as the median of paired rounds (`latency.paired_ratio`), not
+two p50s, which flip between run-through and preempted modes under load.
 A passing repair is timed against FP32 side by side at once: float islands add Q/DQ boundaries
 and can make it slower than FP32 (pitfalls.md), and then the search goes on instead of stopping.
 The probe may use half of the build budget; grid candidates past that are built after the repair
@@ -46,7 +50,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import partial
 from typing import Any
 
 import onnx
@@ -56,16 +60,23 @@ from optimizer.accuracy import Tolerance, parse_metric
 from optimizer.calibration import SampleSet
 from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, smooth_config, static_name, static_twin
 from optimizer.errors import first_line
-from optimizer.latency import BenchmarkError, measure_batches
-from optimizer.passes.equalize import Equalized
+from optimizer.latency import BenchmarkError, LatencyStats, measure_batches, paired_ratio
+from optimizer.passes.equalize import EqualizeConfig, Equalized
 from optimizer.passes.int8_dynamic import Preprocessed
 from optimizer.passes.int8_static import SharedCalibration
 from optimizer.passes.smooth import Smoothed
 from optimizer.runtime import SessionSettings
 from optimizer.variants import Built, build, evaluate
 
-#: Failing INT8 combinations the repair step works on (fastest first).
+#: Failing INT8 combinations the repair step works on: the closest to passing, then the fastest (`_repair_targets`).
 MAX_REPAIR_TARGETS = 2
+#: Share of the repair time the closest-to-passing target may use when there are more: it is the likeliest to pass
+#: (PP-OCR det, load 12: the fastest target, all-op QOperator at cosine 0.870, spent half the repair time on 4 builds
+#: that all stayed at 0.870, while the "-eq" target at 0.9916 ran out of its half after 2 builds, at 0.9918).
+FIRST_TARGET_SHARE = 2 / 3
+#: Probe speed-up over fused FP32 a failing variant needs to be repaired for being close to passing: a repair gives
+#: back part of the gain (float islands), and the final choice needs a speed-up clear of the A/A noise anyway.
+MIN_REPAIR_SPEEDUP = 1.1
 #: How many of the most sensitive tensors' nodes each repair attempt leaves in float.
 REPAIR_STEPS = (1, 2, 4, 8, 16)
 #: Sensitive units (a tensor's producer and consumers) each tried alone in float before combining them.
@@ -113,6 +124,9 @@ class AutoSearch:
     _tried: dict[tuple[str, tuple[str, ...]], Built | bool] = field(default_factory=dict)
     _target_deadline: float = float("inf")  # the current repair target's share of the budget ends then
     _kept: tuple[str, ...] = ()  # nodes every attempt of the current repair target leaves in float
+    # variant -> speed-up over `fp32_name` (median of paired rounds) from the probe or a repair's own timing
+    _paired: dict[str, float] = field(default_factory=dict)
+    _op_types: dict[int, dict[str, str]] = field(default_factory=dict)  # id(model) -> node name -> op type
     # one quant_pre_process per source for every INT8 build of this search, static and dynamic
     prepared: Preprocessed = field(default_factory=Preprocessed)
     # one calibration per method for every static build of this search (pre-processed by `prepared`)
@@ -141,7 +155,7 @@ class AutoSearch:
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
                          fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy,
                          shared=self.shared, prepared=self.prepared, smoothed=self.smoothed,
-                         equalized=self.equalized)
+                         equalized=self.equalized, source=self.source)
         self.skipped += plan.skipped
         chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
@@ -180,8 +194,17 @@ class AutoSearch:
             self.decisions.append(f"probe timing failed ({first_line(exc)}): no candidate is pruned by latency")
             return
         for stats in by_batch.values():
-            for name, s in stats.items():
-                self.built[name].row.probe_latency_ms = {"p50": round(s.p50_ms, 4), "p90": round(s.p90_ms, 4)}
+            self._record_probe(stats)
+
+    def _record_probe(self, stats: dict[str, LatencyStats]) -> None:
+        """Each timed row's probe p50/p90, and its speed-up over FP32 as the median of paired rounds: what
+        pruning decides by (two p50s under load flip between run-through and preempted modes; a burst hits
+        both runs of a round and cancels in its ratio: optimizer/latency.py)."""
+        fp32 = stats.get(self.fp32_name)
+        for name, s in stats.items():
+            self.built[name].row.probe_latency_ms = {"p50": round(s.p50_ms, 4), "p90": round(s.p90_ms, 4)}
+            if fp32 is not None and name != self.fp32_name and s.round_ms and fp32.round_ms:
+                self._paired[name] = paired_ratio(fp32, s).median
 
     def other_methods(self) -> None:
         """Percentile, then Entropy, for the failing static combinations worth it (see the module docstring)."""
@@ -230,7 +253,7 @@ class AutoSearch:
         rows = [b.row for b in self.built.values()
                 if b.row.precision == "int8" and b.row.status == "rejected" and "exclude_nodes" not in b.row.settings]
         rows, slot = self._closer_of_equalized_twins(rows)
-        targets, seen = [], set()
+        worth, seen = [], set()
         for row in sorted(rows, key=lambda r: slot.get(r.name, self._probe_p50(r))):
             combo = self._combo(row.settings)
             if combo in seen or self._combo_passes(combo):
@@ -239,15 +262,32 @@ class AutoSearch:
             why_not = self.not_worth_work(row)
             if why_not:
                 self.skipped.append({"name": f"{row.name} (repair)", "reason": why_not})
-            elif len(targets) < MAX_REPAIR_TARGETS:
-                targets.append(row)
             else:
-                self.skipped.append({"name": f"{row.name} (repair)",
-                                     "reason": f"only the {MAX_REPAIR_TARGETS} fastest failing variants are repaired"})
+                worth.append(row)
+        targets = self._repair_targets(worth)
+        self.skipped += [{"name": f"{row.name} (repair)", "reason": (
+            f"only {MAX_REPAIR_TARGETS} failing variants are repaired: the closest to passing of those at least "
+            f"{MIN_REPAIR_SPEEDUP}x faster than {self.fp32_name} in the probe, then the fastest")}
+            for row in worth if row not in targets]
         for i, row in enumerate(targets):
-            # each target gets an equal share of what is left, so the first cannot starve the second
-            share = max(self.deadline - time.monotonic(), 0.0) / (len(targets) - i)
+            # the closest gets FIRST_TARGET_SHARE, the others equal shares of what is left (and of what an earlier
+            # target did not use), so no target starves the next
+            left = max(self.deadline - time.monotonic(), 0.0)
+            share = left * FIRST_TARGET_SHARE if i == 0 and len(targets) > 1 else left / (len(targets) - i)
             self.repairs.append(self._repair_one(row, time.monotonic() + share))
+
+    def _repair_targets(self, rows: list[Any]) -> list[Any]:
+        """Of the failing variants worth work (`rows`, fastest first), the one closest to passing
+        (`accuracy_margin`) among those whose probe speed-up is at least MIN_REPAIR_SPEEDUP, then the fastest.
+
+        WHY not the fastest two: those are usually all-op recipes that fail worst (a NaN, a cosine of
+        0.87), while a heavy-only or "-eq" recipe close to passing needs few nodes in float and keeps most
+        of its gain; fastest-first reached it only by luck."""
+        gaining = [r for r in rows if (self._speedup(r) or float("inf")) >= MIN_REPAIR_SPEEDUP]
+        # max() keeps the first of equal margins: the fastest of them
+        targets = [max(gaining, key=lambda r: accuracy_margin(r.accuracy, self.tolerance))] if gaining else []
+        targets += [r for r in rows if r not in targets][:MAX_REPAIR_TARGETS - len(targets)]
+        return targets
 
     def _closer_of_equalized_twins(self, rows: list[Any]) -> tuple[list[Any], dict[str, float]]:
         """Of a static recipe and its "-eq" twin (same recipe, Conv channels equalized first), only the one
@@ -408,11 +448,8 @@ class AutoSearch:
             if target is None or target.model is None:
                 record["note"] = "the dynamic target's model is gone: nothing to rank against the float source"
                 return []
-            source = self.source
-            if row.settings.get("smooth"):  # the target quantized the smoothed source: rank against that
-                source = self.smoothed.get(source, smooth_config(row.settings["smooth"]["alpha"]),
-                                           self.samples.calibration, self.samples.holdout[0]).model
-            rank = partial(sensitivity.rank_dynamic, source, target.model, feeds)
+            # a "-sq" target quantized the smoothed source: rank against that
+            rank = partial(sensitivity.rank_dynamic, self._quantized_source(row), target.model, feeds)
         if time.monotonic() >= min(self.deadline, self._target_deadline):
             record["note"] = "the time budget for this repair ran out before the sensitivity ranking"
             return []
@@ -484,11 +521,14 @@ class AutoSearch:
             self.decisions.append(f"timing the repaired {built.row.name} failed ({first_line(exc)})")
             return None
         timed = next(iter(stats.values()))
+        self._record_probe(timed)
+        speedup = self._paired.get(built.row.name)
         mine, theirs = timed[built.row.name].p50_ms, timed[self.fp32_name].p50_ms
-        built.row.probe_latency_ms = {"p50": round(mine, 4), "p90": round(timed[built.row.name].p90_ms, 4)}
-        if mine >= theirs:
-            return (f"passes but measured {mine:.3f} ms vs {self.fp32_name} {theirs:.3f} ms side by side: "
-                    "its float islands cost more than INT8 saves")
+        if speedup is None:  # no rounds to pair (an empty timing): the p50s are all there is
+            speedup = theirs / mine if mine > 0 else 0.0
+        if speedup <= 1.0:
+            return (f"passes but measured {speedup:.2f}x {self.fp32_name} side by side (median of paired rounds; "
+                    f"p50 {mine:.3f} vs {theirs:.3f} ms): its float islands cost more than INT8 saves")
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -503,13 +543,26 @@ class AutoSearch:
             scope = sensitivity.DYNAMIC_OPS
         if scope is None:
             return tuple(nodes)
-        op_of = self._source_op_types
+        op_of = self._op_types_of(self._quantized_source(row))
         return tuple(n for n in nodes if n not in op_of or op_of[n] in scope)
 
-    @cached_property
-    def _source_op_types(self) -> dict[str, str]:
-        """Node name -> op type in `source`, built once: `_in_scope` runs once per ranked unit."""
-        return {n.name: n.op_type for n in self.source.graph.node}
+    def _op_types_of(self, model: onnx.ModelProto) -> dict[str, str]:
+        """Node name -> op type in `model`, built once per model: `_in_scope` runs once per ranked unit."""
+        if id(model) not in self._op_types:
+            self._op_types[id(model)] = {n.name: n.op_type for n in model.graph.node}
+        return self._op_types[id(model)]
+
+    def _quantized_source(self, row: Any) -> onnx.ModelProto:
+        """The model `row` quantized: `source`, or the search's equalized or smoothed copy of it (cached, so
+        the same object every time). Its node names are the ones a ranking of the target names: an "-eq"
+        model's inserted `*_eqo_div` Divs are not in `source`, and were taken for quantized nodes."""
+        if row.settings.get("equalize"):
+            return self.equalized.get(self.source, EqualizeConfig(**row.settings["equalize"]),
+                                      self.samples.calibration, self.samples.holdout[0]).model
+        if row.settings.get("smooth"):
+            return self.smoothed.get(self.source, smooth_config(row.settings["smooth"]["alpha"]),
+                                     self.samples.calibration, self.samples.holdout[0]).model
+        return self.source
 
     def _add(self, candidate: Candidate) -> Built:
         built = build(candidate, self.source, self.samples, self.deadline)
@@ -565,19 +618,34 @@ class AutoSearch:
         """Why more work on this failing variant cannot pay, by the probe timing; None if it may."""
         if not self.prune_by_latency:
             return None
-        p50 = self._probe_p50(row)
-        fp32 = self.built[self.fp32_name].row.probe_latency_ms
-        if fp32 is None or p50 == float("inf"):
+        speedup = self._speedup(row)
+        if speedup is None:
             return None  # no timing to prune by
-        if p50 >= fp32["p50"]:
-            return (f"{row.name} measured {p50:.3f} ms vs {self.fp32_name} {fp32['p50']:.3f} ms in the probe: "
-                    "neither another calibration method nor float islands make it faster")
+        p50, fp32 = self._probe_p50(row), self.built[self.fp32_name].row.probe_latency_ms or {"p50": float("nan")}
+        if speedup <= 1.0:
+            return (f"{row.name} measured {p50:.3f} ms vs {self.fp32_name} {fp32['p50']:.3f} ms in the probe "
+                    f"({speedup:.2f}x by paired rounds): neither another calibration method nor float islands make "
+                    "it faster")
         passing = [b.row for b in self.built.values()
-                   if b.row.status == "ok" and b.row.precision != "fp32" and self._probe_p50(b.row) < float("inf")]
-        best = min(passing, key=self._probe_p50, default=None)
-        if best is not None and p50 >= self._probe_p50(best):
-            return f"{best.name} already passes and measured faster ({self._probe_p50(best):.3f} ms vs {p50:.3f} ms)"
+                   if b.row.status == "ok" and b.row.precision != "fp32" and self._speedup(b.row) is not None]
+        best = max(passing, key=self._speedup, default=None)
+        if best is not None and self._speedup(best) >= speedup:
+            return (f"{best.name} already passes and measured faster ({self._probe_p50(best):.3f} ms vs {p50:.3f} ms; "
+                    f"{self._speedup(best):.2f}x vs {speedup:.2f}x {self.fp32_name} by paired rounds)")
         return None
+
+    def _speedup(self, row: Any) -> float | None:
+        """The row's probe speed-up over FP32: the median of paired rounds where its timing had them, else the
+        p50 ratio; a repaired variant not timed yet counts at its target's. None without a timing."""
+        if row.name in self._paired:
+            return self._paired[row.name]
+        if not row.probe_latency_ms:
+            target = self.built.get(row.settings.get("repair_of", ""))
+            return self._speedup(target.row) if target is not None and target.row is not row else None
+        fp32 = self.built[self.fp32_name].row.probe_latency_ms
+        if fp32 is None or row.probe_latency_ms["p50"] <= 0:
+            return None
+        return fp32["p50"] / row.probe_latency_ms["p50"]
 
     # -- report ----------------------------------------------------------------------------------
 

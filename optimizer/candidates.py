@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnxruntime.quantization.registry import IntegerOpsRegistry
 
 from optimizer.calibration import SampleSet
 from optimizer.passes import equalize, fp16, int8_dynamic, int8_static, smooth
@@ -22,6 +23,8 @@ Build = Callable[[onnx.ModelProto, SampleSet], PassResult]
 
 #: The op types whose integer kernels pay; quantizing only these keeps softmax, mask adds and outputs in float.
 HEAVY_OPS = ("Conv", "MatMul", "Gemm")
+#: Ops dynamic INT8 quantizes on their own (Gemm through MatMul); Transpose only passes on an input already quantized.
+DYNAMIC_ANCHORS = frozenset({*IntegerOpsRegistry, "Gemm"} - {"Transpose"})
 #: SmoothQuant's alpha for the "-sq" dynamic candidate (MiniLM: 0.5 and 0.75 passed with 2 FFN-output MatMuls in
 #: float, 0.5 with more slice margin; bench/smooth.py).
 SMOOTH_ALPHA = 0.5
@@ -177,7 +180,7 @@ def cpu_has_fp16_arithmetic() -> bool:
 def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
               matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None,
               prepared: int8_dynamic.Preprocessed | None = None, smoothed: smooth.Smoothed | None = None,
-              equalized: equalize.Equalized | None = None) -> Plan:
+              equalized: equalize.Equalized | None = None, source: onnx.ModelProto | None = None) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
@@ -188,6 +191,8 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
     fastest here), QOperator S8S8 last (ONNX Runtime itself warns it is slow on x64). A search's
     cache of equalized sources (`equalized`) adds QDQ U8S8 heavy with Conv channel ranges equalized
     ("-eq", after its plain twin) for CNNs; without one it is not planned (each build would equalize again).
+    With the `source` model, a candidate that cannot apply to it (`cannot_apply`) is listed as skipped, not
+    built: its build would only fail at once, and the table would show a failure that is none.
     """
     del method  # the probe always uses MinMax (see above); other methods are a later, pruned step
     result = Plan()
@@ -217,6 +222,12 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
                                                          equalizing=EQUALIZE, equalized=equalized))
     if not matmul_heavy:
         result.candidates[-2:-2] = dynamic  # before QOperator S8S8
+    if source is not None:
+        for candidate in list(result.candidates):
+            reason = cannot_apply(candidate, source)
+            if reason:
+                result.candidates.remove(candidate)
+                result.skipped.append({"name": candidate.name, "reason": reason})
     if not has_calibration:
         result.skipped.append({"name": "int8-static", "reason": "no calibration set was given: static INT8 needs "
                                "real inputs to calibrate activation ranges on"})
@@ -227,3 +238,25 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
                                "ONNX Runtime's CPU kernels would run FP16 through Casts (measured 0.94-1.06x of "
                                "FP32 on such CPUs); set fp16_on_cpu to try it anyway"})
     return result
+
+
+def cannot_apply(candidate: Candidate, source: onnx.ModelProto) -> str | None:
+    """Why `candidate` would change nothing in `source` (read from the graph alone), or None when it may apply.
+
+    Smoothing with `smooth_config`'s scope needs a LayerNorm output read by a constant-weight MatMul: Magika and
+    GE2E have none, and their "-sq" builds failed at once, shown as failures. A recipe whose op-type scope
+    meets no node of the graph quantizes nothing (the quantizer's "quantized no op").
+    """
+    settings = candidate.settings
+    ops = {n.op_type for n in source.graph.node}
+    if settings.get("smooth"):
+        producers = {out: n.op_type for n in source.graph.node for out in n.output}
+        # smooth._NORMS: the producers smoothing's "norm" scope folds into (smooth.run filters by the same)
+        if not any(producers.get(tensor) in smooth._NORMS for tensor in smooth.candidates(source)):
+            return ("skipped: nothing to smooth (no LayerNormalization output feeds a MatMul/Gemm/Attention with "
+                    "a constant weight)")
+    if settings.get("mode") == "dynamic" and not ops & DYNAMIC_ANCHORS:
+        return f"skipped: nothing to quantize (dynamic INT8 rewrites {'/'.join(sorted(DYNAMIC_ANCHORS))}; none here)"
+    if settings.get("mode") == "static" and settings.get("op_types") != "all" and not ops & set(settings["op_types"]):
+        return f"skipped: nothing to quantize (no {'/'.join(settings['op_types'])} node)"
+    return None
