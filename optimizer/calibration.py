@@ -415,8 +415,16 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int] | None:
     return axes
 
 
+def _is_state_batch_dim(spec: _InputSpec, axis: int) -> bool:
+    """The unnamed dynamic middle dim of a rank-3 input with static ends: a recurrent state's batch, laid out like
+    ONNX LSTM/GRU/RNN's initial_h [directions * layers, batch, hidden] (Silero VAD's state [2, ?, 128])."""
+    dims = spec.dims or []
+    return (len(dims) == 3 and axis == 1 and dims[1] is None and isinstance(dims[0], int)
+            and isinstance(dims[2], int))
+
+
 def synthetic_samples(model: onnx.ModelProto, count: int = 8, batch: int = 1, dynamic_dim: int = 8,
-                      spatial_dim: int = 64, seed: int = 0) -> SampleSet:
+                      spatial_dim: int = 64, seed: int = 0, states_batched: bool = False) -> SampleSet:
     """Generated feeds for the accuracy check when the user sent no samples (holdout only).
 
     Plausible values rather than uniform noise: normal floats, ones for masks, zeros for token
@@ -424,7 +432,9 @@ def synthetic_samples(model: onnx.ModelProto, count: int = 8, batch: int = 1, dy
     Dynamic batch dims get `batch`, the other dynamic dims of an image-like input (rank 4 or more)
     `spatial_dim`, the rest `dynamic_dim`. 64, not 8, for images: detectors and segmenters (DBNet,
     YOLO, U-Nets) add feature maps of strides up to 32 back together, so an 8x8 image fails inside
-    the model and the whole job with it.
+    the model and the whole job with it. `states_batched`: a recurrent state's unnamed batch dim
+    (`_is_state_batch_dim`) gets `batch` too; off by default, as a transformer's [1, ?, hidden] has the
+    same layout and its ? is a sequence (the pipeline's second try on generated inputs turns it on).
     """
     rng = np.random.default_rng(seed)
     specs = model_inputs(model)
@@ -434,7 +444,8 @@ def synthetic_samples(model: onnx.ModelProto, count: int = 8, batch: int = 1, dy
         for spec in specs:
             dims = spec.dims if spec.dims is not None else [batch]
             other = spatial_dim if len(dims) >= 4 else dynamic_dim
-            shape = [d if isinstance(d, int) else (batch if _is_batch_dim(spec, i) else other)
+            shape = [d if isinstance(d, int) else
+                     (batch if _is_batch_dim(spec, i) or (states_batched and _is_state_batch_dim(spec, i)) else other)
                      for i, d in enumerate(dims)]
             lowered = spec.name.lower()
             if "mask" in lowered:

@@ -24,12 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnxruntime as ort
+
 from optimizer import candidates as candidate_lists
 from optimizer.accuracy import Tolerance, rows_to_prove, run_outputs
 from optimizer.auto import AutoSearch
 from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
-from optimizer.errors import CalibrationError, OptimizerError
+from optimizer.errors import CalibrationError, OptimizerError, first_line
 from optimizer.graph_inspect import inspect
 from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, paired_ratio
 from optimizer.loading import LoadedModel, load_model, require_tensor_outputs
@@ -111,6 +114,50 @@ def _samples(loaded: LoadedModel, calibration: str | Path | bytes | None, config
     if calibration is not None:
         return load_samples(calibration, loaded.proto, holdout_fraction=config.holdout_fraction)
     return synthetic_samples(loaded.proto)
+
+
+#: Generated inputs tried when the model refused the first ones (dynamic dims 8): longer signals, then also a recurrent
+#: state's batch dim set to the batch. WHY: Silero VAD reflect-pads its audio by 32-64 samples (8 and 64 are too short),
+#: its 8 kHz branch takes at most 256 samples, and its If-export declares the state [2, ?, 128], whose ? is the batch.
+GENERATED_RETRIES: tuple[dict[str, Any], ...] = ({"dynamic_dim": 256}, {"dynamic_dim": 256, "states_batched": True})
+
+
+def _from_onnxruntime(exc: BaseException) -> bool:
+    """ONNX Runtime's own exceptions (InvalidArgument, Fail, ...) derive from Exception alone: known by their module."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def _runs_on(session: ort.InferenceSession, feed: dict[str, Any]) -> bool:
+    """Whether `session` runs on `feed`; ONNX Runtime's own error line for a refused try is kept out of the log."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    try:
+        session.run(None, feed, quiet)
+    except Exception as exc:  # noqa: BLE001 - only ONNX Runtime's refusal is an answer
+        if not _from_onnxruntime(exc):
+            raise
+        return False
+    return True
+
+
+def _reference(model: onnx.ModelProto, samples: SampleSet, settings: SessionSettings) -> tuple[SampleSet, list]:
+    """The original's outputs on the held-back samples, and those samples: when generated ones do not suit the model,
+    the first of GENERATED_RETRIES that runs replaces them (with a note); when none runs, the first error stands."""
+    session = create_session(model.SerializeToString(), settings)
+    try:
+        return samples, run_outputs(session, samples.holdout)
+    except Exception as exc:
+        if not samples.synthetic or not _from_onnxruntime(exc):
+            raise
+        first = exc
+    for sizes in GENERATED_RETRIES:
+        retry = synthetic_samples(model, **sizes)
+        if _runs_on(session, retry.holdout[0]):
+            shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in retry.holdout[0].items())
+            retry.notes.append(f"the model refused the first generated inputs ({first_line(first)}); these have "
+                               f"{shapes}")
+            return retry, run_outputs(session, retry.holdout)
+    raise first
 
 
 def _int8_mode(config: OptimizeConfig, samples: SampleSet) -> str:
@@ -287,7 +334,7 @@ def optimize(
     provider = resolve_provider(config.provider)
     settings = SessionSettings(provider=provider, intra_op_threads=config.threads)
     tolerance = config.tolerance()
-    reference = run_outputs(create_session(original.SerializeToString(), settings), samples.holdout)
+    samples, reference = _reference(original, samples, settings)
 
     built: dict[str, Built] = {}
     base_row = VariantReport(name=BASELINE, precision="fp32", settings={"source": "the uploaded model"})
