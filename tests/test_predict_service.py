@@ -57,3 +57,21 @@ def test_a_lookup_overtaken_by_an_upload_is_not_remembered(serve) -> None:  # no
         assert ("m", None) not in predict._resolved  # but its possibly stale answer is not kept for an hour
         assert api.predict("m", feed).status_code == 200
         assert ("m", None) in predict._resolved
+
+
+def test_a_session_loaded_again_is_the_one_that_runs(serve) -> None:  # noqa: ANN001
+    """A model's session unloaded (the LRU, a forget) and loaded again serves its requests; before, its route
+    kept running (and holding) the unloaded one."""
+    model = models.mlp()
+    with serve(run_worker=False, registry_cache_ttl_s=3600) as api:
+        assert api.upload(model, name="m").status_code == 202
+        feed = models.random_feed(model, batch=1)
+        assert api.predict("m", feed).status_code == 200
+        predict = api.services.predict
+        (key,) = predict._routes
+        old = predict.sessions.peek(key)
+        assert predict.sessions.evict(lambda k: True) == 1
+        assert api.predict("m", feed).status_code == 200
+        new = predict.sessions.peek(key)
+        assert new is not None and new is not old
+        assert predict._routes[key].runner.session is new.session

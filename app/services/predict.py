@@ -97,6 +97,8 @@ class _Route:
     series: PredictSeries  # the metrics
     runner: Limited  # the session, its runs under the time limit
     lane: Executor | Lane  # where its unbatched runs go: the executor, or its lane of it (max_running_per_model)
+    variant: str
+    loaded: LoadedSession  # the session this route runs: a route whose session was unloaded since is built again
 
 
 def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, bool]:
@@ -221,7 +223,7 @@ class PredictService:
         """The batching key, policy and output names of a (version, variant): fixed for its life, so once."""
         key = (model.row.id, model.variant)
         route = self._routes.get(key)
-        if route is not None:
+        if route is not None and route.loaded is model.loaded:
             return route
         row, loaded = model.row, model.loaded
         runner = Limited(loaded.session, self.watchdog)
@@ -248,8 +250,29 @@ class PredictService:
                        tuple(spec.name for spec in loaded.outputs if spec.dtype is None),
                        row.name, row.version, FeedChecker(loaded.inputs),
                        self.metrics.predict_series(row.name, row.version, model.variant), runner,
-                       self.lanes.lane(key) if self.lanes is not None else self.executor)
-        return self._routes.setdefault(key, route)  # a concurrent first request may have probed too
+                       self.lanes.lane(key) if self.lanes is not None else self.executor, model.variant, loaded)
+        current = self._routes.get(key)
+        if current is not None and current.loaded is loaded:  # a concurrent first request may have probed too
+            return current
+        self._routes[key] = route
+        return route
+
+    def _hot_route(self, name: str, version: int | None, variant: str | None) -> _Route | None:
+        """The route of a request whose version lookup is still fresh and whose session is loaded and routed:
+        what `serving` and `_route` would give, without their two coroutines, a ServingModel and a read of the
+        row through SQLAlchemy per request. None: take the long way."""
+        cached = self._resolved.get((name, version))
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        resolved = cached[1]
+        chosen = resolved.variants.get(variant)
+        if chosen is None:
+            return None
+        key = (resolved.id, chosen)
+        route = self._routes.get(key)
+        if route is None or self.sessions.get(key) is not route.loaded:  # get: the LRU sees the use, as before
+            return None
+        return route
 
     # -- predict -------------------------------------------------------------------------------------
 
@@ -257,9 +280,9 @@ class PredictService:
                       variant: str | None = None, cast: bool = True,
                       output_names: list[str] | None = None) -> Prediction:
         """Run the serving variant of a model on `inputs`; BadRequestError (400) names a bad input."""
-        model = await self.serving(name, version, variant)
-        loaded = model.loaded
-        route = await self._route(model)
+        route = self._hot_route(name, version, variant)
+        if route is None:
+            route = await self._route(await self.serving(name, version, variant))
         started = time.perf_counter()
         ok = False
         try:
@@ -289,7 +312,7 @@ class PredictService:
                 ) from None
             ok = True
             outputs = dict(zip(names, values, strict=True))
-            return Prediction(route.name, route.version, model.variant, loaded.provider, outputs)
+            return Prediction(route.name, route.version, route.variant, route.loaded.provider, outputs)
         finally:
             route.series.observe(started, ok)
 
