@@ -232,3 +232,31 @@ def test_codec_bytes_length_prefixes() -> None:
     with pytest.raises(BadRequestError, match="belong to no input"):
         decode_request(head + raw + b"x", str(len(head)))
     assert isinstance(decode_request(b'{"inputs": []}', None).inputs, dict)
+
+
+def test_codec_a_header_seen_before_decodes_as_the_first_time() -> None:
+    """decode_request keeps the plan of a binary header it has parsed (app/protocol/v2_codec.py): a request
+    with the same header must get what the long way gives, and its refusals too."""
+    head = json.dumps({"id": "r1", "inputs": [
+        {"name": "x", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": 24}},
+        {"name": "n", "shape": [2], "datatype": "INT64", "parameters": {"binary_data_size": 16}},
+        {"name": "e", "shape": [0, 3], "datatype": "FP16", "parameters": {"binary_data_size": 0}}],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}]}).encode()
+    for seed in range(3):  # the first parses, the others replay
+        rng = np.random.default_rng(seed)
+        x, n = rng.random((2, 3), dtype=np.float32), rng.integers(-9, 9, 2).astype(np.int64)
+        request = decode_request(head + x.tobytes() + n.tobytes(), str(len(head)))
+        assert request.inputs["x"].dtype == np.float32 and np.array_equal(request.inputs["x"], x)
+        assert request.inputs["n"].dtype == np.int64 and np.array_equal(request.inputs["n"], n)
+        assert request.inputs["e"].shape == (0, 3) and request.inputs["e"].dtype == np.float16
+        assert (request.id, request.outputs, request.binary_outputs, request.binary_default) == \
+            ("r1", ["y", "z"], {"y"}, False)
+        request.outputs.append("w")  # a caller that changes its request changes no later one's
+        request.binary_outputs.add("z")
+    raw = x.tobytes() + n.tobytes()
+    with pytest.raises(BadRequestError, match="belong to no input"):
+        decode_request(head + raw + b"x", str(len(head)))
+    with pytest.raises(BadRequestError, match="runs past"):
+        decode_request(head + raw[:-1], str(len(head)))
+    with pytest.raises(BadRequestError, match="outside the body"):
+        decode_request(head[:-1], str(len(head)))

@@ -148,8 +148,72 @@ def _parameters(owner: dict, where: str) -> dict:
     return params
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a binary request's JSON header says, once parsed and checked: each input's (name, wire dtype,
+    shape, offset after the header), the bytes they take in all, and what the answer should look like."""
+
+    inputs: tuple[tuple[str, np.dtype, tuple[int, ...], int], ...]
+    binary_size: int
+    id: str | None
+    outputs: tuple[str, ...] | None
+    binary_outputs: frozenset[str]
+    binary_default: bool
+
+    def request(self, body: bytes, split: int) -> InferRequest:
+        inputs = {name: np.frombuffer(body, dtype, math.prod(shape), split + offset).reshape(shape)
+                  for name, dtype, shape, offset in self.inputs}
+        return InferRequest(inputs, self.id, None if self.outputs is None else list(self.outputs),
+                            set(self.binary_outputs), self.binary_default)
+
+
+# JSON header bytes -> its plan. WHY: a client sends the same header again and again (same inputs, shapes and
+# outputs: tritonclient, a load test, any fixed-size model), and parsing and checking it is most of decoding a
+# binary request (~3 us of the event loop's ~30 us a request on a tiny MLP, measured in-process). Only headers
+# whose every input is binary, not BYTES, and at most _PLAN_KEY_MAX bytes; cleared when full (a client whose
+# every request has its own `id` only refills it).
+_PLANS: dict[bytes, _Plan] = {}
+_PLANS_MAX = 1024
+_PLAN_KEY_MAX = 4096
+
+
+def _plan_of(request: InferRequest, header: dict, binary_size: int) -> _Plan | None:
+    """The reusable plan of a request just decoded the long way, or None when it cannot be replayed."""
+    inputs, offset = [], 0
+    for spec in header["inputs"]:
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        datatype = spec["datatype"]
+        if size is None or datatype == "BYTES":
+            return None
+        array = request.inputs[spec["name"]]
+        inputs.append((spec["name"], _WIRE[datatype], array.shape, offset))
+        offset += size
+    return _Plan(tuple(inputs), binary_size, request.id, None if request.outputs is None else tuple(request.outputs),
+                 frozenset(request.binary_outputs), request.binary_default)
+
+
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     """Parse an infer request body (JSON, or JSON + binary tensors); BadRequestError says what is wrong."""
+    if header_length is not None and header_length.isascii() and header_length.isdigit():  # a header seen before?
+        split = int(header_length)
+        if 0 < split <= _PLAN_KEY_MAX:
+            key = body[:split]
+            plan = _PLANS.get(key)
+            if plan is not None and plan.binary_size == len(body) - split:
+                return plan.request(body, split)
+            request = _decode(body, header_length)
+            if plan is None and (header := orjson.loads(key)) is not None:
+                plan = _plan_of(request, header, len(body) - split)
+                if plan is not None:
+                    if len(_PLANS) >= _PLANS_MAX:
+                        _PLANS.clear()
+                    _PLANS[key] = plan
+            return request
+    return _decode(body, header_length)
+
+
+def _decode(body: bytes, header_length: str | None) -> InferRequest:
+    """decode_request the long way: every check, every message."""
     if header_length is not None:
         try:
             split = int(header_length)

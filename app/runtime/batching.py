@@ -274,7 +274,7 @@ class BatchPolicy:
     max_delay_s: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     feed: Feed
     rows: int
@@ -378,7 +378,8 @@ class Batcher:
         `policy` is the model's own (None: the default); the latest one given for a key applies.
         """
         rows = next(iter(feed.values())).shape[0]
-        signature = (tuple(names), tuple((k, v.dtype.str, v.shape[1:]) for k, v in feed.items()))
+        # (np.dtype itself, not its .str: that builds a new string per call; equal dtypes hash and compare equal)
+        signature = (tuple(names), tuple([(k, v.dtype, v.shape[1:]) for k, v in feed.items()]))
         loop = asyncio.get_running_loop()
         request = _Request(feed, rows, loop.create_future(), time.perf_counter())
         queue = self._queues.get(key)
