@@ -196,12 +196,14 @@ class AutoSearch:
         for stats in by_batch.values():
             self._record_probe(stats)
 
-    def _record_probe(self, stats: dict[str, LatencyStats]) -> None:
-        """Each timed row's probe p50/p90, and its speed-up over FP32 as the median of paired rounds: what
-        pruning decides by (two p50s under load flip between run-through and preempted modes; a burst hits
-        both runs of a round and cancels in its ratio: optimizer/latency.py)."""
+    def _record_probe(self, stats: dict[str, LatencyStats], only: str | None = None) -> None:
+        """Each timed row's probe p50/p90 (`only` that row's), and its speed-up over FP32 as the median of
+        paired rounds: what pruning decides by (two p50s under load flip between run-through and preempted
+        modes; a burst hits both runs of a round and cancels in its ratio: optimizer/latency.py)."""
         fp32 = stats.get(self.fp32_name)
         for name, s in stats.items():
+            if only is not None and name != only:
+                continue
             self.built[name].row.probe_latency_ms = {"p50": round(s.p50_ms, 4), "p90": round(s.p90_ms, 4)}
             if fp32 is not None and name != self.fp32_name and s.round_ms and fp32.round_ms:
                 self._paired[name] = paired_ratio(fp32, s).median
@@ -521,7 +523,8 @@ class AutoSearch:
             self.decisions.append(f"timing the repaired {built.row.name} failed ({first_line(exc)})")
             return None
         timed = next(iter(stats.values()))
-        self._record_probe(timed)
+        # this row only: FP32's probe p50 stays the one every probed row was timed with
+        self._record_probe({name: timed[name] for name in (self.fp32_name, built.row.name)}, only=built.row.name)
         speedup = self._paired.get(built.row.name)
         mine, theirs = timed[built.row.name].p50_ms, timed[self.fp32_name].p50_ms
         if speedup is None:  # no rounds to pair (an empty timing): the p50s are all there is
