@@ -25,6 +25,29 @@ def version_prefix(name: str, version: int) -> str:
     return f"models/{name}/{version}/"
 
 
+# How often make_folder creates a folder again when a delete removed an empty parent under it meanwhile: each retry
+# needs a delete to hit a window of two mkdir calls, so a handful is plenty.
+_FOLDER_ATTEMPTS = 20
+
+
+def make_folder(folder: Path) -> None:
+    """`mkdir -p` that a concurrent delete cannot make fail.
+
+    A delete removes a model's folder once empty (`remove_empty_parents`); `mkdir(parents=True)` creates each missing
+    folder in turn, so a delete of the same name (its last versions, or a failed upload undoing itself), here or on
+    another replica, can remove `models/<name>/` between two of its calls: the upload then failed with
+    FileNotFoundError, a 500. Once the version's folder exists it is safe: deletes remove empty folders only, and never
+    a version folder but their own.
+    """
+    for _ in range(_FOLDER_ATTEMPTS - 1):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def remove_empty_parents(path: Path, root: Path) -> None:
     """Remove `path`'s parent folders up to (not including) `root` while they are empty: once a model's last
     version is deleted, its `models/<name>/` folder goes too instead of staying behind, empty, forever.

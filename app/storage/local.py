@@ -7,29 +7,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from app.storage.base import ArtifactStore, remove_empty_parents
-
-# How often put_file creates a version's folder again when a delete removed an empty parent under it meanwhile: each
-# retry needs a delete to hit a window of two mkdir calls, so a handful is plenty.
-_FOLDER_ATTEMPTS = 20
-
-
-def make_folder(folder: Path) -> None:
-    """`mkdir -p` that a concurrent delete cannot make fail.
-
-    A delete removes a model's folder once empty (`remove_empty_parents`); `mkdir(parents=True)` creates each missing
-    folder in turn, so a delete of the same name (its last versions, or a failed upload undoing itself), here or on
-    another replica, can remove `models/<name>/` between two of its calls: the upload then failed with
-    FileNotFoundError, a 500. Once the version's folder exists it is safe: deletes remove empty folders only, and never
-    a version folder but their own.
-    """
-    for _ in range(_FOLDER_ATTEMPTS - 1):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return
-        except FileNotFoundError:
-            continue
-    folder.mkdir(parents=True, exist_ok=True)
+from app.storage.base import ArtifactStore, make_folder, remove_empty_parents
 
 
 class LocalArtifactStore(ArtifactStore):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ServiceError
-from app.storage.base import ArtifactStore, remove_empty_parents
+from app.storage.base import ArtifactStore, make_folder, remove_empty_parents
 
 
 class StorageConfigError(ServiceError):
@@ -65,7 +65,7 @@ class S3ArtifactStore(ArtifactStore):
         self.client.upload_file(str(source), self.bucket, self._object(key))
         # Keep what was just written as the local copy; fetch checks its ETag before trusting it.
         target = self._cached(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(target.parent)
         (target.parent / f".{target.name}.etag").unlink(missing_ok=True)
         if move:
             shutil.move(str(source), target)
@@ -83,7 +83,7 @@ class S3ArtifactStore(ArtifactStore):
         etag_file = target.parent / f".{target.name}.etag"
         if target.is_file() and etag_file.is_file() and etag_file.read_text() == etag:
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(target.parent)
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
             self.client.download_file(self.bucket, self._object(key), str(temporary))
