@@ -79,6 +79,9 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - 
     from selenium.webdriver.chrome.service import Service
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must not download anything
+    # Chromium writes its crash database (~/.config/chromium) and dconf (~/.cache/dconf) outside --user-data-dir.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
