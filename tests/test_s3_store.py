@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -24,23 +25,38 @@ boto3 = pytest.importorskip("boto3", reason="boto3 (the s3 extra) is not install
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the local S3 server")
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
+def _start_moto() -> tuple[str, subprocess.Popen] | None:
+    """moto's server on a port found free; None when another process took the port before moto bound it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while server.poll() is None:
+        try:  # S3's ListBuckets answer: moto itself, not whatever else may listen on the port
+            if "ListAllMyBucketsResult" in httpx.get(endpoint, timeout=1).text:
+                return endpoint, server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() >= deadline:
+            server.kill()
+            raise AssertionError("moto server did not start within 30 s")
+        time.sleep(0.1)
+    return None  # it exited: its port was taken
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    for _ in range(3):
+        started = _start_moto()
+        if started is not None:
+            break
+    else:
+        raise AssertionError("moto server exited at start 3 times")
+    endpoint, server = started
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
         yield endpoint
     finally:
         server.terminate()

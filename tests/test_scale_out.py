@@ -87,6 +87,7 @@ class Stack:
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.replica_ports: dict[str, int] = {}
+        self.served: set[str] = set()  # replicas that were ready once: they come back on their port
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -103,19 +104,49 @@ class Stack:
         self.start(name, "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))
 
     def wait_ready(self, name: str, timeout: float = 60) -> None:
+        """Wait until replica `name` answers /readyz.
+
+        A port that _free_port() found free can be taken before the replica binds it (another process's connection
+        on a busy machine): the replica is then started again, on a new port if it never served (nginx is not
+        pointed at it yet), else on its own port (nginx knows that one).
+        """
+        for _ in range(3):
+            if self._ready(name, timeout):
+                self.served.add(name)
+                return
+            if name not in self.served:
+                del self.replica_ports[name]
+            self.start_replica(name)
+        raise AssertionError(f"{name} found its port taken 3 times: {self.log(name)}")
+
+    def _ready(self, name: str, timeout: float) -> bool:
+        """True once ready; False if the replica exited because its port was taken."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.processes[name].poll() is None, f"{name} exited: {self.log(name)}"
+            if self.processes[name].poll() is not None:
+                if "address already in use" in self.log(name):
+                    return False
+                raise AssertionError(f"{name} exited: {self.log(name)}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.replica_ports[name]}/readyz", timeout=2).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         raise AssertionError(f"{name} not ready in {timeout} s: {self.log(name)}")
 
     def start_nginx(self) -> None:
-        """deploy/nginx.conf, with Docker's DNS name `api` replaced by the two replicas' ports."""
+        """deploy/nginx.conf, with Docker's DNS name `api` replaced by the two replicas' ports; started again on
+        another port when its own was taken before nginx bound it (as for the replicas)."""
+        for _ in range(3):
+            if self._start_nginx():
+                return
+            self.port = _free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("nginx found its port taken 3 times")
+
+    def _start_nginx(self) -> bool:
+        """True once nginx answers; False if it exited because its port was taken."""
         conf = (ROOT / "deploy" / "nginx.conf").read_text()
         servers = "\n".join(f"        server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;"
                             for port in self.replica_ports.values())
@@ -123,7 +154,7 @@ class Stack:
         conf = re.sub(r"^\s*resolver [^;]*;\n", "", conf, flags=re.M)
         conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
         run = self.tmp / "nginx"
-        run.mkdir()
+        run.mkdir(exist_ok=True)
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the 0700 tmp dir
         conf = conf.replace("pid /tmp/nginx.pid;", f"{user}daemon off;\npid {run}/nginx.pid;\n"
                                                     f"error_log {run}/error.log warn;")
@@ -137,10 +168,15 @@ class Stack:
                                                    stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            assert self.processes["nginx"].poll() is None, (run / "error.log").read_text()
+            if self.processes["nginx"].poll() is not None:
+                errors = (run / "error.log").read_text()
+                if "Address already in use" in errors:
+                    del self.processes["nginx"]
+                    return False
+                raise AssertionError(errors)
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise AssertionError("nginx did not come up")
