@@ -260,3 +260,28 @@ def test_codec_a_header_seen_before_decodes_as_the_first_time() -> None:
         decode_request(head + raw[:-1], str(len(head)))
     with pytest.raises(BadRequestError, match="outside the body"):
         decode_request(head[:-1], str(len(head)))
+
+
+def test_codec_an_answer_header_seen_before_encodes_as_the_first_time() -> None:
+    """encode_response keeps the JSON header of all-binary answers (app/protocol/v2_codec.py): the same bytes
+    as the first time, and a new header when a shape, dtype, id or version differs."""
+    from app.protocol.v2_codec import InferRequest, encode_response
+
+    def answer(rows: int, dtype: type, id_: str | None = "a", version: int = 1) -> tuple[dict, bytes]:
+        outputs = {"y": np.arange(rows * 3, dtype=dtype).reshape(rows, 3), "n": np.arange(rows, dtype=np.int64)}
+        body, length = encode_response("m", version, InferRequest({}, id=id_, binary_default=True), outputs)
+        head = json.loads(body[:length])
+        blobs = b"".join(o.tobytes() for o in outputs.values())
+        assert body[length:] == blobs
+        return head, body
+
+    first = answer(2, np.float32)
+    assert answer(2, np.float32) == first
+    assert first[0] == {"model_name": "m", "model_version": "1", "id": "a", "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 24}},
+        {"name": "n", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 16}}]}
+    head = answer(5, np.float16)[0]
+    assert [(o["datatype"], o["shape"], o["parameters"]["binary_data_size"]) for o in head["outputs"]] == \
+        [("FP16", [5, 3], 30), ("INT64", [5], 40)]
+    assert "id" not in answer(2, np.float32, id_=None)[0]
+    assert answer(2, np.float32, version=7)[0]["model_version"] == "7"

@@ -153,7 +153,7 @@ class _Plan:
     """What a binary request's JSON header says, once parsed and checked: each input's (name, wire dtype,
     shape, offset after the header), the bytes they take in all, and what the answer should look like."""
 
-    inputs: tuple[tuple[str, np.dtype, tuple[int, ...], int], ...]
+    inputs: tuple[tuple[str, tuple[int, ...], np.dtype, int], ...]  # name, shape, dtype, offset after the header
     binary_size: int
     id: str | None
     outputs: tuple[str, ...] | None
@@ -161,8 +161,9 @@ class _Plan:
     binary_default: bool
 
     def request(self, body: bytes, split: int) -> InferRequest:
-        inputs = {name: np.frombuffer(body, dtype, math.prod(shape), split + offset).reshape(shape)
-                  for name, dtype, shape, offset in self.inputs}
+        # np.ndarray over the body: what np.frombuffer(...).reshape(...) gives (read-only, no copy), at less than half
+        # its cost; the sizes were checked when the plan was made and the body's length is checked before this
+        inputs = {name: np.ndarray(shape, dtype, body, split + offset) for name, shape, dtype, offset in self.inputs}
         return InferRequest(inputs, self.id, None if self.outputs is None else list(self.outputs),
                             set(self.binary_outputs), self.binary_default)
 
@@ -186,7 +187,8 @@ def _plan_of(request: InferRequest, header: dict, binary_size: int) -> _Plan | N
         if size is None or datatype == "BYTES":
             return None
         array = request.inputs[spec["name"]]
-        inputs.append((spec["name"], _WIRE[datatype], array.shape, offset))
+        # the native dtype where it is the wire's (equal, but np.ndarray is slower with the byte-order-marked one)
+        inputs.append((spec["name"], array.shape, DATATYPES[datatype] if _LITTLE else _WIRE[datatype], offset))
         offset += size
     return _Plan(tuple(inputs), binary_size, request.id, None if request.outputs is None else tuple(request.outputs),
                  frozenset(request.binary_outputs), request.binary_default)
@@ -297,9 +299,32 @@ def _json_data(array: np.ndarray) -> list | np.ndarray:
     return np.ascontiguousarray(flat)  # orjson serializes numpy arrays itself (OPT_SERIALIZE_NUMPY)
 
 
+# (model, version, request id, each output's (name, dtype, shape)) -> the JSON header of an answer whose every
+# output is binary and numeric. WHY: it is the same bytes for every answer of a fixed-size model to one client;
+# building and serializing it was ~1.5 us of the ~3.5 us encode_response took on a tiny MLP. Bounded like _PLANS.
+_HEADS: dict[tuple, bytes] = {}
+
+
 def encode_response(model: str, version: int, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header's length (for the header)."""
+    if outputs and request.outputs is None and request.binary_default and type(request.id) in (str, type(None)):
+        key = (model, version, request.id, *[(name, array.dtype, array.shape) for name, array in outputs.items()])
+        head = _HEADS.get(key)
+        if head is None and all(array.dtype.kind in "biuf" for array in outputs.values()):
+            body, length = _encode(model, version, request, outputs)
+            if len(_HEADS) >= _PLANS_MAX:
+                _HEADS.clear()
+            _HEADS[key] = body[:length]
+            return body, length
+        if head is not None:
+            return b"".join([head, *[_binary(array) for array in outputs.values()]]), len(head)
+    return _encode(model, version, request, outputs)
+
+
+def _encode(model: str, version: int, request: InferRequest,
+            outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """encode_response the long way."""
     described, blobs = [], []
     for name, array in outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
