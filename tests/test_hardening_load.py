@@ -234,7 +234,11 @@ def test_kill_mid_upload_and_mid_job_then_restart(start, tmp_path: Path) -> None
     stop = threading.Event()
     uploader = threading.Thread(target=_slow_upload, args=(base, models.mlp(hidden=512).SerializeToString(), stop))
     uploader.start()
-    time.sleep(0.5)  # the upload is partly in (it takes ~3 s at this pace), the job is running
+    uploads = data / "tmp" / "uploads"
+    deadline = time.monotonic() + 30
+    while not any(f.stat().st_size for f in uploads.rglob("*") if f.is_file()):  # part of it is in (all: ~3 s)
+        assert uploader.is_alive() and time.monotonic() < deadline, "the upload never reached the server's disk"
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait(10)
     stop.set()
@@ -254,7 +258,8 @@ def test_kill_mid_upload_and_mid_job_then_restart(start, tmp_path: Path) -> None
     assert sorted(p.name for p in models_dir.iterdir()) == ["early", "midjob"]
     # The half upload's scratch folder stays until it is old (another replica could be mid-upload into it),
     # then the next start removes it.
-    leftovers = list((data / "tmp" / "uploads").iterdir())
+    leftovers = list(uploads.iterdir())
+    assert leftovers
     for folder in leftovers:
         os.utime(folder, (0, 0))
     restarted_process.send_signal(signal.SIGTERM)
