@@ -440,7 +440,7 @@ class AutoSearch:
             op_types = None if row.settings["op_types"] == "all" else tuple(row.settings["op_types"])
             twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types,
                                     equalized=bool(row.settings.get("equalize")))
-            twin = self.built.get(twin_name)
+            twin = self._qdq_twin(twin_name)
             if twin is None or twin.model is None:
                 record["note"] = f"no QDQ twin ({twin_name}) to rank sensitive nodes on"
                 return []
@@ -464,6 +464,18 @@ class AutoSearch:
         record["ranking_s"] = round(time.perf_counter() - started, 3)
         record["ranking"] = [t.to_dict() for t in ranking[:10]]
         return ranking
+
+    def _qdq_twin(self, name: str) -> Built | None:
+        """The QDQ twin a static target is ranked on, built now when the probe deferred it: one quantize_static
+        run, the calibration is shared. Without it a QOperator target got no ranking (PicoDet layout at load
+        16: the probe built 1 recipe in its share, and that target's repair stopped after the head)."""
+        if name in self.built:
+            return self.built[name]
+        deferred = next((c for c in self.deferred if c.name == name), None)
+        if deferred is None or time.monotonic() >= min(self.deadline, self._target_deadline):
+            return None
+        self.deferred.remove(deferred)
+        return self._add(deferred)
 
     def _attempt(self, row: Any, exclude: tuple[str, ...], suffix: str, what: str,
                  record: dict[str, Any]) -> Built | bool | None:

@@ -15,6 +15,7 @@ from optimizer.runtime import SessionSettings
 from optimizer.variants import Built, VariantReport
 from tests import models
 from tests.test_auto import search_on
+from tests.test_auto_repair import _two_outliers
 from tests.test_equalize import _conv_act_conv as conv_act_conv
 from tests.test_smooth import _model as smooth_model
 
@@ -102,3 +103,16 @@ def test_candidates_that_cannot_apply_are_planned_as_skipped_not_built() -> None
     assert not [n for n in names if n.endswith("-heavy") or n.startswith("int8-dynamic")]
     skipped = {s["name"]: s["reason"] for s in elementwise.skipped}
     assert skipped["int8-static-minmax-qdq-u8s8-heavy"] == "skipped: nothing to quantize (no Conv/MatMul/Gemm node)"
+
+
+def test_a_qoperator_target_is_ranked_on_its_qdq_twin_built_then_when_the_probe_deferred_it() -> None:
+    model = _two_outliers()  # the head alone does not repair it: the ranking is needed
+    search = search_on(model)
+    twin = static_candidate("minmax", "qdq", "uint8", shared=search.shared)
+    search.deferred = [twin]  # the probe ran out of its share before the twin
+    target = search._add(static_candidate("minmax", "qoperator", "uint8", shared=search.shared))
+    assert target.row.status == "rejected"
+    search._repair()
+    [repair] = search.repairs
+    assert repair["ranking"], repair.get("note")
+    assert twin.name in search.built and search.deferred == []  # built once, not again after the repair
