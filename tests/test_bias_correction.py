@@ -92,8 +92,11 @@ def test_a_conv_without_bias_gets_an_int32_bias_that_onnx_runtime_still_fuses(tm
     quantized = int8_static.run(model, U8_HEAVY, calibration, calibration[0]).model
     assert all(len(n.input) == 2 for n in quantized.graph.node if n.op_type == "Conv")
 
-    corrected = bias_correction.run(quantized, bias_correction.BiasCorrectionConfig(), model, calibration,
-                                    calibration[0]).model
+    # sequential: the second Conv is measured after the first got its new bias (appended, then sorted)
+    result = bias_correction.run(quantized, bias_correction.BiasCorrectionConfig(mode="sequential"), model,
+                                 calibration, calibration[0])
+    corrected = result.model
+    assert (result.changes["corrected_nodes"], result.changes["levels"]) == (2, 2)
 
     convs = [n for n in corrected.graph.node if n.op_type == "Conv"]
     producers = {o: n for n in corrected.graph.node for o in n.output}

@@ -115,14 +115,28 @@ def _targets(qdq: onnx.ModelProto, reference: onnx.ModelProto, op_types: Sequenc
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
-    """The model with `names` added as graph outputs (type left unset: ORT infers it)."""
-    extended = copy.deepcopy(model)
-    existing = {o.name for o in extended.graph.output}
-    for name in names:
-        if name not in existing:
-            extended.graph.output.append(helper.make_empty_tensor_value_info(name))
-            existing.add(name)
-    return extended.SerializeToString()
+    """The model computing only `names` (its graph outputs, types left for ORT to infer).
+
+    ONNX Runtime runs every node whatever outputs are fetched (PP-OCR det: the first Conv's output
+    costs a whole run), so nodes nothing asked for depends on are dropped: a sequential correction's
+    early levels then run only the graph's beginning.
+    """
+    pruned = copy.deepcopy(model)
+    producers = _producers(pruned.graph)
+    kept: dict[int, onnx.NodeProto] = {}
+    pending = list(names)
+    while pending:
+        node = producers.get(pending.pop())
+        if node is not None and id(node) not in kept:
+            kept[id(node)] = node
+            pending.extend(node.input)
+    nodes = [n for n in pruned.graph.node if id(n) in kept]
+    del pruned.graph.node[:]
+    pruned.graph.node.extend(nodes)
+    _topological_sort(pruned.graph)  # a new bias's DequantizeLinear sits at the end until run() sorts
+    del pruned.graph.output[:]
+    pruned.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names))
+    return pruned.SerializeToString()
 
 
 LOCAL_SUFFIX = "__float_activation"
