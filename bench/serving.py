@@ -19,6 +19,8 @@ sets neither. Every server starts first; each round then measures every cell in 
 shared: its load moves), and the table shows medians over rounds. The load comes from a separate
 process: a small asyncio HTTP/1.1 keep-alive client (one connection per concurrent caller, the same
 request body each time; ~0.15 of a core at 3000 requests/s), so the client costs little of the 2 cores.
+Each cell also reports the server's CPU per request (all its threads and processes, from /proc): on a
+loaded machine requests/s swings with the other processes' share of the cores, CPU per request far less.
 
     /work/venv/bin/python bench/serving.py [--seconds 2] [--rounds 3] [--concurrency 1 8 32]
         [--models small rank cnn mid] [--workers 2] [--only PREFIX ...]
@@ -242,6 +244,27 @@ def _minimal_main(args: argparse.Namespace) -> None:
 # -- servers ---------------------------------------------------------------------------------------------
 
 
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of process `pid` and its descendants so far; nan off Linux.
+
+    WHY: on a loaded machine a server's requests/s moves with the other processes' share of the cores (2-3x
+    between rounds here at load 15), while the CPU it spends per request moves much less: a change to the
+    request path shows up in it first."""
+    total, todo = 0.0, [pid]
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        while todo:
+            current = todo.pop()
+            with contextlib.suppress(OSError):  # a child that just ended
+                stat = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(stat[11]) + int(stat[12])) / tick
+                for task in Path(f"/proc/{current}/task").iterdir():
+                    todo += [int(child) for child in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        return float("nan")
+    return total
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -455,22 +478,27 @@ def main() -> None:
         ways += [f"b fastapi minimal x{n}", f"e v2-bin nobatch x{n}", f"e v2-bin batch x{n}"]
     if args.only:
         ways = [w for w in ways if w.startswith(tuple(args.only))]
-    samples: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
+    samples: dict[tuple[str, str, int], list[tuple[float, float, float, float, float]]] = {}
     batches: dict[tuple[str, str, int], list[tuple[float, float]]] = {}  # (rows a run, share of runs of one row)
     json_type = {"Content-Type": "application/json"}
 
-    def record(kind: str, name: str, c: int, measured: tuple[list[float], float], round_: int) -> None:
+    def record(kind: str, name: str, c: int, measured: tuple[list[float], float], round_: int,
+               server_cpu_s: float) -> None:
         latencies, client_us = measured
         rps, p50, p99 = _stats(latencies, args.seconds)
-        samples.setdefault((kind, name, c), []).append((rps, p50, p99, client_us))
+        # the server's CPU over the whole load run, warm-up included: its requests counted at the measured rate
+        server_us = server_cpu_s / max(rps * (args.seconds + WARMUP_S), 1) * 1e6
+        samples.setdefault((kind, name, c), []).append((rps, p50, p99, client_us, server_us))
         print(f"  round {round_} {kind:<22} {name:<6} c={c:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  "
-              f"p99 {p99:7.2f} ms  load generator {client_us:5.1f} us CPU/request", flush=True)
+              f"p99 {p99:7.2f} ms  load generator {client_us:5.1f} us CPU/request  server {server_us:5.1f} us "
+              "CPU/request", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         # Every server is started first and idles while another is measured, so that each round measures
         # all ways of serving a (model, concurrency) one after the other: a change in the machine's load
         # (it is shared) then shows up as spread between rounds, not as a difference between servers.
         ports: dict[str, int | dict[str, int]] = {}
+        pids: dict[tuple[str, str], int] = {}  # (way, model) -> the server's process
         for way in ways:
             if way.startswith("b "):
                 workers = n if way.endswith(f"x{n}") else 1
@@ -479,10 +507,10 @@ def main() -> None:
                     path = Path(tmp) / f"{name}.onnx"
                     path.write_bytes(model.SerializeToString())
                     port = _free_port()
-                    servers.callback(_stop, _start([sys.executable, __file__, "_minimal", "--model", str(path),
-                                                    "--port", str(port), "--workers", str(workers)],
-                                                   f"http://127.0.0.1:{port}/ready"))
-                    ports[way][name] = port
+                    server = _start([sys.executable, __file__, "_minimal", "--model", str(path), "--port", str(port),
+                                     "--workers", str(workers)], f"http://127.0.0.1:{port}/ready")
+                    servers.callback(_stop, server)
+                    ports[way][name], pids[(way, name)] = port, server.pid
             elif way[0] in "cde":
                 mode, workers = way.split()[2], n if way[0] == "e" else 1
                 server_key = f"{mode} x{workers}"
@@ -490,7 +518,9 @@ def main() -> None:
                     server, ports[server_key] = _ours(Path(tmp) / f"data-{mode}-{workers}", mode, onnx_models,
                                                       workers)  # own folder: fields are stored
                     servers.callback(_stop, server)
+                    pids.update({(server_key, name): server.pid for name in onnx_models})
                 ports[way] = ports[server_key]
+                pids.update({(way, name): pids[(server_key, name)] for name in onnx_models})
         cells = []
         for name, (model, feed) in onnx_models.items():
             session = create_session(model.SerializeToString())
@@ -513,11 +543,14 @@ def main() -> None:
             for kind, name, c, measure in cells:
                 port = ports[kind] if kind.startswith("d v2-bin b") or kind.startswith("d v2-bin d") else None
                 before = _batch_counts(port, name) if port else None
-                record(kind, name, c, measure(), round_)
+                pid = pids.get((kind, name), os.getpid())  # (a) runs ONNX Runtime in this process
+                cpu = _server_cpu_s(pid)
+                measured = measure()
+                record(kind, name, c, measured, round_, _server_cpu_s(pid) - cpu)
                 if port:  # how the batcher formed its runs in this cell (warm-up included)
                     runs, rows, alone = (a - b for a, b in zip(_batch_counts(port, name), before, strict=True))
                     batches.setdefault((kind, name, c), []).append((rows / max(runs, 1), alone / max(runs, 1)))
-    results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(4))
+    results = {key: tuple(float(np.median([v[i] for v in values])) for i in range(5))
                for key, values in samples.items()}
     _print_table(args, onnx_models, ways, results)
     for (kind, name, c), values in batches.items():
@@ -527,7 +560,7 @@ def main() -> None:
 
 
 def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
-                 results: dict[tuple[str, str, int], tuple[float, float, float, float]]) -> None:
+                 results: dict[tuple[str, str, int], tuple[float, float, float, float, float]]) -> None:
     print()
     print(f"machine: {describe()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -543,7 +576,7 @@ def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
         for way in ways:
             row = []
             for c in args.concurrency:
-                rps, p50, p99, _ = results.get((way, name, c), (0.0, float("nan"), float("nan"), float("nan")))
+                rps, p50, p99 = results.get((way, name, c), (0.0, float("nan"), float("nan")))[:3]
                 row.append(f"{rps:7.0f}/s {p50:6.2f}/{p99:6.2f}".ljust(22))
             print(f"| {way:<22} | " + " | ".join(row) + " |")
     print()
@@ -566,6 +599,9 @@ def _print_table(args: argparse.Namespace, onnx_models: dict, ways: list[str],
         client = {w: results[(w, name, top)][3] for w in ways if (w, name, top) in results and w[0] != "a"}
         print(f"{name}: c={top} load generator CPU per request: "
               + ", ".join(f"{w} {us:.0f} us" for w, us in client.items()))
+        server = {w: results[(w, name, top)][4] for w in ways if (w, name, top) in results and w[0] != "a"}
+        print(f"{name}: c={top} server CPU per request (all its threads and processes): "
+              + ", ".join(f"{w} {us:.0f} us" for w, us in server.items()))
         if n > 1:
             print(f"{name}: c={top} {n} processes: /v2 batching/no batching "
                   f"{ratio(f'e v2-bin batch x{n}', f'e v2-bin nobatch x{n}')}, batching/minimal FastAPI x{n} "
