@@ -24,7 +24,9 @@ def _chunks(kind: str, rng: np.random.Generator) -> list[np.ndarray]:
     if kind == "heavy_tail":
         return [rng.standard_t(2, 4000).astype(np.float32)]
     if kind == "growing":  # each chunk wider than the last: merge_histogram adds bins on both sides
-        return [rng.normal(0, scale, 1500).astype(np.float32) for scale in (0.5, 1.3, 4.0)]
+        # (twice as wide each time: ~4x the bins at the end; ONNX Runtime's reference threshold, which this is
+        # compared to, costs the square of the bins: 8x wide took 25 s of the suite for these three cases)
+        return [rng.normal(0, scale, 1500).astype(np.float32) for scale in (0.5, 1.0, 2.0)]
     if kind == "sparse":  # few distinct values: most bins empty
         return [rng.choice([-2.0, 0.0, 0.5, 3.0], 3000).astype(np.float32)]
     raise ValueError(kind)
