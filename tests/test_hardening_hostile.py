@@ -85,7 +85,7 @@ def test_models_that_exhaust_memory_or_never_finish_fail_their_jobs(serve) -> No
     # is no bound either). So the memory attacks run without one, and the hanging model alone under a short one.
     feed = models.random_feed(models.mlp(), batch=2)
     with serve(job_memory_limit_mb=1024) as api:
-        good = api.upload(models.mlp(), name="good").json()["job_id"]
+        good = api.upload(models.mlp(), name="good", precision="fp32").json()["job_id"]
         assert api.wait(good)["status"] == "succeeded"
         expected = api.predict("good", feed).json()["outputs"]
         worker_pid = api.services.worker.pid
@@ -94,7 +94,7 @@ def test_models_that_exhaust_memory_or_never_finish_fail_their_jobs(serve) -> No
         _fails_with(api, "memory-hog", hostile.model_memory_hog(400_000_000), "needed more than 1 GiB of memory",
                     feed, expected)
         assert api.services.worker.pid == worker_pid  # the runner child died, never the worker
-        again = api.upload(models.mlp(seed=5), name="after").json()["job_id"]
+        again = api.upload(models.mlp(seed=5), name="after", precision="fp32").json()["job_id"]
         assert api.wait(again)["status"] == "succeeded"
     with serve(job_memory_limit_mb=1024, job_time_limit_s=2) as api:
         worker_pid = api.services.worker.pid

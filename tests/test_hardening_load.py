@@ -74,7 +74,7 @@ def _wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
 
 def _upload(client: httpx.Client, name: str, seed: int) -> httpx.Response:
     model = models.mlp(seed=seed).SerializeToString()
-    return client.post("/v1/models", files={"file": (f"{name}.onnx", model)}, data={"name": name})
+    return client.post("/v1/models", files={"file": (f"{name}.onnx", model)}, data={"name": name, "precision": "fp32"})
 
 
 def _feed() -> dict[str, list]:
