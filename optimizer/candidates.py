@@ -248,7 +248,7 @@ def cannot_apply(candidate: Candidate, source: onnx.ModelProto) -> str | None:
     meets no node of the graph quantizes nothing (the quantizer's "quantized no op").
     """
     settings = candidate.settings
-    ops = {n.op_type for n in source.graph.node}
+    ops = _op_types(source.graph)
     if settings.get("smooth"):
         producers = {out: n.op_type for n in source.graph.node for out in n.output}
         # smooth._NORMS: the producers smoothing's "norm" scope folds into (smooth.run filters by the same)
@@ -260,3 +260,15 @@ def cannot_apply(candidate: Candidate, source: onnx.ModelProto) -> str | None:
     if settings.get("mode") == "static" and settings.get("op_types") != "all" and not ops & set(settings["op_types"]):
         return f"skipped: nothing to quantize (no {'/'.join(settings['op_types'])} node)"
     return None
+
+
+def _op_types(graph: onnx.GraphProto) -> set[str]:
+    """Every op type in `graph` and its subgraphs: Silero VAD's Convs and LSTM live inside If branches, which
+    ONNX Runtime's quantizer also quantizes."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                ops |= _op_types(subgraph)
+    return ops

@@ -116,3 +116,18 @@ def test_a_qoperator_target_is_ranked_on_its_qdq_twin_built_then_when_the_probe_
     [repair] = search.repairs
     assert repair["ranking"], repair.get("note")
     assert twin.name in search.built and search.deferred == []  # built once, not again after the repair
+
+
+def test_ops_inside_subgraphs_count_as_something_to_quantize() -> None:
+    """Silero VAD's Convs and LSTM live inside If branches: the recipes that quantize them stay planned."""
+    inner = models.mlp()
+    branch = onnx.helper.make_graph(list(inner.graph.node), "branch", [], list(inner.graph.output),
+                                    list(inner.graph.initializer))
+    outer = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["cond"], [inner.graph.output[0].name], then_branch=branch, else_branch=branch)],
+        "wrapped", [onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []), *inner.graph.input],
+        list(inner.graph.output))
+    plan = auto_plan(provider="cpu", method="minmax", has_calibration=True, fp16_on_cpu=False,
+                     source=onnx.helper.make_model(outer))
+    names = [c.name for c in plan.candidates]
+    assert "int8-dynamic-s8-pc" in names and "int8-static-minmax-qdq-u8s8-heavy" in names, plan.skipped
