@@ -74,7 +74,7 @@ def test_served_over_http_from_upload_to_predict_and_clean_shutdown(server) -> N
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_a_line_per_request_is_logged_at_debug_only(tmp_path: Path, level: str) -> None:
     """uvicorn's access log costs more event loop than the whole fast infer path; /metrics counts requests anyway."""
-    with running_service(tmp_path, "--log-level", level) as (base, _):
+    with running_service(tmp_path, "--log-level", level, "--no-worker") as (base, _):  # no worker: a faster start
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
         time.sleep(0.2)  # let the line reach the log
         log = (tmp_path / "server.log").read_text()
