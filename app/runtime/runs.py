@@ -16,6 +16,7 @@ waited behind it. Two guards:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -25,6 +26,14 @@ from concurrent.futures import Executor
 
 import numpy as np
 import onnxruntime as ort
+
+from optimizer.errors import first_line
+
+log = logging.getLogger(__name__)
+#: ONNX Runtime's severity "fatal": it would log its own error line for every run the watchdog stops (and ORT
+#: reads the level when a run starts, so it cannot be raised at the moment of `terminate`); a run that fails for
+#: another reason is logged here instead, with the same first line ORT printed.
+_ORT_QUIET = 4
 
 
 class RunTimeout(Exception):  # noqa: N818 - "RunTimeoutError" reads worse and it is not the service's error type
@@ -52,13 +61,15 @@ class Watchdog:
         if self._thread is None:
             self._start()
         options = ort.RunOptions()
+        options.log_severity_level = _ORT_QUIET
         key = id(options)
         self._running[key] = (time.monotonic() + self.limit_s, options)  # no lock: one dict operation
         try:
             return session.run(names, feed, options)
-        except Exception:
+        except Exception as exc:
             if options.terminate:
                 raise RunTimeout(self.limit_s) from None
+            log.warning("a predict run failed: %s", first_line(exc))
             raise
         finally:
             del self._running[key]
