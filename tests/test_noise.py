@@ -126,7 +126,8 @@ def test_bench_prints_the_aa_spread(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["bench", str(model), str(copy), "--seconds", "0.1", "--batch", "1"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("batch 1 round-by-round"))
     figures = line.split(": ", 1)[1].split(" (A/A")[0].split("; ")
-    assert [f.split(" ")[0] for f in figures] == ["A/A", str(copy)[-40:]]
+    names = [f.split(" ")[0] for f in figures]  # how bench shortens a model's path is its own business
+    assert names[0] == "A/A" and len(names) == 2 and names[1].endswith(copy.name), names
     for figure in figures:  # median [low-high]
         median, bounds = figure.rsplit(" ", 2)[1:]
         low, high = (float(b) for b in bounds.strip("[]").split("-"))
