@@ -47,6 +47,7 @@ listed with its reason.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -779,7 +780,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{mark}{r['name']:51} {r['status']:9} {p50} {p90} {lat.get('timing', '-'):>6} {ratio:>8}  "
                      f"{worst_accuracy(r.get('accuracy'))}")
         if r["status"] in ("failed", "skipped") and r.get("reason"):
-            lines.append(f"{'':10}{r['reason'][:160]}")
+            lines.append(textwrap.fill(r["reason"], width=120, initial_indent=" " * 10, subsequent_indent=" " * 10))
     lines.append(f"selected: {auto['selected']} ({auto['selection_reason']})")
     return "\n".join(lines + search_notes(auto))
 
@@ -796,7 +797,9 @@ def search_notes(auto: dict[str, Any]) -> list[str]:
         lines.append(f"repair of {repair['target']}: {tried or 'nothing tried'}"
                      + (f" [{repair['note']}]" if repair.get("note") else ""))
     for skipped in auto["skipped"]:
-        lines.append(f"not tried: {skipped['name']}: {skipped['reason'][:140]}")
+        # wrapped, not cut: a reason cut mid-word hid what to do about it (a user review)
+        lines.append(textwrap.fill(f"not tried: {skipped['name']}: {skipped['reason']}", width=120,
+                                   subsequent_indent="    "))
     if auto["excluded_nodes"]:
         lines.append(f"left in float: {', '.join(auto['excluded_nodes'])}")
     lines.append(f"rule: {auto['rule']}")

@@ -16,7 +16,7 @@ import onnx
 
 from optimizer import sensitivity
 from optimizer.accuracy import Tolerance, run_outputs
-from optimizer.auto import AutoSearch, format_table
+from optimizer.auto import AutoSearch, format_table, search_notes
 from optimizer.calibration import load_samples, synthetic_samples
 from optimizer.candidates import auto_plan, static_candidate
 from optimizer.passes import int8_static
@@ -234,3 +234,12 @@ def test_the_probe_grid_puts_what_likely_pays_first() -> None:
     cuda = auto_plan(provider="cuda", method="minmax", has_calibration=True)
     assert [c.name for c in cuda.candidates] == ["fp16"]
     assert "INT8" in cuda.skipped[0]["reason"]
+
+
+def test_search_notes_wrap_a_long_reason_instead_of_cutting_it() -> None:
+    reason = "measured slower than fused FP32 " + "and " * 60 + "upload more samples to prove it"
+    auto = {"candidates": [], "repairs": [], "skipped": [{"name": "int8-x", "reason": reason}],
+            "excluded_nodes": [], "rule": "r", "steps_s": {}}
+    lines = "\n".join(search_notes(auto)).splitlines()
+    assert lines[0].startswith("not tried: int8-x: ") and all(len(line) <= 120 for line in lines)
+    assert " ".join(line.strip() for line in lines if not line.startswith("rule")).count("upload more samples") == 1
