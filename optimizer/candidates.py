@@ -251,8 +251,8 @@ def cannot_apply(candidate: Candidate, source: onnx.ModelProto) -> str | None:
     ops = _op_types(source.graph)
     if settings.get("smooth"):
         producers = {out: n.op_type for n in source.graph.node for out in n.output}
-        # smooth._NORMS: the producers smoothing's "norm" scope folds into (smooth.run filters by the same)
-        if not any(producers.get(tensor) in smooth._NORMS for tensor in smooth.candidates(source)):
+        # smooth.NORMS: the producers smoothing's "norm" scope folds into (smooth.run filters by the same)
+        if not any(producers.get(tensor) in smooth.NORMS for tensor in smooth.candidates(source)):
             return ("skipped: nothing to smooth (no LayerNormalization output feeds a MatMul/Gemm/Attention with "
                     "a constant weight)")
     if settings.get("mode") == "dynamic" and not ops & DYNAMIC_ANCHORS:

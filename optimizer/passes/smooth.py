@@ -41,7 +41,7 @@ PASS_NAME = "smooth"
 Feed = dict[str, np.ndarray]
 
 # Producers whose output 0 is gamma * normalized + beta: (gamma input index, beta input index).
-_NORMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3), "EmbedLayerNormalization": (5, 6)}
+NORMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3), "EmbedLayerNormalization": (5, 6)}
 _S_RANGE = (1e-4, 1e4)  # bounds on s, so a dead channel cannot blow a weight row up
 
 
@@ -124,8 +124,8 @@ def _fold(graph: _Graph, tensor: str, targets: list[_Target], inv: np.ndarray) -
         return None
     k = inv.shape[0]
     op = producer.op_type
-    if op in _NORMS and producer.output[0] == tensor:
-        g, b = _NORMS[op]
+    if op in NORMS and producer.output[0] == tensor:
+        g, b = NORMS[op]
         gamma = graph.const(producer.input[g]) if len(producer.input) > g else None
         beta = graph.const(producer.input[b]) if len(producer.input) > b and producer.input[b] else None
         if gamma is None or gamma.shape != (k,) or not _bias_ok(beta, k):
@@ -237,7 +237,7 @@ def run(model: onnx.ModelProto, config: SmoothConfig, calibration_feeds: Sequenc
     found = candidates(smoothed)
     if config.scope == "norm":
         producer = {o: n.op_type for n in smoothed.graph.node for o in n.output}
-        found = {t: targets for t, targets in found.items() if producer.get(t) in _NORMS}
+        found = {t: targets for t, targets in found.items() if producer.get(t) in NORMS}
     if not found:
         raise PassError(f"{PASS_NAME}: no MatMul/Gemm/Attention with a constant float weight reads "
                         + ("a LayerNormalization's output" if config.scope == "norm" else "an activation"))
