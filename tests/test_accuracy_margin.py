@@ -56,7 +56,8 @@ def _check(reference: list[dict[str, np.ndarray]], tolerance: Tolerance, seed: i
 
 
 def test_the_margin_sign_is_the_verdict_for_every_metric_kind() -> None:
-    detector, mlp = _reference(models.detector()), _reference(models.mlp())
+    # 140 samples of 2 rows: top-1 gates on its 95% lower bound, and 268 rows all agreeing prove 99%
+    detector, mlp = _reference(models.detector()), _reference(models.mlp(), samples=140)
     cases = [
         (detector, Tolerance()),  # default: cosine and slices (cosine and error) of [N, boxes, 4+classes]
         (detector, Tolerance(min_slice_cosine=None, max_slice_error=0.1)),
@@ -75,7 +76,7 @@ def test_the_margin_sign_is_the_verdict_for_every_metric_kind() -> None:
 
 def test_a_declared_metric_alone_sets_the_margin() -> None:
     """Logits flipped in a few rows lose little cosine but top-1: the top1-gated margin reads top-1 only."""
-    reference = _reference(models.mlp())
+    reference = _reference(models.mlp(), samples=13)  # 26 rows all agreeing prove the 90% asked
     candidate = [{"logits": v["logits"] * 0.98} for v in reference]  # scaled: same argmax, cosine exactly 1
     strict, top1 = Tolerance(min_cosine=0.999), Tolerance(metrics={"logits": "top1"}, min_top1=0.9)
     assert accuracy_margin(compare(reference, candidate, top1).to_dict(), top1) == 1.0 - 0.9

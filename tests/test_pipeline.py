@@ -54,7 +54,9 @@ def _assert_served_is_never_worse(report: dict) -> None:
 
 def test_fp32_report_has_every_field_and_serves_a_model_that_agrees(tmp_path: Path) -> None:
     model = models.redundant()
-    result = optimize(model.SerializeToString(), out_dir=tmp_path, config=OptimizeConfig(precision="fp32", **FAST))
+    # 8 generated rows all agreeing prove a top-1 of 74.7%: asked 99%, the fused model would be unproven
+    config = OptimizeConfig(precision="fp32", min_top1=0.7, **FAST)
+    result = optimize(model.SerializeToString(), out_dir=tmp_path, config=config)
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) >= REQUIRED_KEYS
     assert [v["name"] for v in report["variants"]] == ["original", "fused"]
@@ -69,11 +71,10 @@ def test_fp32_report_has_every_field_and_serves_a_model_that_agrees(tmp_path: Pa
         assert v["throughput_per_s"] > 0
     assert report["calibration"]["synthetic"] is True
     _assert_served_is_never_worse(report)
-    # 8 generated rows cannot prove a 99% top-1: the report and the printed summary say so
+    # a cosine on 8 generated samples says little: the report and the printed summary say so
     assert [note.split(";")[0] for note in report["accuracy_notes"]] == [
-        "output 'logits': top-1 agreement 100.0% was measured on 8 row(s)",
         "output 'logits': cosine 1.0000 was measured on 8 held-back sample(s)"]
-    assert "note: output 'logits': top-1 agreement 100.0% was measured on 8 row(s)" in summary(report)
+    assert "note: output 'logits': cosine 1.0000 was measured on 8 held-back sample(s)" in summary(report)
 
     feed = models.random_feed(model, batch=3)
     served = create_session(result.model_path).run(None, feed)[0]
