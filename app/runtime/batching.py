@@ -72,12 +72,26 @@ T = TypeVar("T")
 
 def batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
     """True when every input and output has a dynamic first axis (and the inputs agree on its name)."""
+    return unbatchable_reason(inputs, outputs) is None
+
+
+def unbatchable_reason(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str | None:
+    """Why requests of a model with these inputs and outputs cannot share a run along axis 0, None if they can.
+    WHY words, not a bool: a model whose upload asked for batching says why it gets none (`batching_note`)."""
     if not inputs or not outputs:
-        return False
-    if any(s.shape is None or len(s.shape) == 0 or isinstance(s.shape[0], int) for s in (*inputs, *outputs)):
-        return False
-    symbols = {s.shape[0] for s in inputs if s.shape[0] is not None}
-    return len(symbols) <= 1
+        return "it has no inputs or no outputs"
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            if spec.shape is None:
+                return f"its {kind} {spec.name!r} has no declared rank, so no batch axis"
+            if len(spec.shape) == 0:
+                return f"its {kind} {spec.name!r} is a scalar, with no batch axis"
+            if isinstance(spec.shape[0], int):
+                return f"its {kind} {spec.name!r} has a fixed first axis of {spec.shape[0]}, not a batch axis"
+    symbols = sorted({s.shape[0] for s in inputs if s.shape[0] is not None})
+    if len(symbols) > 1:
+        return f"its inputs' first axes are different dynamic dimensions ({', '.join(map(repr, symbols))})"
+    return None
 
 
 # Ops whose output for one row depends on every row of the run. DynamicQuantizeLinear computes one scale and zero

@@ -11,7 +11,8 @@ that a worker finishes starts serving within the TTL), and sessions stay loaded 
 With a `Batcher`, concurrent requests of a model whose batch axis is dynamic share one run
 (app/runtime/batching.py); the answer of each is the same as alone. A version's own batching
 settings (given at upload, stored with it) override the service's defaults for that version, except that a
-model whose graph mixes the rows of a run (dynamic INT8) is never batched (`batching_note` says so).
+model whose graph mixes the rows of a run (dynamic INT8) is never batched (`batching_note` says so, as it says
+why for any model whose upload asked for batching and gets none).
 Every run has a time limit (504 past it), and one model holds at most `max_running_per_model` predict
 threads at once (app/runtime/runs.py).
 """
@@ -29,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics, PredictSeries
-from app.runtime.batching import Batcher, BatchPolicy, batchable, batching_pays, in_thread, rows_agree
+from app.runtime.batching import Batcher, BatchPolicy, batching_pays, in_thread, rows_agree, unbatchable_reason
 from app.runtime.runs import Lane, Lanes, Limited, RunTimeout, Watchdog
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import FeedChecker
@@ -112,6 +113,13 @@ def batch_policy(row: ModelVersion, default: BatchPolicy) -> tuple[BatchPolicy, 
         max_delay_s=default.max_delay_s if delay_ms is None else float(delay_ms) / 1000,
     )
     return policy, size is not None
+
+
+def asked_for_batching(row: ModelVersion) -> bool:
+    """Whether the version's upload asked for batching: a batch size over 1, or a delay to wait for company."""
+    own = row.serving or {}
+    size, delay_ms = own.get("batch_max_size"), own.get("batch_max_delay_ms")
+    return int(size) > 1 if size is not None else bool(delay_ms)
 
 
 class PredictService:
@@ -229,9 +237,18 @@ class PredictService:
         runner = Limited(loaded.session, self.watchdog)
         policy, own_size = batch_policy(row, self.batcher.default)
         note = None
+        asked = asked_for_batching(row)  # then every reason it gets no batching is said (batching_note)
         loop = asyncio.get_running_loop()
-        if policy.max_batch_size <= 1 or not batchable(loaded.inputs, loaded.outputs):
+        if policy.max_batch_size <= 1:
             policy = None
+            if asked:
+                note = ("not batched: batching is off on this service (ONNXFORGE_BATCH_MAX_SIZE=1) and the upload "
+                        "gave batch_max_delay_ms but no batch_max_size; give batch_max_size to batch it")
+        elif (unbatchable := unbatchable_reason(loaded.inputs, loaded.outputs)) is not None:
+            policy = None
+            if asked:
+                note = (f"never batched: {unbatchable}; its requests run one by one whatever its batching settings "
+                        "(batching stacks requests along the first axis of every input and output)")
         elif loaded.row_coupling:  # whatever its settings say: its answers would depend on its batch-mates
             policy = None
             note = (f"never batched: its {', '.join(loaded.row_coupling)} quantize(s) a run's input with one scale "
@@ -239,6 +256,10 @@ class PredictService:
         elif self.probe_batching and not own_size:
             if not await loop.run_in_executor(self.executor, batching_pays, runner, loaded.inputs):
                 policy = None
+                if asked:
+                    note = ("not batched: the probe at its first request found that batching does not pay for it "
+                            "(8 rows cost more than half of 8 single runs); give batch_max_size at upload to "
+                            "batch it anyway")
         elif await loop.run_in_executor(self.executor, rows_agree, runner, loaded.inputs) is False:
             policy = None  # its own batch size, but rows of different scales got other answers batched than alone
             note = ("never batched: a run of rows of different scales gave some rows other answers than each alone "
@@ -317,7 +338,8 @@ class PredictService:
             route.series.observe(started, ok)
 
     def batching_note(self, version_id: str, variant: str) -> str | None:
-        """Why a loaded (version, variant) is not batched although its settings allow it (None: no such reason)."""
+        """Why a routed (version, variant) is not batched although its upload asked for it or its graph forbids
+        it (None: no such reason, or it has not served yet)."""
         return self._batching_notes.get((version_id, variant))
 
 
