@@ -129,7 +129,7 @@ def test_a_new_interface_is_accepted_with_a_warning_naming_the_difference(serve)
         assert changed.status_code == 202
         warnings = changed.json()["warnings"]
         assert len(warnings) == 1
-        assert "version 2, which serves now" in warnings[0]
+        assert "version 1, which serves now" in warnings[0]  # v2 is still queued: v1 serves until one is ready
         assert "input 'features' is gone" in warnings[0] and "input 'image' is new" in warnings[0]
         assert "400" in warnings[0]
         versions = api.client.get("/v1/models/m").json()["versions"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
@@ -18,13 +19,15 @@ from app.api.schemas import (
     ModelSummary,
     PredictIn,
     PredictOut,
+    ServingOut,
+    ServingPinIn,
     TensorOut,
     UploadAccepted,
     VersionOut,
 )
 from app.errors import BadRequestError, MalformedRequestError, NotFoundError
 from app.services.container import Services
-from app.services.registry import pick_serving, serving_variant
+from app.services.registry import pick_serving, pinned_version, serving_variant
 from app.services.uploads import validate_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -140,7 +143,7 @@ def list_models(services: Services = Depends(services_of)) -> list[ModelSummary]
         job = jobs.get(latest.id)
         queued = latest.status == "optimizing" and job is not None and job.status == "queued"
         summaries.append(ModelSummary(
-            name=name, serving_version=serving.version if serving else None,
+            name=name, serving_version=serving.version if serving else None, pinned_version=pinned_version(versions),
             serving_variant=serving_variant(serving, None) if serving else None,
             latest_version=latest.version, latest_status="queued" if queued else latest.status,
             versions=len(versions),
@@ -159,7 +162,7 @@ def describe_model(name: str, services: Services = Depends(services_of)) -> Mode
     loaded = services.sessions.peek((serving.id, variant)) if serving else None
     return ModelOut(
         name=name, serving_version=serving.version if serving else None, serving_variant=variant,
-        provider=loaded.provider if loaded else services.provider,
+        pinned_version=pinned_version(versions), provider=loaded.provider if loaded else services.provider,
         batching_note=services.predict.batching_note(serving.id, variant) if serving else None,
         inputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.inputs, "inputs")],
         outputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.outputs, "outputs")],
@@ -196,6 +199,28 @@ def delete_version(name: str, version: str, services: Services = Depends(service
     services.predict.invalidate(name)
     services.predict.forget(ids)
     return {"deleted": name, "version": number}
+
+
+@router.put("/{name}/serving", response_model=ServingOut, responses=_ERRORS)
+def pin_serving(name: str, pin: ServingPinIn, services: Services = Depends(services_of)) -> ServingOut:
+    """Pin a version to serve the name whatever is newer (rollback); every replica follows within its cache's
+    second. A ready version, or a failed one (its validated original serves); 404 for a missing version, 409 for
+    one still optimizing."""
+    return _serving_after(services, name, pin.version)
+
+
+@router.delete("/{name}/serving", response_model=ServingOut, responses=_ERRORS)
+def unpin_serving(name: str, services: Services = Depends(services_of)) -> ServingOut:
+    """Unpin: the newest ready version serves again (nothing to unpin is not an error)."""
+    return _serving_after(services, name, None)
+
+
+def _serving_after(services: Services, name: str, version: int | None) -> ServingOut:
+    versions = services.registry.pin(name, version)
+    services.predict.invalidate(name)
+    serving = pick_serving(versions)
+    return ServingOut(name=name, serving_version=serving.version if serving else None,
+                      pinned_version=pinned_version(versions))
 
 
 # -- report and artifact ------------------------------------------------------------------------------
@@ -298,10 +323,27 @@ VERSION_PREDICT = "/v1/models/{name}/versions/{version}/predict"
 _JSON = b"application/json"
 
 
-async def predict_json(services: Services, name: str, version: str | None,
-                       body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """One /v1 predict request, from its raw body to the answer's body and headers. Raises the service's errors.
-    The routes below and the fast path (app/fastpath.py) call it, so both answer alike."""
+# Query parameters a client may send to predict meaning what only the body or the path says: refused, not ignored
+# (an ignored ?variant=optimized served the default variant without a word).
+_MISPLACED = {
+    "variant": 'the body\'s field: {"inputs": {...}, "variant": "optimized"}',
+    "version": "the path: POST /v1/models/{name}/versions/{version}/predict",
+}
+
+
+def _refuse_misplaced(query: bytes) -> None:
+    """BadRequestError (400) when the query string names what predict reads from the body or the path."""
+    for key, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key in _MISPLACED:
+            raise BadRequestError(f"predict takes no {key!r} query parameter: {key} goes in {_MISPLACED[key]}")
+
+
+async def predict_json(services: Services, name: str, version: str | None, body: bytes,
+                       query: bytes = b"") -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """One /v1 predict request, from its raw body (and query string) to the answer's body and headers. Raises the
+    service's errors. The routes below and the fast path (app/fastpath.py) call it, so both answer alike."""
+    if query:
+        _refuse_misplaced(query)
     number = None if version is None else _version_number(version, name)
     inputs, variant = _predict_body(body)
     prediction = await services.predict.predict(name, _decode(inputs), version=number, variant=variant)
@@ -314,7 +356,7 @@ async def predict_json(services: Services, name: str, version: str | None,
 
 
 async def _predict(request: Request, services: Services, name: str, version: str | None) -> Response:
-    content, _ = await predict_json(services, name, version, await request.body())
+    content, _ = await predict_json(services, name, version, await request.body(), request.scope["query_string"])
     return Response(content, media_type="application/json")
 
 

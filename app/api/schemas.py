@@ -89,6 +89,8 @@ class VersionOut(BaseModel):
 class ModelSummary(BaseModel):
     name: str
     serving_version: int | None
+    pinned_version: int | None = Field(default=None, description="the version pinned to serve (rollback); null: "
+                                                                 "the newest ready version serves")
     serving_variant: Literal["optimized", "original"] | None
     latest_version: int
     latest_status: str = Field(description="queued | optimizing | ready | failed (its optimization; it still serves "
@@ -98,21 +100,38 @@ class ModelSummary(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
-    serving_version: int | None = Field(description="what predict without a version serves; null if none can")
+    serving_version: int | None = Field(description="what predict without a version serves: the pinned version, "
+                                                    "else the newest ready one, else (none ready) the oldest live "
+                                                    "one (its validated original); null if none can")
     serving_variant: Literal["optimized", "original"] | None
+    pinned_version: int | None = Field(default=None, description="the version pinned to serve by PUT /v1/models/"
+                                                                 "{name}/serving (rollback); null: the rule decides")
     provider: str = Field(description="what the serving session runs on (read back from ONNX Runtime once loaded)")
-    batching_note: str | None = Field(default=None, description="why the serving session is never batched whatever "
-                                      "the batching settings say (its rows would depend on each other), once it served")
+    batching_note: str | None = Field(default=None, description="once it served: why the serving session is not "
+                                      "batched although its upload asked for batching (no batch axis, the probe "
+                                      "found it does not pay) or whatever its settings say (its rows would depend "
+                                      "on each other)")
     inputs: list[TensorOut]
     outputs: list[TensorOut]
     versions: list[VersionOut]
 
 
+class ServingPinIn(BaseModel):
+    version: int = Field(ge=1, description="a ready version, or a failed one (it serves its validated original)")
+
+
+class ServingOut(BaseModel):
+    name: str
+    serving_version: int | None
+    pinned_version: int | None = Field(description="null: the newest ready version serves")
+
+
 class PredictIn(BaseModel):
     inputs: dict[str, Any] = Field(description='{"<input name>": nested list or number}; dtypes come from the model')
     variant: Literal["optimized", "original"] | None = Field(
-        default=None, description="default: optimized once ready, the validated original until then (and for good "
-                                  "when the optimizer found nothing faster: the answer's variant says which served)"
+        default=None, description="a field of the body, not a query parameter: default "
+                                  "optimized once ready, the validated original until then (and for good when the "
+                                  "optimizer found nothing faster: the answer's variant says which served)"
     )
 
     model_config = {"json_schema_extra": {"example": {"inputs": {"features": [[0.1, 0.2, 0.3]]}}}}

@@ -1,13 +1,12 @@
-"""Models and their versions: accept an upload, say which version serves, delete, hand out artifacts.
+"""Models and their versions: accept an upload, say which version serves, pin one, delete, hand out artifacts.
 
-Which version serves a name is decided here, in one place: the newest version that is ready; while
-none is ready, the newest one still optimizing (its validated original serves meanwhile); while none
-is optimizing either, the newest one whose optimization failed, with its validated original. A new
-upload therefore replaces the serving version only once it is ready, and a failed one never replaces
-a ready one; but a model that served while its optimization ran does not go offline when it fails
-(its original was validated at upload and served already: a failed optimizer is not an outage).
+Which version serves a name is decided here, in one place (`pick_serving`): the version an admin pinned, if any
+(rollback: pin, and unpin to go back to the rule); else the newest ready version; else, while none is ready, the
+oldest live one, serving its validated original: it is the one that served before the others were uploaded. So a
+version that serves keeps serving until a newer one is ready: a new upload, still optimizing or failed, never
+replaces it, however its inputs differ; and a version whose optimization failed serves its original when it was
+already serving (a failed optimizer is not an outage) but replaces no other version (pin it to serve it).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from app.store import Database, Job, ModelVersion, utcnow
 from optimizer.pipeline import BASELINE
 
 VARIANTS = ("optimized", "original")
+PINNABLE = ("ready", "failed")  # a failed version serves its validated original
 _VARIANT_FILES = {"optimized": OPTIMIZED, "original": ORIGINAL}
 
 
@@ -79,13 +79,27 @@ def interface_changes(old: ModelVersion, inputs: list[dict[str, Any]], outputs: 
 
 
 def pick_serving(versions: list[ModelVersion]) -> ModelVersion | None:
-    """The newest ready version, else the newest optimizing one, else the newest failed one (its original);
-    None only when there is no live version."""
-    for status in ("ready", "optimizing", "failed"):
-        candidates = [v for v in versions if v.status == status]
-        if candidates:
-            return max(candidates, key=lambda v: v.version)
-    return None
+    """The pinned version; else the newest ready one; else (none ready) the oldest live one, which served first
+    and keeps serving its validated original until a newer version is ready. None only when there is none.
+
+    WHY the oldest and not the newest while none is ready: a version still optimizing or whose optimization
+    failed must not take the name from the one serving (its clients would get 400s for an interface that
+    changed under them, as the upload's warning promises they will not until the new version serves).
+    """
+    pinned = [v for v in versions if v.pinned_at is not None and v.status in PINNABLE]
+    if pinned:
+        return max(pinned, key=lambda v: v.pinned_at)
+    ready = [v for v in versions if v.status == "ready"]
+    if ready:
+        return max(ready, key=lambda v: v.version)
+    live = [v for v in versions if v.status in ("optimizing", "failed")]
+    return min(live, key=lambda v: v.version) if live else None
+
+
+def pinned_version(versions: list[ModelVersion]) -> int | None:
+    """The version pinned to serve, None when the automatic rule decides."""
+    pinned = [v for v in versions if v.pinned_at is not None and v.status in PINNABLE]
+    return max(pinned, key=lambda v: v.pinned_at).version if pinned else None
 
 
 class Registry:
@@ -167,12 +181,17 @@ class Registry:
             query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.status != "deleted")
             if version is not None:
                 query = query.where(ModelVersion.version == version)
-            rows = session.scalars(query).all()
+            rows = session.scalars(query.with_for_update()).all()  # a pin racing this delete waits (PostgreSQL)
             if not rows:
                 raise NotFoundError(_missing(name, version))
+            if version is not None and rows[0].pinned_at is not None:
+                raise ConflictError(
+                    f"model {name!r} version {version} is pinned to serve: unpin it first "
+                    f"(DELETE /v1/models/{name}/serving) or pin another version, then delete it"
+                )
             ids = [row.id for row in rows]
             for row in rows:
-                row.status, row.deleted_at, row.report = "deleted", now, None
+                row.status, row.deleted_at, row.report, row.pinned_at = "deleted", now, None, None
             session.execute(update(Job).where(Job.version_id.in_(ids), Job.status.in_(("queued", "running"))).values(
                 status="failed", finished_at=now, lease_expires_at=None, error="the model version was deleted",
             ))
@@ -180,6 +199,36 @@ class Registry:
         for row_name, row_version in deleted:
             self.store.delete_prefix(version_prefix(row_name, row_version))
         return ids
+
+    def pin(self, name: str, version: int | None) -> list[ModelVersion]:
+        """Pin `version` to serve `name` whatever is newer (rollback), or unpin (None: back to the automatic
+        rule); returns the live versions after the change.
+
+        Only a ready version or a failed one (it serves its validated original) can be pinned: one still
+        optimizing would be replaced under the pin by its own job's outcome. The pin is a column of the version
+        rows, so every replica reads it with the version list it caches (no read per request).
+        """
+        now = utcnow()
+        with self.db.write() as session:
+            rows = list(session.scalars(
+                select(ModelVersion).where(ModelVersion.name == name, ModelVersion.status != "deleted")
+                .order_by(ModelVersion.version).with_for_update()
+            ))
+            if not rows:
+                raise NotFoundError(_missing(name, None))
+            target = next((row for row in rows if row.version == version), None)
+            if version is not None:
+                if target is None:
+                    raise NotFoundError(f"{_missing(name, version)} to pin (deleted, or never uploaded): its live "
+                                        f"versions are {[row.version for row in rows]}")
+                if target.status not in PINNABLE:
+                    raise ConflictError(
+                        f"model {name!r} version {version} is still optimizing: pin it once its job has finished "
+                        "(ready, or failed: it then serves its validated original)"
+                    )
+            for row in rows:
+                row.pinned_at = now if row is target else None
+        return rows
 
     # -- reading ------------------------------------------------------------------------------------
 

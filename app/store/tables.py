@@ -60,11 +60,14 @@ class ModelVersion(Base):
     # How this version is served, given at upload: {"batch_max_size": int, "batch_max_delay_ms": float},
     # each optional (the service's defaults otherwise). Added after the first release: see ADDED_COLUMNS.
     serving: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # Set on the one live version of a name that an admin pinned to serve it (rollback), None on the others;
+    # in the database, not in a process, so every replica reads it with the version list. See ADDED_COLUMNS.
+    pinned_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 # Columns added to existing tables after the first release: create_all makes missing tables only, so
 # Database.create_schema adds these to a database made by an older release (all nullable).
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("model_versions", "serving"),)
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("model_versions", "serving"), ("model_versions", "pinned_at"))
 
 
 class Job(Base):
