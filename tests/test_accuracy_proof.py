@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from optimizer.accuracy import Tolerance, agreement_lower_bound, compare, rows_to_prove
-from optimizer.pipeline import OptimizeConfig, accuracy_notes, optimize, samples_to_upload
+from optimizer.latency import LatencyStats, paired_ratio
+from optimizer.pipeline import Noise, OptimizeConfig, _confirmed, accuracy_notes, optimize, samples_to_upload
+from optimizer.variants import VariantReport
 from tests import models
 
 FAST = {"benchmark_seconds": 0.2, "batch_sizes": (1,), "precision": "int8", "int8_mode": "dynamic"}
@@ -125,3 +127,54 @@ def test_the_selection_note_counts_every_variant_judged_on_the_held_back_samples
         "them: its accuracy figures were also the selection criterion, so they are optimistic (selection bias); "
         "samples it has not seen measure it fairly"]
     assert accuracy_notes(accuracy, 300, judged=(1, 1)) == []
+
+
+# --- the served speed-up comes from a second timing that chose nothing (winner's curse) ---------------------
+
+
+def _stats(round_ms: list[float]) -> LatencyStats:
+    ms = sorted(round_ms)
+    return LatencyStats(batch=1, runs=len(ms), session_create_ms=1.0, warmup_runs=0, p50_ms=ms[len(ms) // 2],
+                        p90_ms=ms[-1], p99_ms=ms[-1], mean_ms=sum(ms) / len(ms), throughput_per_s=1.0, provider="cpu",
+                        round_ms=list(round_ms))
+
+
+def _timing(winner_ms: list[float]) -> Noise:
+    """A timing of the original (1 ms a round), its A/A control (1 ms) and the winner: a Noise as `_benchmark` makes."""
+    base = _stats([1.0] * len(winner_ms))
+    return Noise(paired_ratio(base, _stats([1.0] * len(winner_ms))), base, 1,
+                 ratios={"int8": paired_ratio(base, _stats(winner_ms))})
+
+
+def test_a_winner_the_confirmation_timing_does_not_confirm_is_not_served() -> None:
+    selection, row = _timing([0.5] * 30), VariantReport(name="int8", precision="int8")
+    served, why = _confirmed(row, selection, _timing([0.99] * 30), "int8 is the fastest variant within tolerance")
+    assert served == "original"
+    assert why.startswith("int8 was the fastest variant within tolerance at 2.00x the original, but timed again "
+                          "against it alone it measured 1.01x the original")
+    assert why.endswith("serving the original model")
+    assert row.notes[-1].startswith("chosen at 2.000x the original, but timed again against it alone 1.01x")
+    served, why = _confirmed(row, selection, _timing([0.6] * 30), "int8 is the fastest variant within tolerance")
+    assert served == "int8" and why.endswith("measured 1.67x the original [95%: 1.67-1.67, 30 rounds; A/A control "
+                                             "1.000x [1.000-1.000]], the speed-up reported as served")
+
+
+def test_the_report_keeps_the_selection_figure_and_serves_the_confirmed_one(tmp_path: Path) -> None:
+    """Whatever the timing decides on this host: a served variant's speed-up is the confirmation's, the selection's
+    figure is kept as such, and nothing is confirmed when the original is served on the first timing."""
+    report = optimize(models.redundant().SerializeToString(), out_dir=tmp_path,
+                      config=OptimizeConfig(precision="fp32", min_top1=0.7, benchmark_seconds=0.2,
+                                            batch_sizes=(1,))).report
+    confirmation = report["confirmation"]
+    if report["selected"] != "original":
+        assert confirmation["variant"] == report["selected"]
+        assert report["speedup_paired"] == confirmation["speedup"] and report["speedup_selection"]["rounds"] >= 20
+        assert report["noise"]["aa_control"] == confirmation["aa_control"]
+    elif confirmation is not None:  # chosen by the first timing, not confirmed by the second
+        assert "not confirmed" in _variant_notes(report, confirmation["variant"])
+    else:
+        assert report["speedup_selection"] is None and report["speedup_paired"] is None
+
+
+def _variant_notes(report: dict, name: str) -> str:
+    return " ".join(next(v for v in report["variants"] if v["name"] == name)["notes"])
