@@ -24,11 +24,57 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:  # noq
     return overrides
 
 
-def _settings(args: argparse.Namespace, **extra: Any):  # noqa: ANN202, ANN401 - app.settings.Settings
-    """Settings from the environment (ONNXFORGE_*), overridden by the options given on the command line."""
-    from app.settings import Settings
+class StartupError(Exception):
+    """A setting the service cannot start with: `main` prints it as one `error:` line (exit 2), not a traceback."""
 
-    return Settings(**_overrides(args, **extra))
+
+def _setting_name(field: str, given: dict[str, Any]) -> str:
+    """How the user set `field`: the command-line option when one was given, else the environment variable."""
+    return f"--{field.replace('_', '-')}" if field in given else f"ONNXFORGE_{field.upper()}"
+
+
+def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # noqa: ANN202, ANN401 - Settings
+    """Settings from the environment (ONNXFORGE_*), overridden by the command line's options, checked before
+    anything starts: values out of range, API keys, the database URL and its driver, the artifact store.
+    Each would otherwise surface as a traceback (or, with --workers N, as N API processes dying over and over)."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import ArgumentError
+
+    from app.settings import Settings
+    from app.storage import open_store
+    from app.storage.s3 import StorageConfigError
+    from app.store import Database
+
+    given = _overrides(args, **extra)
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "settings"
+            shown = "" if field == "api_keys" else f" (got {error.get('input')!r})"  # never echo a key
+            problems.append(f"{_setting_name(field, given)}: {error['msg']}{shown}")
+        raise StartupError("; ".join(problems)) from None
+    if api:
+        from app.security import ApiKeyConfigError, load_api_keys
+
+        try:
+            load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_file)
+        except ApiKeyConfigError as exc:
+            raise StartupError(str(exc)) from None
+    try:
+        open_store(settings)  # the local folder is created here, as the service would
+        Database(settings.resolved_database_url).dispose()  # parses the URL, loads its driver; connects later
+    except StorageConfigError as exc:
+        raise StartupError(str(exc)) from None
+    except (ArgumentError, ImportError) as exc:
+        raise StartupError(f"{_setting_name('database_url', given)}: cannot use this database URL "
+                           f"({type(exc).__name__}: {exc}); e.g. postgresql://user:password@host:5432/db (the "
+                           "postgres extra) or sqlite:///path/onnxforge.db") from None
+    except OSError as exc:
+        raise StartupError(f"{_setting_name('data_dir', given)}: cannot create {exc.filename} "
+                           f"({exc.strerror})") from None
+    return settings, given
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from app.settings import Settings
+    from app.prefork import UVICORN_OPTIONS
 
-    overrides = _overrides(args, host=args.host, port=args.port, run_worker=False if args.no_worker else None,
-                           workers=args.workers)
-    settings = Settings(**overrides)
+    settings, overrides = _service_settings(args, api=True, host=args.host, port=args.port,
+                                            run_worker=False if args.no_worker else None, workers=args.workers)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.workers > 1:
         from app.prefork import serve_processes
@@ -64,8 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        proxy_headers=True,
-        timeout_graceful_shutdown=30,  # finish in-flight requests on SIGTERM before the lifespan shuts down
+        **UVICORN_OPTIONS,
     )
     return 0
 
@@ -90,7 +134,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from app.worker.loop import run_worker
 
-    run_worker(_settings(args))
+    run_worker(_service_settings(args, api=False)[0])
     return 0
 
 
@@ -234,7 +278,10 @@ def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--int8-mode", choices=INT8_MODES, help="default: static with --calibration, else dynamic")
     parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--time-budget", type=_SECONDS, default=300.0, help="seconds for the whole job (default 300)")
+    parser.add_argument("--time-budget", type=_SECONDS, default=300.0,
+                        help="seconds the optimizer aims at (default 300): building and searching variants stop at "
+                             "70%% of it, the final side-by-side timing of the variants that passed fills the rest "
+                             "but runs at least 20 times each, so a large model can take longer in all")
     parser.add_argument("--min-cosine", metavar="X",
                         help="accuracy tolerance: lowest cosine similarity to the original's outputs on held-back "
                              "samples, 0-1 (default 0.99)")
@@ -282,6 +329,21 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_inspect)
 
 
+def _short_names(paths: Sequence[Path]) -> list[str]:
+    """Each model's file name, with as many parent folders as it takes to tell the models apart (ocr_det.onnx;
+    fp32/model.onnx and int8/model.onnx): cutting full paths to a width left "ache/onnxforge-bench/models/ocr_d"."""
+    def tail(path: Path, depth: int) -> tuple[str, ...]:
+        return path.parts[-depth:]
+
+    names = []
+    for i, path in enumerate(paths):
+        others = [p for j, p in enumerate(paths) if j != i]
+        depth = next((d for d in range(1, len(path.parts) + 1) if all(tail(p, d) != tail(path, d) for p in others)),
+                     None)
+        names.append(str(Path(*tail(path, depth))) if depth else f"{path} ({i + 1})")  # None: given twice
+    return names
+
+
 def _bench(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -295,21 +357,23 @@ def _bench(args: argparse.Namespace) -> int:
     samples = read_samples(args.inputs, first) if args.inputs else synthetic_samples(first, count=1)
     feed = (samples.calibration or samples.holdout)[0]
     settings = SessionSettings(provider=resolve_provider(args.provider), intra_op_threads=args.threads)
-    models = {str(path): path for path in args.models}
+    models = {name: path for name, path in zip(_short_names(args.models), args.models, strict=True)}
+    first_name = next(iter(models))
     results = measure_batches(models, feed, settings, batch_sizes=tuple(args.batch), target_seconds=args.seconds,
                               aa_control=True)
-    print(f"{'model':40} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'per s':>9} {'vs first':>8}")
+    width = max(40, *map(len, models))
+    print(f"{'model':{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'per s':>9} {'vs first':>8}")
     for batch, stats in results.items():
         control = stats.pop(AA_CONTROL)
-        base = stats[str(args.models[0])].p50_ms
+        base = stats[first_name].p50_ms
         for name, s in stats.items():
-            print(f"{name[-40:]:40} {batch:5d} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} "
+            print(f"{name:{width}} {batch:5d} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} "
                   f"{s.throughput_per_s:9.1f} {base / s.p50_ms if s.p50_ms else np.nan:7.2f}x")
         # the noise of this very run: the first model timed again as a second session; ratios round by round
-        first_stats = stats[str(args.models[0])]
+        first_stats = stats[first_name]
         paired = [(name, paired_ratio(first_stats, s)) for name, s in [(AA_CONTROL, control), *list(stats.items())[1:]]]
         print(f"batch {batch} round-by-round speed-up over the first model, median [95%]: "
-              + "; ".join(f"{name[-40:]} {r.median:.2f}x [{r.low:.2f}-{r.high:.2f}]" for name, r in paired)
+              + "; ".join(f"{name} {r.median:.2f}x [{r.low:.2f}-{r.high:.2f}]" for name, r in paired)
               + " (A/A control: the first model again, as a second session; a gain inside its spread is noise)")
     print(f"provider {next(iter(next(iter(results.values())).values())).provider}; models timed interleaved, "
           "spinning off; 'vs first' = first model's p50 / this model's p50")
@@ -346,10 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand. The one place its failures become an `error:` line (exit 2): the user's model or samples
     refused (OptimizerError), or ONNX Runtime failing on them, explained as for a job (app.worker.runner.explain);
-    anything else is a bug and keeps its traceback."""
+    a setting `serve` or `worker` cannot start with (StartupError); anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except StartupError as exc:
+        return _fail(str(exc))
     except Exception as exc:
         from app.worker.runner import explain
 
