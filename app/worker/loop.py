@@ -167,7 +167,8 @@ class Worker:
             calibration = (self.store.fetch(artifact_key(job.name, job.version, CALIBRATION))
                            if job.has_calibration else None)
         except FileNotFoundError as exc:
-            return _Outcome("error", f"the uploaded files of this version are missing from the store ({exc})")
+            return _Outcome("error", f"the uploaded files of this version are missing from the store ({exc}): "
+                                     f"{self._store_hint()}")
         config = {
             "precision": job.options.get("precision", "auto"),
             "int8_mode": job.options.get("int8_mode"),
@@ -202,6 +203,14 @@ class Worker:
             if child.poll() is None:
                 child.kill()
             child.wait(5)
+
+    def _store_hint(self) -> str:
+        """Where this worker looked, and why it may differ from where the API stored the upload (a worker on
+        another machine or container without the shared folder finds the database's job but not its files)."""
+        where = (f"ONNXFORGE_STORAGE_URL={self.settings.storage_url}" if self.settings.storage_url
+                 else f"the folder {self.settings.artifacts_dir.resolve()} (ONNXFORGE_DATA_DIR/artifacts)")
+        return (f"this worker looked in {where}; the worker and the API must share the artifact store: the same "
+                "ONNXFORGE_DATA_DIR on a shared volume, or the same ONNXFORGE_STORAGE_URL")
 
     def _watch(self, job: ClaimedJob, child: subprocess.Popen, messages: _Messages) -> _Outcome:
         limit = self.settings.job_time_limit_s
