@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import services_of
 from app.api.schemas import ErrorOut
 from app.errors import NotReadyError
+from app.metrics import read_queue_state
 from app.services.container import Services
 from app.services.jobs import WORKER_SEEN_WITHIN_S
 from optimizer.errors import first_line
@@ -39,12 +40,17 @@ def _check(services: Services) -> dict[str, str]:
     return problems
 
 
+def _seen_within(services: Services) -> float:
+    """How recent a worker's beat must be to count: /readyz and /metrics alike. An idle worker beats once per
+    poll: a slow poll setting must not make it look gone between two beats."""
+    return max(WORKER_SEEN_WITHIN_S, 3 * services.settings.worker_poll_s)
+
+
 def _workers(services: Services) -> dict[str, Any]:
     """This process's own worker, how many workers beat lately (any host), and a warning when queued jobs
     have nobody to run them (an API started with --no-worker and no `onnxforge worker` anywhere)."""
     own = "external" if services.worker is None else ("running" if services.worker.alive() else "restarting")
-    # An idle worker beats once per poll: a slow poll setting must not make it look gone between two beats.
-    within = max(WORKER_SEEN_WITHIN_S, 3 * services.settings.worker_poll_s)
+    within = _seen_within(services)
     seen, queued = services.jobs.workers_seen(within), services.jobs.counts()["queued"]
     answer: dict[str, Any] = {"worker": own, "workers_seen": seen}
     if seen == 0 and queued:
@@ -72,6 +78,11 @@ async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=Response)
 def metrics(services: Services = Depends(services_of)) -> Response:
-    """Prometheus: HTTP requests, predict counts and latency per model/version/variant, jobs by status."""
-    body, content_type = services.metrics.render()
+    """Prometheus: HTTP requests, predict counts and latency per model/version/variant, jobs by status, workers
+    seen and the oldest queued job's age; a deleted version's series are dropped here."""
+    try:
+        queue = read_queue_state(services.jobs, _seen_within(services), services.metrics.versions_with_series())
+    except SQLAlchemyError:  # a scrape must not fail because the database is down: the rest still answers
+        queue = None
+    body, content_type = services.metrics.render(queue)
     return Response(body, media_type=content_type)
