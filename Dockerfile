@@ -9,9 +9,13 @@
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG ORT_GPU_VERSION=1.31.1
+# The CPU image's ONNX Runtime, pinned like the GPU one: the version the tests and benchmarks ran on, so a
+# rebuild does not change the kernels (and the INT8 choices timed with them) behind the same tag.
+ARG ORT_VERSION=1.32.0
 
 # ---- CPU --------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu-build
+ARG ORT_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
@@ -19,7 +23,8 @@ COPY pyproject.toml README.md ./
 # Install only the dependencies (empty packages stand in for the code), then drop the stand-in.
 # hadolint ignore=DL3013
 RUN mkdir app optimizer && touch app/__init__.py optimizer/__init__.py \
-    && pip install ".[cpu,postgres,s3]" && pip uninstall -y onnxforge && rm -rf app optimizer
+    && pip install ".[cpu,postgres,s3]" "onnxruntime==${ORT_VERSION}" \
+    && pip uninstall -y onnxforge && rm -rf app optimizer
 COPY app ./app
 COPY optimizer ./optimizer
 RUN pip install --no-deps . && rm -rf build

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def create_session(model: bytes | str | Path, settings: SessionSettings | None =
     settings = settings or SessionSettings()
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[settings.optimization_level]
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = settings.intra_op_threads or _threads_within_limit()
     options.inter_op_num_threads = settings.inter_op_threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
@@ -139,14 +140,81 @@ def create_session(model: bytes | str | Path, settings: SessionSettings | None =
     return ort.InferenceSession(source, options, providers=providers, **extra)
 
 
+@functools.cache
+def _threads_within_limit() -> int:
+    """0 (ONNX Runtime's own default, one thread per physical core) unless an affinity or CPU quota leaves this
+    process fewer CPUs than the machine has: then that many. Read once: the limits of a running process stay."""
+    limit = cpu_limit()
+    return limit if limit < (os.cpu_count() or limit) else 0
+
+
 def session_provider(session: ort.InferenceSession) -> str:
     """What the session really runs on ("cuda" or "cpu"), not what was asked for."""
     return "cuda" if session.get_providers()[0] == CUDA else "cpu"
 
 
 def default_threads() -> int:
-    """Threads per session when the user says nothing: all cores this process may use."""
+    """Threads per session when the user says nothing: the CPUs this process may really use (cpu_limit)."""
+    return cpu_limit()
+
+
+def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this process may use: its affinity (taskset, docker --cpuset-cpus), capped by the CPU quota of its
+    cgroup or any parent (docker --cpus, compose `cpus:`, Kubernetes limits), rounded up.
+
+    Our own code because ONNX Runtime sizes its default pool from the machine's cores, ignoring both (measured with
+    ORT 1.32: the same pool under `taskset -c 0` as on both cores): four API replicas of a 16-core host limited to
+    2 CPUs each would each run 16 threads, and the quota would stall them all in turn.
+    """
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux: no cgroups either
         return os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root, proc_cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """The smallest CPU quota (in CPUs) on this process's cgroup path, cgroup v2 (cpu.max) or v1 (cpu.cfs_*);
+    None when there is none. The path is walked up to the mount: inside a container the mount is the container's
+    own cgroup, while /proc/self/cgroup may name the host's path for it."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            mounts, read = [root], _v2_quota
+        elif "cpu" in controllers.split(","):
+            mounts, read = [root / controllers, root / "cpu", root / "cpu,cpuacct"], _v1_quota
+        else:
+            continue
+        for mount in mounts:
+            folder = mount / path.lstrip("/")
+            while True:
+                quota = read(folder)
+                if quota is not None:
+                    quotas.append(quota)
+                if folder == mount or mount not in folder.parents:
+                    break
+                folder = folder.parent
+    return min(quotas) if quotas else None
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        limit, period = (folder / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else int(limit) / int(period)
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        limit = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit <= 0 or period <= 0 else limit / period
