@@ -35,15 +35,17 @@ def _setting_name(field: str, given: dict[str, Any]) -> str:
 
 def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # noqa: ANN202, ANN401 - Settings
     """Settings from the environment (ONNXFORGE_*), overridden by the command line's options, checked before
-    anything starts: values out of range, API keys, the database URL and its driver, the artifact store.
+    anything starts: values out of range, API keys, the database URL, its driver and the database answering, the
+    artifact store.
     Each would otherwise surface as a traceback (or, with --workers N, as N API processes dying over and over)."""
     from pydantic import ValidationError
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from app.settings import Settings
     from app.storage import open_store
     from app.storage.s3 import StorageConfigError
     from app.store import Database
+    from optimizer.errors import first_line
 
     given = _overrides(args, **extra)
     try:
@@ -64,7 +66,7 @@ def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # 
             raise StartupError(str(exc)) from None
     try:
         open_store(settings)  # the local folder is created here, as the service would
-        Database(settings.resolved_database_url).dispose()  # parses the URL, loads its driver; connects later
+        database = Database(settings.resolved_database_url)  # parses the URL, loads its driver
     except StorageConfigError as exc:
         raise StartupError(str(exc)) from None
     except (ArgumentError, ImportError) as exc:
@@ -74,6 +76,13 @@ def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # 
     except OSError as exc:
         raise StartupError(f"{_setting_name('data_dir', given)}: cannot create {exc.filename} "
                            f"({exc.strerror})") from None
+    try:
+        database.ping()  # a wrong host, user or password: said now, not as a traceback from the lifespan
+    except SQLAlchemyError as exc:
+        raise StartupError(f"{_setting_name('database_url', given)}: cannot reach the database "
+                           f"{database.engine.url.render_as_string(hide_password=True)}: {first_line(exc)}") from None
+    finally:
+        database.dispose()
     return settings, given
 
 

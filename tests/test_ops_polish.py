@@ -142,6 +142,8 @@ def test_a_short_api_key_stops_serve_with_one_error_line(tmp_path: Path) -> None
     (["worker", "--database-url", "oracle+nodriver://x/y"], {}, "--database-url: cannot use this database URL"),
     (["serve"], {"ONNXFORGE_STORAGE_URL": "gs://bucket"}, "ONNXFORGE_STORAGE_URL='gs://bucket': use s3://"),
     (["worker"], {"ONNXFORGE_JOB_LEASE_S": "0"}, "ONNXFORGE_JOB_LEASE_S: Input should be greater than 0"),
+    (["worker"], {"ONNXFORGE_DATABASE_URL": "postgresql://onnxforge:wrong@127.0.0.1:1/none"},
+     "ONNXFORGE_DATABASE_URL: cannot reach the database postgresql+psycopg://onnxforge:***@127.0.0.1:1/none: "),
 ])
 def test_settings_errors_at_startup_are_one_line(argv: list[str], env: dict[str, str], said: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
