@@ -323,8 +323,10 @@ def test_a_session_on_one_allowed_cpu_starts_no_extra_pool_thread() -> None:
 
 def test_compose_waits_for_healthy_replicas_and_the_cpu_image_pins_onnxruntime() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML (dev extra) parses the compose files")
-    nginx = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["nginx"]
-    assert nginx["depends_on"] == {"api": {"condition": "service_healthy"}}
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert services["nginx"]["depends_on"] == {"api": {"condition": "service_healthy"}}
+    for name in ("api", "worker"):  # threads settable for the whole stack from the shell, 0 (the CPU limit) by default
+        assert services[name]["environment"]["ONNXFORGE_INTRA_OP_THREADS"] == "${ONNXFORGE_INTRA_OP_THREADS:-0}"
     text = (ROOT / "Dockerfile").read_text()
     version = re.search(r"^ARG ORT_VERSION=(\d+\.\d+\.\d+)$", text, re.M)
     assert version is not None
