@@ -54,6 +54,10 @@ class _Replica:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -103,16 +107,20 @@ def _nginx(tmp: Path, ports: list[int]) -> Iterator[str]:
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx; .ci/run does)")
 def test_nginx_replays_a_predict_on_503_but_never_the_services_504(tmp_path: Path) -> None:
     timed_out = [_Replica(504), _Replica(504)]
-    with _nginx(tmp_path / "a", [r.port for r in timed_out]) as url:
-        answer = httpx.post(f"{url}/v1/models/m/predict", json={"inputs": {}}, timeout=30)
-        assert answer.status_code == 504
-        assert sum(r.hits for r in timed_out) == 1, "a predict past its time limit was replayed on another replica"
-        assert "," not in answer.headers["X-Onnxforge-Upstream"]
     busy = [_Replica(503), _Replica(503)]
-    with _nginx(tmp_path / "b", [r.port for r in busy]) as url:
-        answer = httpx.post(f"{url}/v2/models/m/infer", json={"inputs": []}, timeout=30)
-        assert answer.status_code == 503
-        assert [r.hits for r in busy] == [1, 1]  # a busy replica's predict goes to the next one
+    try:
+        with _nginx(tmp_path / "a", [r.port for r in timed_out]) as url:
+            answer = httpx.post(f"{url}/v1/models/m/predict", json={"inputs": {}}, timeout=30)
+            assert answer.status_code == 504
+            assert sum(r.hits for r in timed_out) == 1, "a predict past its time limit was replayed elsewhere"
+            assert "," not in answer.headers["X-Onnxforge-Upstream"]
+        with _nginx(tmp_path / "b", [r.port for r in busy]) as url:
+            answer = httpx.post(f"{url}/v2/models/m/infer", json={"inputs": []}, timeout=30)
+            assert answer.status_code == 503
+            assert [r.hits for r in busy] == [1, 1]  # a busy replica's predict goes to the next one
+    finally:
+        for replica in (*timed_out, *busy):
+            replica.close()
 
 
 def test_nginx_conf_never_retries_on_504() -> None:
