@@ -7,6 +7,7 @@ version that serves keeps serving until a newer one is ready: a new upload, stil
 replaces it, however its inputs differ; and a version whose optimization failed serves its original when it was
 already serving (a failed optimizer is not an outage) but replaces no other version (pin it to serve it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
