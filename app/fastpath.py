@@ -86,7 +86,7 @@ class FastInfer:
                 raise PayloadTooLargeError(body_limit_message(limit))
             body = await read_body(receive, limit)
             if template in (PREDICT, VERSION_PREDICT):
-                content, headers = await predict_json(services, name, version, body)
+                content, headers = await predict_json(services, name, version, body, scope.get("query_string", b""))
             else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read the body
                 content, headers = await infer(services, name, version, body, header_length, encoding)
             started = True

@@ -121,7 +121,7 @@ def check_key(keys: ApiKeys, needed: str, authorization: bytes) -> None:
     if role is None:
         raise MissingKeyError("missing or invalid API key: send `Authorization: Bearer <key>`")
     if needed == ADMIN and role != ADMIN:
-        raise ReadOnlyKeyError("this API key is read-only: uploading and deleting need an admin key")
+        raise ReadOnlyKeyError("this API key is read-only: uploading, deleting and pinning a version need an admin key")
 
 
 def body_limit_message(limit: int) -> str:

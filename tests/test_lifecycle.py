@@ -267,11 +267,7 @@ def test_a_forced_batch_size_on_a_model_that_cannot_batch_says_why(serve) -> Non
 # -- 4. ?variant= on predict is refused, naming the body field -----------------------------------------------------
 
 
-@pytest.mark.parametrize("stack", [
-    "framework",
-    pytest.param("fast", marks=pytest.mark.xfail(
-        strict=True, reason="app/fastpath.py must pass scope['query_string'] to predict_json (not this task's file)")),
-])
+@pytest.mark.parametrize("stack", ["framework", "fast"])
 def test_predict_refuses_variant_and_version_as_query_parameters(serve, stack: str) -> None:  # noqa: ANN001
     feed = models.random_feed(models.mlp(), batch=1)
     overrides = {"cors_origins": "http://example.test"} if stack == "framework" else {}  # CORS on: no fast path
