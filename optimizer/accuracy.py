@@ -24,7 +24,9 @@ The rules, in one place:
   does not, the output fails as *unproven*, and the reason says how many units agreeing as these do
   would prove it and which `min_top1` these units do prove. WHY: Magika passed at 100% on 8
   held-back rows (bound 74.7%) and agreed 96.3% on 300 fresh inputs, under its 99% gate; few rows
-  prove little, and a variant that is not shown to be as accurate as asked is not served. Mask
+  prove little, and a variant that is not shown to be as accurate as asked is not served. A variant
+  that reproduces the original up to float32 rounding (relative error <= `FLOAT_ROUNDING`: a fused
+  FP32 graph) needs no proof: it is not less accurate, and any top-1 it changes is a near-tie. Mask
   agreement has no bound: its positions (pixels of a few maps) are not independent, so it gates on
   the measured share.
 - Slice check (channel axis): rank 3 -> the last axis when it is <= 1024 (detector heads
@@ -55,6 +57,9 @@ import onnxruntime as ort
 
 from optimizer.errors import OptimizerError
 
+#: Relative L2 error under which a variant computes the same function as the original up to float32 rounding
+#: (fused FP32 graphs: ~1e-7; FP16: ~1e-3; INT8: ~1e-2): its top-1 needs no statistical proof.
+FLOAT_ROUNDING = 1e-4
 SLICE_AXIS_MAX = 1024  # more slices than this are positions, not channels
 _EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|encod|token|vector", re.IGNORECASE)
 _LOGITS_NAME = re.compile(r"logit|prob", re.IGNORECASE)
@@ -397,6 +402,10 @@ def _unproven(result: OutputAccuracy, tol: Tolerance, samples: int) -> str | Non
     prove it; None when its bound reaches `min_top1` (or there is no top-1). Marks `result` unproven."""
     bound, units = result.top1_lower_95, result.top1_units
     if result.top1 is None or bound is None or not units or bound >= tol.min_top1:
+        return None
+    if result.relative_error is not None and result.relative_error <= FLOAT_ROUNDING:
+        # the same function up to float rounding (a fused FP32 graph): a top-1 it changes is a near-tie that the
+        # original's own rounding decides as arbitrarily; nothing is less accurate, so there is nothing to prove
         return None
     what = "rows" if units == result.top1_rows else "sequences"
     needed = rows_to_prove(tol.min_top1, result.top1)

@@ -115,6 +115,7 @@ class AutoSearch:
     prune_by_latency: bool = True  # False: every failing combination is worth work (tests: no timing)
     only: tuple[str, ...] | None = None  # probe only these candidate names
     fp16_on_cpu: bool | None = None
+    unprovable: str | None = None  # why no variant can pass on these held-back samples: nothing is built
     notify: Notify = field(default=lambda stage, fraction: None)
     steps_s: dict[str, float] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -143,6 +144,10 @@ class AutoSearch:
     # -- the steps -------------------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.unprovable:
+            self.skipped.append({"name": "every INT8 and FP16 candidate", "reason": self.unprovable})
+            self.decisions.append("nothing built: the held-back samples cannot prove the accuracy gate")
+            return
         for step, fn in (("probe_build", self._probe), ("probe_benchmark", self._time_probe),
                          ("repair", self._repair), ("calibration_methods", self.other_methods),
                          ("deferred_probe", self._deferred)):
@@ -707,12 +712,14 @@ def accuracy_margin(accuracy: dict[str, Any] | None, tolerance: Tolerance) -> fl
         higher = []  # (value, limit): passes when value >= limit
         lower = []  # (value, limit): passes when value <= limit
         kind, _ = parse_metric(out.get("metric") or "default", name)
+        # top-1 gates on its 95% lower bound (accuracy._unproven), so the margin reads the bound where there is one
+        top1 = out.get("top1_lower_95") if out.get("top1_lower_95") is not None else out.get("top1")
         if kind == "top1":
-            higher.append((out.get("top1"), tolerance.min_top1))
+            higher.append((top1, tolerance.min_top1))
         elif kind == "mask":
             higher.append((out.get("mask_agreement"), tolerance.min_top1))
         else:
-            higher += [(out.get("cosine"), tolerance.min_cosine), (out.get("top1"), tolerance.min_top1),
+            higher += [(out.get("cosine"), tolerance.min_cosine), (top1, tolerance.min_top1),
                        (slices.get("worst_cosine"), tolerance.min_slice_cosine)]
             lower.append((slices.get("worst_error"), tolerance.max_slice_error))
         mine = [value - limit for value, limit in higher if value is not None and limit is not None]

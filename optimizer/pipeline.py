@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from optimizer import candidates as candidate_lists
-from optimizer.accuracy import Tolerance, run_outputs
+from optimizer.accuracy import Tolerance, agreement_lower_bound, parse_metric, rows_to_prove, run_outputs
 from optimizer.auto import AutoSearch
 from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, holdout_size, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
@@ -351,6 +351,32 @@ def samples_to_upload(held: int, holdout_fraction: float) -> int:
     return n
 
 
+def _unprovable(accuracy: dict[str, Any] | None, tolerance: Tolerance, holdout: int,
+                config: OptimizeConfig) -> str | None:
+    """Why no variant at all can pass on these held-back samples: an output gated on top-1 whose units, even all
+    agreeing, prove less than `min_top1` (None: a search can pass). WHY: with 8 held-back rows (the default 40
+    samples) a 99% top-1 gate is unprovable; auto spent minutes building, repairing and calibrating variants
+    that could only end "unproven" (Magika: 17 s of repair and 51 s of calibration methods)."""
+    for name, out in ((accuracy or {}).get("outputs") or {}).items():
+        units = out.get("top1_units")
+        if out.get("checked") is False or out.get("top1") is None or not units:
+            continue
+        if parse_metric(out.get("metric") or "default", name)[0] == "mask":
+            continue  # a mask output's top-1 is reported, not gated
+        best = agreement_lower_bound(units, units)
+        if best >= tolerance.min_top1:
+            continue
+        needed = rows_to_prove(tolerance.min_top1)
+        held = math.ceil(needed * holdout / units) if needed else None
+        upload = (f"; {needed} units all agreeing prove it: a calibration set of "
+                  f"{samples_to_upload(held, config.holdout_fraction)} or more samples holds back that many"
+                  if held else "")
+        return (f"output {name!r} is gated on top-1 agreement >= {tolerance.min_top1:.1%}, and its {units} held-back "
+                f"unit(s), even all agreeing, prove at most {best:.1%} (95% lower bound): no variant can be shown "
+                f"to be as accurate as asked{upload}; or set min_top1 to {math.floor(best * 1000) / 1000:g} or lower")
+    return None
+
+
 def _explain_unproven(rows: list[VariantReport], config: OptimizeConfig) -> None:
     """An unproven variant's reason says what would prove it, in samples to upload, instead of "below tolerance"."""
     for row in rows:
@@ -431,6 +457,7 @@ def optimize(
         if built[FUSED].model is not None:
             evaluate(built[FUSED].model, reference, samples, settings, tolerance, built[FUSED].row)
         search = AutoSearch(
+            unprovable=_unprovable(built[FUSED].row.accuracy, tolerance, len(samples.holdout), config),
             source=source, samples=samples, settings=settings, tolerance=tolerance, reference=reference,
             provider=provider, deadline=build_deadline, timing_deadline=deadline - 0.1 * config.time_budget_s,
             built=built,

@@ -44,6 +44,11 @@ def _copy(runs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     return [{k: v.copy() for k, v in run.items()} for run in runs]
 
 
+def _scaled(runs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Same argmax, off by 0.1%: more than float rounding (an exact copy's top-1 needs no proof), as INT8 would be."""
+    return [{k: v * np.float32(1.001) for k, v in run.items()} for run in runs]
+
+
 def test_identical_outputs_pass_with_exact_metrics() -> None:
     ref = _logits()
     report = compare(ref, _copy(ref), Tolerance(min_top1=0.98))  # 200 rows all agreeing prove 98.7%, not 99%
@@ -368,19 +373,19 @@ def test_the_report_warns_when_a_passing_top1_rests_on_too_few_rows() -> None:
     """A top-1 that few rows cannot prove is no longer served with a note: it fails as unproven
     (tests/test_accuracy_proof.py); what passes on a lower min_top1 keeps the cosine and selection notes."""
     few, many = _logits(rows=5), _logits(rows=400)
-    unproven = compare(few, _copy(few))
+    unproven = compare(few, _scaled(few))
     assert not unproven.passed and "so few prove only 64.9%" in unproven.reason
     assert "268 rows all agreeing prove it" in unproven.reason
     tol = Tolerance(min_top1=0.6)
-    notes = accuracy_notes(compare(few, _copy(few), tol).to_dict(), 5, judged=(3, 3))
+    notes = accuracy_notes(compare(few, _scaled(few), tol).to_dict(), 5, judged=(3, 3))
     assert len(notes) == 2
     # the logits are gated by cosine too: 0.9^5 = 59% of the time 5 samples miss a 1-in-10 breakage
     assert notes[0].startswith("output 'logits': cosine 1.0000 was measured on 5 held-back sample(s)")
     assert "shows no broken one among 5 59% of the time; 20 or more samples" in notes[0]
     assert notes[1].startswith("this variant was chosen among 3 variants judged on these same 5 held-back sample(s)")
     assert "selection bias" in notes[1]
-    assert accuracy_notes(compare(few, _copy(few), tol).to_dict(), 5) == notes[:1]
-    assert accuracy_notes(compare(few, _copy(few), tol).to_dict(), 5, judged=(1, 1)) == notes[:1]
+    assert accuracy_notes(compare(few, _scaled(few), tol).to_dict(), 5) == notes[:1]
+    assert accuracy_notes(compare(few, _scaled(few), tol).to_dict(), 5, judged=(1, 1)) == notes[:1]
     assert accuracy_notes(compare(many, _copy(many)).to_dict(), 400) == []
     assert accuracy_notes(None, 5, judged=(3, 3)) == []  # the original: nothing measured
 
@@ -403,8 +408,8 @@ def test_steps_of_one_sequence_count_as_one_unit_in_the_bound() -> None:
     """A CTC line's 20 steps agree or drift together: 5 lines prove what 5 rows do, not what 100 rows would."""
     rng = np.random.default_rng(3)
     ref = [{"logits": rng.normal(0, 3, (1, 20, 5)).astype(np.float32)} for _ in range(5)]
-    out = compare(ref, _copy(ref)).outputs["logits"]
+    out = compare(ref, _scaled(ref)).outputs["logits"]
     assert (out.top1, out.top1_rows, out.top1_units) == (1.0, 100, 5)
     assert out.top1_lower_95 == pytest.approx(agreement_lower_bound(5, 5)) and out.top1_lower_95 < 0.65
-    reason = compare(ref, _copy(ref)).reason
+    reason = compare(ref, _scaled(ref)).reason
     assert "on 5 sequences, but so few prove only 64.9%" in reason

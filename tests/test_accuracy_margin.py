@@ -10,8 +10,9 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import pytest
 
-from optimizer.accuracy import Tolerance, compare, run_outputs
+from optimizer.accuracy import Tolerance, agreement_lower_bound, compare, run_outputs
 from optimizer.auto import accuracy_margin
 from optimizer.runtime import create_session
 from tests import models
@@ -79,7 +80,9 @@ def test_a_declared_metric_alone_sets_the_margin() -> None:
     reference = _reference(models.mlp(), samples=13)  # 26 rows all agreeing prove the 90% asked
     candidate = [{"logits": v["logits"] * 0.98} for v in reference]  # scaled: same argmax, cosine exactly 1
     strict, top1 = Tolerance(min_cosine=0.999), Tolerance(metrics={"logits": "top1"}, min_top1=0.9)
-    assert accuracy_margin(compare(reference, candidate, top1).to_dict(), top1) == 1.0 - 0.9
+    # top-1 gates on its 95% lower bound: 26 of 26 rows agreeing prove less than 100%
+    assert accuracy_margin(compare(reference, candidate, top1).to_dict(), top1) == pytest.approx(
+        agreement_lower_bound(26, 26) - 0.9)
     flipped = [{"logits": -v["logits"]} for v in reference]  # every argmax wrong, cosine -1
     assert accuracy_margin(compare(reference, flipped, top1).to_dict(), top1) == -0.9
     assert accuracy_margin(compare(reference, flipped, strict).to_dict(), strict) < -1.9

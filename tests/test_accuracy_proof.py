@@ -39,7 +39,8 @@ def _logits(rows: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 def _copy(runs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    return [{k: v.copy() for k, v in run.items()} for run in runs]
+    """The same argmax everywhere, off by 0.1%: more than float rounding (which needs no proof), as INT8 would be."""
+    return [{k: v * np.float32(1.001) for k, v in run.items()} for run in runs]
 
 
 def test_all_of_a_few_rows_agreeing_is_unproven_and_says_what_proves_it() -> None:
@@ -96,11 +97,12 @@ def test_an_int8_classifier_agreeing_on_a_few_rows_is_not_served_and_says_how_ma
     assert report["calibration"]["holdout_samples"] == 8
     assert int8["accuracy"]["outputs"]["logits"]["top1"] == 1.0  # all 8 held-back rows agree
     assert int8["status"] == "rejected" and result.selected != int8["name"]
+    assert next(v for v in report["variants"] if v["name"] == "fused")["status"] == "ok"  # FP32: nothing to prove
     # 97%: 88 rows all agreeing prove it, 88 held-back samples of 1 row: 436 to upload (ceil(0.2 * 436) = 88)
     assert int8["reason"].startswith("output 'logits': unproven: top-1 agreement 100.0% reaches the 97.0% asked for")
     assert "88 rows all agreeing prove it" in int8["reason"]
     assert int8["reason"].endswith("a calibration set of 436 or more samples holds back that many (20% are held back)")
-    assert any(note.startswith("2 variant(s) reached the top-1 asked for as measured, but the held-back samples do "
+    assert any(note.startswith("1 variant(s) reached the top-1 asked for as measured, but the held-back samples do "
                                "not prove it") for note in report["accuracy_notes"])
 
 
@@ -178,3 +180,33 @@ def test_the_report_keeps_the_selection_figure_and_serves_the_confirmed_one(tmp_
 
 def _variant_notes(report: dict, name: str) -> str:
     return " ".join(next(v for v in report["variants"] if v["name"] == name)["notes"])
+
+
+def test_auto_builds_nothing_when_the_held_back_rows_cannot_prove_the_top1_asked(tmp_path: Path) -> None:
+    """8 held-back rows all agreeing prove at most 74.7%: every variant for a 99% gate could only end unproven."""
+    config = OptimizeConfig(**{**FAST, "precision": "auto", "int8_mode": None})
+    report = optimize(models.mlp().SerializeToString(), out_dir=tmp_path, calibration=_npz(40, 1), config=config).report
+    auto = report["auto"]
+    assert [v["precision"] for v in report["variants"] if v["precision"] == "int8"] == []
+    assert auto["skipped"][0]["name"] == "every INT8 and FP16 candidate"
+    reason = auto["skipped"][0]["reason"]
+    assert "8 held-back unit(s), even all agreeing, prove at most 74.7%" in reason
+    assert "268 units all agreeing prove it: a calibration set of 1336 or more samples" in reason
+    assert reason.endswith("or set min_top1 to 0.747 or lower")
+
+
+def test_auto_searches_when_the_held_back_rows_can_prove_the_top1_asked(tmp_path: Path) -> None:
+    config = OptimizeConfig(**{**FAST, "precision": "auto", "int8_mode": None, "min_top1": 0.7})
+    report = optimize(models.mlp().SerializeToString(), out_dir=tmp_path, calibration=_npz(40, 1), config=config).report
+    assert any(v["precision"] == "int8" for v in report["variants"])
+    assert all(s["name"] != "every INT8 and FP16 candidate" for s in report["auto"]["skipped"])
+
+
+def test_a_variant_equal_up_to_float_rounding_needs_no_proof_of_its_top1() -> None:
+    """A fused FP32 graph computes the original's function: 8 rows prove it as well as 800 (nothing to prove)."""
+    reference = _logits(8)
+    rounded = [{"logits": (v["logits"].astype(np.float64) * (1 + 1e-7)).astype(np.float32)} for v in reference]
+    judged = compare(reference, rounded, Tolerance()).outputs["logits"]
+    assert judged.passed and not judged.unproven and judged.top1_lower_95 < 0.99
+    scaled = [{"logits": v["logits"] * 1.01} for v in reference]  # same argmax, but not float rounding: unproven
+    assert compare(reference, scaled, Tolerance()).outputs["logits"].unproven

@@ -85,7 +85,8 @@ def auto_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
     np.savez(folder / "samples.npz", image=np.stack([f["image"] for f in feeds]))
     run = subprocess.run([sys.executable, "-m", "app.cli", "optimize", str(folder / "cnn.onnx"), "--out",
                           str(folder / "out"), "--calibration", str(folder / "samples.npz"), "--precision", "auto",
-                          "--time-budget", "60", "--quiet"],
+                          # 12 samples hold back 4 rows: they prove a top-1 of 59.7% at most, so ask for 50%
+                          "--time-budget", "60", "--min-top1", "0.5", "--quiet"],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
     assert run.returncode == 0, run.stderr
     return run, json.loads((folder / "out" / "report.json").read_text())
