@@ -145,7 +145,7 @@ def test_a_never_ending_model_leaves_a_thread_to_the_others(serve) -> None:  # n
 
 def _runs_in_onnxruntime(predict) -> int:  # noqa: ANN001 - app.services.predict.PredictService
     """Runs under way in session.run (the watchdog's list of them: every run of the service passes through it)."""
-    return len(predict.watchdog._running)
+    return predict.watchdog.running()
 
 
 def test_callers_that_go_away_do_not_free_the_threads_their_runs_still_hold(serve) -> None:  # noqa: ANN001

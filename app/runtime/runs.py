@@ -74,6 +74,10 @@ class Watchdog:
         finally:
             del self._running[key]
 
+    def running(self) -> int:
+        """How many runs are inside ONNX Runtime under this watchdog now."""
+        return len(self._running)
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
