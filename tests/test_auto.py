@@ -119,8 +119,9 @@ def test_head_nodes_follow_chains_to_the_last_heavy_node() -> None:
 
 
 def test_when_nothing_is_faster_the_original_or_fused_fp32_is_served(tmp_path: Path) -> None:
+    # 8 generated rows prove a top-1 of 74.7% at most: ask for 70% so the search runs at all
     report = optimize(models.elementwise().SerializeToString(), out_dir=tmp_path,
-                      config=OptimizeConfig(auto_prune_by_latency=False, **FAST)).report
+                      config=OptimizeConfig(auto_prune_by_latency=False, min_top1=0.7, **FAST)).report
     assert report["selected"] in (BASELINE, "fused")
     rows = {c["name"]: c for c in report["auto"]["candidates"]}
     skipped = {s["name"]: s["reason"] for s in report["auto"]["skipped"]}
