@@ -129,7 +129,7 @@ def test_auto_reports_the_node_the_quantizer_failed_on(tmp_path) -> None:
     model = _gemm_with_2d_bias()
     name = "int8-static-minmax-qdq-u8s8-all"
     config = OptimizeConfig(auto_candidates=(name,), auto_prune_by_latency=False, benchmark_seconds=0.2,
-                            batch_sizes=(1,))
+                            batch_sizes=(1,), min_top1=0.5)  # its few held-back rows prove 50%, not 99%: build
     report = optimize(model.SerializeToString(), out_dir=tmp_path, config=config, calibration=_npz(model)).report
     row = next(c for c in report["auto"]["candidates"] if c["name"] == name)
     assert row["status"] in ("ok", "rejected")  # built: before, quantize_static's exception failed it
