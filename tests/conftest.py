@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,3 +125,31 @@ def assert_only_good_serves(api: Api) -> None:
     response = api.predict("good", models.random_feed(models.mlp(), batch=2))
     assert response.status_code == 200, response.text
     assert len(response.json()["outputs"]["logits"]) == 2
+
+
+# -- PostgreSQL: one fresh database per use, dropped afterwards -------------------------------------------
+
+
+ADMIN_URL = os.environ.get("ONNXFORGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="module")
+def new_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty PostgreSQL databases (URLs); all are dropped when the module ends."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
+    try:
+        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {ADMIN_URL} (set ONNXFORGE_TEST_POSTGRES_URL): {exc}")
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"onnxforge_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+    yield create
+    for name in created:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()

@@ -4,9 +4,7 @@ predict's misplaced query parameters. Real app (TestClient), real worker, real O
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -198,33 +196,21 @@ def test_a_data_folder_of_the_previous_release_gets_the_pin_column(serve, data_d
         assert api.predict("m", models.random_feed(models.mlp(), batch=1)).json()["version"] == 1
 
 
-def test_pinning_on_postgresql_and_its_previous_release_schema(serve) -> None:  # noqa: ANN001
-    psycopg = pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
-    admin_url = os.environ.get("ONNXFORGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {admin_url} (set ONNXFORGE_TEST_POSTGRES_URL): {exc}")
-    name = f"onnxforge_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        database = Database(url)
-        Base.metadata.create_all(database.engine)
-        with database.engine.begin() as connection:
-            connection.execute(text("ALTER TABLE model_versions DROP COLUMN pinned_at"))
-        database.dispose()
-        with serve(database_url=url) as api:
-            columns = {c["name"]: c for c in inspect(api.services.db.engine).get_columns("model_versions")}
-            assert columns["pinned_at"]["nullable"]
-            assert (_ready(api, models.mlp(seed=1), "m"), _ready(api, models.mlp(seed=2), "m")) == (1, 2)
-            assert api.client.put("/v1/models/m/serving", json={"version": 1}).json()["pinned_version"] == 1
-            assert api.predict("m", models.random_feed(models.mlp(), batch=1)).json()["version"] == 1
-            assert api.client.delete("/v1/models/m/versions/1").status_code == 409
-            assert api.client.delete("/v1/models/m/serving").json()["serving_version"] == 2
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def test_pinning_on_postgresql_and_its_previous_release_schema(serve, new_database) -> None:  # noqa: ANN001
+    url = new_database()
+    database = Database(url)
+    Base.metadata.create_all(database.engine)
+    with database.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE model_versions DROP COLUMN pinned_at"))
+    database.dispose()
+    with serve(database_url=url) as api:
+        columns = {c["name"]: c for c in inspect(api.services.db.engine).get_columns("model_versions")}
+        assert columns["pinned_at"]["nullable"]
+        assert (_ready(api, models.mlp(seed=1), "m"), _ready(api, models.mlp(seed=2), "m")) == (1, 2)
+        assert api.client.put("/v1/models/m/serving", json={"version": 1}).json()["pinned_version"] == 1
+        assert api.predict("m", models.random_feed(models.mlp(), batch=1)).json()["version"] == 1
+        assert api.client.delete("/v1/models/m/versions/1").status_code == 409
+        assert api.client.delete("/v1/models/m/serving").json()["serving_version"] == 2
 
 
 # -- 3. a model that asked for batching and gets none says why ---------------------------------------------------

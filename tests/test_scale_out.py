@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,34 +33,8 @@ from tests import models
 httpx = pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN_URL = os.environ.get("ONNXFORGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)),
                                       None)
-
-
-# -- PostgreSQL: one fresh database per use, dropped afterwards -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def new_database() -> Iterator[Callable[[], str]]:
-    """A factory of fresh, empty PostgreSQL databases (URLs); all are dropped when the module ends."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL} (set ONNXFORGE_TEST_POSTGRES_URL): {exc}")
-    created: list[str] = []
-
-    def create() -> str:
-        name = f"onnxforge_test_{uuid.uuid4().hex[:12]}"
-        admin.execute(f'CREATE DATABASE "{name}"')
-        created.append(name)
-        return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-
-    yield create
-    for name in created:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
 
 
 # -- processes ----------------------------------------------------------------------------------------------

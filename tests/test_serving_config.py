@@ -8,9 +8,7 @@ and the others queue behind them, so the batch sizes /metrics records show which
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import uuid
 
 import numpy as np
 import pytest
@@ -143,24 +141,12 @@ def test_a_database_of_the_previous_release_opens_and_gets_the_new_column(serve,
     database.dispose()
 
 
-def test_a_postgresql_database_of_the_previous_release_gets_the_new_column() -> None:
-    psycopg = pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
-    admin_url = os.environ.get("ONNXFORGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {admin_url} (set ONNXFORGE_TEST_POSTGRES_URL): {exc}")
-    name = f"onnxforge_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        database = Database(admin_url.rsplit("/", 1)[0] + "/" + name)
-        Base.metadata.create_all(database.engine)
-        with database.engine.begin() as connection:
-            connection.execute(text("ALTER TABLE model_versions DROP COLUMN serving"))
-        database.create_schema()
-        columns = {c["name"]: c for c in inspect(database.engine).get_columns("model_versions")}
-        assert "serving" in columns and columns["serving"]["nullable"]
-        database.dispose()
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def test_a_postgresql_database_of_the_previous_release_gets_the_new_column(new_database) -> None:  # noqa: ANN001
+    database = Database(new_database())
+    Base.metadata.create_all(database.engine)
+    with database.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE model_versions DROP COLUMN serving"))
+    database.create_schema()
+    columns = {c["name"]: c for c in inspect(database.engine).get_columns("model_versions")}
+    assert "serving" in columns and columns["serving"]["nullable"]
+    database.dispose()
