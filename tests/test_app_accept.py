@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from app.store import Database, ModelVersion
 from tests import models
-from tests.test_scale_out import new_database  # noqa: F401 - the PostgreSQL fixture, shared
 
 Snapshot = list[tuple[str, int, str, dict[str, Any] | None]]
 

@@ -26,7 +26,6 @@ from app.worker.embedded import SETTINGS_ENV
 from tests import hostile, models
 from tests.conftest import Api
 from tests.test_app_queue import _add_jobs, _db
-from tests.test_scale_out import new_database  # noqa: F401 - the PostgreSQL fixture, shared
 
 
 def _intervals(api: Api, job_ids: list[str]) -> list[tuple[datetime, datetime]]:
