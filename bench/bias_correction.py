@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from bench import real_models  # noqa: E402
-from optimizer.accuracy import AccuracyReport, Tolerance, compare, run_outputs  # noqa: E402
+from bench.judging import judge  # noqa: E402
+from optimizer.accuracy import run_outputs  # noqa: E402
 from optimizer.calibration import split_holdout  # noqa: E402
 from optimizer.candidates import HEAVY_OPS  # noqa: E402
 from optimizer.errors import OptimizerError  # noqa: E402
@@ -42,26 +43,6 @@ RECIPES = {  # name: (format, activation type, op types)
     "qdq-u8-all": ("qdq", "uint8", None),
 }
 DEFAULT_MODELS = ("ocr_det", "layout_cdla", "nudenet", "ocr_rec")
-
-
-def _worst(report: AccuracyReport) -> tuple[float, float, float]:
-    outs = report.outputs.values()
-    cos = min((o.cosine for o in outs if o.cosine is not None), default=float("nan"))
-    slices = [o.slices for o in outs if o.slices]
-    slice_cos = min((s.worst_cosine for s in slices if s.worst_cosine is not None), default=float("nan"))
-    slice_err = max((s.worst_error for s in slices), default=float("nan"))
-    return cos, slice_cos, slice_err
-
-
-def _judge(model: onnx.ModelProto, reference: list[dict], holdout: list[dict],
-           task: dict[str, str]) -> dict[str, Any]:
-    outputs = run_outputs(create_session(model.SerializeToString(), SessionSettings()), holdout)
-    strict = compare(reference, outputs, Tolerance())
-    cos, slice_cos, slice_err = _worst(strict)
-    row = {"cos": cos, "slice": slice_cos, "err": slice_err, "strict": strict.passed, "why": strict.reason or ""}
-    if task:
-        row["task"] = compare(reference, outputs, Tolerance(metrics=task)).passed
-    return row
 
 
 def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
@@ -80,7 +61,7 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
             print(f"  +eq[{spec}]: {exc}", flush=True)
     shared = int8_static.SharedCalibration()
     built: dict[str, onnx.ModelProto] = {"fp32": fused}
-    rows: dict[str, dict[str, Any]] = {"fp32": _judge(fused, reference, holdout, real.task_metrics)}
+    rows: dict[str, dict[str, Any]] = {"fp32": judge(fused, reference, holdout, real.task_metrics)}
     for recipe in args.recipes:
         quant_format, act, op_types = RECIPES[recipe]
         config = int8_static.Int8StaticConfig(quant_format=quant_format, activation_type=act, op_types=op_types)
@@ -91,7 +72,7 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
             except OptimizerError as exc:
                 print(f"  {name}: {exc}")
                 continue
-            rows[name] = _judge(built[name], reference, holdout, real.task_metrics)
+            rows[name] = judge(built[name], reference, holdout, real.task_metrics)
             for mode in args.modes:
                 started = time.perf_counter()
                 label = f"{name}+bc-{mode[:3]}"
@@ -103,7 +84,7 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
                     continue
                 print(f"  {label}: {corrected.changes} ({time.perf_counter() - started:.1f} s)", flush=True)
                 built[label] = corrected.model
-                rows[label] = _judge(corrected.model, reference, holdout, real.task_metrics)
+                rows[label] = judge(corrected.model, reference, holdout, real.task_metrics)
     settings = SessionSettings(allow_spinning=False)
     stats = measure({k: m.SerializeToString() for k, m in built.items()}, holdout[0], settings,
                     target_seconds=args.seconds * len(built))

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from bench import real_models  # noqa: E402
-from optimizer.accuracy import AccuracyReport, Tolerance, compare, run_outputs  # noqa: E402
+from bench.judging import judge  # noqa: E402
+from optimizer.accuracy import run_outputs  # noqa: E402
 from optimizer.calibration import split_holdout  # noqa: E402
 from optimizer.candidates import HEAVY_OPS  # noqa: E402
 from optimizer.errors import OptimizerError  # noqa: E402
@@ -41,24 +42,6 @@ RECIPES = {  # name: (format, activation type, op types)
     "qoperator-u8-heavy": ("qoperator", "uint8", HEAVY_OPS),
 }
 DEFAULT_MODELS = ("ocr_det", "layout_cdla", "ocr_rec", "nudenet")
-
-
-def _worst(report: AccuracyReport) -> tuple[float, float]:
-    outs = report.outputs.values()
-    cos = min((o.cosine for o in outs if o.cosine is not None), default=float("nan"))
-    slices = [o.slices.worst_cosine for o in outs if o.slices and o.slices.worst_cosine is not None]
-    return cos, min(slices, default=float("nan"))
-
-
-def _judge(model: onnx.ModelProto, reference: list[dict], holdout: list[dict],
-           task: dict[str, str]) -> dict[str, Any]:
-    outputs = run_outputs(create_session(model.SerializeToString(), SessionSettings()), holdout)
-    strict = compare(reference, outputs, Tolerance())
-    cos, slice_cos = _worst(strict)
-    row = {"cos": cos, "slice": slice_cos, "strict": strict.passed, "why": strict.reason or ""}
-    if task:
-        row["task"] = compare(reference, outputs, Tolerance(metrics=task)).passed
-    return row
 
 
 def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
@@ -82,7 +65,7 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
         print(f"  {label}: {result.changes} ({time.perf_counter() - started:.1f} s)", flush=True)
     shared = int8_static.SharedCalibration()
     built: dict[str, onnx.ModelProto] = {"fp32": fused}
-    rows: dict[str, dict[str, Any]] = {"fp32": _judge(fused, reference, holdout, real.task_metrics)}
+    rows: dict[str, dict[str, Any]] = {"fp32": judge(fused, reference, holdout, real.task_metrics)}
     for recipe in args.recipes:
         quant_format, act, op_types = RECIPES[recipe]
         config = int8_static.Int8StaticConfig(quant_format=quant_format, activation_type=act, op_types=op_types)
@@ -93,7 +76,7 @@ def bench_model(real: real_models.RealModel, args: argparse.Namespace) -> None:
             except OptimizerError as exc:
                 print(f"  {name}: {exc}")
                 continue
-            rows[name] = _judge(built[name], reference, holdout, real.task_metrics)
+            rows[name] = judge(built[name], reference, holdout, real.task_metrics)
     settings = SessionSettings(allow_spinning=False)
     stats = measure({k: m.SerializeToString() for k, m in built.items()}, holdout[0], settings,
                     target_seconds=args.seconds * len(built))

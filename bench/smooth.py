@@ -31,20 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from bench import real_models  # noqa: E402
-from optimizer.accuracy import AccuracyReport, Tolerance, compare, run_outputs  # noqa: E402
+from bench.judging import worst  # noqa: E402
+from optimizer.accuracy import Tolerance, compare, run_outputs  # noqa: E402
 from optimizer.calibration import split_holdout  # noqa: E402
 from optimizer.candidates import HEAVY_OPS  # noqa: E402
 from optimizer.errors import PassError  # noqa: E402
 from optimizer.latency import measure  # noqa: E402
 from optimizer.passes import cleanup, int8_dynamic, int8_static, smooth  # noqa: E402
 from optimizer.runtime import SessionSettings, create_session  # noqa: E402
-
-
-def _worst(report: AccuracyReport) -> tuple[float, float]:
-    outs = report.outputs.values()
-    cos = min((o.cosine for o in outs if o.cosine is not None), default=float("nan"))
-    slices = [o.slices.worst_cosine for o in outs if o.slices and o.slices.worst_cosine is not None]
-    return cos, min(slices, default=float("nan"))
 
 
 def run_model(real: real_models.RealModel, alphas: list[float], seconds: float, samples: int,
@@ -89,7 +83,7 @@ def run_model(real: real_models.RealModel, alphas: list[float], seconds: float, 
                 continue
             outputs = run_outputs(create_session(model.SerializeToString()), holdout)
             strict_report = compare(reference, outputs, strict)
-            rows[name] = (*_worst(strict_report), strict_report.passed, compare(reference, outputs, task).passed)
+            rows[name] = (*worst(strict_report)[:2], strict_report.passed, compare(reference, outputs, task).passed)
             built[name] = model.SerializeToString()
             print(f"  built {name}: cos {rows[name][0]:.4f} slice {rows[name][1]:.4f}", flush=True)
     load = os.getloadavg()[0]
