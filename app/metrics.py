@@ -186,28 +186,6 @@ class Metrics:
         return generate_latest(_With(self.registry, _queue_families(queue))), CONTENT_TYPE_LATEST
 
 
-def read_queue_state(jobs, within_s: float, versions: set[tuple[str, str]]) -> QueueState:  # noqa: ANN001 - JobQueue
-    """The scrape's reads: workers seen, the oldest queued job, which of `versions` are still live. Raises
-    SQLAlchemyError when the database is down (the scrape then goes without them).
-    (The two queries would sit better in JobQueue and Registry, owned by others as this was written.)"""
-    from sqlalchemy import func, select, tuple_
-
-    from app.store import Job, ModelVersion
-    from app.store.tables import utcnow
-
-    seen = jobs.workers_seen(within_s)
-    with jobs.db.read() as session:
-        oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
-        live = set()
-        if versions:
-            pairs = [(name, int(version)) for name, version in versions]
-            live = {(name, str(version)) for name, version in session.execute(
-                select(ModelVersion.name, ModelVersion.version).where(
-                    tuple_(ModelVersion.name, ModelVersion.version).in_(pairs), ModelVersion.status != "deleted"))}
-    age = max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
-    return QueueState(seen, age, frozenset(live))
-
-
 def _queue_families(queue: QueueState) -> list:
     return [
         GaugeMetricFamily("onnxforge_workers_seen", "Optimizer workers (any host) that beat lately: /readyz's "

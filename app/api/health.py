@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import services_of
 from app.api.schemas import ErrorOut
 from app.errors import NotReadyError
-from app.metrics import read_queue_state
+from app.metrics import QueueState
 from app.services.container import Services
 from app.services.jobs import WORKER_SEEN_WITHIN_S
 from optimizer.errors import first_line
@@ -76,12 +76,21 @@ async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
     return {"status": "ready", "database": "ok", "storage": "ok", "provider": services.provider, **workers}
 
 
+def _queue_state(services: Services) -> QueueState:
+    """The scrape's reads from the database: workers seen, the oldest queued job, which versions with series here
+    are still live. Raises SQLAlchemyError when the database is down."""
+    with_series = services.metrics.versions_with_series()  # label values: the version as text
+    live = services.registry.live({(name, int(version)) for name, version in with_series})
+    return QueueState(services.jobs.workers_seen(_seen_within(services)), services.jobs.oldest_queued_s(),
+                      frozenset((name, str(version)) for name, version in live))
+
+
 @router.get("/metrics", response_class=Response)
 def metrics(services: Services = Depends(services_of)) -> Response:
     """Prometheus: HTTP requests, predict counts and latency per model/version/variant, jobs by status, workers
     seen and the oldest queued job's age; a deleted version's series are dropped here."""
     try:
-        queue = read_queue_state(services.jobs, _seen_within(services), services.metrics.versions_with_series())
+        queue = _queue_state(services)
     except SQLAlchemyError:  # a scrape must not fail because the database is down: the rest still answers
         queue = None
     body, content_type = services.metrics.render(queue)

@@ -107,6 +107,12 @@ class JobQueue:
         with self.db.read() as session:
             return session.scalar(select(func.count()).select_from(WorkerBeat).where(WorkerBeat.last_seen >= since))
 
+    def oldest_queued_s(self) -> float:
+        """Age in seconds of the oldest queued job since its upload, 0 when none is queued (for /metrics)."""
+        with self.db.read() as session:
+            oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
+        return max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
+
     # -- the worker's side --------------------------------------------------------------------------
 
     def beat(self, worker_id: str, running: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from app.errors import ConflictError, NotFoundError
@@ -255,6 +255,16 @@ class Registry:
         for row in rows:
             models.setdefault(row.name, []).append(row)
         return models
+
+    def live(self, versions: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of `versions` (name, version) are not deleted: /metrics drops the series of the others, deleted
+        here or through another replica."""
+        if not versions:
+            return set()
+        with self.db.read() as session:
+            rows = session.execute(select(ModelVersion.name, ModelVersion.version).where(
+                tuple_(ModelVersion.name, ModelVersion.version).in_(list(versions)), ModelVersion.status != "deleted"))
+            return {(name, version) for name, version in rows}
 
     def jobs_of(self, version_ids: list[str]) -> dict[str, Job]:
         """The latest job of each version."""
