@@ -50,6 +50,8 @@ class Onnxforge(FastAPI):
     fast_infer: FastInfer | None = None  # None: every request takes the normal stack (CORS is configured)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/"):
+            scope = without_trailing_slash(scope)
         if self.fast_infer is not None and scope["type"] == "http" and scope["method"] == "POST" \
                 and not scope.get("root_path"):
             target = fast_target(scope["path"])
@@ -59,12 +61,28 @@ class Onnxforge(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def without_trailing_slash(scope: Scope) -> Scope:
+    """The request for `/v1/models/` as the one for `/v1/models`: every route answers with or without a trailing
+    slash, in place. Starlette's alternative, a redirect, builds an absolute URL from the scheme it sees, which
+    behind a TLS proxy (uvicorn's proxy headers are off) is http://; and a redirected POST sends its body twice.
+    Only `/` itself (the dashboard, also under a root_path) keeps its slash."""
+    path, root = scope["path"], scope.get("root_path", "")
+    route = path[len(root):] if root and path.startswith(root) else path
+    if len(route) <= 1:
+        return scope
+    stripped = route.rstrip("/") or "/"
+    raw = scope.get("raw_path")
+    return {**scope, "path": path[: len(path) - len(route)] + stripped,
+            "raw_path": (raw.rstrip(b"/") or b"/") if raw else raw}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     app = Onnxforge(
         title="onnxforge",
         version="0.1.0",
         summary="Upload an ONNX model, get it optimized (fusion, FP16, INT8) with proof, and served on ONNX Runtime.",
         lifespan=lifespan,
+        redirect_slashes=False,  # a trailing slash is answered in place (without_trailing_slash), never redirected
     )
     app.state.settings = settings = settings or Settings()
     keys = load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_file)
