@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="`onnxforge serve` binds here (0.0.0.0 in a container)")
     port: int = Field(default=8000, ge=0, le=65535)
     providers: str = Field(default="auto", description="auto | cpu | cuda: the provider sessions are created on")
-    intra_op_threads: int = Field(default=0, ge=0, description="threads per session; 0 = ONNX Runtime's default")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="threads per session; 0 = sized from the CPUs this process may use (its "
+                                     "affinity and cgroup CPU quota, e.g. a container's cpus limit), not the host's",
+    )
     inter_op_threads: int = Field(default=1, ge=0)
     intra_op_spinning: bool = Field(
         default=False, description="let idle intra-op threads spin (lower latency alone, but they steal the "
