@@ -4,7 +4,7 @@
 const $ = (sel) => document.querySelector(sel);
 const KEY = "onnxforge.apiKey";
 const SVG = "http://www.w3.org/2000/svg";
-const state = { model: null, version: null, inputs: [] };
+const state = { model: null, version: null, inputs: [], described: null };
 
 // -- API ------------------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ async function loadModels() {
     ]);
     const r = report && report.report;
     const status = el("span", { class: "status-" + m.latest_status }, m.latest_status);
-    const tr = row([m.name, m.versions, status, m.serving_version ? "v" + m.serving_version : "—",
+    const tr = row([m.name, m.versions, status, servingCell(m),
       m.serving_variant || "—", described ? described.provider : "—",
       r ? fmt(r.speedup_p50, 2) + "x" : "—", r ? fmt(r.size_ratio, 2) : "—"]);
     tr.dataset.model = m.name;
@@ -65,6 +65,15 @@ async function loadModels() {
     return tr;
   }));
   tbody.replaceChildren(...rows);
+}
+
+function servingCell(m) {
+  if (!m.serving_version) return "—";
+  if (m.pinned_version === null || m.pinned_version === undefined) return "v" + m.serving_version;
+  const cell = el("span", {}, "v" + m.serving_version + " ");
+  cell.appendChild(el("span", { class: "pinned", title: "pinned by an admin: newer versions wait until unpinned" },
+    "pinned"));
+  return cell;
 }
 
 function showListError(e) {
@@ -138,21 +147,77 @@ async function openReport(name, version) {
   if (!described) return;
   state.model = name;
   state.inputs = described.inputs;
+  state.described = described;
   $("#report-section").hidden = false;
   $("#report-model").textContent = name;
-  const select = $("#report-version");
-  select.replaceChildren(...described.versions.map((v) =>
-    el("option", { value: v.version }, `v${v.version} (${v.status})`)));
-  select.value = String(version);
+  renderVersions(described, version);
   fillTryIt(described.inputs);
   $("#try").hidden = described.serving_version === null;
   $("#try-none").hidden = described.serving_version !== null;
+  $("#pin-error").hidden = true;
   await showVersion(described.versions.find((v) => v.version === Number(version)) || described.versions.at(-1));
   $("#report-section").scrollIntoView({ behavior: "instant", block: "start" });
 }
 
+function renderVersions(described, selected) {
+  const select = $("#report-version");
+  select.replaceChildren(...described.versions.map((v) => {
+    const notes = [v.status];
+    if (v.version === described.serving_version) notes.push("serves");
+    if (v.version === described.pinned_version) notes.push("pinned");
+    return el("option", { value: v.version }, `v${v.version} (${notes.join(", ")})`);
+  }));
+  select.value = String(selected);
+}
+
+// Which version serves and why, with the admin's controls: pin the version shown (rollback), or unpin.
+function renderServing() {
+  const d = state.described;
+  const shown = d.versions.find((v) => v.version === state.version);
+  const box = $("#serving");
+  box.dataset.serving = d.serving_version ?? "";
+  box.dataset.pinned = d.pinned_version ?? "";
+  const served = d.versions.find((v) => v.version === d.serving_version);
+  $("#serving-text").textContent = !served ? "No version serves yet."
+    : d.pinned_version !== null
+      ? `v${served.version} serves: pinned, so newer versions wait until it is unpinned.`
+      : served.status === "ready" ? `v${served.version} serves: the newest ready version (nothing pinned).`
+        : `v${served.version} serves its validated original: no version is ready (nothing pinned).`;
+  const pin = $("#pin");
+  pin.textContent = `Pin v${state.version} to serve`;
+  // Pinnable: ready, or failed (it serves its validated original); not one still optimizing.
+  pin.hidden = !shown || !["ready", "failed"].includes(shown.status) || d.pinned_version === state.version;
+  $("#unpin").hidden = d.pinned_version === null;
+}
+
+async function setPin(version) {
+  const path = `/v1/models/${enc(state.model)}/serving`;
+  const error = $("#pin-error");
+  error.hidden = true;
+  try {
+    if (version === null) await api(path, { method: "DELETE" });
+    else await api(path, { method: "PUT", body: JSON.stringify({ version }),
+      headers: { "Content-Type": "application/json" } });
+  } catch (e) {
+    error.textContent = (version === null ? "Unpin" : `Pin v${version}`) + " refused: " + e.message;
+    error.hidden = false;
+    return;
+  }
+  const before = state.described.serving_version;
+  const described = await api("/v1/models/" + enc(state.model)).catch(() => null);
+  if (described) {
+    state.described = described;
+    state.inputs = described.inputs;
+    renderVersions(described, state.version);
+    if (described.serving_version !== before) fillTryIt(described.inputs);  // "try it" runs the serving version
+    renderServing();
+  }
+  await loadModels();
+}
+
 async function showVersion(v) {
   state.version = v.version;
+  if (state.described) renderServing();
   const failed = $("#report-failed");
   const body = $("#report-body");
   $("#report-section").dataset.version = v.version;
@@ -309,11 +374,14 @@ function graphView(r) {
   wrap.appendChild(hist);
 
   const changesBox = el("div");
-  const chosen = (r.variants || []).find((x) => x.name === r.selected && x.changes) ||
-    (r.variants || []).find((x) => x.changes);
+  // The original's `changes` is {}: it changed nothing (was shown as "undefined → undefined nodes").
+  const changed = (x) => x.changes && x.changes.nodes_before != null;
+  const chosen = (r.variants || []).find((x) => x.name === r.selected && changed(x)) ||
+    (r.variants || []).find(changed);
   if (chosen) {
     const c = chosen.changes;
-    changesBox.appendChild(el("p", {}, `Changes in ${chosen.name}: ${c.nodes_before} → ${c.nodes_after} nodes`));
+    const served = chosen.name === r.selected ? "" : " (not served)";
+    changesBox.appendChild(el("p", {}, `Changes in ${chosen.name}${served}: ${c.nodes_before} → ${c.nodes_after} nodes`));
     const list = el("ul", { id: "changes" });
     const add = (label, obj) => {
       const entries = Object.entries(obj || {});
@@ -403,10 +471,14 @@ function start() {
   $("#upload").addEventListener("submit", upload);
   $("#report-version").addEventListener("change", async (e) => {
     const described = await api("/v1/models/" + enc(state.model));
+    state.described = described;
+    $("#pin-error").hidden = true;
     showVersion(described.versions.find((v) => v.version === Number(e.target.value)));
   });
   $("#download").addEventListener("click", download);
   $("#try-send").addEventListener("click", tryIt);
+  $("#pin").addEventListener("click", () => setPin(state.version));
+  $("#unpin").addEventListener("click", () => setPin(null));
   loadModels();
 }
 
