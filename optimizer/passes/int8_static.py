@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import CalibraterBase, TensorsData, create_calibrator, save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -41,7 +41,14 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from optimizer.errors import CalibrationError, PassError, first_line
 from optimizer.histograms import use_fast_collector
 from optimizer.passes.base import PassResult, verify_runs
-from optimizer.passes.int8_dynamic import Preprocessed, map_node_names, op_histogram, pre_process, require_quantized
+from optimizer.passes.int8_dynamic import (
+    Preprocessed,
+    _all_nodes,
+    map_node_names,
+    op_histogram,
+    pre_process,
+    require_quantized,
+)
 
 PASS_NAME = "int8 static"
 PER_CHANNEL_MIN_OPSET = 13
@@ -336,9 +343,122 @@ def _quantize(source: Path, target: Path, cache: Path, config: Int8StaticConfig,
         calibrate_method=_METHODS[config.method],
         extra_options=dict(config.extra_options),
     )
-    quantized = onnx.load_model(target)
+    quantized = pin_float(onnx.load_model(target), excluded)
     verify_runs(quantized, feed, PASS_NAME)
     return quantized
+
+
+def _channel_axis(dims: Sequence[int] | None) -> int | None:
+    """An axis of known size > 1 for a per-axis DequantizeLinear: the channel axis (1) first, then any other."""
+    if not dims:
+        return None
+    order = [1, *[i for i in range(len(dims)) if i != 1]] if len(dims) > 1 else [0]
+    return next((axis for axis in order if dims[axis] > 1), None)
+
+
+def pin_float(model: onnx.ModelProto, excluded: Sequence[str]) -> onnx.ModelProto:
+    """Keep the excluded nodes float in ONNX Runtime too, not only in the file: returns `model`, edited in place.
+
+    A node left out of quantization still reads a DequantizeLinear wherever its producer was quantized, and
+    writes into a QuantizeLinear wherever its consumer was: then ONNX Runtime's session-time graph optimizer
+    quantizes it again. Its WeightBiasQuantization gives a Conv/Gemm that reads a per-tensor DequantizeLinear
+    and has a float weight a per-tensor INT8 weight (worse than the per-channel one the quantizer would have
+    given), and the QDQ fusion then makes it a QLinearConv: on PP-OCRv4 det, 10 of 12 Convs excluded from an
+    all-op U8S8 build (QDQ and QOperator alike) ran as QLinearConv, so every such repair attempt was a no-op or
+    worse. Both steps only match a per-tensor DequantizeLinear, so each excluded node reads its own copy with the
+    same scale and zero point repeated along one axis (per-axis: the same values, which that optimizer leaves
+    alone). Needs opset 13 (DequantizeLinear's `axis`); a tensor with no known axis longer than 1 is left as is.
+    """
+    wanted = set(excluded)
+    if not wanted or next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
+        return model
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    reads = [(node, i, producers[name]) for node in model.graph.node if node.name in wanted
+             for i, name in enumerate(node.input)
+             if name in producers and producers[name].op_type == "DequantizeLinear"
+             and producers[name].input[0] not in initializers and producers[name].input[1] in initializers
+             and int(np.prod(initializers[producers[name].input[1]].dims)) == 1]
+    if not reads:
+        return model
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    copies: dict[str, str] = {}  # dequantized tensor -> its per-axis copy
+    position = {id(n): i for i, n in enumerate(model.graph.node)}
+    inserts: list[tuple[int, onnx.NodeProto]] = []
+    for node, i, dq in reads:
+        tensor = node.input[i]
+        if tensor not in copies:
+            axis = _channel_axis(dims.get(tensor))
+            if axis is None:
+                continue
+            size = dims[tensor][axis]
+            inputs = [dq.input[0]]
+            for j, suffix in ((1, "scale"), (2, "zero_point")):
+                if j < len(dq.input) and dq.input[j]:
+                    value = numpy_helper.to_array(initializers[dq.input[j]]).reshape(())
+                    repeated = numpy_helper.from_array(np.full(size, value, value.dtype), f"{tensor}_float_{suffix}")
+                    model.graph.initializer.append(repeated)
+                    initializers[repeated.name] = repeated
+                    inputs.append(repeated.name)
+            copies[tensor] = f"{tensor}_float"
+            inserts.append((position[id(dq)] + 1, helper.make_node(
+                "DequantizeLinear", inputs, [copies[tensor]], name=f"{dq.name}_float", axis=axis)))
+        node.input[i] = copies[tensor]
+    for index, dq_copy in sorted(inserts, key=lambda x: -x[0]):
+        model.graph.node.insert(index, dq_copy)
+    replaced: set[str] = set()
+    for _, dq_copy in inserts:
+        quantize = producers.get(dq_copy.input[0])
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            replaced |= _shift_to_uint8(model, quantize, initializers)
+    _drop_unused(model, replaced)
+    return model
+
+
+def _shift_to_uint8(model: onnx.ModelProto, quantize: onnx.NodeProto, initializers: dict[str, Any]) -> set[str]:
+    """Make an int8 QuantizeLinear and the DequantizeLinears that read it uint8 (zero points + 128: the same
+    values). ONNX Runtime does this itself on x64 for a Q with a single per-tensor DQ (QDQS8ToU8), and its
+    S8S8 QLinearConv needs it; a pinned node's per-axis copy is a second DQ with a per-axis zero point, which
+    would stop it and leave the producer's Conv in float with Q/DQ around it (measured on a built CNN).
+    Returns the zero points it replaced."""
+    if len(quantize.input) < 3 or quantize.input[2] not in initializers:
+        return set()
+    zero = numpy_helper.to_array(initializers[quantize.input[2]])
+    readers = [n for n in model.graph.node if quantize.output[0] in n.input]
+    if zero.dtype != np.int8 or any(n.op_type != "DequantizeLinear" or n.input[0] != quantize.output[0]
+                                    or len(n.input) < 3 or n.input[2] not in initializers for n in readers):
+        return set()
+    replaced = set()
+    for node in [quantize, *readers]:
+        replaced.add(node.input[2])
+        value = numpy_helper.to_array(initializers[node.input[2]])
+        shifted = numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8), f"{node.input[2]}_u8")
+        if shifted.name not in initializers:
+            model.graph.initializer.append(shifted)
+            initializers[shifted.name] = shifted
+        node.input[2] = shifted.name
+    for value_info in list(model.graph.value_info):
+        if value_info.name == quantize.output[0]:
+            model.graph.value_info.remove(value_info)
+    return replaced
+
+
+def _drop_unused(model: onnx.ModelProto, replaced: set[str]) -> None:
+    """Remove DequantizeLinear nodes that nothing reads any more (subgraphs count), then their initializers and
+    the `replaced` ones, when nothing else reads them."""
+    def read() -> set[str]:
+        return {name for n in _all_nodes(model.graph) for name in n.input} | {o.name for o in model.graph.output}
+
+    names = read()
+    dead = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not any(o in names for o in n.output)]
+    for node in dead:
+        model.graph.node.remove(node)
+    names = read()
+    inputs = {name for node in dead for name in node.input} | replaced
+    for tensor in [t for t in model.graph.initializer if t.name in inputs and t.name not in names]:
+        model.graph.initializer.remove(tensor)
 
 
 def _quantize_around_crashes(source: Path, target: Path, cache: Path, config: Int8StaticConfig,
