@@ -96,7 +96,7 @@ def required_role(method: str, path: str) -> str | None:
     """Which role a request needs: None (open), READ or ADMIN."""
     if not (path + "/").startswith(PROTECTED_PREFIXES) or path.startswith(OPEN_PREFIXES):
         return None
-    # A trailing slash is the same route to the router (it redirects): the same role, not admin.
+    # A trailing slash is the same route (app/main.py answers it in place, no redirect): the same role, not admin.
     if method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and path.rstrip("/").endswith(_READ_POST_SUFFIXES)):
         return READ
     return ADMIN

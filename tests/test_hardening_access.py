@@ -153,7 +153,7 @@ def test_roles_by_route() -> None:
     assert required_role("DELETE", "/v1/models/a/versions/1") == "admin"
     assert required_role("POST", "/v1/models/a/versions/2/predict") == "read"
     assert required_role("POST", "/v2/models/a/versions/2/infer") == "read"
-    assert required_role("POST", "/v1/models/a/predict/") == "read"  # the router redirects it to /predict
+    assert required_role("POST", "/v1/models/a/predict/") == "read"  # answered in place as /predict
     assert required_role("POST", "/v2/repository/index") == "admin"  # a new /v2 route is covered by default
     assert required_role("GET", "/v2/models/a/stats") == "read"
 
