@@ -62,6 +62,15 @@ def _start(data_dir: Path, log_path: Path, port: int, extra_args: tuple[str, ...
         time.sleep(0.1)
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs. A zombie does not: an orphan is reaped by PID 1 whenever that gets to it (and a
+    container's PID 1 may never), so its /proc entry alone says nothing about whether it stopped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()

@@ -14,7 +14,7 @@ from app.store import Database, Job
 from optimizer.runtime import create_session
 from tests import models
 from tests.conftest import npz
-from tests.service import running_service
+from tests.service import alive, running_service
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_served_over_http_from_upload_to_predict_and_clean_shutdown(server) -> N
     log = (data.parent / "server.log").read_text()
     assert "Application shutdown complete" in log and "worker " in log and " stopped" in log
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{worker_pid}").exists():
+    while alive(worker_pid):
         assert time.monotonic() < deadline, "the worker outlived the service"
         time.sleep(0.05)
 

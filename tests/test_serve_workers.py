@@ -13,7 +13,7 @@ import numpy as np
 
 from optimizer.runtime import create_session
 from tests import models
-from tests.service import start_service, stop
+from tests.service import alive, start_service, stop
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -75,8 +75,8 @@ def test_two_api_processes_answer_one_worker_runs_and_sigterm_stops_all(tmp_path
         process.send_signal(signal.SIGTERM)
         assert process.wait(40) == 0  # each API process finished its requests, the worker was stopped
         deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{pid}").exists() for pid in [*api, *workers]) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in [*api, *workers]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in [*api, *workers] if Path(f"/proc/{pid}").exists()]
+        assert not [pid for pid in [*api, *workers] if alive(pid)]
     finally:
         stop(process)
