@@ -29,7 +29,9 @@ OVERRIDES_ENV = "ONNXFORGE_SERVE_OVERRIDES"  # the command line's settings, as J
 # or scheme, and uvicorn's middleware for them (with no `server` header either) took the server's CPU per request
 # to 0.81x when dropped (bench/serving.py). So a debug access log names the proxy, not the client: the proxy's
 # own log has the client (it already did in Docker, where nginx is not in uvicorn's default trusted 127.0.0.1).
+# The http protocol: uvicorn's httptools one, answering each response in one write (app/http_protocol.py).
 UVICORN_OPTIONS: dict[str, Any] = {
+    "http": "app.http_protocol:OneWriteHttpToolsProtocol",
     "proxy_headers": False,
     "server_header": False,
     "timeout_graceful_shutdown": 30,  # finish in-flight requests on SIGTERM before the lifespan shuts down
