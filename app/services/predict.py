@@ -313,7 +313,7 @@ class PredictService:
                 if unknown:
                     raise BadRequestError(f"unknown output {unknown[0]!r}: the model's outputs are "
                                           f"{list(route.outputs)}")
-            names = output_names or list(route.outputs)
+            names = output_names or route.outputs  # (ONNX Runtime takes a tuple as well as a list)
             if route.non_tensors:
                 _refuse_non_tensors(route, names)
             try:
