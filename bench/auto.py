@@ -110,9 +110,9 @@ def _accuracy(report: dict[str, Any], name: str, metrics: dict[str, str]) -> str
     task = []
     for output, metric in metrics.items():
         out = full.get("outputs", {}).get(output, {})
-        value = out.get("mask_agreement") if metric.startswith("mask") else out.get("top1")
+        value = out.get("mask_iou") if metric.startswith("mask") else out.get("top1")
         if value is not None:
-            task.append((value, f"{'mask' if metric.startswith('mask') else 'top1'} {value:.1%}"))
+            task.append((value, f"{'mask IoU' if metric.startswith('mask') else 'top1'} {value:.1%}"))
     return f"{min(task)[1]}; {text}" if task else text
 
 

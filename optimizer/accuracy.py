@@ -26,9 +26,8 @@ The rules, in one place:
   held-back rows (bound 74.7%) and agreed 96.3% on 300 fresh inputs, under its 99% gate; few rows
   prove little, and a variant that is not shown to be as accurate as asked is not served. A variant
   that reproduces the original up to float32 rounding (relative error <= `FLOAT_ROUNDING`: a fused
-  FP32 graph) needs no proof: it is not less accurate, and any top-1 it changes is a near-tie. Mask
-  agreement has no bound: its positions (pixels of a few maps) are not independent, so it gates on
-  the measured share.
+  FP32 graph) needs no proof: it is not less accurate, and any top-1 it changes is a near-tie. A
+  mask gates on its worst held-back sample (below), not on a bound: its positions are not independent.
 - Slice check (channel axis): rank 3 -> the last axis when it is <= 1024 (detector heads
   [N, boxes, 4+classes]), else axis 1 when that is <= 1024 ([N, 4+classes, boxes]); rank >= 4 ->
   axis 1 (ONNX's NCHW channels); rank <= 2 -> none (classifier columns over a few samples are noise;
@@ -38,8 +37,13 @@ The rules, in one place:
   by the whole tensor's range instead, and a slice whose reference is all zero has no cosine.
 - A user may name the metric that gates an output (`Tolerance.metrics`), the one its real
   post-processing uses: "top1" (argmax agreement over the last axis >= min_top1, e.g. a CTC
-  recogniser's per-time-step classes) or "mask:<t>" (share of positions where `x > t` agrees,
-  >= min_top1, e.g. a text detector's saturated probability map thresholded at 0.3). Every other
+  recogniser's per-time-step classes) or "mask:<t>" (e.g. a text detector's saturated probability
+  map thresholded at 0.3): the region `x > t` of each held-back sample must overlap the original's
+  with IoU >= min_top1, the worst sample deciding (a sample where neither has a position above `t`
+  counts 1). WHY IoU per sample, not the share of agreeing positions: text covers ~10% of a page, so
+  99.1% of pixels agreeing was a text IoU of 0.917, and the served PP-OCR det INT8 changed the boxes
+  on 42 of 80 fresh pages; pooled over samples, one bad page hides among good ones. The share of
+  agreeing positions is still reported (`mask_agreement`). Every other
   metric is still measured and reported for that output but does not gate it; outputs not named
   keep the strict default ("default").
 """
@@ -159,7 +163,11 @@ class OutputAccuracy:
     # held-back samples like these, agreeing at this top1, that would prove min_top1 (None: no number would)
     samples_to_prove: int | None = None
     metric: str = "default"  # what gates this output (Tolerance.metrics)
-    mask_agreement: float | None = None  # share of positions on the same side of the mask threshold
+    mask_agreement: float | None = None  # share of positions on the same side of the mask threshold (reported)
+    mask_iou: float | None = None  # the worst held-back sample's IoU of the regions x > threshold (gates)
+    mask_iou_sample: int | None = None  # which held-back sample that was
+    # the worst held-back sample's own cosine (reported, not gated: the gate's cosine pools all samples)
+    worst_sample_cosine: float | None = None
     nonfinite: int = 0  # candidate NaN/Inf where the reference is finite
     slices: SliceResult | None = None
     passed: bool = True
@@ -217,6 +225,12 @@ def default_channel_axis(shape: Sequence[int]) -> int | None:
     if len(shape) >= 4:
         return 1
     return None
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1 when both are empty (nothing detected, as the original)."""
+    union = int(np.count_nonzero(a | b))
+    return float(np.count_nonzero(a & b)) / union if union else 1.0
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -349,6 +363,9 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
         ref_norm = float(np.linalg.norm(a))
         result.relative_error = float(np.linalg.norm(a - b) / ref_norm) if ref_norm > 0 else None
         result.cosine = _cosine(a, b)
+        per_sample = [_cosine(r.ravel().astype(np.float64), c.ravel().astype(np.float64))
+                      for r, c in zip(ref, cands, strict=True) if r.size and np.isfinite(r).all()]
+        result.worst_sample_cosine = min(per_sample, default=result.cosine)
     is_scores = name in tol.class_outputs if tol.class_outputs is not None else is_class_scores(name, ref[0])
     if is_scores and ref[0].ndim >= 1 and ref[0].shape[-1] >= 2:
         _set_top1(result, ref, cands)
@@ -376,9 +393,13 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
         return fail(unproven) if unproven else result
     if kind == "mask":
         result.mask_agreement = float(np.mean((a > threshold) == (b > threshold))) if a.size else 1.0
-        if result.mask_agreement < tol.min_top1:
-            return fail(f"{result.mask_agreement:.2%} of positions agree on x > {threshold:g}, < limit "
-                        f"{tol.min_top1:.2%} (metric {result.metric})")
+        ious = [_mask_iou(r > threshold, c > threshold) for r, c in zip(ref, cands, strict=True)]
+        result.mask_iou_sample = int(np.argmin(ious))
+        result.mask_iou = ious[result.mask_iou_sample]
+        if result.mask_iou < tol.min_top1:
+            return fail(f"held-back sample {result.mask_iou_sample}'s region x > {threshold:g} overlaps the "
+                        f"original's with IoU {result.mask_iou:.2%} < limit {tol.min_top1:.2%} (metric "
+                        f"{result.metric}; {result.mask_agreement:.2%} of all positions agree)")
         return result
     if result.cosine is not None and result.cosine < tol.min_cosine:
         return fail(f"cosine similarity {result.cosine:.4f} < limit {tol.min_cosine:.4f}")

@@ -717,7 +717,7 @@ def accuracy_margin(accuracy: dict[str, Any] | None, tolerance: Tolerance) -> fl
         if kind == "top1":
             higher.append((top1, tolerance.min_top1))
         elif kind == "mask":
-            higher.append((out.get("mask_agreement"), tolerance.min_top1))
+            higher.append((out.get("mask_iou"), tolerance.min_top1))
         else:
             higher += [(out.get("cosine"), tolerance.min_cosine), (top1, tolerance.min_top1),
                        (slices.get("worst_cosine"), tolerance.min_slice_cosine)]
@@ -739,7 +739,7 @@ def _accuracy_summary(accuracy: dict[str, Any] | None) -> dict[str, Any] | None:
         slices = out.get("slices") or {}
         outputs[name] = {"passed": out.get("passed"), "metric": out.get("metric", "default"),
                          "cosine": out.get("cosine"), "top1": out.get("top1"),
-                         "mask_agreement": out.get("mask_agreement"),
+                         "mask_agreement": out.get("mask_agreement"), "mask_iou": out.get("mask_iou"),
                          "worst_slice_cosine": slices.get("worst_cosine"),
                          "worst_slice_error": slices.get("worst_error")}
     return {"passed": accuracy.get("passed"), "outputs": outputs}
