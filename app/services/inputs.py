@@ -15,6 +15,7 @@ from app.errors import BadRequestError
 from app.runtime.signature import TensorSpec
 
 _OBJECT = np.dtype(object)
+_LARGEST = {dtype: float(np.finfo(dtype).max) for dtype in map(np.dtype, (np.float16, np.float32, np.float64))}
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -156,23 +157,38 @@ class FeedChecker:
     def __call__(self, given: Mapping[str, np.ndarray], *, cast: bool = True,
                  max_elements: int | None = None) -> dict[str, np.ndarray]:
         """What `prepare_feed(self.specs, given, ...)` returns or raises."""
-        feed = self._as_is(given, max_elements)
+        feed = self._as_is(given, cast, max_elements)
         if feed is None:
             return prepare_feed(self.specs, given, cast=cast, max_elements=max_elements)
         return feed
 
-    def _as_is(self, given: Mapping[str, np.ndarray], max_elements: int | None) -> dict[str, np.ndarray] | None:
-        """The feed when every input fits unchanged (what prepare_feed would return), else None."""
+    def _as_is(self, given: Mapping[str, np.ndarray], cast: bool,
+               max_elements: int | None) -> dict[str, np.ndarray] | None:
+        """The feed when every input fits unchanged, or (`cast`) after a float-to-float cast, what prepare_feed would
+        return; else None.
+
+        WHY the cast here: /v1's JSON numbers arrive as float64, so every /v1 request to a float32 model took
+        prepare_feed: 5.8 us for a (1, 64) input, 3.7 us now (min of 200 x 2000 calls here). Only values a cast
+        cannot overflow are cast here (as `_cast` casts them); anything else goes to prepare_feed, which refuses or
+        casts it as before, with the same messages in the same order."""
         if self._exact is None or len(given) != len(self._exact):
             return None
         feed: dict[str, np.ndarray] = {}
         named: dict[str, int] = {}
         for name, dtype, rank, axes in self._exact:
             array = given.get(name)
-            if array is None or array.dtype != dtype or array.ndim != rank:
+            if array is None or array.ndim != rank:
                 return None
             if max_elements is not None and array.size > max_elements:
                 return None
+            if array.dtype != dtype:
+                if not (cast and array.dtype.kind == "f" and dtype in _LARGEST):
+                    return None
+                if array.size:  # values within the target's range cannot overflow (NaN, Inf: prepare_feed)
+                    largest = _LARGEST[dtype]
+                    if not (-largest <= array.min() and array.max() <= largest):
+                        return None
+                array = array.astype(dtype)  # what _cast returns for these values
             shape = array.shape
             for axis, dim in axes:
                 if isinstance(dim, int):
