@@ -59,7 +59,7 @@ async function loadModels() {
     const status = el("span", { class: "status-" + m.latest_status }, m.latest_status);
     const tr = row([m.name, m.versions, status, servingCell(m),
       m.serving_variant || "—", described ? described.provider : "—",
-      r ? fmt(r.speedup_p50, 2) + "x" : "—", r ? fmt(r.size_ratio, 2) : "—"]);
+      r ? servedSpeedup(r).text : "—", r ? fmt(r.size_ratio, 2) : "—"]);
     tr.dataset.model = m.name;
     tr.addEventListener("click", () => openReport(m.name, m.latest_version));
     return tr;
@@ -89,12 +89,13 @@ const wrapRow = (td) => { const tr = el("tr"); tr.appendChild(td); return tr; };
 async function upload(event) {
   event.preventDefault();
   const form = new FormData(event.target);
-  for (const key of ["calibration"]) {
-    const f = form.get(key);
-    if (f && f.size === 0 && !f.name) form.delete(key);
-  }
-  for (const key of ["name", "min_cosine", "min_top1"]) if (!form.get(key)) form.delete(key);
+  const file = form.get("calibration");
+  if (file && file.size === 0 && !file.name) form.delete("calibration");
+  for (const [key, value] of [...form.entries()]) if (typeof value === "string" && !value.trim()) form.delete(key);
+  const submit = event.target.querySelector("button[type=submit]");
+  submit.disabled = true;
   $("#job").hidden = false;
+  $("#job").dataset.status = "uploading";
   $("#job-error").hidden = true;
   $("#job-bar").style.width = "0";
   $("#job-text").textContent = "Uploading…";
@@ -102,7 +103,10 @@ async function upload(event) {
   try {
     accepted = await api("/v1/models", { method: "POST", body: form });
   } catch (e) {
+    $("#job-text").textContent = "";  // nothing is uploading any more: the error below says why
     return showJobError("The upload was refused: " + e.message);
+  } finally {
+    submit.disabled = false;
   }
   $("#job-text").textContent = `${accepted.name} v${accepted.version}: queued`;
   loadModels();
@@ -241,15 +245,37 @@ async function showVersion(v) {
   renderReport(answer.report, v);
 }
 
+// The speed-up the service proves for what it serves: the confirmation run's paired figure (speedup_paired: median of
+// round-by-round ratios over the original, 95% interval), 1x when the original serves. Not speedup_p50: a ratio of two
+// p50s timed apart, and the selection run's figure of a winner is its best draw among the candidates (higher).
+function servedSpeedup(r) {
+  const p = r.speedup_paired;
+  if (r.selected === r.baseline) return { text: "1.00x (original)", interval: "the original serves", paired: null };
+  if (!p) return { text: fmt(r.speedup_p50, 2) + "x (p50s)", interval: "p50 ratio: no paired timing in this report",
+    paired: null };
+  return { text: `${fmt(p.median, 2)}x [${fmt(p.low, 2)}–${fmt(p.high, 2)}]`,
+    interval: `95%, ${p.rounds} paired rounds`, paired: p };
+}
+
+// A variant's own paired speed-up over the original, timed with all the others in the selection run.
+function variantSpeedup(x, r) {
+  const batch = String((r.noise && r.noise.batch) || 1);
+  const p = ((x.latency_by_batch || {})[batch] || {}).speedup_vs_original;
+  if (x.name === r.baseline) return "1.00x";
+  return p ? `${fmt(p.median, 2)}x [${fmt(p.low, 2)}–${fmt(p.high, 2)}]` : "";
+}
+
 function renderReport(r, v) {
   const variants = r.variants || [];
+  const speed = servedSpeedup(r);
   const cards = [
-    ["Serves", r.selected], ["Speedup p50", fmt(r.speedup_p50, 2) + "x"], ["Size ratio", fmt(r.size_ratio, 2)],
+    ["Serves", r.selected], ["Speed-up", speed.text, speed.interval], ["Size ratio", fmt(r.size_ratio, 2)],
     ["Provider", r.provider], ["Optimized in", fmt(r.duration_s, 1) + " s"],
   ];
-  $("#summary").replaceChildren(...cards.map(([label, value]) => {
+  $("#summary").replaceChildren(...cards.map(([label, value, sub]) => {
     const card = el("div", { class: "card", "data-field": label }, label);
     card.appendChild(el("b", {}, String(value)));
+    if (sub) card.appendChild(el("small", {}, sub));
     return card;
   }));
   $("#selection-reason").textContent = "Why: " + (r.selection_reason || "—");
@@ -264,9 +290,9 @@ function renderReport(r, v) {
     name: x.name, value: x.size_bytes, label: kb(x.size_bytes), mark: mark(x, r),
   })), "size"));
 
-  const cfg = r.config || {};
-  $("#tolerance").textContent = `cosine ≥ ${fmt(cfg.min_cosine, 3)}, top-1 ≥ ${fmt(cfg.min_top1, 3)}`;
-  $("#accuracy tbody").replaceChildren(...accuracyRows(variants));
+  $("#tolerance").textContent = gatesText(r);
+  $("#accuracy tbody").replaceChildren(...accuracyRows(variants, r));
+  $("#accuracy-notes").replaceChildren(...(r.accuracy_notes || []).map((n) => el("li", {}, n)));
   $("#graph").replaceChildren(graphView(r));
   const skipped = r.skipped_candidates || [];
   $("#skipped-count").textContent = skipped.length;
@@ -280,6 +306,7 @@ const kb = (bytes) => (bytes >= 1e6 ? fmt(bytes / 1e6, 2) + " MB" : fmt(bytes / 
 const mark = (x, r) => (x.name === r.selected ? "selected" : x.name === r.baseline ? "baseline" :
   x.status === "ok" ? "ok" : "rejected");
 const COLORS = { selected: "#17733a", baseline: "#5a6272", ok: "#3b6fd8", rejected: "#c9ced8" };
+const CHART_WIDTH = 1000;  // the report section's inner width: the bars get what the names and values leave
 
 function svg(tag, attrs, text) {
   const node = document.createElementNS(SVG, tag);
@@ -288,19 +315,29 @@ function svg(tag, attrs, text) {
   return node;
 }
 
+// Room for the longest label in the charts' 11px font: auto's variant names run to 55 characters and were cut off
+// at a fixed 250 px.
+function labelWidth(names) {
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = "11px system-ui, sans-serif";
+  return Math.ceil(Math.max(60, ...names.map((n) => ctx.measureText(n).width))) + 12;
+}
+
 // Horizontal bars: p50 as the bar, p90..p99 as a whisker. The axis ends a little past the largest p90 so
 // one noisy p99 does not flatten every bar; a whisker cut by the axis ends in an arrow and says its value.
+// Each bar also says the variant's paired speed-up over the original (what the choice is made by).
 function latencyChart(variants, r) {
-  const left = 250, width = 520, rowH = 24, top = 8;
+  const left = labelWidth(variants.map((x) => x.name)), values = 300, rowH = 24, top = 8;
+  const width = Math.max(200, CHART_WIDTH - left - values);
   const axisMax = Math.max(...variants.map((x) => Math.max(x.latency_ms.p50, x.latency_ms.p90 || 0))) * 1.25 || 1;
   const scale = (ms) => left + Math.min(ms, axisMax) / axisMax * width;
-  const chart = svg("svg", { width: left + width + 170, height: top + rowH * variants.length + 24,
+  const chart = svg("svg", { width: left + width + values, height: top + rowH * variants.length + 24,
     class: "latency", role: "img" });
   variants.forEach((x, i) => {
     const y = top + i * rowH;
     const { p50, p90, p99 } = x.latency_ms;
     const g = svg("g", { class: "bar", "data-variant": x.name, "data-p50": p50, "data-p90": p90, "data-p99": p99 });
-    g.appendChild(svg("text", { x: left - 6, y: y + 15, "text-anchor": "end" }, x.name));
+    g.appendChild(svg("text", { x: left - 6, y: y + 15, "text-anchor": "end", class: "name" }, x.name));
     g.appendChild(svg("rect", { x: left, y: y + 4, width: Math.max(1, scale(p50) - left), height: rowH - 8,
       fill: COLORS[mark(x, r)] }));
     if (p90 != null && p99 != null) {
@@ -311,9 +348,12 @@ function latencyChart(variants, r) {
         ? svg("path", { d: `M${x2 - 6},${cy - 4} L${x2},${cy} L${x2 - 6},${cy + 4}`, fill: "none", stroke: "#1d2330" })
         : svg("line", { x1: x2, x2, y1: cy - 5, y2: cy + 5, stroke: "#1d2330" }));
     }
-    const label = `p50 ${fmt(p50, 3)} ms` + (p99 != null && p99 > axisMax ? ` (p99 ${fmt(p99, 2)})` : "");
+    const speed = variantSpeedup(x, r);
+    const label = `p50 ${fmt(p50, 3)} ms` + (p99 != null && p99 > axisMax ? ` (p99 ${fmt(p99, 2)})` : "") +
+      (speed ? `, ${speed}` : "");
     g.appendChild(svg("text", { x: left + width + 6, y: y + 15, class: "value" }, label));
-    g.appendChild(svg("title", {}, `${x.name}: p50 ${p50} ms, p90 ${p90} ms, p99 ${p99} ms (${x.status})`));
+    g.appendChild(svg("title", {}, `${x.name}: p50 ${p50} ms, p90 ${p90} ms, p99 ${p99} ms (${x.status})` +
+      (speed ? `; ${speed} the original by paired rounds (median [95%])` : "")));
     chart.appendChild(g);
   });
   const base = top + rowH * variants.length + 14;
@@ -324,13 +364,14 @@ function latencyChart(variants, r) {
 }
 
 function barChart(items, cls) {
-  const left = 250, width = 520, rowH = 22;
+  const left = labelWidth(items.map((i) => i.name)), values = 120, rowH = 22;
+  const width = Math.max(200, CHART_WIDTH - left - values);
   const max = Math.max(...items.map((i) => i.value)) || 1;
-  const chart = svg("svg", { width: left + width + 170, height: rowH * items.length + 8, class: cls, role: "img" });
+  const chart = svg("svg", { width: left + width + values, height: rowH * items.length + 8, class: cls, role: "img" });
   items.forEach((item, i) => {
     const y = 4 + i * rowH;
     const g = svg("g", { class: "bar", "data-variant": item.name, "data-value": item.value });
-    g.appendChild(svg("text", { x: left - 6, y: y + 14, "text-anchor": "end" }, item.name));
+    g.appendChild(svg("text", { x: left - 6, y: y + 14, "text-anchor": "end", class: "name" }, item.name));
     g.appendChild(svg("rect", { x: left, y: y + 3, width: Math.max(1, item.value / max * width), height: rowH - 6,
       fill: COLORS[item.mark] }));
     g.appendChild(svg("text", { x: left + width + 6, y: y + 14, class: "value" }, item.label));
@@ -339,30 +380,114 @@ function barChart(items, cls) {
   return chart;
 }
 
-function accuracyRows(variants) {
+// -- accuracy: what each output was gated on (accuracy.Tolerance; the module docstring has the rules) -----------
+
+// accuracy.Tolerance's slice limits (not in report.config: every upload gets them).
+const SLICE_COSINE = 0.98, SLICE_ERROR = 0.25;
+const pct = (x, digits) => (x === null || x === undefined ? "—" : fmt(x * 100, digits === undefined ? 2 : digits) + "%");
+
+// The gates in the header: a declared metric per output, the default (cosine and top-1) for the others.
+function gatesText(r) {
+  const cfg = r.config || {};
+  const declared = Object.entries(cfg.metrics || {}).filter(([, m]) => m !== "default");
+  const outputs = cfg.outputs || (((r.graph || {}).before || {}).outputs || []).map((o) => o.name);
+  const parts = declared.map(([name, m]) => m === "top1" ? `${name}: top-1 ≥ ${fmt(cfg.min_top1, 3)}`
+    : `${name}: ${m} (its region x > ${m.slice(5)} against the original's) ≥ ${fmt(cfg.min_top1, 3)}`);
+  const rest = outputs.filter((o) => !declared.some(([name]) => name === o));
+  if (rest.length || !declared.length) {
+    parts.push((declared.length ? "other outputs: " : "") + `cosine ≥ ${fmt(cfg.min_cosine, 3)}, ` +
+      `top-1 ≥ ${fmt(cfg.min_top1, 3)}, channel slices cosine ≥ ${SLICE_COSINE} and error ≤ ${pct(SLICE_ERROR, 0)}`);
+  }
+  if (cfg.outputs) parts.push(`only ${cfg.outputs.join(", ")} gate${cfg.outputs.length > 1 ? "" : "s"}`);
+  return parts.join("; ");
+}
+
+// {what, value, limit, ok} for every criterion that gated this output; `ok` is false for the one(s) it failed on.
+function criteria(o, cfg) {
+  const metric = o.metric || "default";
+  if (o.checked === false) return [];
+  const atLeast = (what, x, min, show) => ({ what, value: show(x), limit: "≥ " + show(min), ok: !(x < min) });
+  const percent = (x) => pct(x);
+  if (metric.startsWith("mask:")) {
+    const t = metric.slice(5);
+    return [o.mask_iou != null
+      ? atLeast(`${metric}: worst sample's IoU of x > ${t}`, o.mask_iou, cfg.min_top1, percent)
+      : atLeast(`${metric}: positions agreeing on x > ${t}`, o.mask_agreement, cfg.min_top1, percent)];
+  }
+  if (metric === "top1") return [atLeast("top-1 agreement", o.top1, cfg.min_top1, percent)];
+  const out = [];
+  if (o.cosine != null) out.push(atLeast("cosine", o.cosine, cfg.min_cosine, (x) => fmt(x, 4)));
+  if (o.top1 != null) out.push(atLeast("top-1 agreement", o.top1, cfg.min_top1, percent));
+  if (o.top1_lower_95 != null && o.relative_error > 1e-4) {  // accuracy.FLOAT_ROUNDING: a fused FP32 needs no proof
+    out.push(atLeast("top-1, 95% lower bound", o.top1_lower_95, cfg.min_top1, percent));
+  }
+  const s = o.slices;
+  if (s && s.worst_cosine != null) {
+    out.push(atLeast(`worst channel slice cosine (axis ${s.axis})`, s.worst_cosine, SLICE_COSINE, (x) => fmt(x, 4)));
+  }
+  if (s && s.worst_error != null) {
+    out.push({ what: `worst channel slice error (axis ${s.axis}, of its range)`, value: pct(s.worst_error, 1),
+      limit: "≤ " + pct(SLICE_ERROR, 0), ok: !(s.worst_error > SLICE_ERROR) });
+  }
+  return out;
+}
+
+// What was measured but did not gate the output.
+function reported(o) {
+  const metric = o.metric || "default";
+  const parts = [];
+  if (metric !== "default" || o.checked === false) {
+    if (o.cosine != null) parts.push(`cosine ${fmt(o.cosine, 4)}`);
+    if (metric !== "top1" && o.top1 != null) parts.push(`top-1 ${pct(o.top1)}`);
+  }
+  if (metric.startsWith("mask:") && o.mask_iou != null && o.mask_agreement != null) {
+    parts.push(`positions agreeing ${pct(o.mask_agreement)}`);
+  }
+  if (o.max_abs != null) parts.push(`max abs ${Number(o.max_abs).toPrecision(3)}`);
+  return parts.join(", ");
+}
+
+function accuracyRows(variants, r) {
+  const cfg = r.config || {};
   const rows = [];
   for (const x of variants) {
     const acc = x.accuracy;
     if (!acc || !acc.outputs) continue;
     for (const [name, o] of Object.entries(acc.outputs)) {
-      const verdict = el("span", { class: o.passed ? "pass" : "fail" },
-        o.passed ? "within tolerance" : o.reason || "outside tolerance");
-      rows.push(row([x.name, name, fmt(o.cosine, 4), o.top1 == null ? "—" : fmt(o.top1 * 100, 1) + "%",
-        o.max_abs == null ? "—" : Number(o.max_abs).toPrecision(3), verdict]));
+      const verdict = el("span", { class: o.passed ? "pass" : "fail", title: o.reason || "" },
+        o.checked === false ? "not gated (reported only)" : o.passed ? "within tolerance"
+          : o.unproven ? "unproven (see the rejected list)" : "outside tolerance");
+      const list = el("ul", { class: "gates" });
+      for (const c of criteria(o, cfg)) {
+        list.appendChild(el("li", { class: c.ok ? "" : "fail", "data-value": c.value, "data-limit": c.limit },
+          `${c.ok ? "✓" : "✗"} ${c.what} ${c.value} (${c.limit})`));
+      }
+      const tr = row([x.name, name, list, verdict, reported(o) || "—"]);
+      tr.dataset.variant = x.name;
+      tr.dataset.output = name;
+      tr.dataset.metric = o.metric || "default";
+      if (x.name === r.selected) tr.classList.add("served");
+      rows.push(tr);
     }
   }
-  if (!rows.length) rows.push(row(["—", "no variant needed an accuracy check", "", "", "", ""]));
+  if (!rows.length) rows.push(row(["—", "no variant needed an accuracy check", "", "", ""]));
   return rows;
 }
 
+// -- graph: before = the uploaded model, after = the served variant (report.graph), and the steps between -------
+
 function graphView(r) {
   const before = (r.graph && r.graph.before) || {}, after = (r.graph && r.graph.after) || {};
+  const variants = r.variants || [];
+  const served = variants.find((x) => x.name === r.selected) || {};
   const wrap = el("div", { class: "graph-cols" });
   const hist = el("div");
-  hist.appendChild(el("p", {}, `Nodes: ${before.node_count ?? "—"} before, ${after.node_count ?? "—"} after ` +
-    `(the FP32 graph after cleanup and fusion).`));
+  const what = r.selected === r.baseline ? "the uploaded model itself serves"
+    : `after: ${r.selected}, the served variant (${served.precision || "?"})`;
+  hist.appendChild(el("p", { id: "graph-nodes" },
+    `Nodes: ${before.node_count ?? "—"} before, ${after.node_count ?? "—"} after (before: the uploaded model; ${what}).`));
   const table = el("table", { id: "op-histogram" });
-  table.appendChild(row(["Op", "Before", "After"]));
+  table.appendChild(row(["Op", "Uploaded", "Served"]));
   const ops = new Set([...Object.keys(before.op_histogram || {}), ...Object.keys(after.op_histogram || {})]);
   for (const op of [...ops].sort()) {
     const b = (before.op_histogram || {})[op] || 0, a = (after.op_histogram || {})[op] || 0;
@@ -373,32 +498,44 @@ function graphView(r) {
   hist.appendChild(table);
   wrap.appendChild(hist);
 
+  // Every candidate but the original is built on the cleaned and fused graph (variant "fused"), so the served one
+  // went through both steps: fusion's changes are on "fused", the precision change on the served variant.
   const changesBox = el("div");
-  // The original's `changes` is {}: it changed nothing (was shown as "undefined → undefined nodes").
-  const changed = (x) => x.changes && x.changes.nodes_before != null;
-  const chosen = (r.variants || []).find((x) => x.name === r.selected && changed(x)) ||
-    (r.variants || []).find(changed);
-  if (chosen) {
-    const c = chosen.changes;
-    const served = chosen.name === r.selected ? "" : " (not served)";
-    changesBox.appendChild(el("p", {}, `Changes in ${chosen.name}${served}: ${c.nodes_before} → ${c.nodes_after} nodes`));
-    const list = el("ul", { id: "changes" });
+  const changed = (x) => x && x.changes && x.changes.nodes_before != null;  // the original's `changes` is {}
+  const fused = variants.find((x) => x.name === "fused");
+  const steps = r.selected === r.baseline ? [fused] : r.selected === "fused" ? [fused] : [fused, served];
+  const base = changed(fused) ? "fused" : "the original";
+  const list = el("ol", { id: "changes" });
+  for (const x of steps.filter(changed)) {
+    const c = x.changes;
+    const notServed = r.selected === r.baseline ? " (not served)" : "";
+    const step = el("li", { "data-variant": x.name },
+      `Changes in ${x.name}${notServed}: ${c.nodes_before} → ${c.nodes_after} nodes` +
+      (x.name === "fused" ? " (cleanup and fusion, the graph every other variant is built on)"
+        : ` (${x.precision}, built on ${base})`));
+    const items = el("ul");
     const add = (label, obj) => {
       const entries = Object.entries(obj || {});
-      list.appendChild(el("li", {}, label + ": " +
-        (entries.length ? entries.map(([k, n]) => `${k} ×${n}`).join(", ") : "none")));
+      if (entries.length) items.appendChild(el("li", {}, label + ": " + entries.map(([k, n]) => `${k} ×${n}`).join(", ")));
     };
-    add("Redundant nodes removed", c.redundant_removed);
     add("Fusions applied", c.fusions);
+    add("Redundant nodes removed", c.redundant_removed);
     add("Nodes removed", c.removed);
+    add("Quantized ops", c.quantized_ops);
     if (c.transformer_fusion) {
-      list.appendChild(el("li", {}, "Transformer fusion: " +
+      items.appendChild(el("li", {}, "Transformer fusion: " +
         (c.transformer_fusion.used ? "used" : "not used (" + (c.transformer_fusion.reason || "") + ")")));
     }
-    changesBox.appendChild(list);
-  } else {
-    changesBox.appendChild(el("p", { class: "muted" }, "No graph changes recorded."));
+    const kept = (x.settings || {}).exclude_nodes;
+    if (kept && kept.length) items.appendChild(el("li", {}, "Left in float: " + kept.join(", ")));
+    if (!items.children.length) items.appendChild(el("li", { class: "muted" }, "no fusion or removal recorded"));
+    step.appendChild(items);
+    list.appendChild(step);
   }
+  if (list.children.length) changesBox.appendChild(list);
+  else changesBox.appendChild(el("p", { class: "muted" }, "No graph changes recorded."));
+  const inServed = Object.entries(after.fused || {}).map(([op, n]) => `${op} ×${n}`);
+  if (inServed.length) changesBox.appendChild(el("p", { id: "served-fused" }, "Fused ops in the served graph: " + inServed.join(", ")));
   const left = (after.fusable || []).map((f) => `${f.pattern} ×${f.count} → ${f.fuses_to}`);
   if (left.length) changesBox.appendChild(el("p", { class: "muted" }, "Left to ONNX Runtime at load: " + left.join("; ")));
   wrap.appendChild(changesBox);
