@@ -103,7 +103,7 @@ def served_speedup(report: dict[str, Any]) -> str:
     if not confirmed:  # a report written before paired timing: say what the figure is
         return f"served speed-up: {_fmt(report.get('speedup_p50'))}x by p50s (not a paired measurement)"
     chosen = report.get("speedup_selection")
-    selection = f"; {ratio_text(chosen)} in the selection run, flattered by the choice" if chosen else ""
+    selection = f"; the selection run, where it was chosen, measured {ratio_text(chosen)}" if chosen else ""
     return (
         f"served speed-up: {confirmed['median']:.2f}x the original [95%: {confirmed['low']:.2f}-"
         f"{confirmed['high']:.2f}, {confirmed['rounds']} paired rounds, timed again against it alone]{selection}"
