@@ -385,7 +385,7 @@ def pin_float(model: onnx.ModelProto, excluded: Sequence[str]) -> onnx.ModelProt
     dims = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     copies: dict[str, str] = {}  # dequantized tensor -> its per-axis copy
-    position = {id(n): i for i, n in enumerate(model.graph.node)}
+    position = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}  # by output: protobuf wrappers
     inserts: list[tuple[int, onnx.NodeProto]] = []
     for node, i, dq in reads:
         tensor = node.input[i]
@@ -403,7 +403,7 @@ def pin_float(model: onnx.ModelProto, excluded: Sequence[str]) -> onnx.ModelProt
                     initializers[repeated.name] = repeated
                     inputs.append(repeated.name)
             copies[tensor] = f"{tensor}_float"
-            inserts.append((position[id(dq)] + 1, helper.make_node(
+            inserts.append((position[dq.output[0]] + 1, helper.make_node(
                 "DequantizeLinear", inputs, [copies[tensor]], name=f"{dq.name}_float", axis=axis)))
         node.input[i] = copies[tensor]
     for index, dq_copy in sorted(inserts, key=lambda x: -x[0]):
