@@ -247,14 +247,13 @@ async function showVersion(v) {
 
 // The speed-up the service proves for what it serves: the confirmation run's paired figure (speedup_paired: median of
 // round-by-round ratios over the original, 95% interval), 1x when the original serves. Not speedup_p50: a ratio of two
-// p50s timed apart, and the selection run's figure of a winner is its best draw among the candidates (higher).
+// p50s timed apart; nor the selection run's figure of the winner, its best draw among the candidates (tends higher).
 function servedSpeedup(r) {
   const p = r.speedup_paired;
-  if (r.selected === r.baseline) return { text: "1.00x (original)", interval: "the original serves", paired: null };
-  if (!p) return { text: fmt(r.speedup_p50, 2) + "x (p50s)", interval: "p50 ratio: no paired timing in this report",
-    paired: null };
+  if (r.selected === r.baseline) return { text: "1.00x (original)", interval: "" };
+  if (!p) return { text: fmt(r.speedup_p50, 2) + "x (p50s)", interval: "p50 ratio: no paired timing in this report" };
   return { text: `${fmt(p.median, 2)}x [${fmt(p.low, 2)}–${fmt(p.high, 2)}]`,
-    interval: `95%, ${p.rounds} paired rounds`, paired: p };
+    interval: `95%, ${p.rounds} paired rounds` };
 }
 
 // A variant's own paired speed-up over the original, timed with all the others in the selection run.
