@@ -90,7 +90,7 @@ def variants_table(report: dict[str, Any]) -> str:
 
 def served_speedup(report: dict[str, Any]) -> str:
     """The speed-up the service proves for what it serves: the confirmation run's paired figure, or 1x for the
-    original. The selection run's figure of the winner is the best draw among the candidates, so it tends to be higher."""
+    original. The selection run's figure of the winner is its best draw among the candidates: it tends to be higher."""
     if report["selected"] == report["baseline"]:
         tried = (report.get("confirmation") or {}).get("speedup")
         unconfirmed = (
