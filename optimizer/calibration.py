@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,8 @@ DEFAULT_MAX_BYTES = 2 * 1024**3  # declared array bytes in one .npz, checked bef
 MEANINGFUL_HOLDOUT = 20
 
 Feed = dict[str, np.ndarray]
+#: A user's sample set: an .npz file (path or bytes), or its arrays in memory ({input name: array}).
+Samples = str | Path | bytes | Mapping[str, np.ndarray]
 Dim = int | str | None  # static size, named dynamic dim, or unnamed dynamic dim
 
 
@@ -139,6 +141,18 @@ def _read_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> tuple[tup
     return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
+def _check_dtype(source: str, name: str, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        raise CalibrationError(
+            f"{source}: array {name!r} holds Python objects (a pickle), which are never loaded: save plain "
+            "numeric arrays"
+        )
+    if dtype.kind not in "biuf":
+        raise CalibrationError(
+            f"{source}: array {name!r} has dtype {dtype}, not a number type: save numeric arrays"
+        )
+
+
 def _declared_arrays(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str, np.dtype]:
     """Check every member's header before loading: numeric dtype, no pickle, total size under max_bytes.
 
@@ -160,15 +174,7 @@ def _declared_arrays(archive: zipfile.ZipFile, source: str, max_bytes: int) -> d
             shape, dtype = _read_header(archive, member)
         except Exception as exc:  # noqa: BLE001 - corrupt headers raise ValueError, zlib.error, EOFError...
             raise CalibrationError(f"{source}: array {name!r} is corrupt ({exc}); re-create the file") from None
-        if dtype.hasobject:
-            raise CalibrationError(
-                f"{source}: array {name!r} holds Python objects (a pickle), which are never loaded: save plain "
-                "numeric arrays"
-            )
-        if dtype.kind not in "biuf":
-            raise CalibrationError(
-                f"{source}: array {name!r} has dtype {dtype}, not a number type: save numeric arrays"
-            )
+        _check_dtype(source, name, dtype)
         total += math.prod(shape) * dtype.itemsize
         if total > max_bytes:
             raise CalibrationError(
@@ -329,18 +335,33 @@ def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int
     return calibration, holdout
 
 
-def read_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto,
+def read_samples(path_or_bytes: Samples, model: onnx.ModelProto,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
-    """Read a user's `.npz` and validate it against the model's inputs: every sample in `holdout`, none held
-    back from it (`bench` times one; no accuracy check, so one sample is enough).
+    """Read a user's `.npz` (or a dict of arrays in the same layout) and validate it against the model's inputs:
+    every sample in `holdout`, none held back from it (`bench` times one; no accuracy check, so one sample is enough).
 
     Raises CalibrationError for anything the user must fix (names, dtypes, shapes, a pickle, a
     corrupt or oversized file, empty arrays), with the input's name and the expected and given shapes.
     """
     specs = model_inputs(model)
-    archive, source = _open_zip(path_or_bytes)
-    with archive:
-        declared = _declared_arrays(archive, source, max_bytes)
+    given: dict[str, np.ndarray] | None = None
+    if isinstance(path_or_bytes, Mapping):  # arrays in memory: nothing to distrust but their dtypes
+        source = "the calibration dict"
+        given = {str(name): np.ascontiguousarray(array) for name, array in path_or_bytes.items()}
+        for name, array in given.items():
+            _check_dtype(source, name, array.dtype)
+        if not given:
+            raise CalibrationError(f"{source} holds no arrays: give one array per model input")
+        declared = {name: array.dtype for name, array in given.items()}
+    elif isinstance(path_or_bytes, str | Path | bytes | bytearray | memoryview):
+        archive, source = _open_zip(path_or_bytes)
+        with archive:
+            declared = _declared_arrays(archive, source, max_bytes)
+    else:
+        raise CalibrationError(
+            f"calibration must be an .npz file (its path or bytes) or a dict {{input name: array}}, one array per "
+            f"model input; got a {type(path_or_bytes).__name__}"
+        )
     expected = [s.name for s in specs]
     missing = [n for n in expected if n not in declared]
     unknown = [n for n in declared if n not in expected]
@@ -355,7 +376,7 @@ def read_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto,
             "Save one array per input, named exactly like the input"
         )
 
-    arrays = _load_arrays(path_or_bytes, source, expected)
+    arrays = given if given is not None else _load_arrays(path_or_bytes, source, expected)
     notes: list[str] = []
     per_input: dict[str, list[np.ndarray]] = {}
     for spec in specs:
@@ -372,7 +393,7 @@ def read_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto,
     return SampleSet([], samples, synthetic=False, source=source, notes=notes)
 
 
-def load_samples(path_or_bytes: str | Path | bytes, model: onnx.ModelProto, holdout_fraction: float = 0.2,
+def load_samples(path_or_bytes: Samples, model: onnx.ModelProto, holdout_fraction: float = 0.2,
                  min_holdout: int = 4, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
     """Read a user's `.npz`, validate it against the model's inputs (`read_samples`) and split off the holdout."""
     if not 0 < holdout_fraction < 1:

@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from optimizer.loading import LoadedModel, load_model
 
 # Activations ONNX Runtime's ConvActivationFusion folds into FusedConv on the CPU.
 CONV_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
@@ -463,8 +466,16 @@ def _parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return count, total
 
 
-def inspect(model: onnx.ModelProto) -> GraphReport:
-    """Describe the model's main graph and list what cleanup and fusion could do to it."""
+def inspect(model: onnx.ModelProto | LoadedModel | str | Path | bytes) -> GraphReport:
+    """Describe the model's main graph and list what cleanup and fusion could do to it.
+
+    A path or bytes is loaded and validated first (`load_model`: an OptimizerError says what is wrong with it), as
+    `optimize` takes them; a LoadedModel is described as loaded (with the shapes inference added).
+    """
+    if isinstance(model, LoadedModel):
+        model = model.proto
+    elif not isinstance(model, onnx.ModelProto):
+        model = load_model(model).proto
     inferred = _with_shapes(model)
     g = _Graph(inferred)
     initializer_names = set(g.initializers)

@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
-from optimizer.errors import ExternalDataError, InvalidModelError, UnsupportedModelError, first_line
+from optimizer.calibration import model_inputs, synthetic_samples
+from optimizer.errors import (
+    CalibrationError,
+    ExternalDataError,
+    InvalidModelError,
+    ModelRunError,
+    UnsupportedModelError,
+    first_line,
+    from_onnxruntime,
+    ort_reason,
+)
 from optimizer.runtime import SessionSettings, create_session, max_supported_ir_version
 
 
@@ -152,8 +162,8 @@ def _clear_anonymous_dim_names(model: onnx.ModelProto, notes: list[str]) -> None
                      "exporters such as Paddle2ONNX write it for every dynamic dimension")
 
 
-def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None) -> LoadedModel:
-    """Load and validate a model from a path or bytes.
+def load_model(source: str | Path | bytes | onnx.ModelProto, *, base_dir: str | Path | None = None) -> LoadedModel:
+    """Load and validate a model from a path, bytes or a ModelProto (validated as its bytes would be).
 
     `base_dir` is the folder that external data files must lie in; for a path it defaults to the
     model's folder, for bytes there is none (external data is then refused).
@@ -164,6 +174,8 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
     this process holds no other copy, so the peak is about 2x the file; handing each of them bytes
     while holding the bytes and the proto took 6x (bench/loading_memory.py).
     """
+    if isinstance(source, onnx.ModelProto):
+        source = source.SerializeToString()
     if isinstance(source, (str, Path)):
         path: Path | None = Path(source)
         try:
@@ -214,37 +226,43 @@ def load_model(source: str | Path | bytes, *, base_dir: str | Path | None = None
 def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(path, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise InvalidModelError(f"the ONNX checker refuses the model: {first_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - shape inference errors surface as various types
-        raise InvalidModelError(f"the ONNX checker refuses the model: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - ValidationError, and shape inference errors as various types
+        said = first_line(exc) if isinstance(exc, onnx.checker.ValidationError) else str(exc)
+        hint = _old_opset_hint(path)
+        raise InvalidModelError(f"the ONNX checker refuses the model: {said}" + (f"; {hint}" if hint else "")) from None
 
 
-# What ONNX Runtime wraps around the reason a model does not load: its status prefix, the file it was
-# given (a server's temporary upload path, meaningless to the user) and the C++ source line and signature.
-_ORT_NOISE = (
-    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),
-    re.compile(r"Load model from .*? failed:\s*"),
-    re.compile(r"/onnxruntime_src/\S+:\d+ .*?\)(?: const)? (?=[A-Z])"),
-)
+#: The oldest ai.onnx opset every ONNX Runtime release runs (its compatibility docs: "opset version 7 and higher").
+OLDEST_OPSET = 7
+#: The opset the hint converts to: one that every ONNX Runtime since 1.14 runs and onnx's converter reaches.
+CONVERT_TO = 17
 
 
-def _ort_reason(exc: BaseException) -> str:
-    """ONNX Runtime's reason without the server paths and C++ frames (which say nothing to the user)."""
-    text = first_line(exc)
-    for pattern in _ORT_NOISE:
-        text = pattern.sub("", text)
-    return text.strip().rstrip(".")
+def _old_opset_hint(path: Path) -> str | None:
+    """How to bring an ai.onnx opset older than ONNX Runtime runs up to date; None when it is not that old.
+
+    WHY: an opset-1 model fails in the checker (an attribute later opsets dropped) or in ONNX Runtime ("Could not find
+    an implementation for Relu(1)"), and neither says that onnx's own converter fixes it."""
+    version = _opsets(path).get("ai.onnx", OLDEST_OPSET)
+    if version >= OLDEST_OPSET:
+        return None
+    return (f"the model uses ai.onnx opset {version}, older than ONNX Runtime runs ({OLDEST_OPSET} and newer): convert "
+            f"it with onnx's version converter and upload the result (model = onnx.version_converter.convert_version("
+            f"onnx.load(path), {CONVERT_TO}); onnx.save(model, path))")
+
+
+def _opsets(path: Path) -> dict[str, int]:
+    return {o.domain or "ai.onnx": o.version for o in onnx.load_model(path, load_external_data=False).opset_import}
 
 
 def _opset_hint(path: Path) -> str:
-    """What to change when the model's standard opset is newer than this ONNX Runtime runs."""
-    opsets = {o.domain or "ai.onnx": o.version for o in onnx.load_model(path, load_external_data=False).opset_import}
+    """What to change when the model's standard opset is newer or older than this ONNX Runtime runs."""
     newest = onnx.defs.onnx_opset_version()
-    version = opsets.get("ai.onnx", 0)
+    version = _opsets(path).get("ai.onnx", 0)
     if version > newest:
         return f"the model uses ai.onnx opset {version}: export it again with opset {newest} or lower"
-    return "check that every op is a standard ONNX op (or one ONNX Runtime implements) and that the opset is supported"
+    return _old_opset_hint(path) or ("check that every op is a standard ONNX op (or one ONNX Runtime implements) "
+                                     "and that the opset is supported")
 
 
 def require_tensor_outputs(model: onnx.ModelProto) -> None:
@@ -260,13 +278,47 @@ def require_tensor_outputs(model: onnx.ModelProto) -> None:
         )
 
 
+def fixed_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
+    """Every input's shape when none has a dynamic dimension (and each is a numeric tensor); else None."""
+    try:
+        specs = model_inputs(model)
+    except CalibrationError:  # a non-tensor input or a dtype numpy lacks: nothing can be generated for it
+        return None
+    if any(spec.dims is None or spec.dtype.kind not in "biuf" or not all(isinstance(d, int) for d in spec.dims)
+           for spec in specs):
+        return None
+    return {spec.name: list(spec.dims) for spec in specs}  # type: ignore[arg-type] - all ints, checked above
+
+
+def check_runs(model: onnx.ModelProto) -> None:
+    """When every input's shape is fixed, run the model once on generated inputs of those shapes, quietly;
+    ModelRunError (the same words `optimize` uses) when ONNX Runtime fails. With a dynamic dimension nothing is run:
+    generated inputs may not suit a model that real ones do (`optimize` tries longer ones, then says so).
+
+    WHY: `onnxforge optimize` on such a model printed ONNX Runtime's own coloured error line before ours. Not run at
+    upload: the API process has no memory or time limit for a run (tests/test_hardening_hostile.py), the job's does.
+    """
+    shapes = fixed_input_shapes(model)
+    if shapes is None:
+        return
+    session = create_session(model.SerializeToString(), SessionSettings())
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    try:
+        session.run(None, synthetic_samples(model, count=1).holdout[0], quiet)
+    except Exception as exc:
+        if not from_onnxruntime(exc):
+            raise
+        raise ModelRunError(exc, generated=True, fixed_shapes=shapes) from None
+
+
 def _try_session(path: Path) -> None:
     """ONNX Runtime can create a session (dropped again: validation only proves that it loads)."""
     try:
         create_session(path, SessionSettings(optimization_level="disabled"))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise UnsupportedModelError(
-            f"ONNX Runtime cannot load the model: {_ort_reason(exc)}; {_opset_hint(path)}"
+            f"ONNX Runtime cannot load the model: {ort_reason(exc)}; {_opset_hint(path)}"
         ) from None
 
 

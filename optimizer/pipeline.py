@@ -32,10 +32,10 @@ from optimizer.accuracy import Tolerance, agreement_lower_bound, parse_metric, r
 from optimizer.auto import AutoSearch
 from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, holdout_size, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
-from optimizer.errors import CalibrationError, OptimizerError, first_line
+from optimizer.errors import CalibrationError, ModelRunError, OptimizerError, first_line
 from optimizer.graph_inspect import inspect
 from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, paired_ratio
-from optimizer.loading import LoadedModel, load_model, require_tensor_outputs
+from optimizer.loading import LoadedModel, fixed_input_shapes, load_model, require_tensor_outputs
 from optimizer.passes import cleanup
 from optimizer.runtime import SessionSettings, create_session, resolve_provider
 from optimizer.variants import Built, VariantReport, build, describe, evaluate, set_latency
@@ -83,16 +83,39 @@ class OptimizeConfig:
     fp16_on_cpu: bool | None = None  # None: try FP16 on the CPU only when it has FP16 arithmetic
 
     def validate(self) -> None:
-        """Refuse settings that cannot work, with the allowed values in the message."""
-        checks = [("precision", self.precision, PRECISIONS), ("calibration_method", self.calibration_method,
-                                                                 CALIBRATION_METHODS)]
+        """Refuse settings that cannot work before any work, each message naming the setting and what it may be.
+
+        WHY up front: batch_sizes=() failed as "min() arg is an empty sequence" after the variants were built,
+        holdout_fraction=0 as a bare ValueError, and threads=-1 ran with ONNX Runtime's default unannounced.
+        provider="cuda" where CUDA does not work is not refused: the run falls back to the CPU with a warning and
+        the report's "provider" says "cpu" (the service's ONNXFORGE_PROVIDERS=cuda must not fail every job of a
+        replica whose GPU is gone; it serves on the CPU too).
+        """
+        def whole(value: object) -> bool:  # an int (numpy's too), not a bool nor a float
+            return hasattr(value, "__index__") and not isinstance(value, bool)
+
+        checks = [("precision", self.precision, PRECISIONS), ("provider", self.provider, ("auto", "cpu", "cuda")),
+                  ("calibration_method", self.calibration_method, CALIBRATION_METHODS)]
         if self.int8_mode is not None:
             checks.append(("int8_mode", self.int8_mode, INT8_MODES))
         for name, value, allowed in checks:
             if value not in allowed:
                 raise OptimizerError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-        if self.time_budget_s <= 0:
-            raise OptimizerError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        for name in ("time_budget_s", "benchmark_seconds"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise OptimizerError(f"{name} must be a number of seconds > 0, got {value}")
+        if not self.batch_sizes or not all(whole(b) and b >= 1 for b in self.batch_sizes):
+            raise OptimizerError(f"batch_sizes must list one or more whole numbers >= 1, e.g. (1, 8) (the smallest is "
+                                 f"the one the winner is chosen at), got {self.batch_sizes!r}")
+        if not 0 < self.holdout_fraction < 1:
+            raise OptimizerError(f"holdout_fraction is the share of the calibration samples held back for the "
+                                 f"accuracy check: a number between 0 and 1, both excluded (default 0.2), got "
+                                 f"{self.holdout_fraction}")
+        if not whole(self.threads) or self.threads < 0:
+            raise OptimizerError(f"threads must be 0 (ONNX Runtime's default, as serving uses) or a number of "
+                                 f"intra-op threads >= 1, got {self.threads!r}")
+        self.tolerance()  # ToleranceError for a min_cosine, min_top1 or metric that cannot work
 
     def tolerance(self) -> Tolerance:
         return Tolerance(min_cosine=self.min_cosine, min_top1=self.min_top1, outputs=self.outputs,
@@ -435,7 +458,14 @@ def optimize(
     provider = resolve_provider(config.provider)
     settings = SessionSettings(provider=provider, intra_op_threads=config.threads)
     tolerance = config.tolerance()
-    samples, reference = _reference(original, samples, settings)
+    try:
+        samples, reference = _reference(original, samples, settings)
+    except Exception as exc:
+        if not _from_onnxruntime(exc):
+            raise
+        # the one wording for the library, the worker's jobs and the command line (optimizer.errors.explain)
+        raise ModelRunError(exc, generated=samples.synthetic, fixed_shapes=fixed_input_shapes(original),
+                            retried_dim=max(r["dynamic_dim"] for r in GENERATED_RETRIES)) from exc
 
     built: dict[str, Built] = {}
     base_row = VariantReport(name=BASELINE, precision="fp32", settings={"source": "the uploaded model"})
