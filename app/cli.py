@@ -229,10 +229,23 @@ def _missing_folders(path: Path) -> list[Path]:
     return missing
 
 
+def _write_input_bytes(model: Path, written: Path, loaded) -> None:  # noqa: ANN001 - optimizer.LoadedModel
+    """When the original was kept, out/model.onnx is the input file's own bytes, as the service serves the uploaded
+    file: the optimizer writes the model it loaded (shapes inference added), a different file than the one given.
+    Not when loading had to change it (IR version lowered) or its weights lie in external data files (the written
+    file holds them, the input's bytes would point at files that are not in --out)."""
+    if loaded.ir_version == loaded.original_ir_version and not loaded.external_bytes:
+        tmp = written.with_name(f".{written.name}.tmp")
+        tmp.write_bytes(model.read_bytes())
+        tmp.replace(written)
+
+
 def _optimize(args: argparse.Namespace) -> int:
     import json
 
-    from optimizer.pipeline import OptimizeConfig, optimize
+    from optimizer import load_model
+    from optimizer.loading import check_runs
+    from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
     from optimizer.report_table import summary
 
     try:
@@ -249,9 +262,13 @@ def _optimize(args: argparse.Namespace) -> int:
     done = False
     try:
         with _quiet(args.quiet):
-            result = optimize(args.model, out_dir=args.out, config=config, calibration=args.calibration,
+            loaded = load_model(args.model)
+            check_runs(loaded.proto)  # broken on its own fixed shapes: fails here, without ONNX Runtime's log line
+            result = optimize(loaded, out_dir=args.out, config=config, calibration=args.calibration,
                               progress=None if args.quiet else lambda stage, f: print(f"[{f:4.0%}] {stage}",
                                                                                         file=sys.stderr))
+            if result.selected == BASELINE:
+                _write_input_bytes(args.model, result.model_path, loaded)
         done = True
     finally:
         if not done:  # a refused model or samples, or Ctrl-C: no empty folder of ours stays behind
@@ -418,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand. The one place its failures become an `error:` line (exit 2): the user's model or samples
-    refused (OptimizerError), or ONNX Runtime failing on them, explained as for a job (app.worker.runner.explain);
+    refused (OptimizerError), or ONNX Runtime failing on them, explained as for a job (optimizer.errors.explain);
     a setting `serve` or `worker` cannot start with (StartupError); anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
@@ -426,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         return _fail(str(exc))
     except Exception as exc:
-        from app.worker.runner import explain
+        from optimizer.errors import explain
 
         option = "--calibration" if args.command == "optimize" else "--inputs"
         message = explain(exc, generated_inputs=getattr(args, option[2:], None) is None,

@@ -52,32 +52,8 @@ def memory_message(limit_mb: int) -> str:
             f"{limit_mb}) and was stopped: raise the limit, or send fewer or smaller calibration samples")
 
 
-def explain(exc: BaseException, *, generated_inputs: bool, how_to_calibrate: str) -> str | None:
-    """What a user reads when an optimization raised `exc`; None when it is unexpected (our bug: keep the traceback).
-
-    The one mapping for the worker's jobs and the `onnxforge` command. ONNX Runtime's own exceptions (InvalidArgument,
-    Fail, ...) derive from Exception alone, so they are known by their module. One raised while the optimizer ran the
-    model on inputs it generated (no calibration samples given) almost always means those inputs do not suit the
-    model, neither the first ones nor the longer ones of its second tries (optimizer.pipeline.GENERATED_RETRIES,
-    which made Silero VAD run): real inputs fix it.
-    """
-    from optimizer.errors import OptimizerError, first_line
-    from optimizer.pipeline import GENERATED_RETRIES
-
-    if isinstance(exc, OptimizerError):
-        return str(exc)
-    if not type(exc).__module__.startswith("onnxruntime"):
-        return None
-    said = f"{type(exc).__name__}: {first_line(exc)}"
-    if generated_inputs:
-        return (f"ONNX Runtime could not run the model on the inputs the optimizer generated, as no calibration "
-                f"samples were given ({said}). Generated inputs (random values, dynamic dimensions set to 8, then to "
-                f"{max(r['dynamic_dim'] for r in GENERATED_RETRIES)}) did not suit this model: {how_to_calibrate}")
-    return f"ONNX Runtime failed while the optimizer ran the model on the calibration samples given: {said}"
-
-
 def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
-    from optimizer.errors import first_line
+    from optimizer.errors import explain, first_line
     from optimizer.pipeline import OptimizeConfig, optimize
 
     try:
