@@ -220,7 +220,10 @@ def test_upload_watch_report_and_try_it_in_chromium(browser, tmp_path: Path) -> 
         folded = "0" if report["selected"] != "original" else "2"
         assert histogram and ("BatchNormalization", "2", folded) in {tuple(r) for r in histogram}
 
-        link = browser.find_element("id", "download").get_attribute("href")
+        anchor = browser.find_element("id", "download")
+        served = "the original: nothing beat it" if report["selected"] == "original" else report["selected"]
+        assert anchor.text == f"Download the served model ({served})"
+        link = anchor.get_attribute("href")
         downloaded = api.get(link)
         assert downloaded.status_code == 200
         onnx.checker.check_model(onnx.load_from_string(downloaded.content))

@@ -281,6 +281,8 @@ function renderReport(r, v) {
   const link = $("#download");
   link.href = `/v1/models/${enc(state.model)}/versions/${v.version}/artifact?variant=optimized`;
   link.dataset.filename = `${state.model}-v${v.version}-optimized.onnx`;
+  link.textContent = r.selected === r.baseline ? "Download the served model (the original: nothing beat it)"
+    : `Download the served model (${r.selected})`;
 
   const timed = variants.filter((x) => x.latency_ms && x.latency_ms.p50 != null);
   $("#latency-chart").replaceChildren(latencyChart(timed, r));
