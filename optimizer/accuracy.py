@@ -204,7 +204,9 @@ def _json_safe(value: Any) -> Any:
 def run_outputs(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Run `session` once per feed and return each run's outputs by name (the input `compare` takes)."""
     names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, feed), strict=True)) for feed in feeds]
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failing run raises with ORT's message; its own [E:onnxruntime] line is noise
+    return [dict(zip(names, session.run(names, feed, quiet), strict=True)) for feed in feeds]
 
 
 def is_class_scores(name: str, array: np.ndarray) -> bool:
