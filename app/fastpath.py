@@ -88,7 +88,7 @@ class FastInfer:
             if template in (PREDICT, VERSION_PREDICT):
                 content, headers = await predict_json(services, name, version, body, scope.get("query_string", b""))
             else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read the body
-                content, headers = await infer(services, name, version, body, header_length, encoding)
+                content, headers = await infer(services, name, version, body, header_length, encoding, limit)
             started = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             status = 200
