@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from importlib.machinery import PathFinder
+from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
@@ -48,6 +51,28 @@ def app_factory():  # noqa: ANN201 - a FastAPI app; uvicorn calls this in each A
     return create_app(Settings(**{**overrides, "run_worker": False}))
 
 
+def _our_packages_first() -> None:
+    """Put the folder holding our `app` and `optimizer` packages first in sys.path when a path entry would
+    otherwise shadow them; spawned API processes take the parent's sys.path and import by it.
+
+    WHY: onnxruntime/transformers/__init__.py appends its own folder, which holds an `optimizer.py`, to sys.path
+    (its modules import their siblings through it, so it stays). An editable install (`pip install -e .`) finds
+    our packages through a finder that runs after sys.path's: a child started outside the repository imported
+    ORT's optimizer.py as `optimizer` and died ("'optimizer' is not a package"), over and over.
+    """
+    import app
+    import optimizer
+
+    for package in (app, optimizer):
+        ours = Path(package.__file__).resolve()
+        spec = PathFinder.find_spec(package.__name__)
+        if spec is None or spec.origin is None or Path(spec.origin).resolve() != ours:
+            root = str(ours.parent.parent)
+            if root in sys.path:
+                sys.path.remove(root)
+            sys.path.insert(0, root)
+
+
 def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
     """Run `settings.workers` API processes until SIGTERM/SIGINT, with the embedded worker if the settings ask."""
     from uvicorn import Config
@@ -61,6 +86,7 @@ def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
         # The cores shared out: N processes each with a thread per core would run N x cores threads at once.
         overrides = {**overrides, "intra_op_threads": max(1, default_threads() // settings.workers)}
     os.environ[OVERRIDES_ENV] = json.dumps(overrides, default=str)  # spawned processes inherit the environment
+    _our_packages_first()
     config = Config("app.prefork:app_factory", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
                     **UVICORN_OPTIONS)
