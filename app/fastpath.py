@@ -21,6 +21,7 @@ a root path) go to the normal stack untouched.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from app.api.errors import error_of, error_response
@@ -31,6 +32,7 @@ from app.protocol.v2_codec import HEADER_LENGTH
 from app.security import READ, ApiKeys, Receive, Scope, Send, body_limit_message, check_key
 
 _HEADER_LENGTH = HEADER_LENGTH.encode()
+STOPPING = "the service is stopping"
 # (path prefix, path suffix, route template, its versioned template): the routes the fast path answers.
 _ROUTES = (("/v2/models/", "/infer", INFER, VERSION_INFER), ("/v1/models/", "/predict", PREDICT, VERSION_PREDICT))
 
@@ -93,6 +95,12 @@ class FastInfer:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             status = 200
             await send({"type": "http.response.body", "body": content})
+        except asyncio.CancelledError:
+            # uvicorn cancels what its graceful shutdown did not finish: a 503 that a proxy (nginx) replays on another
+            # replica, not uvicorn's plain-text 500 and a traceback. Not raised on: the answer is this request's end.
+            status = 503
+            if not started:
+                await error_response(503, STOPPING, {"Retry-After": "1"})(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - every error is answered in the one shape; the server goes on
             status, message, headers = error_of(exc, f"POST {scope['path']}")
             if not started:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from importlib.machinery import PathFinder
 from pathlib import Path
@@ -97,12 +98,30 @@ def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
     worker = EmbeddedWorker(settings) if settings.run_worker else None
     socket = config.bind_socket()
 
+    stopped_by: list[int] = []
+
     class Supervisor(Multiprocess):
         def keep_subprocess_alive(self) -> None:
             super().keep_subprocess_alive()
             if worker is not None and not self.should_exit.is_set():
                 worker.poll()  # from this (main) thread: the worker's death signal is tied to its parent thread
 
+        def handle_int(self) -> None:
+            self._stop(signal.SIGINT)
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self._stop(signal.SIGTERM)
+            super().handle_term()
+
+        def _stop(self, sig: int) -> None:
+            # The listening socket closed now, not when the API processes have drained: the kernel would otherwise
+            # queue new connections on it that nobody accepts (they hung until the parent exited, then were reset).
+            # Closed, they are refused at once, and a proxy tries another replica.
+            socket.close()
+            stopped_by.append(sig)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     if worker is not None:
         worker.start()
     try:
@@ -111,4 +130,10 @@ def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
         if worker is not None:
             worker.stop()
         socket.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        # Stopped by a signal, die by it as `onnxforge serve` with one process does (uvicorn raises it again):
+        # exit status 143 after SIGTERM either way.
+        signal.raise_signal(stopped_by[0])
     return 0

@@ -19,13 +19,13 @@ from tests.service import free_port, stop
 SCRIPT = Path(sys.executable).parent / "onnxforge"
 
 
-def _serve(tmp_path: Path, *args: str) -> tuple[str, subprocess.Popen, Path]:
+def _serve(tmp_path: Path, *args: str, **settings: object) -> tuple[str, subprocess.Popen, Path]:
     """The console script from `tmp_path` (not the repository), with `args`; (base URL, process, log) once ready."""
     if not SCRIPT.exists():
         pytest.skip(f"no console script at {SCRIPT} (the package is not installed in this venv)")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update({f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()})
+    env.update({f"ONNXFORGE_{k.upper()}": str(v) for k, v in {**TEST_SETTINGS, **settings}.items()})
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
