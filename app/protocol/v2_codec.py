@@ -294,9 +294,10 @@ def _json_data(array: np.ndarray) -> list | np.ndarray:
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
     if flat.dtype == np.float16:
         flat = flat.astype(np.float32)  # orjson has no float16; float32 holds every float16 exactly
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        return [None if not np.isfinite(v) else float(v) for v in flat]  # JSON has no NaN/Inf
-    return np.ascontiguousarray(flat)  # orjson serializes numpy arrays itself (OPT_SERIALIZE_NUMPY)
+    # orjson serializes numpy arrays itself (OPT_SERIALIZE_NUMPY), NaN and +-Inf as null (JSON has none), as /v1
+    # answers them and KServe's server (orjson too) does. Triton writes the non-JSON tokens NaN and Infinity, which
+    # JSON.parse and strict parsers refuse; tritonclient reads null in a float output as NaN.
+    return np.ascontiguousarray(flat)
 
 
 # (model, version, request id, each output's (name, dtype, shape)) -> the JSON header of an answer whose every
