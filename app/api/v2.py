@@ -27,9 +27,11 @@ from app.errors import (
     PayloadTooLargeError,
 )
 from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
+from app.runtime.batching import unbatchable_reason
 from app.runtime.signature import TensorSpec
 from app.security import body_limit_message
 from app.services.container import Services
+from app.services.predict import batch_policy
 from optimizer.errors import first_line
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -106,6 +108,40 @@ async def model_metadata(name: str, services: Services = Depends(services_of)) -
 @router.get("/models/{name}/versions/{version}", responses=_ERRORS)
 async def version_metadata(name: str, version: str, services: Services = Depends(services_of)) -> dict[str, Any]:
     return await _metadata(services, name, version)
+
+
+def _config_tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
+    tensor = _tensor(spec)
+    datatype = tensor["datatype"]
+    return {"name": spec.name, "data_type": "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}",
+            "dims": tensor["shape"][1:] if batched else tensor["shape"]}
+
+
+async def _config(services: Services, name: str, version: str | None) -> dict[str, Any]:
+    """A minimal Triton model configuration, for clients that read one (perf_analyzer, some tritonclient code).
+
+    max_batch_size: the batching settings' size when the version's requests can be batched along axis 0 (the dims
+    then leave that axis out, as Triton's do), else 0 (dims are whole shapes). A request may still carry any number
+    of rows, and a probe at the first request may still find that batching does not pay for the model."""
+    model = await services.predict.serving(name, _version(version, name))
+    inputs, outputs = model.loaded.inputs, model.loaded.outputs
+    policy, _ = batch_policy(model.row, services.predict.batcher.default)
+    size = policy.max_batch_size if policy.max_batch_size > 1 and unbatchable_reason(inputs, outputs) is None else 0
+    return {"name": model.row.name, "platform": "onnxruntime_onnx", "max_batch_size": size,
+            "input": [_config_tensor(s, size > 0) for s in inputs],
+            "output": [_config_tensor(s, size > 0) for s in outputs]}
+
+
+@router.get("/models/{name}/config", responses=_ERRORS)
+async def model_config(name: str, services: Services = Depends(services_of)) -> dict[str, Any]:
+    """A minimal Triton-style model configuration of the serving version: name, platform, max_batch_size, input
+    and output (data_type TYPE_FP32 etc., dims with -1 for dynamic ones)."""
+    return await _config(services, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config", responses=_ERRORS)
+async def version_config(name: str, version: str, services: Services = Depends(services_of)) -> dict[str, Any]:
+    return await _config(services, name, version)
 
 
 async def _ready(services: Services, name: str, version: str | None) -> JSONResponse:

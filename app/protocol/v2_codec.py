@@ -266,7 +266,11 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
             raise BadRequestError("`outputs` must be a list of objects with a `name`")
         request.outputs = [o["name"] for o in outputs]
         for o in outputs:
-            wants = _parameters(o, f"output {o['name']!r}").get("binary_data")
+            params = _parameters(o, f"output {o['name']!r}")
+            if params.get("classification") is not None:  # tritonclient's InferRequestedOutput(class_count=...)
+                raise BadRequestError(f"output {o['name']!r}: parameters.classification (class_count) is not "
+                                      "supported: ask for the output itself and take its top classes")
+            wants = params.get("binary_data")
             if wants or (wants is None and request.binary_default):
                 request.binary_outputs.add(o["name"])
     return request
