@@ -55,6 +55,9 @@ def fast_target(path: str) -> tuple[str, str, str | None] | None:
     return None
 
 
+WATCH_AFTER_S = 0.5  # how old a request gets before the fast path watches for its client's disconnect
+
+
 class FastInfer:
     """Answers /v2 infer and /v1 predict requests for `app` (whose `state.services` the lifespan sets) with its
     keys and body limit."""
@@ -63,11 +66,41 @@ class FastInfer:
         self.state = app.state
         self.keys = keys
         self.max_body_bytes = max_body_bytes
+        # Disconnects: a request whose client went away is cancelled, so that, queued behind a slow model's runs, it
+        # is never run (answered to nobody, it would hold the model's slot up to the time limit, blocking the
+        # requests behind it). The run already in ONNX Runtime goes on to its end or time limit. Watched only from
+        # WATCH_AFTER_S on, by one sweep for all: a watch per request (a task awaiting `receive`, or a timer) would
+        # cost every quick request's event loop time; a dict entry costs ~0.1 us.
+        self._waiting: dict[asyncio.Task, tuple[Receive, int]] = {}  # in predict: its receive, the sweep it met
+        self._watchers: dict[asyncio.Task, asyncio.Task] = {}
+        self._gone: set[asyncio.Task] = set()
+        self._sweeps = 0
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None  # the loop a sweep is scheduled on, if any
+
+    def _sweep(self) -> None:
+        """Every WATCH_AFTER_S while requests are in predict: watch the client of each that was already there at
+        the previous sweep."""
+        self._sweeps += 1
+        for task, (receive, met) in self._waiting.items():
+            if self._sweeps - met >= 2 and task not in self._watchers:
+                self._watchers[task] = asyncio.get_running_loop().create_task(self._watch(task, receive))
+        if self._waiting:
+            asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._sweep)
+        else:
+            self._sweep_loop = None
+
+    async def _watch(self, task: asyncio.Task, receive: Receive) -> None:
+        # The body is read: the server's next message is http.disconnect, when the client goes away (or once the
+        # response is complete: by then the request has left _waiting, and its watcher is cancelled).
+        if (await receive())["type"] == "http.disconnect" and task in self._waiting:
+            self._gone.add(task)
+            task.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str, str | None]) -> None:
         template, name, version = target
         services = self.state.services
         status, started = 500, False
+        task = None
         try:
             authorization, length, header_length, encoding = b"", None, None, None
             for key, value in scope["headers"]:  # one pass for every header this path reads
@@ -87,10 +120,22 @@ class FastInfer:
             if length is not None and length.isdigit() and int(length) > limit:
                 raise PayloadTooLargeError(body_limit_message(limit))
             body = await read_body(receive, limit)
-            if template in (PREDICT, VERSION_PREDICT):
-                content, headers = await predict_json(services, name, version, body, scope.get("query_string", b""))
-            else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read the body
-                content, headers = await infer(services, name, version, body, header_length, encoding, limit)
+            loop = asyncio.get_running_loop()
+            if self._sweep_loop is not loop:
+                self._sweep_loop = loop
+                loop.call_later(WATCH_AFTER_S, self._sweep)
+            task = asyncio.current_task()
+            self._waiting[task] = (receive, self._sweeps)
+            try:
+                if template in (PREDICT, VERSION_PREDICT):
+                    content, headers = await predict_json(services, name, version, body,
+                                                          scope.get("query_string", b""))
+                else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read it
+                    content, headers = await infer(services, name, version, body, header_length, encoding, limit)
+            finally:
+                del self._waiting[task]
+                if self._watchers and (watcher := self._watchers.pop(task, None)) is not None:
+                    watcher.cancel()
             started = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             status = 200
@@ -98,8 +143,10 @@ class FastInfer:
         except asyncio.CancelledError:
             # uvicorn cancels what its graceful shutdown did not finish: a 503 that a proxy (nginx) replays on another
             # replica, not uvicorn's plain-text 500 and a traceback. Not raised on: the answer is this request's end.
-            status = 503
-            if not started:
+            # Or the client went away (_watch): nobody to answer, counted as nginx logs it, 499.
+            status = 499 if task in self._gone else 503
+            self._gone.discard(task)
+            if not started and status == 503:
                 await error_response(503, STOPPING, {"Retry-After": "1"})(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - every error is answered in the one shape; the server goes on
             status, message, headers = error_of(exc, f"POST {scope['path']}")

@@ -435,19 +435,26 @@ class Batcher:
 
     def _dispatch_one(self, key: Hashable, queue: _Queue, session) -> None:  # noqa: ANN001
         signature, group = next(iter(queue.groups.items()))
-        taken, rows = 0, 0
+        taken, rows, gone = 0, 0, 0
         limit = queue.limit()
         for request in group:  # the oldest first, up to the limit (at least one)
-            if taken and rows + request.rows > limit:
+            if taken > gone and rows + request.rows > limit:
                 break
             taken += 1
-            rows += request.rows
+            if request.future.done():  # its caller went away (a client that disconnected): not run
+                gone += 1
+            else:
+                rows += request.rows
         if taken == len(group):
             batch = group
             del queue.groups[signature]
         else:
             batch = group[:taken]
             del group[:taken]
+        if gone:
+            batch = [r for r in batch if not r.future.done()]
+            if not batch:
+                return
         queue.running += 1
         queue.dispatches += 1
         now = time.perf_counter()
