@@ -205,7 +205,9 @@ async def infer(services: Services, name: str, version: str | None, body: bytes,
     """One infer request, from its raw body (and the headers that say how to read it) to the answer's body
     and headers; `limit`: the predict body limit, for the body once unpacked. Raises the service's errors.
     The route below and the fast path (app/fastpath.py) call it."""
-    request = decode_request(_decompressed(body, encoding, limit), header_length)
+    if encoding and encoding != "identity":  # in a thread: up to the body limit of inflating, off the event loop
+        body = await run_in_threadpool(_decompressed, body, encoding, limit)
+    request = decode_request(body, header_length)
     prediction = await services.predict.predict(name, request.inputs, version=_version(version, name), cast=False,
                                                 output_names=request.outputs)
     content, length = encode_response(prediction.model, prediction.version, request, prediction.outputs)
