@@ -146,3 +146,36 @@ def test_sigterm_with_workers_refuses_new_connections_and_exits_as_one_process(t
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_uvicorn_stopping_answers_what_its_drain_did_not_finish_with_503(tmp_path: Path) -> None:
+    """The same through uvicorn itself (in this process, a 1 s drain): a slow request running and one queued behind
+    it when the drain ends each get the 503, not uvicorn's plain-text 500."""
+    from app.main import create_app
+    from app.settings import Settings
+    from tests.conftest import TEST_SETTINGS
+    from tests.service import free_port
+    from tests.test_robust_disconnect import _send, _until, uvicorn_in_thread
+
+    settings = Settings(
+        **{
+            **TEST_SETTINGS,
+            "data_dir": tmp_path / "data",
+            "run_worker": False,
+            "predict_threads": 1,
+            "predict_time_limit_s": 6,
+        }
+    )
+    app = create_app(settings)
+    port = free_port()
+    with uvicorn_in_thread(app, port) as base:
+        upload_slow(httpx.Client(base_url=base, timeout=30).post)
+        lanes = app.state.services.predict.lanes
+        clients = [_send(port, SLOW), _send(port, SLOW)]
+        _until(lambda: sum(len(q) for q in list(lanes._queued.values())) == 1, "one running, one queued")
+    # uvicorn_in_thread's exit: should_exit, a 1 s drain, then the cancel
+    for client in clients:
+        answer = client.recv(65536)
+        client.close()
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in answer.lower() and answer.endswith(b'{"error":"the service is stopping"}')
