@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, ServiceError
 from app.metrics import Metrics, PredictSeries
 from app.runtime.batching import Batcher, BatchPolicy, batching_pays, in_thread, rows_agree, unbatchable_reason
-from app.runtime.runs import Lane, Lanes, Limited, RunTimeout, Watchdog
+from app.runtime.runs import Lane, Lanes, Limited, RowByRow, RunTimeout, Watchdog
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import FeedChecker
 from app.services.registry import VARIANTS, Registry, serving_variant
@@ -234,7 +234,10 @@ class PredictService:
         if route is not None and route.loaded is model.loaded:
             return route
         row, loaded = model.row, model.loaded
-        runner = Limited(loaded.session, self.watchdog)
+        # A variant we built whose graph mixes rows (dynamic INT8) runs a request's rows one by one (RowByRow), as its
+        # accuracy was proven; the uploaded model runs as its author made it.
+        split_rows = bool(loaded.row_coupling) and model.variant != "original"
+        runner = (RowByRow if split_rows else Limited)(loaded.session, self.watchdog)
         policy, own_size = batch_policy(row, self.batcher.default)
         note = None
         asked = asked_for_batching(row)  # then every reason it gets no batching is said (batching_note)
