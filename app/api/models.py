@@ -347,11 +347,12 @@ async def predict_json(services: Services, name: str, version: str | None, body:
     number = None if version is None else _version_number(version, name)
     inputs, variant = _predict_body(body)
     prediction = await services.predict.predict(name, _decode(inputs), version=number, variant=variant)
-    content = orjson.dumps(
-        {"model": prediction.model, "version": prediction.version, "variant": prediction.variant,
-         "outputs": prediction.outputs},
-        option=orjson.OPT_SERIALIZE_NUMPY, default=_fallback,
-    )
+    answer = {"model": prediction.model, "version": prediction.version, "variant": prediction.variant,
+              "outputs": prediction.outputs}
+    if prediction.large:  # off the event loop (Prediction.large)
+        content = await run_in_threadpool(orjson.dumps, answer, option=orjson.OPT_SERIALIZE_NUMPY, default=_fallback)
+    else:
+        content = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY, default=_fallback)
     return content, [(b"content-length", str(len(content)).encode()), (b"content-type", _JSON)]
 
 

@@ -210,7 +210,11 @@ async def infer(services: Services, name: str, version: str | None, body: bytes,
     request = decode_request(body, header_length)
     prediction = await services.predict.predict(name, request.inputs, version=_version(version, name), cast=False,
                                                 output_names=request.outputs)
-    content, length = encode_response(prediction.model, prediction.version, request, prediction.outputs)
+    encode = (prediction.model, prediction.version, request, prediction.outputs)
+    if prediction.large:  # off the event loop (Prediction.large)
+        content, length = await run_in_threadpool(encode_response, *encode)
+    else:
+        content, length = encode_response(*encode)
     if length is None:
         return content, [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]
     return content, [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/octet-stream"),
