@@ -73,23 +73,31 @@ class _StateCollector(Collector):
                                   "validation slot freed up in time", value=refused)
 
 
+# WHY three: an operator must tell clients sending bad inputs (rejected, each told what to fix) from a model whose
+# runs fail or hang (failed); one "error" count mixed them.
+PREDICT_OUTCOMES = ("ok", "rejected", "failed")
+
+
 class PredictSeries:
     """One model version's (variant's) predict count and latency children, looked up once rather than per
     request: even the cached lookup (`Metrics._child`: a key tuple, the version as text, three dict gets) was
     half of the ~1.8 us a predict's metrics cost here."""
 
-    __slots__ = ("ok", "error", "latency")
+    __slots__ = ("ok", "rejected", "failed", "latency")
 
-    def __init__(self, ok, error, latency) -> None:  # noqa: ANN001 - prometheus_client's labelled children
-        self.ok, self.error, self.latency = ok, error, latency
+    def __init__(self, ok, rejected, failed, latency) -> None:  # noqa: ANN001 - prometheus_client's labelled children
+        self.ok, self.rejected, self.failed, self.latency = ok, rejected, failed, latency
 
-    def observe(self, started: float, ok: bool) -> None:
-        """Count one predict; an answered one also records its latency since `started` (perf_counter)."""
-        if ok:
+    def observe(self, started: float, outcome: str) -> None:
+        """Count one predict by its outcome (PREDICT_OUTCOMES); an answered one also records its latency since
+        `started` (perf_counter)."""
+        if outcome == "ok":
             self.ok.inc()
             self.latency.observe(time.perf_counter() - started)
+        elif outcome == "failed":
+            self.failed.inc()
         else:
-            self.error.inc()
+            self.rejected.inc()
 
 
 class Metrics:
@@ -102,7 +110,9 @@ class Metrics:
             ["method", "route", "status"], registry=self.registry,
         )
         self.predict_requests = Counter(
-            "onnxforge_predict_requests", "Predict requests by model, version, variant and outcome (ok | error)",
+            "onnxforge_predict_requests", "Predict requests by model, version, variant and outcome: ok; rejected "
+            "(its inputs failed their checks, or its client went away before its run); failed (the run raised or "
+            "passed the time limit: the model's or the service's side)",
             ["model", "version", "variant", "outcome"], registry=self.registry,
         )
         self.predict_latency = Histogram(
@@ -150,8 +160,7 @@ class Metrics:
     def predict_series(self, model: str, version: int, variant: str) -> PredictSeries:
         """The predict series of one model version's variant, bound once (the predict service keeps it per route)."""
         labels = (model, str(version), variant)
-        return PredictSeries(self._child(self.predict_requests, *labels, "ok"),
-                             self._child(self.predict_requests, *labels, "error"),
+        return PredictSeries(*(self._child(self.predict_requests, *labels, outcome) for outcome in PREDICT_OUTCOMES),
                              self._child(self.predict_latency, *labels))
 
     def observe_batch(self, labels: tuple[str, str, str], depth: int, size: int, waited: list[float]) -> None:

@@ -143,9 +143,11 @@ def test_metrics_count_predicts_per_model_version_and_variant(api: Api) -> None:
         return float(lines[0].split()[-1]) if lines else 0.0
 
     ok = 'onnxforge_predict_requests_total{model="mlp",outcome="ok",variant="original",version="1"}'
-    error = 'onnxforge_predict_requests_total{model="mlp",outcome="error",variant="original",version="1"}'
+    rejected = 'onnxforge_predict_requests_total{model="mlp",outcome="rejected",variant="original",version="1"}'
+    failed = 'onnxforge_predict_requests_total{model="mlp",outcome="failed",variant="original",version="1"}'
     assert count(ok, text) == count(ok, before) + 1
-    assert count(error, text) == count(error, before) + 1
+    assert count(rejected, text) == count(rejected, before) + 1  # a wrong shape: the client's to fix
+    assert count(failed, text) == count(failed, before)  # no run failed
     assert 'onnxforge_predict_latency_seconds_count{model="mlp",variant="original",version="1"}' in text
     assert 'onnxforge_jobs{status="queued"} 2.0' in text
     assert 'route="/v1/models/{name}/predict"' in text

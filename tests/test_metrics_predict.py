@@ -16,14 +16,17 @@ def test_a_bound_series_counts_answers_and_errors_and_times_only_answers() -> No
     metrics = Metrics(lambda: {}, lambda: 0)
     series = metrics.predict_series("m", 3, "int8")
     started = time.perf_counter() - 0.002  # a predict that took 2 ms
-    series.observe(started, True)
-    series.observe(started, True)
-    series.observe(started, False)
+    series.observe(started, "ok")
+    series.observe(started, "ok")
+    series.observe(started, "rejected")
+    series.observe(started, "failed")
+    series.observe(started, "failed")
     labels = 'model="m",{}variant="int8",version="3"'
     assert _value(metrics, "onnxforge_predict_requests_total{" + labels.format('outcome="ok",') + "}") == 2
-    assert _value(metrics, "onnxforge_predict_requests_total{" + labels.format('outcome="error",') + "}") == 1
+    assert _value(metrics, "onnxforge_predict_requests_total{" + labels.format('outcome="rejected",') + "}") == 1
+    assert _value(metrics, "onnxforge_predict_requests_total{" + labels.format('outcome="failed",') + "}") == 2
     assert _value(metrics, "onnxforge_predict_latency_seconds_count{" + labels.format("") + "}") == 2
     assert 0.004 <= _value(metrics, "onnxforge_predict_latency_seconds_sum{" + labels.format("") + "}") < 1
     # Bound again (a route rebuilt after an upload): the same children, the counts go on.
-    metrics.predict_series("m", 3, "int8").observe(started, True)
+    metrics.predict_series("m", 3, "int8").observe(started, "ok")
     assert _value(metrics, "onnxforge_predict_requests_total{" + labels.format('outcome="ok",') + "}") == 3

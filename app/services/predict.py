@@ -317,7 +317,7 @@ class PredictService:
         if route is None:
             route = await self._route(await self.serving(name, version, variant))
         started = time.perf_counter()
-        ok = False
+        outcome = "rejected"  # until its inputs pass their checks and its run starts (metrics.PREDICT_OUTCOMES)
         try:
             feed = route.feed(inputs, cast=cast, max_elements=self.max_input_elements)
             if output_names is not None:
@@ -328,6 +328,7 @@ class PredictService:
             names = output_names or route.outputs  # (ONNX Runtime takes a tuple as well as a list)
             if route.non_tensors:
                 _refuse_non_tensors(route, names)
+            outcome = "failed"  # from here on, what goes wrong is the run's (a client gone meanwhile: rejected)
             try:
                 if route.policy is not None:
                     values = await self.batcher.run(route.key, route.runner, names, feed, route.policy)
@@ -343,11 +344,14 @@ class PredictService:
                 raise BadRequestError(
                     f"ONNX Runtime could not run model {route.name!r} on these inputs: {first_line(exc)}"
                 ) from None
-            ok = True
+            outcome = "ok"
             outputs = dict(zip(names, values, strict=True))
             return Prediction(route.name, route.version, route.variant, route.loaded.provider, outputs)
+        except asyncio.CancelledError:
+            outcome = "rejected"
+            raise
         finally:
-            route.series.observe(started, ok)
+            route.series.observe(started, outcome)
 
     def batching_note(self, version_id: str, variant: str) -> str | None:
         """Why a routed (version, variant) is not batched although its upload asked for it or its graph forbids
