@@ -28,7 +28,14 @@ import onnx
 import onnxruntime as ort
 
 from optimizer import candidates as candidate_lists
-from optimizer.accuracy import Tolerance, agreement_lower_bound, parse_metric, rows_to_prove, run_outputs
+from optimizer.accuracy import (
+    FLOAT_ROUNDING,
+    Tolerance,
+    agreement_lower_bound,
+    parse_metric,
+    rows_to_prove,
+    run_outputs,
+)
 from optimizer.auto import AutoSearch
 from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, holdout_size, load_samples, synthetic_samples
 from optimizer.candidates import Candidate
@@ -541,6 +548,8 @@ def optimize(
         },
         "provider": provider,
         "config": asdict(config),
+        # every limit the accuracy guard applied (the slice limits and float rounding are not in config)
+        "tolerance": {**asdict(config.tolerance()), "float_rounding": FLOAT_ROUNDING},
         "graph": {"before": inspect(original).to_dict(), "after": inspect(selected_model).to_dict()},
         "calibration": {
             "synthetic": samples.synthetic, "source": samples.source, "method": config.calibration_method,

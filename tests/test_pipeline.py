@@ -61,6 +61,9 @@ def test_fp32_report_has_every_field_and_serves_a_model_that_agrees(tmp_path: Pa
     result = optimize(model.SerializeToString(), out_dir=tmp_path, config=config)
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) >= REQUIRED_KEYS
+    # every limit the guard applied, for readers of the report (the dashboard shows them)
+    assert {k: report["tolerance"][k] for k in ("min_top1", "min_slice_cosine", "max_slice_error", "float_rounding")} \
+        == {"min_top1": 0.7, "min_slice_cosine": 0.98, "max_slice_error": 0.25, "float_rounding": 1e-4}
     assert [v["name"] for v in report["variants"]] == ["original", "fused"]
     assert report["graph"]["before"]["node_count"] == len(model.graph.node)
     # the original's size is the file given (and downloaded), not the copy with inferred shapes: size_ratio uses it

@@ -291,6 +291,7 @@ function renderReport(r, v) {
     name: x.name, value: x.size_bytes, label: kb(x.size_bytes), mark: mark(x, r),
   })), "size"));
 
+  readTolerance(r);
   $("#tolerance").textContent = gatesText(r);
   $("#accuracy tbody").replaceChildren(...accuracyRows(variants, r));
   $("#accuracy-notes").replaceChildren(...(r.accuracy_notes || []).map((n) => el("li", {}, n)));
@@ -383,8 +384,14 @@ function barChart(items, cls) {
 
 // -- accuracy: what each output was gated on (accuracy.Tolerance; the module docstring has the rules) -----------
 
-// accuracy.Tolerance's slice limits (not in report.config: every upload gets them).
-const SLICE_COSINE = 0.98, SLICE_ERROR = 0.25;
+// accuracy.Tolerance's slice limits and float rounding, from the report's `tolerance` (these defaults: older reports).
+let SLICE_COSINE = 0.98, SLICE_ERROR = 0.25, FLOAT_ROUNDING = 1e-4;
+function readTolerance(r) {
+  const t = r.tolerance || {};
+  SLICE_COSINE = t.min_slice_cosine ?? 0.98;
+  SLICE_ERROR = t.max_slice_error ?? 0.25;
+  FLOAT_ROUNDING = t.float_rounding ?? 1e-4;
+}
 const pct = (x, digits) => (x === null || x === undefined ? "—" : fmt(x * 100, digits === undefined ? 2 : digits) + "%");
 
 // The gates in the header: a declared metric per output, the default (cosine and top-1) for the others.
@@ -419,7 +426,7 @@ function criteria(o, cfg) {
   const out = [];
   if (o.cosine != null) out.push(atLeast("cosine", o.cosine, cfg.min_cosine, (x) => fmt(x, 4)));
   if (o.top1 != null) out.push(atLeast("top-1 agreement", o.top1, cfg.min_top1, percent));
-  if (o.top1_lower_95 != null && o.relative_error > 1e-4) {  // accuracy.FLOAT_ROUNDING: a fused FP32 needs no proof
+  if (o.top1_lower_95 != null && o.relative_error > FLOAT_ROUNDING) {  // a fused FP32 needs no proof
     out.push(atLeast("top-1, 95% lower bound", o.top1_lower_95, cfg.min_top1, percent));
   }
   const s = o.slices;
