@@ -16,19 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
-from optimizer.calibration import model_inputs, synthetic_samples
+from optimizer.calibration import model_inputs
 from optimizer.errors import (
     CalibrationError,
     ExternalDataError,
     InvalidModelError,
-    ModelRunError,
     UnsupportedModelError,
     first_line,
-    from_onnxruntime,
     ort_reason,
 )
 from optimizer.runtime import SessionSettings, create_session, max_supported_ir_version
@@ -288,28 +285,6 @@ def fixed_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
            for spec in specs):
         return None
     return {spec.name: list(spec.dims) for spec in specs}  # type: ignore[arg-type] - all ints, checked above
-
-
-def check_runs(model: onnx.ModelProto) -> None:
-    """When every input's shape is fixed, run the model once on generated inputs of those shapes, quietly;
-    ModelRunError (the same words `optimize` uses) when ONNX Runtime fails. With a dynamic dimension nothing is run:
-    generated inputs may not suit a model that real ones do (`optimize` tries longer ones, then says so).
-
-    WHY: `onnxforge optimize` on such a model printed ONNX Runtime's own coloured error line before ours. Not run at
-    upload: the API process has no memory or time limit for a run (tests/test_hardening_hostile.py), the job's does.
-    """
-    shapes = fixed_input_shapes(model)
-    if shapes is None:
-        return
-    session = create_session(model.SerializeToString(), SessionSettings())
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4
-    try:
-        session.run(None, synthetic_samples(model, count=1).holdout[0], quiet)
-    except Exception as exc:
-        if not from_onnxruntime(exc):
-            raise
-        raise ModelRunError(exc, generated=True, fixed_shapes=shapes) from None
 
 
 def _try_session(path: Path) -> None:
