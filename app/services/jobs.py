@@ -196,13 +196,15 @@ class JobQueue:
             ).values(status="ready", ready_at=now, report=report, selected=selected, provider=provider, error=None))
             return True
 
-    def fail(self, job: ClaimedJob, worker_id: str, reason: str) -> bool:
+    def fail(self, job: ClaimedJob, worker_id: str, reason: str, *, unrunnable: bool = False) -> bool:
+        """Mark the job and its version failed; `unrunnable`: the job proved the uploaded model cannot run at all,
+        so the version must not serve its original either (Registry's pick_serving)."""
         with self.db.write() as session:
             if session.execute(self._owned(job.id, worker_id).values(
                 status="failed", finished_at=utcnow(), lease_expires_at=None, error=reason,
             )).rowcount != 1:
                 return False
-            _fail_version(session, job.version_id, reason)
+            _fail_version(session, job.version_id, reason, unrunnable=unrunnable)
             return True
 
     def release(self, job: ClaimedJob, worker_id: str) -> bool:
@@ -251,7 +253,7 @@ class JobQueue:
         return actions
 
 
-def _fail_version(session, version_id: str, reason: str) -> None:  # noqa: ANN001 - ORM Session
+def _fail_version(session, version_id: str, reason: str, *, unrunnable: bool = False) -> None:  # noqa: ANN001
     session.execute(update(ModelVersion).where(
         ModelVersion.id == version_id, ModelVersion.status == "optimizing",
-    ).values(status="failed", error=reason))
+    ).values(status="failed", error=reason, unrunnable=unrunnable or None))

@@ -181,9 +181,9 @@ class PredictService:
         generation = self._generations.get(name, 0)
         try:
             resolved = _Resolved.of(await run_in_threadpool(self.registry.resolve, name, version))
-        except NotFoundError:
+        except (NotFoundError, ConflictError):
             self._resolved.pop(key, None)
-            if cached is not None:  # deleted, maybe through another replica: free its sessions now
+            if cached is not None:  # deleted or found unrunnable, maybe through another replica: free its sessions
                 self.forget([cached[1].id])
             raise
         if cached is not None and cached[1].id != resolved.id:

@@ -6,6 +6,8 @@ oldest live one, serving its validated original: it is the one that served befor
 version that serves keeps serving until a newer one is ready: a new upload, still optimizing or failed, never
 replaces it, however its inputs differ; and a version whose optimization failed serves its original when it was
 already serving (a failed optimizer is not an outage) but replaces no other version (pin it to serve it).
+A version whose job proved that ONNX Runtime cannot run the uploaded model at all (`unrunnable`) never serves, pinned
+or not: predict gets 409 saying why and what to do, not a 400 per request as if the client's inputs were wrong.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class Accepted:
     warnings: list[str]
 
 
+def not_served(version: ModelVersion) -> str:
+    """Why an unrunnable version is not served, and what to do: the one message of predict, report and pin."""
+    return (f"model {version.name!r} version {version.version} is not served: its job failed because ONNX Runtime "
+            f"cannot run the uploaded model ({version.error}). Upload a fixed model as {version.name!r} "
+            f"(POST /v1/models), or pin another version to serve (PUT /v1/models/{version.name}/serving)")
+
+
 def serving_variant(version: ModelVersion, requested: str | None) -> str:
     """The variant a request gets: what it asked for, else optimized once ready, else the original.
 
@@ -45,6 +54,8 @@ def serving_variant(version: ModelVersion, requested: str | None) -> str:
     saying "optimized" would promise a speedup that was not found. A version whose optimization failed serves
     its validated original; asked for "optimized", it says why there is none.
     """
+    if version.unrunnable:
+        raise ConflictError(not_served(version))
     if version.status == "failed":
         if requested == "optimized":
             raise ConflictError(
@@ -86,7 +97,9 @@ def pick_serving(versions: list[ModelVersion]) -> ModelVersion | None:
     WHY the oldest and not the newest while none is ready: a version still optimizing or whose optimization
     failed must not take the name from the one serving (its clients would get 400s for an interface that
     changed under them, as the upload's warning promises they will not until the new version serves).
+    An unrunnable version is never picked: None also when every live version is one.
     """
+    versions = [v for v in versions if not v.unrunnable]
     pinned = [v for v in versions if v.pinned_at is not None and v.status in PINNABLE]
     if pinned:
         return max(pinned, key=lambda v: v.pinned_at)
@@ -99,7 +112,7 @@ def pick_serving(versions: list[ModelVersion]) -> ModelVersion | None:
 
 def pinned_version(versions: list[ModelVersion]) -> int | None:
     """The version pinned to serve, None when the automatic rule decides."""
-    pinned = [v for v in versions if v.pinned_at is not None and v.status in PINNABLE]
+    pinned = [v for v in versions if v.pinned_at is not None and v.status in PINNABLE and not v.unrunnable]
     return max(pinned, key=lambda v: v.pinned_at).version if pinned else None
 
 
@@ -222,6 +235,8 @@ class Registry:
                 if target is None:
                     raise NotFoundError(f"{_missing(name, version)} to pin (deleted, or never uploaded): its live "
                                         f"versions are {[row.version for row in rows]}")
+                if target.unrunnable:
+                    raise ConflictError(not_served(target))
                 if target.status not in PINNABLE:
                     raise ConflictError(
                         f"model {name!r} version {version} is still optimizing: pin it once its job has finished "
@@ -273,7 +288,8 @@ class Registry:
         return {job.version_id: job for job in jobs}
 
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
-        """The version a request for `name` (and maybe `version`) is about."""
+        """The version a request for `name` (and maybe `version`) is about; ConflictError (409, why and what to do)
+        when no version of `name` can serve: each live one is unrunnable."""
         if version is not None:
             with self.db.read() as session:
                 row = session.scalars(select(ModelVersion).where(
@@ -282,12 +298,16 @@ class Registry:
             if row is None:
                 raise NotFoundError(_missing(name, version))
             return row
-        serving = pick_serving(self.versions(name))
-        assert serving is not None  # versions() raised NotFoundError if there were none
+        versions = self.versions(name)  # NotFoundError if there is none
+        serving = pick_serving(versions)
+        if serving is None:  # every live version is unrunnable: say why the newest is not served
+            raise ConflictError(not_served(versions[-1]))
         return serving
 
     def report(self, name: str, version: int | None = None) -> tuple[ModelVersion, dict[str, Any]]:
         row = self.resolve(name, version)
+        if row.unrunnable:
+            raise ConflictError(not_served(row))
         if row.status == "failed":
             raise ConflictError(
                 f"model {name!r} version {row.version} has no report: its optimization failed ({row.error}). "

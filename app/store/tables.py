@@ -41,7 +41,7 @@ class ModelVersion(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))  # optimizing | ready | failed | deleted
+    status: Mapped[str] = mapped_column(String(16))  # optimizing | ready | failed (see `unrunnable`) | deleted
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column(default=None)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -63,11 +63,17 @@ class ModelVersion(Base):
     # Set on the one live version of a name that an admin pinned to serve it (rollback), None on the others;
     # in the database, not in a process, so every replica reads it with the version list. See ADDED_COLUMNS.
     pinned_at: Mapped[datetime | None] = mapped_column(default=None)
+    # True on a failed version whose job proved that ONNX Runtime cannot run the uploaded model itself (it failed on
+    # the model's own fixed input shapes): it is never served (Registry's pick_serving). None (not False) elsewhere,
+    # as on the rows of a database made before this column existed. See ADDED_COLUMNS.
+    unrunnable: Mapped[bool | None] = mapped_column(default=None)
 
 
 # Columns added to existing tables after the first release: create_all makes missing tables only, so
 # Database.create_schema adds these to a database made by an older release (all nullable).
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("model_versions", "serving"), ("model_versions", "pinned_at"))
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("model_versions", "serving"), ("model_versions", "pinned_at"), ("model_versions", "unrunnable"),
+)
 
 
 class Job(Base):

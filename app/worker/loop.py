@@ -69,6 +69,7 @@ class _Outcome:
     kind: str  # done | error | crashed | timeout | lost | stopped
     detail: str = ""
     selected: str = ""
+    unrunnable: bool = False  # an error proving the uploaded model cannot run (runner.cannot_run): not to be served
 
 
 def _signal_name(code: int) -> str:
@@ -232,7 +233,7 @@ class Worker:
                 elif message[0] == "done":
                     result = _Outcome("done", selected=message[1])
                 elif message[0] == "error":
-                    result = _Outcome("error", message[1])
+                    result = _Outcome("error", message[1], unrunnable="unrunnable" in message[2:])
             now = time.monotonic()
             if self._stop.is_set():
                 return _Outcome("stopped")
@@ -265,7 +266,7 @@ class Worker:
             self._drop_if_deleted(job)
             return
         if outcome.kind != "done":
-            if not self.queue.fail(job, self.worker_id, outcome.detail):
+            if not self.queue.fail(job, self.worker_id, outcome.detail, unrunnable=outcome.unrunnable):
                 self._drop_if_deleted(job)
             return
         out = work / "out"

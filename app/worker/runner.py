@@ -4,8 +4,9 @@ Started by the worker as `python -m app.worker.runner <fd> [<worker pid>]` with 
 on stdin; given the worker's pid, it first arranges to die with the worker (app/worker/lifeline.py).
 It writes JSON lines to file descriptor <fd>: ["started"] once it is covered by the death signal (the
 worker records its pid only then), ["progress", stage, fraction] while it runs, then
-exactly one ["done", selected] or ["error", message]. Dying without a message (a crash in native
-code, a kill) is for the worker to explain from the exit code.
+exactly one ["done", selected] or ["error", message], or ["error", message, "unrunnable"] when the failure
+proves that the uploaded model itself cannot run (`cannot_run`: its version must not serve its original).
+Dying without a message (a crash in native code, a kill) is for the worker to explain from the exit code.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def memory_message(limit_mb: int) -> str:
             f"{limit_mb}) and was stopped: raise the limit, or send fewer or smaller calibration samples")
 
 
+def cannot_run(exc: BaseException) -> bool:
+    """Whether `exc` proves that the uploaded model cannot run for any request: ONNX Runtime failed on generated
+    inputs of the model's own declared shapes, none dynamic, so no client can send other shapes.
+
+    WHY so narrow: generated inputs that do not suit a model with a dynamic dimension (too short for its padding),
+    or calibration samples that fail, say nothing about the real requests its original serves today.
+    """
+    from optimizer.errors import ModelRunError
+
+    return isinstance(exc, ModelRunError) and exc.generated and exc.fixed_shapes is not None
+
+
 def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
     from optimizer.errors import explain, first_line
     from optimizer.pipeline import OptimizeConfig, optimize
@@ -69,7 +82,7 @@ def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
             "upload calibration samples (real inputs: an .npz with one array per model input, "
             "-F calibration=@samples.npz) with the model again"))
         if explained is not None:
-            send(["error", explained])
+            send(["error", explained, *(["unrunnable"] if cannot_run(exc) else [])])
             return
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             send(["error", "the disk ran full while the optimizer wrote its output (No space left on device); "
