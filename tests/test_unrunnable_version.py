@@ -127,7 +127,7 @@ def test_a_model_whose_optimization_failed_but_that_runs_still_serves_its_origin
 
 def test_the_runner_says_unrunnable_only_when_the_model_fails_on_its_own_fixed_shapes(tmp_path: Path) -> None:
     said = {}
-    for name, model in (("fixed", broken_conv()), ("dynamic", impossible_reshape())):
+    for name, model in (("fixed", broken_conv()), ("dynamic", impossible_reshape()), ("ids", _small_table())):
         path = tmp_path / f"{name}.onnx"
         onnx.save(model, path)
         messages: list[list] = []
@@ -136,6 +136,20 @@ def test_the_runner_says_unrunnable_only_when_the_model_fails_on_its_own_fixed_s
         said[name] = messages[-1]
     assert said["fixed"][0] == "error" and said["fixed"][2:] == ["unrunnable"], said
     assert said["dynamic"][0] == "error" and len(said["dynamic"]) == 2, said  # real inputs may run it
+    # Fixed shapes but integer ids: generated ids (0-9) overflow its 5-row table; real ids (0-4) run it.
+    assert said["ids"][0] == "error" and len(said["ids"]) == 2 and "calibration" in said["ids"][1], said
+
+
+def _small_table() -> onnx.ModelProto:
+    """A fixed-shape [1, 4] int64 input gathered from a 5-row embedding table: only ids 0-4 are valid."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(15, dtype=np.float32).reshape(5, 3), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "ids",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], [table])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_a_data_folder_made_before_the_column_keeps_serving_and_learns_it(serve, data_dir: Path) -> None:  # noqa: ANN001
