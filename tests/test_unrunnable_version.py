@@ -57,7 +57,7 @@ def _assert_broken_only(api: Api) -> None:
     described = api.client.get("/v1/models/broken").json()
     assert described["serving_version"] is None, described
     version = _version(api, "broken", 1)
-    assert version["status"] == "failed" and REASON in version["error"], version
+    assert version["status"] == "failed" and REASON in version["error"] and version["servable"] is False, version
     _assert_not_served(api.predict("broken", BROKEN_FEED), 1)  # was 400 with ONNX Runtime's error
     _assert_not_served(api.predict("broken", BROKEN_FEED, version=1), 1)
     _assert_not_served(api.predict("broken", BROKEN_FEED, variant="original"), 1)
@@ -123,6 +123,7 @@ def test_a_model_whose_optimization_failed_but_that_runs_still_serves_its_origin
         assert served.status_code == 200 and served.json()["variant"] == "original", served.text
         assert api.client.put("/v1/models/slow/serving", json={"version": 1}).status_code == 200
         assert _listed(api, "slow")["serving_version"] == 1
+        assert _version(api, "slow", 1)["servable"] is True
 
 
 def test_the_runner_says_unrunnable_only_when_the_model_fails_on_its_own_fixed_shapes(tmp_path: Path) -> None:

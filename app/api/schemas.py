@@ -58,8 +58,11 @@ class TensorOut(BaseModel):
 class VersionOut(BaseModel):
     version: int
     status: Literal["optimizing", "ready", "failed"] = Field(
-        description="failed: the optimization failed (`error` says why); the version serves its validated original"
+        description="failed: the optimization failed (`error` says why); the version serves its validated original "
+                    "unless `servable` is false"
     )
+    servable: bool = Field(default=True, description="false when its job proved ONNX Runtime cannot run the uploaded "
+                                                     "model: it never serves and cannot be pinned (`error` says why)")
     created_at: datetime
     ready_at: datetime | None
     filename: str
@@ -83,7 +86,8 @@ class VersionOut(BaseModel):
                    filename=row.filename, sha256=row.sha256, size_bytes=row.size_bytes,
                    has_calibration=row.has_calibration, options=row.options or {}, selected=row.selected,
                    provider=row.provider, error=row.error, notes=list(row.notes or []),
-                   batching=dict(row.serving or {}), job=JobOut.of(job) if job is not None else None)
+                   batching=dict(row.serving or {}), job=JobOut.of(job) if job is not None else None,
+                   servable=not row.unrunnable)
 
 
 class ModelSummary(BaseModel):
@@ -94,7 +98,7 @@ class ModelSummary(BaseModel):
     serving_variant: Literal["optimized", "original"] | None
     latest_version: int
     latest_status: str = Field(description="queued | optimizing | ready | failed (its optimization; it still serves "
-                                           "its original)")
+                                           "its original unless its model cannot run at all)")
     versions: int
 
 
@@ -117,7 +121,8 @@ class ModelOut(BaseModel):
 
 
 class ServingPinIn(BaseModel):
-    version: int = Field(ge=1, description="a ready version, or a failed one (it serves its validated original)")
+    version: int = Field(ge=1, description="a ready version, or a failed one whose model runs (it serves its "
+                                           "validated original)")
 
 
 class ServingOut(BaseModel):

@@ -189,8 +189,9 @@ function renderServing() {
         : `v${served.version} serves its validated original: no version is ready (nothing pinned).`;
   const pin = $("#pin");
   pin.textContent = `Pin v${state.version} to serve`;
-  // Pinnable: ready, or failed (it serves its validated original); not one still optimizing.
-  pin.hidden = !shown || !["ready", "failed"].includes(shown.status) || d.pinned_version === state.version;
+  // Pinnable: ready, or failed (it serves its validated original) unless its model cannot run; not one optimizing.
+  pin.hidden = !shown || !["ready", "failed"].includes(shown.status) || shown.servable === false
+    || d.pinned_version === state.version;
   $("#unpin").hidden = d.pinned_version === null;
 }
 
