@@ -139,6 +139,12 @@ def _lower_ir_version(model: onnx.ModelProto, notes: list[str]) -> None:
     model.ir_version = supported
 
 
+def is_anonymous_dim_name(name: str) -> bool:
+    """A dimension name without a letter or digit ('?'): an exporter's "unknown", not one shared size
+    (`_clear_anonymous_dim_names`). The service's input checks read a session's names by the same rule."""
+    return not any(c.isalnum() for c in name)
+
+
 def _clear_anonymous_dim_names(model: onnx.ModelProto, notes: list[str]) -> None:
     """Turn dimension names without a letter or digit ('?') into plain unknown dimensions.
 
@@ -150,7 +156,7 @@ def _clear_anonymous_dim_names(model: onnx.ModelProto, notes: list[str]) -> None
     cleared: dict[str, set[str]] = {}
     for value in [*graph.input, *graph.output, *graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and not any(c.isalnum() for c in dim.dim_param):
+            if dim.HasField("dim_param") and is_anonymous_dim_name(dim.dim_param):
                 cleared.setdefault(dim.dim_param, set()).add(value.name)
                 dim.ClearField("dim_param")
     for name, values in cleared.items():

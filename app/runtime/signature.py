@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optimizer.loading import is_anonymous_dim_name
+
 # ONNX Runtime's type strings -> numpy. Strings are fed as object arrays of str.
 ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
@@ -50,12 +52,16 @@ class TensorSpec:
 
 
 def _spec(node_arg) -> TensorSpec:  # noqa: ANN001 - onnxruntime.NodeArg
+    """WHY names like '?' become None: the original variant serves the uploaded file as it is, and Paddle2ONNX names
+    every unknown dimension '?' (PP-OCR's classifier [-1, 3, '?', '?']): read as one shared size, every real
+    48x192 crop was refused (only square ones ran). The optimizer reads such names as unknown too."""
     shape = node_arg.shape
     dims: tuple[int | str | None, ...] | None
     if shape is None:
         dims = None
     else:
-        dims = tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None) for d in shape)
+        dims = tuple(d if isinstance(d, int) and d >= 0
+                     else (d if isinstance(d, str) and not is_anonymous_dim_name(d) else None) for d in shape)
     return TensorSpec(node_arg.name, node_arg.type, ORT_DTYPES.get(node_arg.type), dims)
 
 
