@@ -294,6 +294,7 @@ def _fallback(value: Any) -> Any:  # noqa: ANN401 - orjson's `default` hook
 
 
 _VARIANTS = ("optimized", "original")
+_PREDICT_FIELDS = frozenset(PredictIn.model_fields)
 # The request body as OpenAPI documents it (the route reads the body itself, see _predict_body).
 _PREDICT_BODY = {"required": True, "content": {"application/json": {"schema": PredictIn.model_json_schema()}}}
 
@@ -311,6 +312,10 @@ def _predict_body(body: bytes) -> tuple[dict[str, Any], str | None]:
     if not isinstance(inputs, dict):
         problem = "Field required" if inputs is None and "inputs" not in parsed else "Input should be an object"
         raise MalformedRequestError(f"malformed request: inputs: {problem}")
+    unknown = sorted(set(parsed) - _PREDICT_FIELDS)
+    if unknown:  # WHY: a misspelt "varient" was ignored and the default variant answered, as if it were asked for
+        raise BadRequestError(f"unknown field {unknown[0]!r} in the predict body: it takes "
+                                    f"{' and '.join(sorted(_PREDICT_FIELDS))} (the model's outputs all come back)")
     variant = parsed.get("variant")
     if variant is not None and variant not in _VARIANTS:
         raise MalformedRequestError(f"malformed request: variant: Input should be 'optimized' or 'original', "

@@ -139,7 +139,7 @@ class PredictIn(BaseModel):
                                   "optimizer found nothing faster: the answer's variant says which served)"
     )
 
-    model_config = {"json_schema_extra": {"example": {"inputs": {"features": [[0.1, 0.2, 0.3]]}}}}
+    model_config = {"extra": "forbid", "json_schema_extra": {"example": {"inputs": {"features": [[0.1, 0.2, 0.3]]}}}}
 
 
 class PredictOut(BaseModel):
