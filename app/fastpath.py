@@ -22,7 +22,10 @@ a root path) go to the normal stack untouched.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from fastapi.responses import JSONResponse
 
 from app.api.errors import error_of, error_response
 from app.api.models import PREDICT, VERSION_PREDICT, predict_json
@@ -30,6 +33,7 @@ from app.api.v2 import INFER, VERSION_INFER, infer, read_body
 from app.errors import NotReadyError, PayloadTooLargeError
 from app.protocol.v2_codec import HEADER_LENGTH
 from app.security import READ, ApiKeys, Receive, Scope, Send, body_limit_message, check_key
+from app.services.container import Services
 
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 STOPPING = "the service is stopping"
@@ -37,7 +41,10 @@ STOPPING = "the service is stopping"
 _ROUTES = (("/v2/models/", "/infer", INFER, VERSION_INFER), ("/v1/models/", "/predict", PREDICT, VERSION_PREDICT))
 
 
-def fast_target(path: str) -> tuple[str, str, str | None] | None:
+Target = tuple[str, str, str | None]  # fast_target's answer: route template, model name, version text or None
+
+
+def fast_target(path: str) -> Target | None:
     """(route template, model name, version text or None) when `path` is a /v2 infer or /v1 predict path,
     else None.
 
@@ -53,6 +60,30 @@ def fast_target(path: str) -> tuple[str, str, str | None] | None:
             return versioned, parts[0], parts[2]
         return None
     return None
+
+
+class Headers(NamedTuple):
+    """What the fast path reads from a request's headers."""
+
+    authorization: bytes
+    length: bytes | None  # Content-Length as sent
+    header_length: str | None  # the binary extension's Inference-Header-Content-Length
+    encoding: str | None  # Content-Encoding, stripped and lower-case
+
+
+def headers_of(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """One pass over the (lower-case) request headers for every one this path reads."""
+    authorization, length, header_length, encoding = b"", None, None, None
+    for key, value in headers:
+        if key == _HEADER_LENGTH:
+            header_length = value.decode("latin-1")
+        elif key == b"content-length":
+            length = value
+        elif key == b"authorization":
+            authorization = value
+        elif key == b"content-encoding":
+            encoding = value.decode("latin-1").strip().lower()
+    return Headers(authorization, length, header_length, encoding)
 
 
 WATCH_AFTER_S = 0.5  # how old a request gets before the fast path watches for its client's disconnect
@@ -96,30 +127,52 @@ class FastInfer:
             self._gone.add(task)
             task.cancel()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str, str | None]) -> None:
+    def admit(self, headers: Headers) -> Services:
+        """The checks before the body is read: the API key, readiness, the body limit by Content-Length. Raises
+        the service's errors; returns the services that answer the request."""
+        if self.keys.enabled:
+            check_key(self.keys, READ, headers.authorization)  # running a model is what a read key is for
+        services = self.state.services
+        if services is None:  # after the key: a client without one learns nothing of the service's state
+            raise NotReadyError("the service is starting or stopping")
+        length = headers.length
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise PayloadTooLargeError(body_limit_message(self.max_body_bytes))
+        return services
+
+    async def run(self, services: Services, target: Target, headers: Headers, body: bytes,
+                  query: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The answer's body and headers to a whole request body (raises the service's errors)."""
         template, name, version = target
+        if template in (PREDICT, VERSION_PREDICT):
+            return await predict_json(services, name, version, body, query)
+        # /v2 infer: the binary extension's header length and Content-Encoding say how to read it
+        return await infer(services, name, version, body, headers.header_length, headers.encoding,
+                           self.max_body_bytes)
+
+    @staticmethod
+    def failure(exc: BaseException, gone: bool, where: str) -> tuple[int, JSONResponse | None]:
+        """The status of a request that raised `exc` (`where`: method and path, for the log) and its answer (None:
+        nobody to answer).
+
+        Cancelled: uvicorn cancels what its graceful shutdown did not finish: a 503 that a proxy (nginx) replays
+        on another replica, not uvicorn's plain-text 500 and a traceback. Or the client went away (`gone`):
+        nobody to answer, counted as nginx logs it, 499. Any other error in the service's one shape."""
+        if isinstance(exc, asyncio.CancelledError):
+            return (499, None) if gone else (503, error_response(503, STOPPING, {"Retry-After": "1"}))
+        status, message, headers = error_of(exc, where)
+        return status, error_response(status, message, headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, target: Target) -> None:
+        """The ASGI driver of the request (TestClient, other ASGI servers, and uvicorn where app/http_protocol.py
+        leaves a request to uvicorn's cycle)."""
         services = self.state.services
         status, started = 500, False
         task = None
         try:
-            authorization, length, header_length, encoding = b"", None, None, None
-            for key, value in scope["headers"]:  # one pass for every header this path reads
-                if key == _HEADER_LENGTH:
-                    header_length = value.decode("latin-1")
-                elif key == b"content-length":
-                    length = value
-                elif key == b"authorization":
-                    authorization = value
-                elif key == b"content-encoding":
-                    encoding = value.decode("latin-1").strip().lower()
-            if self.keys.enabled:
-                check_key(self.keys, READ, authorization)  # running a model is what a read key is for (required_role)
-            if services is None:  # after the key: a client without one learns nothing of the service's state
-                raise NotReadyError("the service is starting or stopping")
-            limit = self.max_body_bytes
-            if length is not None and length.isdigit() and int(length) > limit:
-                raise PayloadTooLargeError(body_limit_message(limit))
-            body = await read_body(receive, limit)
+            headers = headers_of(scope["headers"])
+            services = self.admit(headers)
+            body = await read_body(receive, self.max_body_bytes)
             loop = asyncio.get_running_loop()
             if self._sweep_loop is not loop:
                 self._sweep_loop = loop
@@ -127,31 +180,24 @@ class FastInfer:
             task = asyncio.current_task()
             self._waiting[task] = (receive, self._sweeps)
             try:
-                if template in (PREDICT, VERSION_PREDICT):
-                    content, headers = await predict_json(services, name, version, body,
-                                                          scope.get("query_string", b""))
-                else:  # /v2 infer: the binary extension's header length and Content-Encoding say how to read it
-                    content, headers = await infer(services, name, version, body, header_length, encoding, limit)
+                content, answer = await self.run(services, target, headers, body, scope.get("query_string", b""))
             finally:
                 del self._waiting[task]
                 if self._watchers and (watcher := self._watchers.pop(task, None)) is not None:
                     watcher.cancel()
             started = True
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.start", "status": 200, "headers": answer})
             status = 200
             await send({"type": "http.response.body", "body": content})
-        except asyncio.CancelledError:
-            # uvicorn cancels what its graceful shutdown did not finish: a 503 that a proxy (nginx) replays on another
-            # replica, not uvicorn's plain-text 500 and a traceback. Not raised on: the answer is this request's end.
-            # Or the client went away (_watch): nobody to answer, counted as nginx logs it, 499.
-            status = 499 if task in self._gone else 503
+        except asyncio.CancelledError as exc:  # not raised on: the answer is this request's end
+            status, response = self.failure(exc, task in self._gone, "")
             self._gone.discard(task)
-            if not started and status == 503:
-                await error_response(503, STOPPING, {"Retry-After": "1"})(scope, receive, send)
+            if not started and response is not None:
+                await response(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - every error is answered in the one shape; the server goes on
-            status, message, headers = error_of(exc, f"POST {scope['path']}")
-            if not started:
-                await error_response(status, message, headers)(scope, receive, send)
+            status, response = self.failure(exc, False, f"POST {scope['path']}")
+            if not started and response is not None:
+                await response(scope, receive, send)
         finally:
             if services is not None:
-                services.metrics.count_http("POST", template, str(status))
+                services.metrics.count_http("POST", target[0], str(status))

@@ -10,13 +10,41 @@ body comes makes one write of both (and the client reads one segment, not two).
 Nothing else changes: the head is held only between the two messages of one response (a streamed
 response's head goes out with its first chunk), the same bytes go out in the same order, and a close
 uvicorn asks for while the head is held happens after it is written.
+
+The short path (`_Request`): a /v2 infer or /v1 predict request (exactly the paths app/fastpath.py's `fast_target`
+matches, when the app's fast path is on) is answered from the parser's callbacks, without uvicorn's ASGI cycle: no
+scope dict, no RequestResponseCycle, no ASGI messages, one task per request (started once the body is whole, for
+the model's run) instead of uvicorn's task woken for each body message. WHY: on a small model the event loop, not
+ONNX Runtime, limits a server (py-spy at c=32: ~25% of its thread in uvicorn's cycle), and batching only saves
+the run, so every microsecond of HTTP per request is throughput, batched or not. The checks and answers are
+FastInfer's own (`admit`, `run`, `failure`: keys, readiness, body limit, the one error shape, 503 on shutdown,
+499 for a client gone, /metrics' count), so the short path and the ASGI fast path answer alike, byte for byte.
+
+Only the common case takes it: a keep-alive or `Connection: close` HTTP/1.1 POST that arrives when no other request
+of its connection is in flight. Everything else goes through uvicorn's cycle as before: other paths and methods,
+HTTP/1.0, `Expect: 100-continue`, upgrades, a request pipelined behind another (uvicorn queues it and pauses
+reading, as it does behind its own cycles), a root path, `limit_concurrency`.
+Differences from uvicorn's cycle: the body is held until it is whole (up to the body limit, as FastInfer reads
+it) without pausing reading at 64 KiB; a client gone is seen at once (its request cancelled, 499), not from
+WATCH_AFTER_S on; a client gone before sending its whole body counts 499 (the ASGI path: 400).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import urllib.parse
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+import httptools
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from app.errors import PayloadTooLargeError
+from app.fastpath import FastInfer, Headers, Target, fast_target, headers_of
+from app.security import body_limit_message
+from app.services.container import Services
 
 
 class _Held:
@@ -73,11 +101,202 @@ def _release(held: _Held) -> None:
         held.transport.close()
 
 
+class _NoEvent:
+    """What a lost connection sets on its request (uvicorn wakes its cycle's `receive` so): a short request waits
+    on nothing; its task is cancelled instead."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+class _Request:
+    """One request on the short path (module doc), from its headers to its answer.
+
+    It is the protocol's `cycle` meanwhile, in place of uvicorn's RequestResponseCycle, so that uvicorn's own
+    bookkeeping goes on unchanged: a request pipelined behind it waits until `response_complete`, a graceful
+    shutdown clears `keep_alive` (closed once answered), a lost connection sets `disconnected`."""
+
+    __slots__ = ("body", "disconnected", "headers", "keep_alive", "path", "protocol", "query", "response_complete",
+                 "services", "size", "target", "task")
+    message_event = _NoEvent()
+
+    def __init__(self, protocol: OneWriteHttpToolsProtocol, target: Target, path: str, query: bytes,
+                 keep_alive: bool, headers: Headers) -> None:
+        self.protocol = protocol
+        self.target = target
+        self.path = path
+        self.query = query
+        self.keep_alive = keep_alive
+        self.headers = headers
+        self.body: list[bytes] = []
+        self.size = 0
+        self.services: Services | None = None  # once admitted
+        self.task: asyncio.Task | None = None  # once the body is whole
+        self.response_complete = False
+        self.disconnected = False
+
+    async def answer(self) -> None:
+        """The model's answer (or the error's) to the whole request, written in one write."""
+        fast = self.protocol.fast
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body = []
+        try:
+            content, headers = await fast.run(self.services, self.target, self.headers, body, self.query)
+            flow = self.protocol.flow
+            if flow.write_paused:  # a client that does not read its answers: wait, as uvicorn's cycle does
+                await flow.drain()
+        except asyncio.CancelledError as exc:  # not raised on: the answer is this request's end
+            self.respond(*fast.failure(exc, self.disconnected, ""))
+        except Exception as exc:  # noqa: BLE001 - every error is answered in the one shape; the server goes on
+            self.fail(exc)
+        else:
+            self.write(200, headers, content)
+            self.count(200)
+
+    def fail(self, exc: Exception) -> None:
+        self.respond(*self.protocol.fast.failure(exc, False, f"POST {self.path}"))
+
+    def respond(self, status: int, response: JSONResponse | None) -> None:
+        """Answer by `response` (None: nobody to answer) and count it."""
+        if response is None:
+            self.response_complete = True
+        else:
+            self.write(status, response.raw_headers, response.body)
+        self.count(status)
+
+    def count(self, status: int) -> None:
+        services = self.services or self.protocol.fast.state.services  # a refused request was counted as well
+        if services is not None:
+            services.metrics.count_http("POST", self.target[0], str(status))
+
+    def write(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+        """Status line, uvicorn's default headers (date), the answer's headers and body: one write, as uvicorn's
+        cycle would have written them (module doc of _OneWriteCycle); then what uvicorn does once a response is
+        complete (close, or the next pipelined request, or the keep-alive timeout)."""
+        self.response_complete = True
+        protocol = self.protocol
+        transport = protocol.transport
+        if transport.is_closing():
+            protocol.on_response_complete()  # counts it in uvicorn's total (limit_max_requests), as uvicorn does
+            return
+        parts = [STATUS_LINE[status]]
+        for name, value in protocol.server_state.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", content)
+        transport.write(b"".join(parts))
+        if protocol.access_log:  # uvicorn's line (logged at the service's debug level only: settings.access_log)
+            scope = {"client": protocol.client, "path": self.path, "query_string": self.query}
+            protocol.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "POST",
+                                        get_path_with_query_string(scope), "1.1", status)
+        if not self.keep_alive:
+            transport.close()
+        protocol.on_response_complete()
+
+
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's `http="httptools"` protocol whose responses go out in one write (module doc)."""
+    """uvicorn's `http="httptools"` protocol whose responses go out in one write, and whose predict requests take
+    the short path (module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - uvicorn's arguments
+        super().__init__(*args, **kwargs)
+        fast = getattr(self.app, "fast_infer", None)  # None: CORS on, or an app other than ours (wrapped, tests)
+        # Where the app's fast path would not answer such a request by itself, or uvicorn adds to it: uvicorn's cycle.
+        short = isinstance(fast, FastInfer) and not self.root_path and self.limit_concurrency is None
+        self.fast: FastInfer | None = fast if short else None
+        self.running: _Request | None = None  # the short request whose task runs
+
+    def on_message_begin(self) -> None:
+        if self.fast is None:
+            super().on_message_begin()
+            return
+        # No scope yet: built (_scope) only for a request that goes through uvicorn's cycle.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def _scope(self) -> None:
+        """The scope uvicorn's on_message_begin builds, with what the parser gave since."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect
+        self.headers = self.scope["headers"] = headers
+
+    def _short(self) -> _Request | None:
+        """The request whose headers are complete, if it takes the short path (module doc)."""
+        parser = self.parser
+        if self.expect_100_continue or parser.get_method() != b"POST" or parser.get_http_version() != "1.1" \
+                or parser.should_upgrade() or self.pipeline or self.flow.write_paused or self.transport.is_closing():
+            return None  # (write_paused: a client not reading its answers; uvicorn's cycle waits for it)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # pipelined: uvicorn queues it
+            return None
+        try:
+            url = httptools.parse_url(self.url)
+            path = url.path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return None  # uvicorn's cycle fails it as before
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        target = fast_target(path)
+        if target is None:
+            return None
+        return _Request(self, target, path, url.query or b"", parser.should_keep_alive(), headers_of(self.headers))
 
     def on_headers_complete(self) -> None:
+        if self.fast is not None:
+            request = self._short()
+            if request is not None:
+                self.cycle = request
+                try:
+                    request.services = self.fast.admit(request.headers)
+                except Exception as exc:  # noqa: BLE001 - answered now, as the ASGI path answers before the body
+                    request.fail(exc)
+                return
+            self._scope()
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and type(cycle) is RequestResponseCycle:
             cycle.__class__ = _OneWriteCycle  # same attributes; only `send` differs (its task has not run yet)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.cycle
+        if type(request) is not _Request:
+            super().on_body(body)
+            return
+        if request.response_complete:  # answered before its body ended (refused): the rest is dropped
+            return
+        request.size += len(body)
+        if request.size > self.fast.max_body_bytes:
+            request.fail(PayloadTooLargeError(body_limit_message(self.fast.max_body_bytes)))
+            return
+        request.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self.cycle
+        if type(request) is not _Request:
+            super().on_message_complete()
+            return
+        if request.response_complete:
+            return
+        context = contextvars.Context() if self.config.reset_contextvars else None  # as uvicorn's _start_asgi_task
+        request.task = task = self.loop.create_task(request.answer(), context=context)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it, then cancels it (503)
+        self.running = request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        running, self.running = self.running, None
+        if running is not None and not running.response_complete:  # its client is gone: nobody to answer, 499
+            running.disconnected = True
+            running.task.cancel()
+        request = self.cycle
+        if type(request) is _Request and request.task is None and not request.response_complete:
+            request.disconnected = True  # gone before the whole body came
+            request.respond(499, None)
