@@ -14,6 +14,11 @@ shape (`error_of`: ServiceError statuses and headers, OptimizerError 400, anythi
 The routes themselves (`app.api.v2.infer`, `app.api.models.predict_json`: raw body in, answer out) are
 shared with the normal stack's routes.
 
+Two drivers share these rules (`admit` before the body, `run` once it is whole, `failure` for the answer to an
+error, and the count): `FastInfer.__call__`, the ASGI one (TestClient, other ASGI servers, requests uvicorn keeps
+in its own cycle), and under uvicorn the short path of app/http_protocol.py, which answers from the HTTP
+parser's callbacks without building an ASGI request at all.
+
 Off when CORS origins are set: CORS rules (preflights, which origin gets which headers) stay with
 Starlette's middleware, and the normal stack answers every request. Other paths (and any request under
 a root path) go to the normal stack untouched.
