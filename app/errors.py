@@ -56,3 +56,19 @@ class ModelLoadError(ServiceError):
     """A stored model that ONNX Runtime will not load here: the service's problem, not the caller's."""
 
     status_code = 500
+
+class StorageError(ServiceError, OSError):
+    """The server's disk or artifact store cannot take a write or a removal (full, read-only): 507 Insufficient
+    Storage, the server's problem and not the request's, said in words instead of a 500.
+
+    An OSError too (with the original errno), so callers that already handle a store's OSError (the worker storing
+    its results) keep doing so.
+    """
+
+    status_code = 507
+
+    def __init__(self, message: str, error_number: int | None = None) -> None:
+        super().__init__(error_number, message)
+
+    def __str__(self) -> str:
+        return self.args[1]

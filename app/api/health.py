@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -40,6 +41,29 @@ def _check(services: Services) -> dict[str, str]:
     return problems
 
 
+def _storage_space(services: Services) -> dict[str, Any]:
+    """Free space where uploads and artifacts are written (the least of the two, when they are not one disk), and a
+    warning when it is below the largest model the service accepts (ONNXFORGE_MAX_MODEL_BYTES).
+
+    WHY that threshold: below it, an upload the service's own limits allow can be refused with 507, and a job cannot
+    store a variant of such a model: the operator must act, whatever the typical model is. A small fixed floor
+    would stay quiet until a 2 GB model fails. WHY a warning, not a 503: readiness takes a replica out of the load
+    balancer, and predict only reads stored models: a full disk (shared by every replica, often) would stop serving
+    everywhere for what only uploads and jobs need. Uploads meanwhile get 507 saying the disk is full.
+    """
+    sizes = [shutil.disk_usage(services.settings.uploads_dir).free]
+    store_free = services.store.free_bytes()
+    if store_free is not None:
+        sizes.append(store_free)
+    free, floor = min(sizes), services.settings.max_model_bytes
+    if free >= floor:
+        return {"storage": "ok", "storage_free_bytes": free}
+    return {"storage": "low", "storage_free_bytes": free,
+            "storage_warning": f"{free / 2**20:.1f} MiB free on the server's disk, less than the largest model "
+                               f"accepted ({floor / 2**20:.1f} MiB, ONNXFORGE_MAX_MODEL_BYTES): uploads and jobs may "
+                               "fail with 507 until space is freed in ONNXFORGE_DATA_DIR (predict is unaffected)"}
+
+
 def _seen_within(services: Services) -> float:
     """How recent a worker's beat must be to count: /readyz and /metrics alike. An idle worker beats once per
     poll: a slow poll setting must not make it look gone between two beats."""
@@ -69,11 +93,12 @@ async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
     problems = await run_in_threadpool(_check, services)
     if problems:
         raise NotReadyError("not ready: " + "; ".join(f"{part}: {why}" for part, why in problems.items()))
+    storage = await run_in_threadpool(_storage_space, services)
     try:
         workers = await run_in_threadpool(_workers, services)
     except SQLAlchemyError as exc:  # the database went away since the check above
         raise NotReadyError(f"not ready: database: {first_line(exc)}") from None
-    return {"status": "ready", "database": "ok", "storage": "ok", "provider": services.provider, **workers}
+    return {"status": "ready", "database": "ok", **storage, "provider": services.provider, **workers}
 
 
 def _queue_state(services: Services) -> QueueState:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
 from app.errors import BadRequestError, MalformedRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from app.storage.base import storage_errors
 
 MAX_FIELD_BYTES = 1024  # text fields are names and options: short
 
@@ -145,8 +146,14 @@ class _FormWriter:
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            handle.close()  # may raise (a full disk met by the last flush): the file is closed all the same
+
+    def abandon(self) -> None:
+        """Remove everything written so far, whatever went wrong (closing too may fail on a full disk)."""
+        with contextlib.suppress(OSError):
+            self.close()
+        self.form.cleanup()
 
 
 async def receive_form(headers, stream: AsyncIterator[bytes], dest: Path,  # noqa: ANN001 - Starlette Headers
@@ -154,8 +161,8 @@ async def receive_form(headers, stream: AsyncIterator[bytes], dest: Path,  # noq
     """Parse a multipart body from `stream`, writing file fields into a new folder under `dest`.
 
     `file_limits` maps each file field to (max bytes, the setting that raises it). Raises 415 for a
-    body that is not multipart, 413 past a limit, 422 for a body that does not parse. On any error
-    the files written so far are removed.
+    body that is not multipart, 413 past a limit, 422 for a body that does not parse, 507 (StorageError) when the
+    server's disk is full or read-only. On any error the files written so far are removed.
     """
     content_type, params = parse_options_header(headers.get("content-type"))
     if content_type != b"multipart/form-data":
@@ -174,23 +181,23 @@ async def receive_form(headers, stream: AsyncIterator[bytes], dest: Path,  # noq
             f"({', '.join(f'{field}: {_mib(limit)} ({setting})' for field, (limit, setting) in file_limits.items())})"
         )
 
-    dest.mkdir(parents=True, exist_ok=True)
-    writer = _FormWriter(dest, file_limits, text_fields)
-    parser = MultipartParser(params[b"boundary"], writer.callbacks())
-    try:
-        async for chunk in stream:
-            parser.write(chunk)
-        parser.finalize()
-        if not writer.complete:
-            raise MultipartParseError("the body ended before its closing boundary (was the upload cut short?)")
-    except MultipartParseError as exc:
-        writer.close()
-        writer.form.cleanup()
-        raise MalformedRequestError(f"the multipart body does not parse: {exc}") from None
-    except BaseException:
-        writer.close()
-        writer.form.cleanup()
-        raise
+    # A full or read-only disk is a 507 saying so (StorageError), not a 500 with its traceback.
+    with storage_errors("while receiving the upload"):
+        dest.mkdir(parents=True, exist_ok=True)
+        writer = _FormWriter(dest, file_limits, text_fields)
+        parser = MultipartParser(params[b"boundary"], writer.callbacks())
+        try:
+            async for chunk in stream:
+                parser.write(chunk)
+            parser.finalize()
+            if not writer.complete:
+                raise MultipartParseError("the body ended before its closing boundary (was the upload cut short?)")
+        except MultipartParseError as exc:
+            writer.abandon()
+            raise MalformedRequestError(f"the multipart body does not parse: {exc}") from None
+        except BaseException:
+            writer.abandon()
+            raise
     with contextlib.suppress(Exception):
         writer.close()
     return writer.form

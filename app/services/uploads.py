@@ -12,6 +12,7 @@ over a quota: hence 503, not 429), and nothing of it is kept.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import onnx
 
 from app.errors import BadRequestError, NotReadyError, UnsupportedMediaTypeError
+from app.storage.base import storage_errors
 from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
 from optimizer.errors import ExternalDataError
@@ -253,13 +255,39 @@ def _value_infos(values: Any, skip: set[str]) -> list[dict[str, Any]]:  # noqa: 
     return described
 
 
+def _refuse_oversized_inputs(inputs: list[dict[str, Any]], max_input_elements: int | None) -> None:
+    """Refuse a model whose declared input is larger than any predict may send (ONNXFORGE_MAX_INPUT_ELEMENTS).
+
+    WHY refuse, not accept with a warning: predict refuses every request over the limit, so such a version could
+    never answer one, and its job optimizes on inputs of that size anyway (16M+ elements: one used 6.8 GB and
+    failed after 165 s). Dynamic dimensions count as 1: when the fixed ones alone pass the limit, no request fits.
+    """
+    if max_input_elements is None:
+        return
+    for spec in inputs:
+        shape = spec["shape"]
+        if shape is None:
+            continue
+        count = math.prod(d if isinstance(d, int) else 1 for d in shape)
+        if count > max_input_elements:
+            dynamic = any(not isinstance(d, int) for d in shape)
+            shown = "[" + ", ".join(str(d if d is not None else "?") for d in shape) + "]"
+            raise BadRequestError(
+                f"input {spec['name']!r} (shape {shown}) has {'at least ' if dynamic else ''}{count} elements, more "
+                f"than the {max_input_elements} a predict request may send (setting ONNXFORGE_MAX_INPUT_ELEMENTS): "
+                "every predict on this model would be refused. Export the model with a smaller input, or ask the "
+                "operator to raise the setting")
+
+
 def validate_upload(model_path: Path, filename: str | None, calibration_path: Path | None,
-                    fields: dict[str, str], limiter: ValidationLimiter) -> ValidatedUpload:
+                    fields: dict[str, str], limiter: ValidationLimiter,
+                    max_input_elements: int | None = None) -> ValidatedUpload:
     """Validate everything about an upload (blocking: run it off the event loop).
 
     Raises UnsupportedMediaTypeError (415) for files of the wrong kind, BadRequestError or an
-    optimizer.errors subclass (400) for a bad model, calibration set or option, ValidationBusyError
-    (503) when no validation slot frees up in time. The cheap checks come before the slot.
+    optimizer.errors subclass (400) for a bad model, calibration set or option (an input larger than
+    `max_input_elements`, the limit predict applies, included), ValidationBusyError (503) when no
+    validation slot frees up in time. The cheap checks come before the slot.
     """
     name = model_name(fields.get("name", "").strip() or None, filename)
     options = parse_options(fields, calibration_path is not None)
@@ -267,11 +295,11 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
     if calibration_path is not None:
         _refuse_non_npz(calibration_path)
     with limiter.slot():
-        return _validate_contents(name, options, model_path, filename, calibration_path)
+        return _validate_contents(name, options, model_path, filename, calibration_path, max_input_elements)
 
 
 def _validate_contents(name: str, options: UploadOptions, model_path: Path, filename: str | None,
-                       calibration_path: Path | None) -> ValidatedUpload:
+                       calibration_path: Path | None, max_input_elements: int | None) -> ValidatedUpload:
     """The part that loads the model and the samples (the memory-hungry part, run under a slot)."""
     # load_model reads external data relative to the file's folder; uploads come as one file, and
     # each sits alone under a unique name, so a model pointing at external data is refused.
@@ -283,17 +311,20 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
             "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)"
         ) from None
     require_tensor_outputs(loaded.proto)  # a 400 now, not a 500 per predict and a failed job
+    initializers = {t.name for t in loaded.proto.graph.initializer}
+    inputs = _value_infos(loaded.proto.graph.input, initializers)
+    _refuse_oversized_inputs(inputs, max_input_elements)  # before the samples: they may be as large
     # What reading the samples noted (too few held back for a meaningful accuracy check, dtypes cast) goes
     # on the version, beside the model's own notes: it was only in the report's calibration section before.
     sample_notes = load_samples(calibration_path, loaded.proto).notes if calibration_path is not None else []
     if loaded.ir_version != loaded.original_ir_version:
-        model_path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
+        with storage_errors("while storing the upload"):
+            model_path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
     outputs = [o.name for o in loaded.proto.graph.output]
     unknown = sorted(set(options.metrics or {}) - set(outputs))
     if unknown:
         raise BadRequestError(f"metrics names outputs the model does not have: {', '.join(unknown)}; its outputs are "
                               f"{', '.join(outputs)}")
-    initializers = {t.name for t in loaded.proto.graph.initializer}
     return ValidatedUpload(
         name=name,
         filename=filename or f"{name}.onnx",
@@ -301,7 +332,7 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
         calibration_path=calibration_path,
         sha256=loaded.sha256,
         size_bytes=loaded.size_bytes,
-        inputs=_value_infos(loaded.proto.graph.input, initializers),
+        inputs=inputs,
         outputs=_value_infos(loaded.proto.graph.output, set()),
         options=options,
         notes=[*loaded.notes, *(f"calibration set: {note}" for note in sample_notes)],

@@ -8,8 +8,13 @@ cache once, which is what ONNX Runtime and file downloads need anyway.
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from app.errors import StorageError
 
 ORIGINAL = "original.onnx"
 OPTIMIZED = "optimized.onnx"
@@ -62,6 +67,40 @@ def remove_empty_parents(path: Path, root: Path) -> None:
             return
 
 
+# The errors that mean "this server cannot write here", whatever the request: a quota counts as a full disk.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def storage_failure(exc: OSError, doing: str) -> StorageError | None:
+    """The StorageError (507) that says in words what `exc` means for the client, or None when `exc` is not about
+    the server's disk (a missing file, a bad path: those stay what they are). `doing`: "while ..."."""
+    if isinstance(exc, StorageError):
+        return exc
+    if exc.errno in _FULL:
+        return StorageError(f"the server's disk is full ({exc.strerror}) {doing}: nothing of it was kept and the "
+                            "versions already stored are unchanged; send it again once space is freed in the server's "
+                            "data folder (ONNXFORGE_DATA_DIR)", exc.errno)
+    if exc.errno in _NOT_WRITABLE:
+        return StorageError(f"the server's storage is not writable ({exc.strerror}) {doing}: nothing of it was kept "
+                            "and the versions already stored are unchanged; send it again once the server's data "
+                            "folder (ONNXFORGE_DATA_DIR) is writable", exc.errno)
+    return None
+
+
+@contextmanager
+def storage_errors(doing: str) -> Iterator[None]:
+    """Raise a full or read-only disk met inside the block as a StorageError saying so (one log line and a 507),
+    not as an OSError that became `internal error (OSError)`, a 500 with its traceback."""
+    try:
+        yield
+    except OSError as exc:
+        failure = storage_failure(exc, doing)
+        if failure is None or failure is exc:
+            raise
+        raise failure from None
+
+
 class ArtifactStore(ABC):
     @abstractmethod
     def put_file(self, key: str, source: Path, *, move: bool = False) -> None:
@@ -76,8 +115,13 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
-        """Delete every artifact whose key starts with `prefix` (a version's folder)."""
+        """Delete every artifact whose key starts with `prefix` (a version's folder). Raises StorageError when
+        some stay (a read-only store): a delete must not look done while its files are still there."""
 
     @abstractmethod
     def check(self) -> None:
         """Raise OSError if the store cannot be written right now (readiness)."""
+
+    def free_bytes(self) -> int | None:
+        """Space left for artifacts on this server's disk; None when the store does not live on it (a bucket)."""
+        return None

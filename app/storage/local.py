@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-from app.storage.base import ArtifactStore, make_folder, remove_empty_parents
+from app.errors import StorageError
+from app.storage.base import ArtifactStore, make_folder, remove_empty_parents, storage_errors
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -23,19 +25,21 @@ class LocalArtifactStore(ArtifactStore):
 
     def put_file(self, key: str, source: Path, *, move: bool = False) -> None:
         target = self._path(key)
-        make_folder(target.parent)
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            if move:
-                # A rename when source and store share a filesystem (uploads do); a copy otherwise.
-                shutil.move(str(source), temporary)
-            else:
-                shutil.copyfile(source, temporary)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with storage_errors(f"while storing {key}"):
+            make_folder(target.parent)
+            try:
+                if move:
+                    # A rename when source and store share a filesystem (uploads do); a copy otherwise.
+                    shutil.move(str(source), temporary)
+                else:
+                    shutil.copyfile(source, temporary)
+                with open(temporary, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(temporary, target)
+            finally:
+                if os.path.lexists(temporary):  # an unlink of nothing on a read-only disk fails too
+                    temporary.unlink()
 
     def fetch(self, key: str) -> Path:
         path = self._path(key)
@@ -48,11 +52,32 @@ class LocalArtifactStore(ArtifactStore):
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix.rstrip("/"))
+        reasons: list[OSError] = []
         if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, onerror=lambda _function, _path, info: reasons.append(info[1]))
+        elif path.is_file():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                reasons.append(exc)
         remove_empty_parents(path, self.root)
+        # WHY raise rather than return a warning: every caller (a delete, an upload or a job undoing itself) has
+        # already let go of the version, so the files are orphans; a 200 here was read as "space freed" while they
+        # stayed, silently, until the disk filled. The error names them and why, and the caller's answer says so.
+        left = [p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()]
+        if left:
+            reason = next((r for r in reasons if r.errno != errno.ENOENT), None)
+            why = (reason.strerror or str(reason)) if reason is not None else "unknown"
+            raise StorageError(
+                f"the files under {prefix} could not be removed from the artifact store ({why}): {len(left)} file(s) "
+                "stayed on the server's disk, though no version uses them any more; remove them once the store "
+                "(ONNXFORGE_DATA_DIR/artifacts) is writable",
+                reason.errno if reason is not None else None)
+
+    def free_bytes(self) -> int | None:
+        return shutil.disk_usage(self.root).free
 
     def check(self) -> None:
         probe = self.root / f".ready-{uuid.uuid4().hex}"

@@ -48,9 +48,16 @@ def limit_memory(limit_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def memory_message(limit_mb: int) -> str:
-    return (f"the optimization needed more than {limit_mb / 1024:g} GiB of memory (ONNXFORGE_JOB_MEMORY_LIMIT_MB="
-            f"{limit_mb}) and was stopped: raise the limit, or send fewer or smaller calibration samples")
+def memory_message(limit_mb: int, with_samples: bool) -> str:
+    """WHY two endings: without a calibration set the optimizer runs the model on a few generated inputs of its own
+    shapes, so "send fewer samples" cannot help: the model itself needs more than the limit."""
+    stopped = (f"the optimization needed more than {limit_mb / 1024:g} GiB of memory (ONNXFORGE_JOB_MEMORY_LIMIT_MB="
+               f"{limit_mb}) and was stopped: ")
+    if with_samples:
+        return stopped + "raise the limit, or send fewer or smaller calibration samples"
+    return stopped + ("no calibration samples were sent, so the model itself needs more memory than the job limit "
+                      "(run on generated inputs of its own shapes): raise ONNXFORGE_JOB_MEMORY_LIMIT_MB, or upload the "
+                      "model with smaller fixed input shapes")
 
 
 def cannot_run(exc: BaseException) -> bool:
@@ -76,7 +83,7 @@ def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
         send(["done", result.selected])
     except Exception as exc:  # noqa: BLE001 - every failure must reach the job as a reason
         if spec.memory_limit_mb and _out_of_memory(exc):  # also when the optimizer wrapped ONNX Runtime's error
-            send(["error", memory_message(spec.memory_limit_mb)])
+            send(["error", memory_message(spec.memory_limit_mb, spec.calibration_path is not None)])
             return
         explained = explain(exc, generated_inputs=spec.calibration_path is None, how_to_calibrate=(
             "upload calibration samples (real inputs: an .npz with one array per model input, "
