@@ -103,7 +103,8 @@ def test_an_upload_to_a_full_disk_is_a_507_that_keeps_nothing(serve, mount: Moun
         filler = _fill(disk)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            response = api.upload(models.mlp(hidden=512, seed=2), name="m", calibration=npz(features=np.ones((8, 64), "f4")))
+            samples = npz(features=np.ones((8, 64), "f4"))
+            response = api.upload(models.mlp(hidden=512, seed=2), name="m", calibration=samples)
         assert response.status_code == 507, response.text
         error = response.json()["error"]
         assert "the server's disk is full" in error and "No space left on device" in error, error
@@ -151,6 +152,7 @@ def test_a_read_only_store_refuses_uploads_and_deletes_in_words(serve, mount: Mo
             error = deleted.json()["error"]
             assert "models/m/1" in error and "could not be removed" in error and "1 file(s) stayed" in error, error
             assert (api.services.settings.artifacts_dir / "models/m/1/original.onnx").is_file()
+            assert api.client.get("/v1/models/m").status_code == 404  # the version itself is deleted, as it says
         finally:
             _remount(data_dir, "rw")
 
