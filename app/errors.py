@@ -4,6 +4,14 @@ Services raise these (or optimizer.errors.OptimizerError, which means "the user'
 bad": 400) with a message that says what is wrong and what to do. Routers never build error answers.
 """
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+# What SQLAlchemy raises when the database cannot be reached (refused, restarting, connections blocked or cut, the
+# pool exhausted): transient, the service's state rather than its bug or the client's.
+DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+DATABASE_UNREACHABLE_MESSAGE = "the model registry's database is unreachable; retry"
+
 
 class ServiceError(Exception):
     """A request the service cannot honour, explained in words."""
@@ -56,6 +64,15 @@ class ModelLoadError(ServiceError):
     """A stored model that ONNX Runtime will not load here: the service's problem, not the caller's."""
 
     status_code = 500
+
+
+class DatabaseUnreachableError(NotReadyError):
+    """The database is unreachable and the answer needs it (e.g. a model this process has never resolved; one it
+    has keeps serving from its cached resolution). Logged once per outage where the outage is noticed, not per
+    request: app/api/errors.py answers it without a log line."""
+
+    headers = {"Retry-After": "2"}
+
 
 class StorageError(ServiceError, OSError):
     """The server's disk or artifact store cannot take a write or a removal (full, read-only): 507 Insufficient

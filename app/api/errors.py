@@ -2,7 +2,8 @@
 
 ServiceError subclasses carry their status (and any headers, e.g. Retry-After); optimizer errors mean
 the user's model or data is bad (400); FastAPI's validation errors are a malformed request (422);
-unknown routes 404 in the same shape. Anything else is our bug: 500 with a generic message, and the
+unknown routes 404 in the same shape. A database that cannot be reached is 503 with Retry-After and one
+log line (not a traceback): an outage, not a bug. Anything else is our bug: 500 with a generic message, and the
 traceback in the log.
 """
 
@@ -15,8 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ServiceError
-from optimizer.errors import OptimizerError
+from app.errors import (
+    DATABASE_UNREACHABLE,
+    DATABASE_UNREACHABLE_MESSAGE,
+    DatabaseUnreachableError,
+    ServiceError,
+)
+from optimizer.errors import OptimizerError, first_line
 
 log = logging.getLogger("onnxforge.api")
 
@@ -29,13 +35,19 @@ def error_of(exc: Exception, where: str) -> tuple[int, str, dict[str, str] | Non
     """Status, message and headers of the answer to an exception a route raised (`where`: method and path,
     for the log). The exception handlers below and the fast infer path (app/fastpath.py) both answer by it."""
     if isinstance(exc, ServiceError):
-        if exc.status_code == 503:  # busy or not ready yet: expected, the client is told to retry
+        if isinstance(exc, DatabaseUnreachableError):
+            pass  # its outage was logged once where it was noticed: a line per request would flood the log
+        elif exc.status_code == 503:  # busy or not ready yet: expected, the client is told to retry
             log.warning("%s: %s", type(exc).__name__, exc)
         elif exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
         return exc.status_code, str(exc), exc.headers
     if isinstance(exc, OptimizerError):
         return 400, str(exc), None
+    if isinstance(exc, DATABASE_UNREACHABLE):  # a route that needs the database during an outage
+        log.warning("%s: database unreachable: %s", where, first_line(exc))
+        # the driver's words (host, port, database name) stay in the log
+        return 503, DATABASE_UNREACHABLE_MESSAGE, DatabaseUnreachableError.headers
     log.error("unhandled error on %s", where, exc_info=exc)
     return 500, f"internal error ({type(exc).__name__}); the server log has the details", None
 
@@ -73,6 +85,13 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path} (see /docs)"
         return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+    async def _database_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        return _answer(exc, request)
+
+    # Each class by name: what the catch-all below answers, Starlette re-raises after (a traceback per request).
+    for unreachable in DATABASE_UNREACHABLE:
+        app.add_exception_handler(unreachable, _database_unreachable)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -86,18 +86,30 @@ def _workers(services: Services) -> dict[str, Any]:
 
 @router.get("/readyz", responses={503: {"model": ErrorOut}})
 async def readyz(services: Services = Depends(services_of)) -> dict[str, Any]:
-    """Ready when the database and the artifact store answer; 503 otherwise.
+    """Ready when the artifact store answers (503 otherwise); a database that does not answer is reported, not a 503.
 
-    Predict does not need a worker, so a missing worker is reported (`workers_seen`, `warning`), not a 503.
+    WHY the database is not a reason for 503: every replica shares it, so its outage fails every replica's readiness
+    at once and a load balancer (Kubernetes) pulls them all, including the models they can still serve: predict
+    keeps answering from cached resolutions through an outage (app/services/predict.py) and answers the rest 503 with
+    Retry-After itself. Taking a replica out helps only when another replica is better off, which a shared database
+    never makes so. The artifact store may be per replica (a volume), so it stays a reason. Predict does not need a
+    worker either: a missing one is reported (`workers_seen`, `warning`).
     """
     problems = await run_in_threadpool(_check, services)
-    if problems:
+    if "storage" in problems:
         raise NotReadyError("not ready: " + "; ".join(f"{part}: {why}" for part, why in problems.items()))
     storage = await run_in_threadpool(_storage_space, services)
-    try:
-        workers = await run_in_threadpool(_workers, services)
-    except SQLAlchemyError as exc:  # the database went away since the check above
-        raise NotReadyError(f"not ready: database: {first_line(exc)}") from None
+    workers: dict[str, Any] = {}
+    if "database" not in problems:
+        try:
+            workers = await run_in_threadpool(_workers, services)
+        except SQLAlchemyError as exc:  # the database went away since the check above
+            problems["database"] = first_line(exc)
+    if "database" in problems:
+        return {"status": "degraded", "database": f"unreachable: {problems['database']}", **storage,
+                "provider": services.provider,
+                "note": "models already served by this process keep serving; others get 503 until the database "
+                        "answers; uploads, deletes and jobs wait for it"}
     return {"status": "ready", "database": "ok", **storage, "provider": services.provider, **workers}
 
 

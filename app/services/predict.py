@@ -7,6 +7,9 @@ versions, variants, sessions or input checks lives in a protocol module.
 The request path stays off the database and the disk when it can: which version serves a name is
 remembered for `cache_ttl_s` (the API forgets it at once on its own uploads and deletes; a version
 that a worker finishes starts serving within the TTL), and sessions stay loaded in an LRU cache.
+While the database is unreachable, a name already resolved here keeps serving its cached resolution (checked
+again every `REGISTRY_RETRY_S`, without making its requests wait); a name never resolved here is a 503 with
+Retry-After. One warning line when the database becomes unreachable, one when it is back.
 `session.run` runs in a thread pool: ONNX Runtime releases the GIL, the event loop stays free.
 With a `Batcher`, concurrent requests of a model whose batch axis is dynamic share one run
 (app/runtime/batching.py); the answer of each is the same as alone. A version's own batching
@@ -20,6 +23,7 @@ threads at once (app/runtime/runs.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -28,7 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import BadRequestError, ConflictError, ModelLoadError, NotFoundError, ServiceError
+from app.errors import (
+    DATABASE_UNREACHABLE,
+    DATABASE_UNREACHABLE_MESSAGE,
+    BadRequestError,
+    ConflictError,
+    DatabaseUnreachableError,
+    ModelLoadError,
+    NotFoundError,
+    ServiceError,
+)
 from app.metrics import Metrics, PredictSeries
 from app.runtime.batching import Batcher, BatchPolicy, batching_pays, in_thread, rows_agree, unbatchable_reason
 from app.runtime.runs import Lane, Lanes, Limited, RowByRow, RunTimeout, Watchdog
@@ -46,6 +59,11 @@ class RunTimeLimitError(ServiceError):
 
 
 LARGE_ANSWER_ELEMENTS = 1 << 18
+# While the database is unreachable, how often a name's cached resolution is checked against it again: one attempt
+# per name per interval, not one per request (each failing connect costs the pool and the log nothing else).
+REGISTRY_RETRY_S = 1.0
+
+log = logging.getLogger("onnxforge.predict")
 
 
 @dataclass
@@ -159,6 +177,7 @@ class PredictService:
         self._generations: dict[str, int] = {}  # bumped by invalidate(name): a lookup begun before is not cached
         self._routes: dict[tuple[str, str], _Route] = {}
         self._batching_notes: dict[tuple[str, str], str] = {}
+        self._unreachable_since: float | None = None  # monotonic time the database lookups started failing
 
     # -- which version, which session ---------------------------------------------------------------
 
@@ -170,8 +189,11 @@ class PredictService:
         lookup = self._resolving.get(key)
         if lookup is None:  # one database query per name at a time, not one per waiting request
             lookup = self._resolving[key] = asyncio.ensure_future(self._lookup(key, cached))
+            lookup.add_done_callback(_retrieved)
             lookup.add_done_callback(lambda done: self._resolving.pop(key) if self._resolving.get(key) is done
                                      else None)
+        if cached is not None and self._unreachable_since is not None:
+            return cached[1]  # the database is out: the stale answer now, the lookup checks in the background
         # shield: a caller that goes away (client disconnect) does not cancel the others' lookup
         return await asyncio.shield(lookup)
 
@@ -181,11 +203,23 @@ class PredictService:
         generation = self._generations.get(name, 0)
         try:
             resolved = _Resolved.of(await run_in_threadpool(self.registry.resolve, name, version))
+        except DATABASE_UNREACHABLE as exc:
+            self._database_failed(exc)
+            if cached is None:
+                raise DatabaseUnreachableError(
+                    f"{DATABASE_UNREACHABLE_MESSAGE}: model {name!r} has not been served by this server since it "
+                    "started, so which version serves it is unknown until the database answers"
+                ) from None
+            if self._generations.get(name, 0) == generation:  # serve the stale entry; ask again after the interval
+                self._resolved[key] = (time.monotonic() + REGISTRY_RETRY_S, cached[1])
+            return cached[1]
         except (NotFoundError, ConflictError):
+            self._database_answered()
             self._resolved.pop(key, None)
             if cached is not None:  # deleted or found unrunnable, maybe through another replica: free its sessions
                 self.forget([cached[1].id])
             raise
+        self._database_answered()
         if cached is not None and cached[1].id != resolved.id:
             # Another replica deleted or replaced what this name served: drop its sessions now rather
             # than when the LRU gets to them (a replaced version reloads on demand if still asked for).
@@ -193,6 +227,20 @@ class PredictService:
         if self._generations.get(name, 0) == generation:  # not invalidated meanwhile: the answer is current
             self._resolved[key] = (time.monotonic() + self.cache_ttl_s, resolved)  # TTL 0: only remembered
         return resolved
+
+    def _database_failed(self, exc: BaseException) -> None:
+        """One warning when lookups start failing, not one per request (the reviewer's outage logged a traceback per
+        request: 5.7 MB of log per replica in 8 s)."""
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            log.warning("the model registry's database is unreachable (%s): models resolved before keep serving their "
+                        "cached version; others get 503 until it answers", first_line(exc))
+
+    def _database_answered(self) -> None:
+        if self._unreachable_since is not None:
+            log.warning("the model registry's database answers again after %.1f s",
+                        time.monotonic() - self._unreachable_since)
+            self._unreachable_since = None
 
     def invalidate(self, name: str) -> None:
         """Forget which version serves `name` (after an upload or delete through this API)."""
@@ -357,6 +405,13 @@ class PredictService:
         """Why a routed (version, variant) is not batched although its upload asked for it or its graph forbids
         it (None: no such reason, or it has not served yet)."""
         return self._batching_notes.get((version_id, variant))
+
+
+def _retrieved(lookup: asyncio.Future) -> None:
+    """Read a finished lookup's exception: a lookup nobody awaited (its callers served the stale entry) must not log
+    "exception was never retrieved"."""
+    if not lookup.cancelled():
+        lookup.exception()
 
 
 def _refuse_non_tensors(route: _Route, names: list[str]) -> None:
