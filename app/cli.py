@@ -312,8 +312,9 @@ def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-top1", metavar="X",
                         help="accuracy tolerance: lowest top-1 agreement with the original, 0-1 (default 0.99)")
     parser.add_argument("--metrics", metavar="JSON",
-                        help='the metric that gates an output, as JSON: output name -> "default" | "top1" | '
-                             '"mask:<threshold>", e.g. \'{"maps": "mask:0.3"}\'')
+                        help='the metric that gates an output, as JSON: output name -> "default" | "cosine" | '
+                             '"top1" | "mask:<threshold>", e.g. \'{"maps": "mask:0.3"}\'; "cosine" turns off the '
+                             'top-1 gate guessed for a [batch, N] output that is not class scores')
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or library warnings on stderr "
                                                             "(errors still)")

@@ -15,10 +15,16 @@ The rules, in one place:
   ([batch, classes], classes >= 2) unless its name says it is an embedding/hidden state/feature
   vector, or a float output of rank >= 3 whose name says logits or probabilities (argmax over the
   last axis). A row agrees when the candidate's argmax is a maximum of the reference row (ties in the
-  reference count as agreement). `Tolerance.class_outputs` overrides the guess. It is reported with
-  the rows it rests on and a one-sided 95% lower bound (Wilson) over its independent units: one per row
-  of a [batch, classes] output, one per sequence of a rank >= 3 output (a line's CTC steps agree or
-  drift together).
+  reference count as agreement). The graph comes before the name when the pipeline reads it
+  (`output_roles`): an output computed by an L2 normalization (LpNormalization, or a Div by ReduceL2
+  or Sqrt(ReduceSumSquare)) is an embedding, and a rank-2 one computed by Softmax, LogSoftmax or
+  Sigmoid is class scores, whatever their names. `Tolerance.class_outputs` overrides the guess, and
+  so does a metric named for the output. A top-1 gate guessed (not named logits/probabilities, nor
+  declared) says so in every reason that blames it, with how to turn it off (`guess_hint`). WHY:
+  GE2E's speaker embedding renamed "output" was gated on top-1, which 12 held-back rows cannot prove,
+  so INT8 (1.53x at cosine 0.9994) was never tried. Top-1 is reported with the rows it rests on and a
+  one-sided 95% lower bound (Wilson) over its independent units: one per row of a [batch, classes]
+  output, one per sequence of a rank >= 3 output (a line's CTC steps agree or drift together).
 - Top-1 gates on that bound: an output whose top-1 gates it (by default or as its declared metric)
   passes only when the bound reaches `min_top1`. When the measured figure reaches it but the bound
   does not, the output fails as *unproven*, and the reason says how many units agreeing as these do
@@ -36,7 +42,8 @@ The rules, in one place:
   similarity; the worst slice of each is reported. A slice whose reference is constant is normalized
   by the whole tensor's range instead, and a slice whose reference is all zero has no cosine.
 - A user may name the metric that gates an output (`Tolerance.metrics`), the one its real
-  post-processing uses: "top1" (argmax agreement over the last axis >= min_top1, e.g. a CTC
+  post-processing uses: "cosine" (cosine, slices and max_abs, no top-1: an output that is not class
+  scores, whatever its shape and name say), "top1" (argmax agreement over the last axis >= min_top1, e.g. a CTC
   recogniser's per-time-step classes) or "mask:<t>" (e.g. a text detector's saturated probability
   map thresholded at 0.3): the region `x > t` of each held-back sample must overlap the original's
   with IoU >= min_top1, the worst sample deciding (a sample where neither has a position above `t`
@@ -57,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from optimizer.errors import OptimizerError
@@ -92,9 +100,11 @@ class Tolerance:
     # >= 60% of their range. The error limit is the backstop for slices whose offset flatters cosine.
     min_slice_cosine: float | None = 0.98
     max_slice_error: float | None = 0.25
-    class_outputs: list[str] | None = None  # outputs to judge on top-1 (None: guess from shape and name)
-    # output name -> "default" | "top1" | "mask:<threshold>": the metric that gates it (see the module docstring)
+    class_outputs: list[str] | None = None  # outputs to judge on top-1 (None: guess from graph, shape and name)
+    # output name -> "default" | "cosine" | "top1" | "mask:<threshold>": the metric that gates it (module docstring)
     metrics: dict[str, str] | None = None
+    # output name -> (role, what in the graph says so), from `output_roles` of the model; read before the name rule
+    graph_roles: dict[str, tuple[str, str]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_cosine", "min_slice_cosine"):
@@ -111,12 +121,12 @@ class Tolerance:
             parse_metric(metric, output)
 
 
-METRICS = ("default", "top1", "mask:<threshold>")
+METRICS = ("default", "cosine", "top1", "mask:<threshold>")
 
 
 def parse_metric(metric: str, output: str = "?") -> tuple[str, float | None]:
-    """("default" | "top1" | "mask", threshold or None) for a metric name; ToleranceError for anything else."""
-    if metric in ("default", "top1"):
+    """("default" | "cosine" | "top1" | "mask", threshold or None) for a metric name; ToleranceError otherwise."""
+    if metric in ("default", "cosine", "top1"):
         return metric, None
     if isinstance(metric, str) and metric.startswith("mask:"):
         try:
@@ -162,6 +172,8 @@ class OutputAccuracy:
     unproven: bool = False
     # held-back samples like these, agreeing at this top1, that would prove min_top1 (None: no number would)
     samples_to_prove: int | None = None
+    # why top-1 gates this output when nobody said so (the graph or the shape-and-name guess); None: not guessed
+    top1_guess: str | None = None
     metric: str = "default"  # what gates this output (Tolerance.metrics)
     mask_agreement: float | None = None  # share of positions on the same side of the mask threshold (reported)
     mask_iou: float | None = None  # the worst held-back sample's IoU of the regions x > threshold (gates)
@@ -216,6 +228,81 @@ def is_class_scores(name: str, array: np.ndarray) -> bool:
     if array.ndim == 2:
         return not _EMBEDDING_NAME.search(name)
     return bool(_LOGITS_NAME.search(name))
+
+
+EMBEDDING, SCORES = "embedding", "class scores"
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}  # same values, other shape/type
+_SCORE_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
+# between a norm and the Div by it: F.normalize's eps clamp (Clip/Max), broadcasting (Expand), an eps Add
+_NORM_GUARDS = _PASS_THROUGH | {"Expand", "Clip", "Max", "Add"}
+
+
+def output_roles(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """Output name -> (EMBEDDING or SCORES, the op that says so), for the outputs whose computing op tells.
+
+    WHY: the shape-and-name rule (`is_class_scores`) takes any [batch, N] float output not named like an embedding
+    for class scores; the op computing it knows better. An L2 normalization makes an embedding; Softmax, LogSoftmax
+    or Sigmoid make scores (used for rank-2 outputs only: a Sigmoid map [N, 1, H, W] has no classes on its last axis).
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def source(tensor: str, through: set[str]) -> onnx.NodeProto | None:
+        node = producers.get(tensor)
+        while node is not None and node.op_type in through and node.input:
+            node = producers.get(node.input[0])
+        return node
+
+    def is_l2_norm(tensor: str, depth: int = 0) -> bool:
+        node = producers.get(tensor)
+        if node is None or depth > 6:
+            return False
+        if node.op_type == "ReduceL2":
+            return True
+        if node.op_type == "Sqrt":
+            inner = source(node.input[0], _PASS_THROUGH)
+            return inner is not None and inner.op_type == "ReduceSumSquare"
+        if node.op_type in _NORM_GUARDS:
+            return any(is_l2_norm(i, depth + 1) for i in node.input if i)
+        return False
+
+    roles: dict[str, tuple[str, str]] = {}
+    for output in model.graph.output:
+        node = source(output.name, _PASS_THROUGH)
+        if node is None:
+            continue
+        p = next((a.i for a in node.attribute if a.name == "p"), 2)
+        if node.op_type == "LpNormalization" and p == 2:
+            roles[output.name] = (EMBEDDING, "LpNormalization (p=2)")
+        elif node.op_type == "Div" and len(node.input) > 1 and is_l2_norm(node.input[1]):
+            roles[output.name] = (EMBEDDING, "a Div by its L2 norm")
+        elif node.op_type in _SCORE_OPS:
+            roles[output.name] = (SCORES, node.op_type)
+    return roles
+
+
+def top1_guess(name: str, array: np.ndarray,
+               roles: dict[str, tuple[str, str]] | None = None) -> tuple[bool, str | None]:
+    """(whether top-1 gates an output nobody declared a metric for, why when that is a guess): what the graph says
+    (`output_roles`), else the shape-and-name rule (`is_class_scores`). A name that says logits or probabilities
+    is no guess: it says what the output is."""
+    role, op = (roles or {}).get(name, (None, ""))
+    if role == EMBEDDING:
+        return False, None
+    named = bool(_LOGITS_NAME.search(name))
+    rank2 = np.issubdtype(array.dtype, np.floating) and array.ndim == 2 and array.shape[-1] >= 2
+    if role == SCORES and rank2:
+        return True, None if named else f"{name!r} is computed by {op}, so it looks like class scores"
+    if not is_class_scores(name, array):
+        return False, None
+    if named:
+        return True, None
+    return True, f"{name!r} looks like class scores ([batch, {array.shape[-1]}] float, name not an embedding's)"
+
+
+def guess_hint(name: str, guess: str) -> str:
+    """The words every reason that blames a guessed top-1 gate ends with: the guess, and how to turn it off."""
+    return (f"the top-1 gate is a guess: {guess}; if it is not class scores, say so: metrics "
+            f"{{{name!r}: 'cosine'}}")
 
 
 def default_channel_axis(shape: Sequence[int]) -> int | None:
@@ -368,7 +455,15 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
         per_sample = [_cosine(r.ravel().astype(np.float64), c.ravel().astype(np.float64))
                       for r, c in zip(ref, cands, strict=True) if r.size and np.isfinite(r).all()]
         result.worst_sample_cosine = min(per_sample, default=result.cosine)
-    is_scores = name in tol.class_outputs if tol.class_outputs is not None else is_class_scores(name, ref[0])
+    result.metric = (tol.metrics or {}).get(name, "default")
+    kind, threshold = parse_metric(result.metric, name)
+    if kind == "cosine":  # the user says it is not class scores
+        is_scores = False
+    elif tol.class_outputs is not None:
+        is_scores = name in tol.class_outputs
+    else:
+        is_scores, guess = top1_guess(name, ref[0], tol.graph_roles)
+        result.top1_guess = guess if kind == "default" else None  # a declared top1 or a mask is no guess
     if is_scores and ref[0].ndim >= 1 and ref[0].shape[-1] >= 2:
         _set_top1(result, ref, cands)
     explicit = tol.channel_axis is not None and checked  # a user's axis applies to the outputs that matter
@@ -384,8 +479,6 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
 
     if tol.max_abs is not None and result.max_abs is not None and result.max_abs > tol.max_abs:
         return fail(f"max absolute difference {result.max_abs:.4g} > limit {tol.max_abs:.4g}")
-    result.metric = (tol.metrics or {}).get(name, "default")
-    kind, threshold = parse_metric(result.metric, name)
     if kind == "top1":  # the declared task metric gates alone; cosine and slices above are reported
         if result.top1 is None:
             _set_top1(result, ref, cands)
@@ -406,7 +499,8 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
     if result.cosine is not None and result.cosine < tol.min_cosine:
         return fail(f"cosine similarity {result.cosine:.4f} < limit {tol.min_cosine:.4f}")
     if result.top1 is not None and result.top1 < tol.min_top1:
-        return fail(f"top-1 agreement {result.top1:.2%} < limit {tol.min_top1:.2%}")
+        hint = f" ({guess_hint(name, result.top1_guess)})" if result.top1_guess else ""
+        return fail(f"top-1 agreement {result.top1:.2%} < limit {tol.min_top1:.2%}{hint}")
     s = result.slices
     if s is not None:
         where = f"slice {{}} of {s.count} along axis {s.axis}"
@@ -441,9 +535,10 @@ def _unproven(result: OutputAccuracy, tol: Tolerance, samples: int) -> str | Non
         need = (f"{needed} {what} {agreeing} prove it ({result.samples_to_prove} held-back samples like these, not "
                 f"{samples})")
     proven = math.floor(bound * 1000) / 1000
+    hint = f"; {guess_hint(result.name, result.top1_guess)}" if result.top1_guess else ""
     return (f"unproven: top-1 agreement {result.top1:.1%} reaches the {tol.min_top1:.1%} asked for on {units} "
             f"{what}, but so few prove only {bound:.1%} (95% lower bound); {need}, or min_top1 {proven:g} is what "
-            "these prove")
+            f"these prove{hint}")
 
 
 def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]],

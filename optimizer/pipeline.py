@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from optimizer.accuracy import (
     FLOAT_ROUNDING,
     Tolerance,
     agreement_lower_bound,
+    guess_hint,
+    output_roles,
     parse_metric,
     rows_to_prove,
     run_outputs,
@@ -80,7 +82,8 @@ class OptimizeConfig:
     min_cosine: float = 0.99
     min_top1: float = 0.99
     outputs: list[str] | None = None  # the outputs whose accuracy matters (None: all)
-    metrics: dict[str, str] | None = None  # output -> gating metric ("default" | "top1" | "mask:<t>"), see Tolerance
+    # output -> gating metric ("default" | "cosine" | "top1" | "mask:<t>"), see Tolerance
+    metrics: dict[str, str] | None = None
     time_budget_s: float = 300.0
     benchmark_seconds: float = 2.0  # timing per batch size, all variants interleaved
     batch_sizes: tuple[int, ...] = (1, 8)  # the smallest one is the one the winner is chosen at
@@ -319,8 +322,22 @@ def _confirmed(row: VariantReport, selection: Noise, confirmation: Noise, why: s
                       "serving the original model")
 
 
-def _select(rows: list[VariantReport], noise: Noise) -> tuple[str, str]:
-    """The accurate variant with the highest proven speed-up over the baseline (see `Noise`); otherwise the baseline."""
+def _not_tried(rows: list[VariantReport], skipped: list[dict[str, str]]) -> str | None:
+    """Why no INT8 or FP16 variant was built, from the skipped candidates (None: one was, or none was asked for).
+
+    WHY: "no variant was both accurate and proven faster" read as if INT8 had been tried and failed, when the
+    run never built one (its held-back samples could not prove a top-1 gate): the cause hid in skipped_candidates.
+    """
+    if not skipped or any(r.precision in ("int8", "fp16") for r in rows):
+        return None
+    if len(skipped) == 1:  # auto's one entry when nothing can prove the gate: its reason says it all
+        return skipped[0]["reason"]
+    return "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+
+
+def _select(rows: list[VariantReport], noise: Noise, not_tried: str | None = None) -> tuple[str, str]:
+    """The accurate variant with the highest proven speed-up over the baseline (see `Noise`); otherwise the baseline,
+    saying first why no INT8/FP16 variant was tried when none was (`_not_tried`)."""
     need = noise.required
     aa = f"A/A control {noise.aa.median:.3f}x [{noise.aa.low:.3f}-{noise.aa.high:.3f}]"
     winners = []
@@ -341,6 +358,10 @@ def _select(rows: list[VariantReport], noise: Noise) -> tuple[str, str]:
             row.notes.append(f"as fast as the baseline within noise: {measured}; serving needs a lower bound "
                              f">= {need:.3f}x ({aa})")
     if not winners:
+        if not_tried:
+            return BASELINE, (f"INT8 and FP16 were not tried ({not_tried}), and no variant tried was both accurate "
+                              f"and proven at least {need:.2f}x faster than the original (lower 95% bound; {aa}); "
+                              "serving the original model")
         return BASELINE, (f"no variant was both accurate and proven at least {need:.2f}x faster than the original "
                           f"(lower 95% bound; {aa}); serving the original model")
     ratio, best = max(winners, key=lambda w: w[0].median)
@@ -401,9 +422,11 @@ def _unprovable(accuracy: dict[str, Any] | None, tolerance: Tolerance, holdout: 
         upload = (f"; {needed} units all agreeing prove it: a calibration set of "
                   f"{samples_to_upload(held, config.holdout_fraction)} or more samples holds back that many"
                   if held else "")
+        hint = f"; {guess_hint(name, out['top1_guess'])}" if out.get("top1_guess") else ""
         return (f"output {name!r} is gated on top-1 agreement >= {tolerance.min_top1:.1%}, and its {units} held-back "
                 f"unit(s), even all agreeing, prove at most {best:.1%} (95% lower bound): no variant can be shown "
-                f"to be as accurate as asked{upload}; or set min_top1 to {math.floor(best * 1000) / 1000:g} or lower")
+                f"to be as accurate as asked{upload}; or set min_top1 to {math.floor(best * 1000) / 1000:g} or "
+                f"lower{hint}")
     return None
 
 
@@ -464,7 +487,8 @@ def optimize(
     int8_mode = _int8_mode(config, samples) if config.precision == "int8" else None
     provider = resolve_provider(config.provider)
     settings = SessionSettings(provider=provider, intra_op_threads=config.threads)
-    tolerance = config.tolerance()
+    # the graph says what an output is better than its name does (accuracy.output_roles)
+    tolerance = replace(config.tolerance(), graph_roles=output_roles(original))
     try:
         samples, reference = _reference(original, samples, settings)
     except Exception as exc:
@@ -525,7 +549,7 @@ def optimize(
     noise = _benchmark(built, samples, settings, config, deadline,
                        statuses=("ok",) if search else ("ok", "rejected"))
     rows = [b.row for b in built.values()]
-    selected, why = _select(rows, noise)
+    selected, why = _select(rows, noise, _not_tried(rows, skipped))
     selection_noise, confirmation, confirmation_of = noise, None, selected
     if selected != BASELINE:
         notify("benchmark", 0.95)
@@ -548,8 +572,9 @@ def optimize(
         },
         "provider": provider,
         "config": asdict(config),
-        # every limit the accuracy guard applied (the slice limits and float rounding are not in config)
-        "tolerance": {**asdict(config.tolerance()), "float_rounding": FLOAT_ROUNDING},
+        # every limit the accuracy guard applied (the slice limits, float rounding and what the graph says each
+        # output is are not in config)
+        "tolerance": {**asdict(tolerance), "float_rounding": FLOAT_ROUNDING},
         "graph": {"before": inspect(original).to_dict(), "after": inspect(selected_model).to_dict()},
         "calibration": {
             "synthetic": samples.synthetic, "source": samples.source, "method": config.calibration_method,
@@ -603,7 +628,8 @@ def accuracy_notes(accuracy: dict[str, Any] | None, holdout: int, *, judged: tup
     for name, out in (accuracy.get("outputs") or {}).items():
         if not out.get("checked"):
             continue
-        if out.get("cosine") is not None and (out.get("metric") or "default") == "default" and holdout < FEW_SAMPLES:
+        gated_on_cosine = (out.get("metric") or "default") in ("default", "cosine")
+        if out.get("cosine") is not None and gated_on_cosine and holdout < FEW_SAMPLES:
             notes.append(f"output {name!r}: cosine {out['cosine']:.4f} was measured on {holdout} held-back sample(s); "
                          f"it says these agree, not that others will: a variant that breaks 1 input in "
                          f"{round(1 / BROKEN_SHARE)} shows no broken one among {holdout} "

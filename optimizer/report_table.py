@@ -30,8 +30,9 @@ def _accuracy(variant: dict[str, Any]) -> str:
     if not accuracy:
         return "-"
     outputs = [o for o in (accuracy.get("outputs") or {}).values() if o.get("checked", True)]
-    defaults = [o for o in outputs if (o.get("metric") or "default") == "default" and o.get("cosine") is not None]
-    # the worst cosine stands for the default-gated outputs (as before); each task metric is shown on its own
+    defaults = [o for o in outputs if (o.get("metric") or "default") in ("default", "cosine")
+                and o.get("cosine") is not None]
+    # the worst cosine stands for the cosine-gated outputs (as before); each task metric is shown on its own
     shown = ([min(defaults, key=lambda o: o["cosine"])] if defaults else []) + [o for o in outputs if o not in defaults]
     figures = ", ".join(gate(o) for o in shown)
     return f"{'pass' if accuracy.get('passed') else 'FAIL'} {figures}".strip()

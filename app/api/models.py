@@ -56,8 +56,10 @@ _UPLOAD_FORM = {
             "min_top1": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.99,
                          "description": "accuracy tolerance: least top-1 agreement of classifier outputs"},
             "metrics": {"type": "string", "description": 'JSON object: output name -> the metric that gates it '
-                                                         '("default" | "top1" | "mask:<threshold>"), e.g. '
-                                                         '{"maps": "mask:0.3"}; other outputs keep the default'},
+                                                         '("default" | "cosine" | "top1" | "mask:<threshold>"), '
+                                                         'e.g. {"maps": "mask:0.3"}; "cosine" turns off the top-1 '
+                                                         'gate guessed for a [batch, N] output that is not class '
+                                                         'scores; other outputs keep the default'},
             "batch_max_size": {"type": "integer", "minimum": 1, "maximum": 1024,
                                "description": "dynamic batching for this model: most rows per run, 1 = off "
                                               "(default ONNXFORGE_BATCH_MAX_SIZE)"},
