@@ -19,6 +19,11 @@ sessions. An opening-order or position effect did not reproduce (first vs last i
 then 5/12 trials). So a measurement can time an A/A control (the first model opened again, last, as
 an independent session) and `paired_ratio` compares two models round by round: what the control's
 ratio to the first model shows is the noise of that very run.
+
+A batch is timed the way the service runs it: a variant whose graph mixes the rows of a run
+(`row_coupling_in`, dynamic INT8) is served one row per run (app.runtime.runs.RowByRow), so its batched
+figure is `batch` runs of one row, not one batched run (MiniLM INT8 at batch 8: 1.81x the original as one
+run, 1.41x as served).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import dataclasses
 import gc
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from optimizer.errors import OptimizerError, first_line
@@ -43,6 +49,39 @@ ModelSource = bytes | str | Path
 AA_CONTROL = "A/A control"
 #: Called after a batch size's timing with (batch, stats); True times that batch size once more, as long again.
 ExtendIf = Callable[[int, "dict[str, LatencyStats]"], bool]
+
+
+#: Ops whose output for one row depends on every row of the run. DynamicQuantizeLinear computes one scale and zero
+#: point over its whole input; ONNX Runtime's contrib DynamicQuantizeMatMul (what its optimizer fuses
+#: DynamicQuantizeLinear + MatMulInteger into, found in files saved at the extended level) and DynamicQuantizeLSTM
+#: quantize their input the same way. (QAttention and MatMulIntegerToFloat take their scales as inputs: from a
+#: DynamicQuantizeLinear in what quantize_dynamic writes, which this set already catches.)
+ROW_COUPLING_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def row_coupling_in(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+    """The op types among `nodes` and their subgraphs that mix a run's rows (ROW_COUPLING_OPS).
+
+    The one rule for both sides: the service never batches such a variant and runs a request's rows one by one
+    (app.runtime.batching reads the nodes from the file), and the benchmark times its batches row by row.
+    """
+    pending = list(nodes)
+    found: set[str] = set()
+    while pending:
+        node = pending.pop()
+        if node.op_type in ROW_COUPLING_OPS:
+            found.add(node.op_type)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                pending.extend(attribute.g.node)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                pending.extend(node for graph in attribute.graphs for node in graph.node)
+    return sorted(found)
+
+
+def model_row_coupling(model: onnx.ModelProto) -> list[str]:
+    """`row_coupling_in` a model's graph and its local functions."""
+    return row_coupling_in([*model.graph.node, *(node for function in model.functions for node in function.node)])
 
 
 class BenchmarkError(OptimizerError):
@@ -69,6 +108,7 @@ class LatencyStats:
     throughput_per_s: float
     provider: str  # what the session really ran on ("cpu" or "cuda"), not what was asked for
     deadline_hit: bool = False  # the caller's deadline cut the measurement short of min_runs/target_seconds
+    row_by_row: bool = False  # each run was `batch` runs of one row, as the service runs a graph that mixes rows
     extended: bool = False  # timed a second time as long because `extend_if` asked for it
     # this model's time in each round, in round order: entry i pairs with entry i of every model of the same call
     round_ms: list[float] = field(default_factory=list, repr=False)
@@ -141,9 +181,20 @@ def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None,
     return opened
 
 
-def _run(name: str, session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> None:
+def _run(name: str, session: ort.InferenceSession, feed: Mapping[str, np.ndarray], row_by_row: bool = False) -> None:
+    """One run of `feed`; `row_by_row`: one run per row of axis 0, the answers stacked, as app.runtime.runs.RowByRow
+    serves a graph that mixes rows (slicing and stacking included: they are part of what serves)."""
+    count = -1
+    if row_by_row:
+        rows = {value.shape[0] if value.ndim else -1 for value in feed.values()}
+        count = rows.pop() if len(rows) == 1 else -1
     try:
-        session.run(None, feed)
+        if count <= 1:  # one row, or inputs that do not share a first axis: as sent (as RowByRow does)
+            session.run(None, feed)
+            return
+        answers = [session.run(None, {key: value[i:i + 1] for key, value in feed.items()}) for i in range(count)]
+        for outputs in zip(*answers, strict=True):
+            np.concatenate(outputs)
     except Exception as exc:  # noqa: BLE001
         expected = [(i.name, i.shape) for i in session.get_inputs()]
         raise BenchmarkError(
@@ -157,7 +208,8 @@ def _past(deadline: float | None) -> bool:
 
 
 def _rounds(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], times: dict[str, list[int]], *,
-            min_runs: int, max_runs: int, target_seconds: float, deadline: float | None) -> bool:
+            min_runs: int, max_runs: int, target_seconds: float, deadline: float | None,
+            row_by_row: Collection[str] = ()) -> bool:
     """Append one run of each model per round to `times`; True when the deadline cut it short."""
     names = list(opened)
     first = len(times[names[0]])
@@ -175,7 +227,7 @@ def _rounds(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], times: d
             for name in names[k:] + names[:k]:  # rotate who goes first: no model always runs on a warm cache
                 session = opened[name].session
                 t0 = time.perf_counter_ns()
-                _run(name, session, feed)
+                _run(name, session, feed, name in row_by_row)
                 times[name].append(time.perf_counter_ns() - t0)
     finally:
         if gc_was_enabled:
@@ -184,7 +236,7 @@ def _rounds(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], times: d
 
 
 def _stats(opened: dict[str, _Opened], times: dict[str, list[int]], batch: int, warmup: int, deadline_hit: bool,
-           extended: bool) -> dict[str, LatencyStats]:
+           extended: bool, row_by_row: Collection[str] = ()) -> dict[str, LatencyStats]:
     stats = {}
     for name, o in opened.items():
         ms = np.asarray(times[name], dtype=np.float64) / 1e6
@@ -194,26 +246,27 @@ def _stats(opened: dict[str, _Opened], times: dict[str, list[int]], batch: int, 
             p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(ms.mean()),
             throughput_per_s=batch * 1000.0 / p50 if p50 > 0 else 0.0,
             provider=o.provider, deadline_hit=deadline_hit, extended=extended, round_ms=ms.tolist(),
+            row_by_row=batch > 1 and name in row_by_row,
         )
     return stats
 
 
 def _time_interleaved(opened: dict[str, _Opened], feed: Mapping[str, np.ndarray], batch: int, *, min_runs: int,
                       max_runs: int, target_seconds: float, warmup: int, deadline: float | None,
-                      extend_if: ExtendIf | None = None) -> dict[str, LatencyStats]:
+                      extend_if: ExtendIf | None = None, row_by_row: Collection[str] = ()) -> dict[str, LatencyStats]:
     for name, o in opened.items():
         for _ in range(warmup):
-            _run(name, o.session, feed)
+            _run(name, o.session, feed, name in row_by_row)
     times: dict[str, list[int]] = {name: [] for name in opened}
     hit = _rounds(opened, feed, times, min_runs=min_runs, max_runs=max_runs, target_seconds=target_seconds,
-                  deadline=deadline)
-    stats = _stats(opened, times, batch, warmup, hit, extended=False)
+                  deadline=deadline, row_by_row=row_by_row)
+    stats = _stats(opened, times, batch, warmup, hit, extended=False, row_by_row=row_by_row)
     if extend_if is None or hit or _past(deadline) or not extend_if(batch, stats):
         return stats
     # once only, as long again: bounded, so a run too noisy to decide ends with "not proven", not a loop
     hit = _rounds(opened, feed, times, min_runs=min_runs, max_runs=max_runs, target_seconds=target_seconds,
-                  deadline=deadline)
-    return _stats(opened, times, batch, warmup, hit, extended=True)
+                  deadline=deadline, row_by_row=row_by_row)
+    return _stats(opened, times, batch, warmup, hit, extended=True, row_by_row=row_by_row)
 
 
 def _check_counts(min_runs: int, max_runs: int, warmup: int) -> None:
@@ -265,13 +318,15 @@ def measure_batches(models: Mapping[str, ModelSource], feed: Mapping[str, np.nda
                     settings: SessionSettings | None = None, *, batch_sizes: Sequence[int] = (1, 8),
                     min_runs: int = 20, max_runs: int = 500, target_seconds: float = 2.0, warmup: int = 5,
                     deadline: float | None = None, aa_control: bool = False,
-                    extend_if: ExtendIf | None = None) -> dict[int, dict[str, LatencyStats]]:
+                    extend_if: ExtendIf | None = None,
+                    row_by_row: Collection[str] = ()) -> dict[int, dict[str, LatencyStats]]:
     """`measure` at each batch size, when every model's batch axis (axis 0 of every input) is dynamic.
 
     Returns {batch: {model name: stats}}. Sessions are created once and reused; `target_seconds` and
     the run counts apply per batch size. If any model has a fixed axis 0, only `feed` as given is
     timed, reported as batch 1. Batch sizes the deadline leaves no time for are left out.
-    `aa_control` and `extend_if` as in `measure`.
+    `aa_control` and `extend_if` as in `measure`. The models named in `row_by_row` run a batch as one run per
+    row, as the service runs a graph that mixes rows (their stats say `row_by_row`).
     """
     _check_counts(min_runs, max_runs, warmup)
     if not models or not batch_sizes or min(batch_sizes) < 1:
@@ -287,5 +342,5 @@ def measure_batches(models: Mapping[str, ModelSource], feed: Mapping[str, np.nda
             break
         results[batch] = _time_interleaved(opened, batch_inputs, batch, min_runs=min_runs, max_runs=max_runs,
                                            target_seconds=target_seconds, warmup=warmup, deadline=deadline,
-                                           extend_if=extend_if)
+                                           extend_if=extend_if, row_by_row=row_by_row)
     return results

@@ -43,7 +43,7 @@ from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, holdout_size, l
 from optimizer.candidates import Candidate
 from optimizer.errors import CalibrationError, ModelRunError, OptimizerError, first_line
 from optimizer.graph_inspect import inspect
-from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, paired_ratio
+from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, model_row_coupling, paired_ratio
 from optimizer.loading import LoadedModel, fixed_input_shapes, load_model, require_tensor_outputs
 from optimizer.passes import cleanup
 from optimizer.runtime import SessionSettings, create_session, resolve_provider
@@ -270,10 +270,18 @@ def _undecided(noise: Noise, candidates: set[str]) -> bool:
                for name, r in noise.ratios.items() if name in candidates)
 
 
+def _row_by_row(built: dict[str, Built], names: set[str] | list[str]) -> set[str]:
+    """The variants among `names` that the service runs one row per run (their graph mixes rows: dynamic INT8), so
+    their batches are timed that way (`latency.measure_batches`). The original runs as sent, as it serves."""
+    return {name for name in names if name != BASELINE and built[name].model is not None
+            and model_row_coupling(built[name].model)}
+
+
 def _benchmark(built: dict[str, Built], samples: SampleSet, settings: SessionSettings, config: OptimizeConfig,
                deadline: float, statuses: tuple[str, ...] = ("ok", "rejected")) -> Noise:
     """Time every variant with one of `statuses` (and the baseline and its A/A control), interleaved, at each
-    batch size. At the selection batch, when the noise leaves a gain unproven, time once more as long."""
+    batch size, as each serves (`_row_by_row`). At the selection batch, when the noise leaves a gain unproven, time
+    once more as long."""
     timed = {name: b.model.SerializeToString() for name, b in built.items()
              if b.model is not None and (b.row.status in statuses or name == BASELINE)}
     timed = {BASELINE: timed.pop(BASELINE), **timed}  # the A/A control repeats the first model
@@ -286,13 +294,19 @@ def _benchmark(built: dict[str, Built], samples: SampleSet, settings: SessionSet
     def extend_if(batch: int, stats: dict[str, LatencyStats]) -> bool:
         return batch == selection_batch and _undecided(_noise(stats, batch), contenders)
 
+    row_by_row = _row_by_row(built, list(timed))
     by_batch = measure_batches(timed, samples.holdout[0], settings, batch_sizes=config.batch_sizes,
-                               target_seconds=target, deadline=deadline + 60, aa_control=True, extend_if=extend_if)
+                               target_seconds=target, deadline=deadline + 60, aa_control=True, extend_if=extend_if,
+                               row_by_row=row_by_row)
     selection_batch = min(by_batch)  # only `feed`'s own batch when an axis 0 is fixed
     for batch, stats in by_batch.items():
         for name, s in stats.items():
             if name == AA_CONTROL:
                 continue
+            if s.row_by_row:
+                built[name].row.notes.append(
+                    f"batch {batch} timed as {batch} runs of one row, as the service runs this variant: its graph "
+                    f"mixes the rows of a run ({', '.join(model_row_coupling(built[name].model))})")
             built[name].row.latency_by_batch[str(batch)] = s.to_dict()
             if batch == selection_batch:
                 set_latency(built[name].row, s)
@@ -382,7 +396,8 @@ def _confirm(built: dict[str, Built], selected: str, samples: SampleSet, setting
     models = {name: built[name].model.SerializeToString() for name in (BASELINE, selected)}
     by_batch = measure_batches(models, samples.holdout[0], settings, batch_sizes=(batch,),
                                target_seconds=config.benchmark_seconds, aa_control=True,
-                               deadline=time.monotonic() + CONFIRM_DEADLINE_S + config.benchmark_seconds)
+                               deadline=time.monotonic() + CONFIRM_DEADLINE_S + config.benchmark_seconds,
+                               row_by_row=_row_by_row(built, [selected]))
     return _noise(by_batch[min(by_batch)], min(by_batch))
 
 
@@ -579,6 +594,8 @@ def optimize(
         "calibration": {
             "synthetic": samples.synthetic, "source": samples.source, "method": config.calibration_method,
             "samples": len(samples.calibration), "holdout_samples": len(samples.holdout), "notes": samples.notes,
+            # the samples not held back, of which at most calibration.MAX_CALIBRATION_SAMPLES are calibrated on
+            "samples_offered": samples.offered or len(samples.calibration),
         },
         "accuracy_notes": accuracy_notes(chosen.accuracy, len(samples.holdout), judged=_judged(rows))
         + _unproven_note(rows, selected),

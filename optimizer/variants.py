@@ -7,13 +7,13 @@ model that does not run becomes a failed row with its reason, never a crashed jo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import onnx
 
 from optimizer.accuracy import Tolerance, compare, run_outputs
-from optimizer.calibration import SampleSet
+from optimizer.calibration import SampleSet, TimedFeeds
 from optimizer.candidates import Candidate
 from optimizer.errors import OptimizerError, first_line
 from optimizer.latency import LatencyStats
@@ -55,19 +55,25 @@ def describe(model: onnx.ModelProto, row: VariantReport) -> None:
 
 
 def build(candidate: Candidate, source: onnx.ModelProto, samples: SampleSet, deadline: float) -> Built:
-    """Run the candidate's pass on `source`; past `deadline` the row is skipped, not built."""
+    """Run the candidate's pass on `source`; past `deadline` the row is skipped, not built, and a pass still reading
+    calibration samples at `deadline` stops there (`TimedFeeds`): the row is skipped, saying so."""
     row = VariantReport(name=candidate.name, precision=candidate.precision, settings=candidate.settings)
     if time.monotonic() >= deadline:
         row.status, row.reason = "skipped", "the job's time budget ran out before this variant was built"
         return Built(row)
     started = time.perf_counter()
+    feeds = TimedFeeds(samples.calibration, deadline)
     try:
-        result = candidate.build(source, samples)
-    except OptimizerError as exc:
-        row.status, row.reason = "failed", str(exc)
-        return Built(row)
+        result = candidate.build(source, replace(samples, calibration=feeds))
     except Exception as exc:  # noqa: BLE001 - a tool's bug must not end the job
-        row.status, row.reason = "failed", f"{type(exc).__name__} in ONNX Runtime's tools: {first_line(exc)}"
+        if feeds.stopped_at is not None:  # whatever a pass wrapped the timeout in: the wrapper's record says so
+            row.status, row.reason = "skipped", (
+                f"the job's time budget ran out while calibrating this variant (after {feeds.stopped_at} of "
+                f"{len(feeds)} calibration samples, {time.perf_counter() - started:.1f} s): it was not built")
+        elif isinstance(exc, OptimizerError):
+            row.status, row.reason = "failed", str(exc)
+        else:
+            row.status, row.reason = "failed", f"{type(exc).__name__} in ONNX Runtime's tools: {first_line(exc)}"
         return Built(row)
     finally:
         row.build_s = round(time.perf_counter() - started, 3)

@@ -65,6 +65,7 @@ import onnx
 
 from app.runtime.runs import Lane, RunTimeout
 from app.runtime.signature import TensorSpec
+from optimizer.latency import row_coupling_in
 
 Feed = dict[str, np.ndarray]
 T = TypeVar("T")
@@ -94,16 +95,9 @@ def unbatchable_reason(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> s
     return None
 
 
-# Ops whose output for one row depends on every row of the run. DynamicQuantizeLinear computes one scale and zero
-# point over its whole input; ONNX Runtime's contrib DynamicQuantizeMatMul (what its optimizer fuses
-# DynamicQuantizeLinear + MatMulInteger into, found in files saved at the extended level) and DynamicQuantizeLSTM
-# quantize their input the same way. (QAttention and MatMulIntegerToFloat take their scales as inputs: from a
-# DynamicQuantizeLinear in what quantize_dynamic writes, which this set already catches.)
-ROW_COUPLING_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
-
-
 def row_coupling_ops(path: Path) -> list[str]:
-    """The op types of the model at `path` (subgraphs and local functions included) that mix a run's rows.
+    """The op types of the model at `path` (subgraphs and local functions included) that mix a run's rows, by the
+    optimizer's rule (optimizer.latency.row_coupling_in), which also times such a variant's batches row by row.
 
     WHY not onnx.load: it parses every weight too; that memory stayed in the process (a session of a 24 MiB MLP
     then grew RSS by 40 MiB, not 24). The file is mapped and only its nodes are parsed: the weights' pages are
@@ -116,17 +110,7 @@ def row_coupling_ops(path: Path) -> list[str]:
                 nodes.extend(onnx.NodeProto.FromString(buf[s:e]) for n, s, e in _fields(buf, start, end) if n == 1)
             elif number == 25:  # ModelProto.functions
                 nodes.extend(onnx.FunctionProto.FromString(buf[start:end]).node)
-    found: set[str] = set()
-    while nodes:
-        node = nodes.pop()
-        if node.op_type in ROW_COUPLING_OPS:
-            found.add(node.op_type)
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                nodes.extend(attribute.g.node)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                nodes.extend(node for graph in attribute.graphs for node in graph.node)
-    return sorted(found)
+    return row_coupling_in(nodes)
 
 
 def _varint(buf: mmap.mmap, pos: int) -> tuple[int, int]:
