@@ -55,8 +55,16 @@ def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # 
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "settings"
             shown = "" if field == "api_keys" else f" (got {error.get('input')!r})"  # never echo a key
-            problems.append(f"{_setting_name(field, given)}: {error['msg']}{shown}")
+            message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' words
+            problems.append(f"{_setting_name(field, given)}: {message}{shown}")
         raise StartupError("; ".join(problems)) from None
+    if settings.providers == "cuda":  # asked for by name: CUDA or nothing, as Triton does (auto falls back to CPU)
+        from optimizer.runtime import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise StartupError(f"{_setting_name('providers', given)}=cuda cannot be met: {reason}; or set it to auto "
+                               "(CUDA where it works, else CPU) or cpu")
     if api:
         from app.security import ApiKeyConfigError, load_api_keys
 
@@ -86,6 +94,20 @@ def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # 
     return settings, given
 
 
+def _start_logging(settings) -> None:  # noqa: ANN001 - app.settings.Settings, imported late
+    """The service's log format and level, then one warning per ONNXFORGE_* variable no setting reads (a misspelt
+    one was silently ignored). Here, in the command's own process: API processes and the worker it starts do not
+    warn again."""
+    import logging
+    import os
+
+    from app.settings import unknown_variables
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in unknown_variables(os.environ):
+        logging.getLogger("onnxforge").warning("%s", warning)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="artifacts and the SQLite database (ONNXFORGE_DATA_DIR; ./data)")
     parser.add_argument("--database-url", help="SQLAlchemy URL (ONNXFORGE_DATABASE_URL; SQLite in the data dir)")
@@ -97,15 +119,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
     from app.prefork import UVICORN_OPTIONS
 
     settings, overrides = _service_settings(args, api=True, host=args.host, port=args.port,
                                             run_worker=False if args.no_worker else None, workers=args.workers)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _start_logging(settings)
     if settings.workers > 1:
         from app.prefork import serve_processes
 
@@ -143,7 +163,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from app.worker.loop import run_worker
 
-    run_worker(_service_settings(args, api=False)[0])
+    settings = _service_settings(args, api=False)[0]
+    _start_logging(settings)
+    run_worker(settings)
     return 0
 
 

@@ -17,6 +17,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -105,6 +107,11 @@ class Metrics:
                  sessions_bytes: Callable[[], int] = lambda: 0,
                  validations: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         self.registry = CollectorRegistry()
+        # The process's memory, CPU and open files (process_*: read from /proc at each scrape, ~0.1 ms) and the
+        # Python version (python_info, fixed): the process-global registry has them, ours would not. Memory must
+        # be visible: ONNX Runtime's memory pool grows per loaded session (README, known limits).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.http_requests = Counter(
             "onnxforge_http_requests", "HTTP requests by route template and status",
             ["method", "route", "status"], registry=self.registry,

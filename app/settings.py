@@ -6,7 +6,10 @@ process started by the API, CPU or CUDA chosen by what really works here.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -109,23 +112,55 @@ class Settings(BaseSettings):
 
     # Jobs and the worker.
     run_worker: bool = Field(default=True, description="start a worker process with the API (embedded default)")
-    worker_poll_s: float = Field(default=1.0, gt=0)
+    worker_poll_s: float = Field(
+        default=1.0, gt=0, description="how often an idle worker looks for a queued job (0.05-60 s)"
+    )
     # 1 by default: one optimization already uses every core (intra-op threads) and up to
     # job_memory_limit_mb, so a second at once on the same machine mostly shares them. Each child gets its
     # own job_memory_limit_mb: a worker may take worker_concurrency times that.
     worker_concurrency: int = Field(default=1, ge=1, description="optimizer processes one worker runs at once")
     job_time_limit_s: float = Field(default=3600.0, gt=0, description="wall-clock limit of one optimization")
-    job_lease_s: float = Field(default=30.0, gt=0, description="a running job whose worker is silent this long is lost")
+    job_lease_s: float = Field(
+        default=30.0, gt=0, description="a running job whose worker is silent this long is lost (3-3600 s); its "
+                                        "worker beats every third of it",
+    )
     job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker died before giving up")
     optimize_time_budget_s: float = Field(default=300.0, gt=0, description="the optimizer's own time budget")
 
-    log_level: str = Field(default="info", description="debug | info | warning | error; debug also logs every request")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug | info | warning | error; debug also logs every request"
+    )
 
     @property
     def access_log(self) -> bool:
         """uvicorn's line per request, at debug only: it costs ~38 us of event loop a request (more than the
         whole fast infer path), /metrics counts every request at any level, and a proxy in front logs them."""
-        return self.log_level.lower() == "debug"
+        return self.log_level == "debug"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        """WARNING works as warning: logging's own names are upper case."""
+        return value.strip().lower() if isinstance(value, str) else value
+
+    # WHY bounds beyond > 0: a lease under 3 s requeues the jobs of live workers (they beat every lease/3, and a
+    # database write may take a second under load); over an hour, a dead worker's job waits that long. A poll
+    # under 0.05 s is a query per worker 20+ times a second for nothing; over a minute, an upload waits that long.
+    @field_validator("job_lease_s")
+    @classmethod
+    def _sane_lease(cls, value: float) -> float:
+        if not 3 <= value <= 3600:
+            raise ValueError("must be from 3 to 3600 seconds: shorter requeues jobs whose workers are alive (they "
+                             "renew it every third of it), longer leaves a dead worker's job waiting that long")
+        return value
+
+    @field_validator("worker_poll_s")
+    @classmethod
+    def _sane_poll(cls, value: float) -> float:
+        if not 0.05 <= value <= 60:
+            raise ValueError("must be from 0.05 to 60 seconds: shorter queries the database for nothing, longer "
+                             "leaves an upload waiting that long for its worker")
+        return value
 
     @field_validator("providers")
     @classmethod
@@ -152,3 +187,29 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         """The worker's scratch space for one job's optimizer output."""
         return self.data_dir / "tmp" / "work"
+
+
+# ONNXFORGE_* variables that are not settings but are read elsewhere: by docker compose (API_CPUS), between our own
+# processes (SERVE_OVERRIDES, WORKER_SETTINGS), by the benchmarks and the tests.
+OTHER_VARIABLES = frozenset({"ONNXFORGE_API_CPUS", "ONNXFORGE_SERVE_OVERRIDES", "ONNXFORGE_WORKER_SETTINGS",
+                             "ONNXFORGE_BENCH_CACHE", "ONNXFORGE_TEST_POSTGRES_URL"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ONNXFORGE_* variable that no setting reads, naming the closest known one.
+
+    WHY: pydantic-settings ignores them, so ONNXFORGE_MAXMODELBYTES=10 left the 2 GiB default in force, silently.
+    """
+    prefix = Settings.model_config["env_prefix"]
+    known = {prefix + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.upper().startswith(prefix) or variable.upper() in known:
+            continue
+        # compared without the shared prefix, which would make any two names look alike
+        close = difflib.get_close_matches(variable.upper().removeprefix(prefix),
+                                          sorted(name.removeprefix(prefix) for name in known), n=1, cutoff=0.6)
+        close = [prefix + name for name in close]
+        hint = f"; did you mean {close[0]}?" if close else "; see the settings in README.md (Configuration)"
+        warnings.append(f"{variable} is not a setting and is ignored{hint}")
+    return warnings

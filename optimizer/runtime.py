@@ -7,6 +7,7 @@ latency a report shows is measured with the same provider and threading that ser
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -98,11 +99,41 @@ def _cuda_session_works() -> bool:
     return session.get_providers()[0] == CUDA
 
 
+def cuda_unavailable_reason(available: Sequence[str] | None = None, *, session_works: bool | None = None,
+                            dev: Path = Path("/dev")) -> str | None:
+    """Why CUDA cannot run sessions here, in words an operator can act on; None when it can.
+
+    The service refuses to start on an explicit `cuda` that cannot be met (as Triton refuses to load), so the
+    reason must say which of the three it is: the CPU wheel installed, no GPU visible, or CUDA's libraries missing.
+    """
+    available = ort.get_available_providers() if available is None else available
+    if CUDA not in available:
+        wheel = "onnxruntime-gpu" if _installed("onnxruntime-gpu") else "onnxruntime (the CPU build)"
+        return (f"CUDAExecutionProvider is not available: the installed ONNX Runtime is {wheel} {ort.__version__}, "
+                f"offering {', '.join(available)}; install onnxruntime-gpu (the gpu extra) in place of onnxruntime")
+    if _cuda_session_works() if session_works is None else session_works:
+        return None
+    if not any(dev.glob("nvidia[0-9]*")):
+        return ("onnxruntime-gpu is installed but no NVIDIA GPU is visible here (no /dev/nvidia*): in a container, "
+                "run it with the GPU (docker --gpus all, the NVIDIA Container Toolkit)")
+    return ("onnxruntime-gpu is installed and a GPU is visible, but a session fell back to CPU: the CUDA or cuDNN "
+            "libraries it needs did not load (ONNX Runtime's log names the missing one)")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None) -> str:
     """Turn "auto" | "cpu" | "cuda" into the provider that will really serve ("cpu" or "cuda").
 
-    "auto" picks CUDA only when it really works here. Asking for "cuda" where it does not work
-    falls back to "cpu" with a warning rather than failing: the report says what was used.
+    "auto" picks CUDA only when it really works here. The library, asked for "cuda" where it does not work,
+    falls back to "cpu" with a warning saying why (the report says what was used); the service refuses to start
+    instead (app/cli.py, with cuda_unavailable_reason).
     """
     requested = (requested or "auto").lower()
     if requested not in ("auto", "cpu", "cuda"):
@@ -113,7 +144,7 @@ def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None
     if usable:
         return "cuda"
     if requested == "cuda":
-        log.warning("CUDA was requested but is not usable here (no onnxruntime-gpu or no GPU); using CPU")
+        log.warning("CUDA was requested but is not usable here (%s); using CPU", cuda_unavailable_reason())
     return "cpu"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -31,6 +32,9 @@ from app.services.registry import pick_serving, pinned_version, serving_variant
 from app.services.uploads import validate_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+# One info line per change an operator may be asked about (uploads, deletes, pins): request lines are debug only
+# (app/settings.py, access_log), so without these ~250 uploads and a 16-version delete left nothing in the log.
+log = logging.getLogger("onnxforge.api")
 
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 503)}
 _BATCH_FIELDS = {"batch_max_size": (int, 1, 1024), "batch_max_delay_ms": (float, 0.0, 1000.0)}
@@ -126,6 +130,10 @@ async def upload_model(request: Request, services: Services = Depends(services_o
             services.validations,
         )
         accepted = await run_in_threadpool(services.registry.accept, validated, batching)
+        log.info("upload accepted: model %r version %d, %d bytes, %s, precision %s; job %s", accepted.name,
+                 accepted.version, validated.size_bytes,
+                 f"calibration {calibration.size} bytes" if calibration else "no calibration",
+                 validated.options.precision, accepted.job_id)
     finally:
         form.cleanup()
     services.predict.invalidate(accepted.name)
@@ -191,6 +199,7 @@ def delete_model(name: str, services: Services = Depends(services_of)) -> dict[s
     ids = services.registry.delete(name)
     services.predict.invalidate(name)
     services.predict.forget(ids)
+    log.info("deleted model %r: all its versions (%d)", name, len(ids))
     return {"deleted": name, "versions": len(ids)}
 
 
@@ -200,6 +209,7 @@ def delete_version(name: str, version: str, services: Services = Depends(service
     ids = services.registry.delete(name, number)
     services.predict.invalidate(name)
     services.predict.forget(ids)
+    log.info("deleted model %r version %d", name, number)
     return {"deleted": name, "version": number}
 
 
@@ -221,6 +231,8 @@ def _serving_after(services: Services, name: str, version: int | None) -> Servin
     versions = services.registry.pin(name, version)
     services.predict.invalidate(name)
     serving = pick_serving(versions)
+    log.info("model %r %s; version %s serves", name, f"pinned to version {version}" if version is not None
+             else "unpinned", serving.version if serving else "none")
     return ServingOut(name=name, serving_version=serving.version if serving else None,
                       pinned_version=pinned_version(versions))
 

@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.services.jobs import ClaimedJob, JobQueue, new_worker_id
 from app.settings import Settings
 from app.storage import ArtifactStore, open_store
 from app.storage.base import CALIBRATION, OPTIMIZED, ORIGINAL, REPORT, artifact_key, version_prefix
-from app.store import Database, ModelVersion
+from app.store import Database, Job, ModelVersion
 from app.worker.lifeline import die_with_parent
 from app.worker.runner import RunSpec
 
@@ -90,6 +91,7 @@ class Worker:
         self.worker_id = new_worker_id()
         self._stop = threading.Event()
         self._last_recovery = 0.0
+        self._swept = False  # stale work folders removed (once, after the first recovery)
         self._running: list[threading.Thread] = []  # one per job being run
 
     def stop(self) -> None:
@@ -127,6 +129,9 @@ class Worker:
                 self.queue.beat(self.worker_id, len(self._running))  # busy or idle: /readyz counts it
                 for job_id, action in self.queue.recover_lost():
                     log.warning("job %s lost its worker: %s", job_id, action)
+                if not self._swept:
+                    self.sweep_stale_work()
+                    self._swept = True
             if len(self._running) >= self.settings.worker_concurrency:
                 return False
             job = self.queue.claim(self.worker_id)
@@ -140,6 +145,32 @@ class Worker:
         thread.start()
         return True
 
+    def sweep_stale_work(self) -> list[str]:
+        """Remove the work folders (tmp/work/<job id>) of jobs that are over: a worker killed mid-job leaves its
+        folder, and nothing else would ever remove it. Returns the job ids whose folders were removed.
+
+        Only jobs that succeeded or failed, or no longer exist: those are never claimed again, so no other worker
+        sharing this data folder can be writing there. A queued job's old folder is left to whoever claims it
+        (each claim starts from an empty folder), a running one's to its worker. Run after the first recovery,
+        which settles a dead worker's jobs. Raises SQLAlchemyError when the database does not answer (retried).
+        """
+        try:
+            folders = {path.name: path for path in self.settings.work_dir.iterdir() if path.is_dir()}
+        except OSError:  # no work folder yet
+            return []
+        if not folders:
+            return []
+        with self.db.read() as session:
+            live = set(session.scalars(
+                sa.select(Job.id).where(Job.id.in_(folders), Job.status.in_(("queued", "running")))))
+        stale = sorted(set(folders) - live)
+        for job_id in stale:
+            shutil.rmtree(folders[job_id], ignore_errors=True)
+        if stale:
+            log.info("removed the work folders of %d jobs that are over (left by a stopped worker): %s", len(stale),
+                     ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""))
+        return stale
+
     # -- one job -------------------------------------------------------------------------------------
 
     def _execute(self, job: ClaimedJob) -> None:
@@ -149,9 +180,10 @@ class Worker:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         outcome = _Outcome("lost")
+        status = "left to its lease (its outcome was not recorded)"
         try:
             outcome = self._run_child(job, work)
-            self._finish(job, work, outcome)
+            status = self._finish(job, work, outcome)
         except SQLAlchemyError as exc:
             # Cannot record the outcome: the lease will expire and the job will be recovered.
             log.error("job %s: cannot record its outcome, the database failed: %s", job.id, str(exc).splitlines()[0])
@@ -159,8 +191,11 @@ class Worker:
             log.exception("job %s: the worker failed running it; its lease will expire and it is recovered", job.id)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        result = {"done": "succeeded", "stopped": "put back in the queue"}.get(outcome.kind, outcome.kind)
-        log.info("job %s: %s after %.1f s %s", job.id, result, time.monotonic() - started, outcome.detail)
+        # The job's last line names all an operator asks about, without looking up the job id's earlier lines.
+        what = (f", variant {outcome.selected!r} selected" if status == "succeeded"
+                else f": {outcome.detail}" if outcome.detail else "")
+        log.info("job %s: model %r version %s %s after %.1f s%s", job.id, job.name, job.version, status,
+                 time.monotonic() - started, what)
 
     def _run_child(self, job: ClaimedJob, work: Path) -> _Outcome:
         try:
@@ -257,18 +292,21 @@ class Worker:
 
     # -- recording the outcome -----------------------------------------------------------------------
 
-    def _finish(self, job: ClaimedJob, work: Path, outcome: _Outcome) -> None:
+    def _finish(self, job: ClaimedJob, work: Path, outcome: _Outcome) -> str:
+        """Record the outcome; returns what became of the job (for its last log line)."""
+        dropped = "dropped (deleted, or recovered by another worker)"
         if outcome.kind == "stopped":
             self.queue.release(job, self.worker_id)
-            return
+            return "put back in the queue"
         if outcome.kind == "lost":
             log.warning("job %s is no longer ours (deleted or recovered elsewhere); dropping its work", job.id)
             self._drop_if_deleted(job)
-            return
+            return dropped
         if outcome.kind != "done":
             if not self.queue.fail(job, self.worker_id, outcome.detail, unrunnable=outcome.unrunnable):
                 self._drop_if_deleted(job)
-            return
+                return dropped
+            return "failed" if outcome.kind == "error" else f"failed ({outcome.kind})"
         out = work / "out"
         try:
             report = json.loads((out / "report.json").read_text())
@@ -278,11 +316,14 @@ class Worker:
                 self.store.put_file(artifact_key(job.name, job.version, OPTIMIZED), out / "model.onnx", move=True)
             self.store.put_file(artifact_key(job.name, job.version, REPORT), out / "report.json", move=True)
         except (OSError, ValueError) as exc:
-            self.queue.fail(job, self.worker_id, f"could not store the optimized model: {exc}")
-            return
+            outcome.detail = f"could not store the optimized model: {exc}"
+            self.queue.fail(job, self.worker_id, outcome.detail)
+            return "failed"
         if not self.queue.succeed(job, self.worker_id, report=report, selected=outcome.selected,
                                   provider=report.get("provider")):
             self._drop_if_deleted(job)
+            return dropped
+        return "succeeded"
 
     def _drop_if_deleted(self, job: ClaimedJob) -> None:
         """A version deleted while its job ran: remove what this worker may have stored for it."""
