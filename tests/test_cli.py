@@ -207,7 +207,8 @@ def test_accuracy_tolerance_options_reach_the_report(cnn_files: tuple[Path, Path
     # the HTTP upload's messages (app.services.uploads.parse_options), named by the option
     ("--min-cosine", "1.5", "--min-cosine: min_cosine must be between 0 and 1 (e.g. 0.99); got 1.5"),
     ("--min-top1", "most", "--min-top1: min_top1 must be a number between 0 and 1 (e.g. 0.99); got 'most'"),
-    ("--metrics", "logits=top1", '--metrics: metrics must be a JSON object of output name -> "default" | "top1"'),
+    ("--metrics", "logits=top1",
+     '--metrics: metrics must be a JSON object of output name -> "default" | "cosine" | "top1"'),
     ("--metrics", '{"logits": "mask"}', "--metrics: unknown metric 'mask' for output 'logits'"),
 ])
 def test_accuracy_tolerance_options_are_checked_like_the_upload(option: str, value: str, message: str,

@@ -89,8 +89,9 @@ def test_models_that_exhaust_memory_or_never_finish_fail_their_jobs(serve) -> No
         assert api.wait(good)["status"] == "succeeded"
         expected = api.predict("good", feed).json()["outputs"]
         worker_pid = api.services.worker.pid
-        _fails_with(api, "absurd-dims", hostile.model_absurd_input_dims(), "needed more than 1 GiB of memory",
-                    feed, expected)
+        # an input no predict could send (over ONNXFORGE_MAX_INPUT_ELEMENTS) is refused at upload, no job runs
+        refused = api.upload(hostile.model_absurd_input_dims(), name="absurd-dims")
+        assert refused.status_code == 400 and "ONNXFORGE_MAX_INPUT_ELEMENTS" in refused.json()["error"], refused.text
         _fails_with(api, "memory-hog", hostile.model_memory_hog(400_000_000), "needed more than 1 GiB of memory",
                     feed, expected)
         assert api.services.worker.pid == worker_pid  # the runner child died, never the worker

@@ -72,6 +72,8 @@ def test_served_models_keep_serving_through_a_database_outage(
             assert ready.status_code == 200, ready.text
             assert ready.json()["status"] == "degraded"
             assert ready.json()["database"].startswith("unreachable")
+            v2_ready = api.client.get("/v2/health/ready")  # the Open Inference Protocol's probe agrees
+            assert v2_ready.status_code == 200, v2_ready.text
 
             scrape = api.client.get("/metrics")
             assert scrape.status_code == 200

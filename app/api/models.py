@@ -127,7 +127,7 @@ async def upload_model(request: Request, services: Services = Depends(services_o
         batching = _batching(form.fields)
         validated = await run_in_threadpool(
             validate_upload, model.path, model.filename, calibration.path if calibration else None, form.fields,
-            services.validations,
+            services.validations, settings.max_input_elements,
         )
         accepted = await run_in_threadpool(services.registry.accept, validated, batching)
         log.info("upload accepted: model %r version %d, %d bytes, %s, precision %s; job %s", accepted.name,

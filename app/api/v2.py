@@ -68,8 +68,9 @@ async def live() -> dict[str, Any]:
 
 
 def _storage_problems(services: Services) -> str | None:
+    """The artifact store's problem, if any. WHY not the database: as /readyz (app/api/health.py), a shared
+    database's outage must not pull every replica; predict serves cached models through it."""
     try:
-        services.db.ping()
         services.store.check()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return first_line(exc)

@@ -155,7 +155,7 @@ def _metrics(fields: dict[str, str]) -> dict[str, str] | None:
     text = fields.get("metrics", "").strip()
     if not text:
         return None
-    hint = 'metrics must be a JSON object of output name -> "default" | "top1" | "mask:<threshold>", ' \
+    hint = 'metrics must be a JSON object of output name -> "default" | "cosine" | "top1" | "mask:<threshold>", ' \
            'e.g. {"maps": "mask:0.3"}'
     try:
         value = json.loads(text)

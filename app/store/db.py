@@ -22,6 +22,9 @@ _SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SCHEMA_LOCK_KEY = 0x6F6E6E78  # "onnx": any fixed number the app alone uses
 
 
+_CONNECT_TIMEOUT_S = 5
+
+
 def _sqlite_engine(url: str) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
@@ -70,7 +73,12 @@ class Database:
             self.engine = _sqlite_engine(url)
             write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # WHY a connect timeout: a network split makes connecting hang (not fail) for the OS's timeout, minutes,
+            # and /readyz, uploads and a first lookup with it; a URL's own connect_timeout still wins.
+            parsed = make_url(url)
+            timeout = {} if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query \
+                else {"connect_timeout": _CONNECT_TIMEOUT_S}
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
             write_engine = self.engine
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(write_engine, expire_on_commit=False)
