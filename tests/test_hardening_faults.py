@@ -32,7 +32,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def _fill(disk: Path) -> Path:
+def fill_disk(disk: Path) -> Path:
     """Take every free byte of the disk."""
     filler = disk / "filler"
     stat = os.statvfs(disk)
@@ -59,7 +59,7 @@ def test_disk_full_while_writing_the_artifact_fails_the_job_and_the_old_version_
 
         job_id = api.upload(models.mlp(hidden=512, seed=2), name="m").json()["job_id"]
         runner = _freeze_runner(api, job_id)
-        filler = _fill(small_disk)
+        filler = fill_disk(small_disk)
         os.kill(runner, signal.SIGCONT)
         job = api.wait(job_id)
         assert job["status"] == "failed", job

@@ -25,6 +25,7 @@ from app.services.uploads import ValidationLimiter, validate_upload
 from app.worker.runner import RunSpec
 from tests import hostile, models
 from tests.conftest import Api, files_under, npz
+from tests.test_hardening_faults import fill_disk
 
 Mount = Callable[[Path, str], None]
 
@@ -49,23 +50,6 @@ def mount(tmp_path: Path) -> Iterator[Mount]:
 
 def _remount(folder: Path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(folder)], check=True, capture_output=True)
-
-
-def _fill(disk: Path) -> Path:
-    """Take every free byte of the disk."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        stat = os.statvfs(disk)
-        os.posix_fallocate(fd, 0, stat.f_bavail * stat.f_frsize)
-        while True:  # whatever fallocate left (rounding), a page at a time
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    assert os.statvfs(disk).f_bavail == 0
-    return filler
 
 
 @contextmanager
@@ -100,7 +84,7 @@ def test_an_upload_to_a_full_disk_is_a_507_that_keeps_nothing(serve, mount: Moun
     disk = data_dir if full == "data folder" else data_dir / "artifacts"
     mount(disk, "4m")
     with _serving_v1(serve, tmp_path, data_dir) as api:
-        filler = _fill(disk)
+        filler = fill_disk(disk)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             samples = npz(features=np.ones((8, 64), "f4"))
