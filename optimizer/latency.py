@@ -181,20 +181,25 @@ def _open(models: Mapping[str, ModelSource], settings: SessionSettings | None,
     return opened
 
 
+def run_row_by_row(run: Callable[[Mapping[str, np.ndarray]], list], feed: Mapping[str, np.ndarray]) -> list:
+    """`run(feed)` as one run per row of axis 0, the answers stacked: how the service (app.runtime.runs.RowByRow)
+    runs a graph that mixes rows, and how it is timed here. One row, or inputs that do not share a first axis: as
+    sent."""
+    rows = {value.shape[0] if value.ndim else -1 for value in feed.values()}
+    count = rows.pop() if len(rows) == 1 else -1
+    if count <= 1:
+        return run(feed)
+    answers = [run({key: value[i:i + 1] for key, value in feed.items()}) for i in range(count)]
+    return [np.concatenate(outputs) for outputs in zip(*answers, strict=True)]
+
+
 def _run(name: str, session: ort.InferenceSession, feed: Mapping[str, np.ndarray], row_by_row: bool = False) -> None:
-    """One run of `feed`; `row_by_row`: one run per row of axis 0, the answers stacked, as app.runtime.runs.RowByRow
-    serves a graph that mixes rows (slicing and stacking included: they are part of what serves)."""
-    count = -1
-    if row_by_row:
-        rows = {value.shape[0] if value.ndim else -1 for value in feed.values()}
-        count = rows.pop() if len(rows) == 1 else -1
+    """One run of `feed`; `row_by_row`: as `run_row_by_row` (slicing and stacking included: part of what serves)."""
     try:
-        if count <= 1:  # one row, or inputs that do not share a first axis: as sent (as RowByRow does)
+        if row_by_row:
+            run_row_by_row(lambda rows: session.run(None, rows), feed)
+        else:
             session.run(None, feed)
-            return
-        answers = [session.run(None, {key: value[i:i + 1] for key, value in feed.items()}) for i in range(count)]
-        for outputs in zip(*answers, strict=True):
-            np.concatenate(outputs)
     except Exception as exc:  # noqa: BLE001
         expected = [(i.name, i.shape) for i in session.get_inputs()]
         raise BenchmarkError(

@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from optimizer.errors import first_line
+from optimizer.latency import run_row_by_row
 
 log = logging.getLogger(__name__)
 #: ONNX Runtime's severity "fatal": it would log its own error line for every run the watchdog stops (and ORT
@@ -126,13 +127,7 @@ class RowByRow(Limited):
     __slots__ = ()
 
     def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list:
-        rows = {value.shape[0] if value.ndim else -1 for value in feed.values()}
-        count = rows.pop() if len(rows) == 1 else -1
-        if count <= 1:  # one row, or inputs that do not share a first axis: as sent
-            return self.watchdog.run(self.session, names, feed)
-        answers = [self.watchdog.run(self.session, names, {key: value[i:i + 1] for key, value in feed.items()})
-                   for i in range(count)]
-        return [np.concatenate(outputs) for outputs in zip(*answers, strict=True)]
+        return run_row_by_row(lambda rows: self.watchdog.run(self.session, names, rows), feed)
 
 
 class Lanes:
