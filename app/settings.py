@@ -11,14 +11,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from annotated_types import Ge, Gt, Le
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ONNXFORGE_", extra="ignore")
+    # allow_inf_nan False: a float setting of inf or nan is refused (by `_in_range`, naming the range)
+    model_config = SettingsConfigDict(env_prefix="ONNXFORGE_", extra="ignore", allow_inf_nan=False)
 
     # Where things live.
     data_dir: Path = Path("data")
@@ -36,44 +38,49 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     providers: str = Field(default="auto", description="auto | cpu | cuda: the provider sessions are created on")
     intra_op_threads: int = Field(
-        default=0, ge=0, description="threads per session; 0 = sized from the CPUs this process may use (its "
+        default=0, ge=0, le=1024, description="threads per session; 0 = sized from the CPUs this process may use (its "
                                      "affinity and cgroup CPU quota, e.g. a container's cpus limit), not the host's",
     )
-    inter_op_threads: int = Field(default=1, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0, le=1024)
     intra_op_spinning: bool = Field(
         default=False, description="let idle intra-op threads spin (lower latency alone, but they steal the "
                                    "event loop's core under load)",
     )
     workers: int = Field(
-        default=1, ge=1, description="API processes `onnxforge serve` runs on its port (app/prefork.py), each "
+        default=1, ge=1, le=256, description="API processes `onnxforge serve` runs on its port (app/prefork.py), each "
                                      "with its own event loop, sessions and batcher; one optimizer worker for all",
     )
     # 2, not more: each session already uses every core through intra-op threads, so more threads
     # running session.run at once only oversubscribe the cores (4 x 2 threads on 2 cores measured worse).
     predict_threads: int = Field(
-        default=2, ge=1, description="threads running session.run off the event loop; one model holds at most this "
-                                     "many at once, and one more thread is kept for the other models",
+        default=2, ge=1, le=256,
+        description="threads running session.run off the event loop; one model holds at most this "
+                    "many at once, and one more thread is kept for the other models",
     )
     predict_time_limit_s: float = Field(
-        default=30.0, ge=0, description="a predict's session.run is stopped past this and answered 504 (0: no limit)"
+        default=30.0, ge=0, le=3600, description="a predict's session.run is stopped past this and answered 504 "
+                                                 "(0: no limit)"
     )
     batch_max_size: int = Field(
-        default=32, ge=1, description="dynamic batching: most rows per session.run (1 turns batching off); a "
+        default=32, ge=1, le=1024, description="dynamic batching: most rows per session.run (1 turns batching off); a "
                                       "model uploaded without its own batch_max_size is batched only where a "
                                       "probe at load shows batching pays (app/runtime/batching.py)",
     )
     batch_max_running: int = Field(
-        default=2, ge=1, description="dynamic batching: batches of one model version running at once (more than "
-                                     "predict_threads only queue for a thread)",
+        default=2, ge=1, le=256,
+        description="dynamic batching: batches of one model version running at once (more than "
+                    "predict_threads only queue for a thread)",
     )
     batch_max_delay_ms: float = Field(
-        default=0.0, ge=0,
+        default=0.0, ge=0, le=1000,
         description="dynamic batching: how long an idle model waits for more requests (0: none; requests that "
                     "arrive while a batch runs are batched anyway)",
     )
-    session_cache_size: int = Field(default=8, ge=1, description="loaded sessions kept, least recently used out")
+    session_cache_size: int = Field(default=8, ge=1, le=1024,
+                                    description="loaded sessions kept, least recently used out")
     registry_cache_ttl_s: float = Field(
-        default=1.0, ge=0, description="how long predict trusts its view of which version serves (0: always ask)"
+        default=1.0, ge=0, le=3600,
+        description="how long predict trusts its view of which version serves (0: always ask)",
     )
 
     # Limits.
@@ -100,7 +107,8 @@ class Settings(BaseSettings):
         default=2, ge=1, description="uploads validated at once in one API process; others wait"
     )
     validation_wait_s: float = Field(
-        default=5.0, ge=0, description="how long an upload waits for a validation slot before a 503 + Retry-After"
+        default=5.0, ge=0, le=600,
+        description="how long an upload waits for a validation slot before a 503 + Retry-After",
     )
 
     # Access control (app/security.py).
@@ -113,19 +121,23 @@ class Settings(BaseSettings):
     # Jobs and the worker.
     run_worker: bool = Field(default=True, description="start a worker process with the API (embedded default)")
     worker_poll_s: float = Field(
-        default=1.0, gt=0, description="how often an idle worker looks for a queued job (0.05-60 s)"
+        default=1.0, ge=0.05, le=60, description="how often an idle worker looks for a queued job"
     )
     # 1 by default: one optimization already uses every core (intra-op threads) and up to
     # job_memory_limit_mb, so a second at once on the same machine mostly shares them. Each child gets its
     # own job_memory_limit_mb: a worker may take worker_concurrency times that.
-    worker_concurrency: int = Field(default=1, ge=1, description="optimizer processes one worker runs at once")
-    job_time_limit_s: float = Field(default=3600.0, gt=0, description="wall-clock limit of one optimization")
+    worker_concurrency: int = Field(default=1, ge=1, le=64,
+                                    description="optimizer processes one worker runs at once")
+    job_time_limit_s: float = Field(default=3600.0, gt=0, le=7 * 86400,
+                                    description="wall-clock limit of one optimization")
     job_lease_s: float = Field(
-        default=30.0, gt=0, description="a running job whose worker is silent this long is lost (3-3600 s); its "
+        default=30.0, ge=3, le=3600, description="a running job whose worker is silent this long is lost; its "
                                         "worker beats every third of it",
     )
-    job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker died before giving up")
-    optimize_time_budget_s: float = Field(default=300.0, gt=0, description="the optimizer's own time budget")
+    job_max_attempts: int = Field(default=2, ge=1, le=100,
+                                  description="runs of a job whose worker died before giving up")
+    optimize_time_budget_s: float = Field(default=300.0, gt=0, le=7 * 86400,
+                                          description="the optimizer's own time budget")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug | info | warning | error; debug also logs every request"
@@ -143,24 +155,18 @@ class Settings(BaseSettings):
         """WARNING works as warning: logging's own names are upper case."""
         return value.strip().lower() if isinstance(value, str) else value
 
-    # WHY bounds beyond > 0: a lease under 3 s requeues the jobs of live workers (they beat every lease/3, and a
-    # database write may take a second under load); over an hour, a dead worker's job waits that long. A poll
-    # under 0.05 s is a query per worker 20+ times a second for nothing; over a minute, an upload waits that long.
-    @field_validator("job_lease_s")
+    @field_validator("*", mode="wrap")
     @classmethod
-    def _sane_lease(cls, value: float) -> float:
-        if not 3 <= value <= 3600:
-            raise ValueError("must be from 3 to 3600 seconds: shorter requeues jobs whose workers are alive (they "
-                             "renew it every third of it), longer leaves a dead worker's job waiting that long")
-        return value
-
-    @field_validator("worker_poll_s")
-    @classmethod
-    def _sane_poll(cls, value: float) -> float:
-        if not 0.05 <= value <= 60:
-            raise ValueError("must be from 0.05 to 60 seconds: shorter queries the database for nothing, longer "
-                             "leaves an upload waiting that long for its worker")
-        return value
+    def _in_range(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> object:
+        """A number out of its field's range (or inf, nan, not a number) is one message giving the range: pydantic's
+        own says only the bound it broke, and took inf as a predict time limit (a hung predict never answered)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            allowed = allowed_range(info.field_name)
+            if allowed is None:
+                raise
+            raise ValueError(f"must be {allowed}{_WHY.get(info.field_name, '')}") from None
 
     @field_validator("providers")
     @classmethod
@@ -187,6 +193,44 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         """The worker's scratch space for one job's optimizer output."""
         return self.data_dir / "tmp" / "work"
+
+
+# WHY some bounds are what they are, said with the range when a value is refused.
+_WHY = {
+    "job_lease_s": ": shorter requeues jobs whose workers are alive (they renew it every third of it), longer leaves "
+                   "a dead worker's job waiting that long",
+    "worker_poll_s": ": shorter queries the database for nothing, longer leaves an upload waiting that long for its "
+                     "worker",
+    "predict_time_limit_s": " (0: no limit)",
+    "job_memory_limit_mb": " (0: no limit)",
+    "intra_op_threads": " (0: sized from the CPUs this process may use)",
+    "inter_op_threads": " (0: ONNX Runtime's default)",
+}
+
+
+def allowed_range(field: str) -> str | None:
+    """The values a numeric setting takes, in words ("from 0 to 3600 seconds"), from its Field's bounds; None for a
+    setting that is not a number."""
+    info = Settings.model_fields[field]
+    if info.annotation not in (int, float):
+        return None
+    low = next((m.ge for m in info.metadata if isinstance(m, Ge)), None)
+    above = next((m.gt for m in info.metadata if isinstance(m, Gt)), None)
+    high = next((m.le for m in info.metadata if isinstance(m, Le)), None)
+    unit = next((u for suffix, u in _UNITS.items() if field.endswith(suffix)), "")
+    kind = "a whole number " if info.annotation is int else ""
+    if low is not None and high is not None:
+        return f"{kind}from {low:g} to {high:g}{unit}"
+    if above is not None and high is not None:
+        return f"{kind}over {above:g} and at most {high:g}{unit}"
+    if low is not None:
+        return f"{kind}at least {low:g}{unit}"
+    if above is not None:
+        return f"{kind}over {above:g}{unit}"
+    return f"{kind}".strip() or "a number"
+
+
+_UNITS = {"_s": " seconds", "_ms": " ms", "_mb": " MiB", "_bytes": " bytes"}
 
 
 # ONNXFORGE_* variables that are not settings but are read elsewhere: by docker compose (API_CPUS), between our own

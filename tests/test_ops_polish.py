@@ -142,14 +142,14 @@ def test_a_short_api_key_stops_serve_with_one_error_line(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("argv", "env", "said"), [
-    (["serve", "--workers", "0"], {}, "--workers: Input should be greater than or equal to 1 (got 0)"),
-    (["serve"], {"ONNXFORGE_PORT": "http"}, "ONNXFORGE_PORT: Input should be a valid integer"),
+    (["serve", "--workers", "0"], {}, "--workers: must be a whole number from 1 to 256 (got 0)"),
+    (["serve"], {"ONNXFORGE_PORT": "http"}, "ONNXFORGE_PORT: must be a whole number from 0 to 65535 (got 'http')"),
     (["serve", "--workers", "2"], {"ONNXFORGE_API_KEYS": "nobody:0123456789abcdef0123"},
      "ONNXFORGE_API_KEYS: unknown role 'nobody'"),
     (["worker"], {"ONNXFORGE_DATABASE_URL": "not a url"}, "ONNXFORGE_DATABASE_URL: cannot use this database URL"),
     (["worker", "--database-url", "oracle+nodriver://x/y"], {}, "--database-url: cannot use this database URL"),
     (["serve"], {"ONNXFORGE_STORAGE_URL": "gs://bucket"}, "ONNXFORGE_STORAGE_URL='gs://bucket': use s3://"),
-    (["worker"], {"ONNXFORGE_JOB_LEASE_S": "0"}, "ONNXFORGE_JOB_LEASE_S: Input should be greater than 0"),
+    (["worker"], {"ONNXFORGE_JOB_LEASE_S": "0"}, "ONNXFORGE_JOB_LEASE_S: must be from 3 to 3600 seconds"),
     (["worker"], {"ONNXFORGE_DATABASE_URL": "postgresql://onnxforge:wrong@127.0.0.1:1/none"},
      "ONNXFORGE_DATABASE_URL: cannot reach the database postgresql+psycopg://onnxforge:***@127.0.0.1:1/none: "),
 ])
