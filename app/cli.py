@@ -36,7 +36,7 @@ def _setting_name(field: str, given: dict[str, Any]) -> str:
 def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # noqa: ANN202, ANN401 - Settings
     """Settings from the environment (ONNXFORGE_*), overridden by the command line's options, checked before
     anything starts: values out of range, API keys, the database URL, its driver and the database answering, the
-    artifact store.
+    artifact store, and (`api`) the host and port to listen on.
     Each would otherwise surface as a traceback (or, with --workers N, as N API processes dying over and over)."""
     from pydantic import ValidationError
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -91,7 +91,37 @@ def _service_settings(args: argparse.Namespace, *, api: bool, **extra: Any):  # 
                            f"{database.engine.url.render_as_string(hide_password=True)}: {first_line(exc)}") from None
     finally:
         database.dispose()
+    problem = _unbindable(settings.host, settings.port, given) if api else None  # last: the other checks need no port
+    if problem is not None:
+        raise StartupError(problem)
     return settings, given
+
+
+def _unbindable(host: str, port: int, given: dict[str, Any]) -> str | None:
+    """Why `serve` could not listen on host:port, None when it can: bound once here as uvicorn binds it (its family
+    from the host, SO_REUSEADDR) and closed. WHY: uvicorn fails after the app started, in five log lines and exit 3
+    (ONNXFORGE_HOST=999.1.1.1 was "[Errno -2] Name or service not known")."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (socket.gaierror, UnicodeError) as exc:
+        return (f"{_setting_name('host', given)}={host!r} is not an IP address nor a name that resolves here "
+                f"({getattr(exc, 'strerror', None) or exc}); e.g. 127.0.0.1, 0.0.0.0 (every interface) or localhost")
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return (f"{_setting_name('host', given)}={host!r} is not an address of this machine ({exc.strerror}); "
+                    "e.g. 127.0.0.1, 0.0.0.0 (every interface) or one of its own addresses")
+        if exc.errno == errno.EADDRINUSE:
+            return (f"{_setting_name('port', given)}={port}: the port is already in use on {host} (another server?); "
+                    "stop it or choose another port")
+        return f"cannot listen on {host}:{port} ({exc.strerror}); check {_setting_name('host', given)} and " \
+               f"{_setting_name('port', given)}"
+    return None
 
 
 def _start_logging(settings) -> None:  # noqa: ANN001 - app.settings.Settings, imported late
