@@ -235,8 +235,8 @@ _SECONDS = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds >
 
 @contextmanager
 def _quiet(enabled: bool) -> Iterator[None]:
-    """Only errors from the libraries' logging while the command runs: ONNX Runtime's quantization tools log
-    warnings through the root logger (`logging.warning`, which adds a stderr handler on first use)."""
+    """Only errors from the libraries' logging while the command runs (ONNX Runtime's quantization advice is
+    routed away in any case: optimizer.quiet)."""
     import logging
 
     root = logging.getLogger()
@@ -297,7 +297,10 @@ def _optimize(args: argparse.Namespace) -> int:
 
     from optimizer import load_model
     from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
+    from optimizer.quiet import route_ort_warnings
     from optimizer.report_table import summary
+
+    route_ort_warnings()  # ORT's quantization advice ("WARNING:root:Please use QuantFormat.QDQ ...") is not ours
 
     try:
         options = _upload_options(args)

@@ -75,7 +75,9 @@ def cannot_run(exc: BaseException) -> bool:
 def run(spec: RunSpec, send) -> None:  # noqa: ANN001 - Callable[[list], None]
     from optimizer.errors import explain, first_line
     from optimizer.pipeline import OptimizeConfig, optimize
+    from optimizer.quiet import route_ort_warnings
 
+    route_ort_warnings()  # ORT's quantization advice, as "WARNING:root:" lines in the worker's log: debug level
     try:
         result = optimize(spec.model_path, out_dir=spec.out_dir, config=OptimizeConfig(**spec.config),
                           calibration=spec.calibration_path,
