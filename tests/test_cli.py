@@ -66,10 +66,17 @@ def test_bench_times_models_side_by_side(cnn_files: tuple[Path, Path], capsys: p
     copy.write_bytes(model.read_bytes())
     assert main(["bench", str(model), str(copy), "--inputs", str(npz), "--seconds", "0.1", "--batch", "1", "4"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.endswith("x") and ".onnx" in line]
+    rows = [line.split() for line in out.splitlines() if ".onnx" in line and not line.startswith("batch ")]
     assert [(r[0].rsplit("/", 1)[-1], r[1]) for r in rows] == [("cnn.onnx", "1"), ("copy.onnx", "1"),
                                                                ("cnn.onnx", "4"), ("copy.onnx", "4")]
-    assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
+    assert all(len(r) == 6 and float(r[-1]) > 0 for r in rows), rows  # p50 p90 p99 per s: no second speed-up
+    # one speed-up per pair and batch, labelled: the paired median with its interval, beside the A/A control's
+    speedups = [line for line in out.splitlines() if "speed-up" in line and line.startswith("batch ")]
+    assert [line.split()[1] for line in speedups] == ["1", "4"], out
+    for line in speedups:
+        figures = line.split(": ", 1)[1].split(" (A/A")[0].split("; ")
+        assert [f.rsplit(" ", 2)[0] for f in figures] == ["A/A control", "copy.onnx"], figures
+    assert "x" not in "".join(out.splitlines()[0].split()[1:]), out  # the header: no "vs first" column
 
 
 # -- what a new user ran into: overlapping tables, warnings under --quiet, tracebacks on bad arguments --------
@@ -187,8 +194,11 @@ def test_bench_times_a_one_sample_file(cnn_files: tuple[Path, Path], tmp_path: P
     one = tmp_path / "one.npz"
     np.savez(one, image=np.load(npz)["image"][:1])
     assert main(["bench", str(model), "--inputs", str(one), "--seconds", "0.1", "--batch", "2"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith("x")]
-    assert [(r[0].rsplit("/", 1)[-1], r[1], r[-1]) for r in rows] == [("cnn.onnx", "2", "1.00x")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out if ".onnx" in line and not line.startswith("batch ")]
+    assert [(r[0].rsplit("/", 1)[-1], r[1]) for r in rows] == [("cnn.onnx", "2")]
+    assert [line.split(": ", 1)[1].split(" ", 2)[:2] for line in out if line.startswith("batch 2 ")] == [
+        ["A/A", "control"]]
 
 
 def test_accuracy_tolerance_options_reach_the_report(cnn_files: tuple[Path, Path], tmp_path: Path) -> None:
