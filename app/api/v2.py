@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +39,7 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 503)}
 _HEADER_LENGTH = HEADER_LENGTH.encode()
+_HEADER_ROOM = 64 * 1024  # bytes of a binary request's body kept for its JSON header by `most_rows`
 _SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
@@ -118,19 +120,50 @@ def _config_tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
             "dims": tensor["shape"][1:] if batched else tensor["shape"]}
 
 
+def most_rows(inputs: list[TensorSpec], max_elements: int, max_body_bytes: int) -> int:
+    """The most rows one request may carry: each input's elements within ONNXFORGE_MAX_INPUT_ELEMENTS (predict
+    refuses more with a 400) and their bytes, sent as binary data, within ONNXFORGE_MAX_PREDICT_BODY_BYTES (a 413)
+    less 64 KiB for the JSON header.
+    A dynamic dimension besides the batch axis counts as 1, so a request of longer rows fits fewer."""
+    most, row_bytes = max_elements, 0
+    for spec in inputs:
+        per_row = 1
+        for dim in (spec.shape or ())[1:]:
+            per_row *= dim if isinstance(dim, int) and dim > 0 else 1
+        most = min(most, max_elements // per_row)
+        if spec.dtype is not None and spec.dtype != np.dtype(object):  # strings: no fixed size
+            row_bytes += per_row * spec.dtype.itemsize
+    if row_bytes:  # what is left of the body once its JSON header (names, shapes, parameters) is in
+        most = min(most, (max_body_bytes - min(_HEADER_ROOM, max_body_bytes // 2)) // row_bytes)
+    return max(most, 1)
+
+
 async def _config(services: Services, name: str, version: str | None) -> dict[str, Any]:
     """A minimal Triton model configuration, for clients that read one (perf_analyzer, some tritonclient code).
 
-    max_batch_size: the batching settings' size when the version's requests can be batched along axis 0 (the dims
-    then leave that axis out, as Triton's do), else 0 (dims are whole shapes). A request may still carry any number
-    of rows, and a probe at the first request may still find that batching does not pay for the model."""
+    max_batch_size, as Triton means it, the most rows one request may carry (Triton refuses more): for a version
+    whose inputs and outputs all have a batch axis first, the limit the server applies (`most_rows`), and dims then
+    leave that axis out; else 0, and dims are whole shapes. It is not the batcher's size: a request of more rows than
+    that runs whole, in one session.run (the config said 32 while 64-row requests were served). dynamic_batching
+    says the server combines requests: up to ONNXFORGE_BATCH_MAX_SIZE rows (or the model's own batch_max_size) per
+    run, waiting at most ONNXFORGE_BATCH_MAX_DELAY_MS for company; absent when it does not (batch size 1). A probe
+    at the first request may still find that combining does not pay for the model (app/runtime/batching.py)."""
     model = await services.predict.serving(name, _version(version, name))
     inputs, outputs = model.loaded.inputs, model.loaded.outputs
+    settings = services.settings
+    batched = unbatchable_reason(inputs, outputs) is None
+    config: dict[str, Any] = {
+        "name": model.row.name, "platform": "onnxruntime_onnx",
+        "max_batch_size": most_rows(inputs, settings.max_input_elements, settings.max_predict_body_bytes)
+        if batched else 0,
+        "input": [_config_tensor(s, batched) for s in inputs],
+        "output": [_config_tensor(s, batched) for s in outputs],
+    }
     policy, _ = batch_policy(model.row, services.predict.batcher.default)
-    size = policy.max_batch_size if policy.max_batch_size > 1 and unbatchable_reason(inputs, outputs) is None else 0
-    return {"name": model.row.name, "platform": "onnxruntime_onnx", "max_batch_size": size,
-            "input": [_config_tensor(s, size > 0) for s in inputs],
-            "output": [_config_tensor(s, size > 0) for s in outputs]}
+    if batched and policy.max_batch_size > 1:
+        config["dynamic_batching"] = {"preferred_batch_size": [policy.max_batch_size],
+                                      "max_queue_delay_microseconds": round(policy.max_delay_s * 1e6)}
+    return config
 
 
 @router.get("/models/{name}/config", responses=_ERRORS)
