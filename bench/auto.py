@@ -2,7 +2,7 @@
 finds any): every candidate auto tried, and the winner with its speedup and accuracy.
 
     python bench/auto.py [--seconds 2] [--budget 600] [--samples 40] [--only NAME ...] [--no-built]
-                         [--models NAME ...] [--strict-only]
+                         [--models NAME ...] [--strict-only] [--ab-reduce-range]
 
 Per model: each candidate's p50 (final interleaved timing when it passed, else the probe's), its
 ratio to the original, worst cosine / top-1 / worst slice cosine over the outputs, and status; then
@@ -12,6 +12,10 @@ repair). Ratios, not absolute times, are what transfer between machines.
 A real model that declares the metric its post-processing uses (bench/real_models.py task_metrics: a
 text detector's map thresholded at 0.3, a recogniser's per-step argmax, ...) runs twice: once at the
 strict default gate and once with those metrics; both rows are printed, each with its geometric mean.
+
+--ab-reduce-range runs each model twice, back to back: the grid without its reduce_range twins ("-rr", planned
+on x86 CPUs without VNNI) and then the whole grid, so the two compare under the same load; each arm has its
+own geometric mean.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402 - bench/ is on sys.path when run as a script
 
 from optimizer.auto import format_table, worst_accuracy  # noqa: E402
+from optimizer.candidates import auto_plan  # noqa: E402
 from optimizer.errors import OptimizerError  # noqa: E402
+from optimizer.passes.equalize import Equalized  # noqa: E402
 from optimizer.pipeline import MIN_GAIN, OptimizeConfig, optimize  # noqa: E402
 from tests import models  # noqa: E402
 
@@ -99,6 +105,7 @@ class Outcome:
     single_accuracy: str = "-"
     wall_s: float = 0.0
     refused: str = ""
+    arm: str = ""  # --ab-reduce-range: "no -rr" or "grid"
 
 
 def _accuracy(report: dict[str, Any], name: str, metrics: dict[str, str]) -> str:
@@ -117,7 +124,7 @@ def _accuracy(report: dict[str, Any], name: str, metrics: dict[str, str]) -> str
 
 
 def run_one(title: str, model: bytes | str, feeds: Feeds, args: argparse.Namespace, real: bool,
-            metrics: dict[str, str] | None = None) -> Outcome:
+            metrics: dict[str, str] | None = None, only: tuple[str, ...] | None = None, arm: str = "") -> Outcome:
     """Print one model's candidate table and return its summary line (strict gate, or `metrics` declared).
 
     The best single recipe is the fastest passing variant that is one ONNX Runtime tool run with one set
@@ -133,9 +140,10 @@ def run_one(title: str, model: bytes | str, feeds: Feeds, args: argparse.Namespa
     sample_feeds = feeds(args.samples, 0)
     with tempfile.TemporaryDirectory() as out:
         config = OptimizeConfig(benchmark_seconds=args.seconds, batch_sizes=(1,), time_budget_s=args.budget,
-                            auto_candidates=tuple(args.only) if args.only else None, metrics=metrics or None)
+                                auto_candidates=only, metrics=metrics or None)
         report = optimize(model, out_dir=out, config=config, calibration=_npz(sample_feeds)).report
-    outcome = Outcome(title, real, gate="task" if metrics else "strict", wall_s=time.perf_counter() - started)
+    outcome = Outcome(title, real, gate="task" if metrics else "strict", wall_s=time.perf_counter() - started,
+                      arm=arm)
     auto = report["auto"]
     rows = auto["candidates"]
     paired = {v["name"]: v["latency_by_batch"].get("1", {}).get("speedup_vs_original") for v in report["variants"]}
@@ -149,7 +157,7 @@ def run_one(title: str, model: bytes | str, feeds: Feeds, args: argparse.Namespa
         return None
 
     gate = f"declared task metrics {metrics}" if metrics else "strict default gate"
-    print(f"\n## {title}, {gate}   ({outcome.wall_s:.0f}s)")
+    print(f"\n## {title}, {gate}{f', arm: {arm}' if arm else ''}   ({outcome.wall_s:.0f}s)")
     print(format_table(report))
     chosen = next(r for r in rows if r["name"] == report["selected"])
     outcome.winner = report["selected"]
@@ -183,18 +191,19 @@ def summary(outcomes: list[Outcome]) -> str:
         if o.refused:
             lines.append(f"{name:18} {o.gate:6} refused: {o.refused}")
             continue
-        lines.append(f"{name:18} {o.gate:6} {o.winner[:52]:52} {o.speedup:5.2f}x  {o.accuracy[:44]:44} "
+        gate = f"{o.gate}{'/' + o.arm if o.arm else ''}"
+        lines.append(f"{name:18} {gate:6} {o.winner[:52]:52} {o.speedup:5.2f}x  {o.accuracy[:44]:44} "
                      f"{o.single[:40]:40} {o.single_speedup:5.2f}x  {o.wall_s:4.0f}s")
-    for gate in ("strict", "task"):
+    for gate, arm in [(g, a) for a in dict.fromkeys(o.arm for o in outcomes) for g in ("strict", "task")]:
         by_model: dict[str, Outcome] = {}
         for o in outcomes:
-            if o.real and (o.gate == "strict" or gate == "task"):
+            if o.real and o.arm == arm and (o.gate == "strict" or gate == "task"):
                 by_model[o.title] = o  # the task row, when there is one, replaces the strict row
         rows = [o for o in by_model.values() if not o.refused]
         if not rows:
             continue
         as_fast = sum(o.speedup >= o.single_speedup / (1 + MIN_GAIN) for o in rows)
-        lines.append(f"{gate} gate, geometric mean over {len(rows)} real models: auto "
+        lines.append(f"{gate} gate{f' ({arm})' if arm else ''}, geometric mean over {len(rows)} real models: auto "
                      f"{_geomean([o.speedup for o in rows]):.2f}x, best single recipe "
                      f"{_geomean([o.single_speedup for o in rows]):.2f}x; auto at least as fast as the best single "
                      f"recipe on {as_fast} of {len(rows)} (within the {MIN_GAIN:.0%} A/A noise margin)")
@@ -202,6 +211,19 @@ def summary(outcomes: list[Outcome]) -> str:
         if refused:
             lines.append(f"  refused or crashed (not in the mean): {', '.join(refused)}")
     return "\n".join(lines)
+
+
+def _only(names: list[str] | None) -> tuple[str, ...] | None:
+    return tuple(names) if names else None
+
+
+def _without_reduce_range(names: list[str] | None) -> tuple[str, ...]:
+    """The probe grid as it was before "-rr" twins: this CPU's (any model kind) without them, with the S8S8
+    recipes it holds back on a CPU without VNNI; within `names` when given."""
+    plans = [auto_plan(provider="cpu", method="minmax", has_calibration=True, fp16_on_cpu=True, matmul_heavy=heavy,
+                       equalized=Equalized()) for heavy in (False, True)]
+    grid = {c.name for plan in plans for c in plan.candidates + plan.held_back}
+    return tuple(sorted(n for n in grid if not n.endswith("-rr") and (not names or n in names)))
 
 
 def main() -> None:
@@ -213,6 +235,8 @@ def main() -> None:
     parser.add_argument("--no-built", action="store_true", help="only the real models")
     parser.add_argument("--models", nargs="*", help="only models whose title contains one of these")
     parser.add_argument("--strict-only", action="store_true", help="skip the runs with declared task metrics")
+    parser.add_argument("--ab-reduce-range", action="store_true",
+                        help="per model, the grid without its reduce_range twins, then the whole grid")
     args = parser.parse_args()
     print(f"machine: {describe()}")
     print(f"command: python bench/auto.py {' '.join(sys.argv[1:])}")
@@ -221,16 +245,20 @@ def main() -> None:
         if args.models and not any(m in title for m in args.models):
             continue
         real = title.endswith("(real)")
-        for declared in ([None, metrics] if metrics and not args.strict_only else [None]):
+        arms = [("no -rr", _without_reduce_range(args.only)), ("grid", _only(args.only))] if args.ab_reduce_range \
+            else [("", _only(args.only))]
+        for declared, (arm, only) in [(d, a) for d in ([None, metrics] if metrics and not args.strict_only
+                                                        else [None]) for a in arms]:
             gate = "task" if declared else "strict"
             try:
-                outcomes.append(run_one(title, model, feeds, args, real, declared))
+                outcomes.append(run_one(title, model, feeds, args, real, declared, only, arm))
             except OptimizerError as exc:  # a model the optimizer refuses is a line in the table, not the end
                 print(f"\n## {title}\nrefused: {exc}")
-                outcomes.append(Outcome(title, real, gate, refused=str(exc)[:100]))
+                outcomes.append(Outcome(title, real, gate, refused=str(exc)[:100], arm=arm))
             except Exception as exc:  # noqa: BLE001 - a crash is a bug to report, but the other models still run
                 traceback.print_exc()
-                outcomes.append(Outcome(title, real, gate, refused=f"CRASHED {type(exc).__name__}: {str(exc)[:80]}"))
+                outcomes.append(Outcome(title, real, gate, refused=f"CRASHED {type(exc).__name__}: {str(exc)[:80]}",
+                                        arm=arm))
             print(flush=True)
     print("\n## summary (speed-up over the original at batch 1: median of round-by-round ratios, counted only "
           "when it clears the run's A/A noise, else 1.00x; strict = the default gate: cosine >= 0.99, "

@@ -6,7 +6,10 @@ guessing, in steps that each decide what the next one is worth:
 
 1. probe: every recipe that is cheap to build (dynamic S8/U8 per-channel; static MinMax in QDQ and
    QOperator, S8S8 and U8S8, all ops and Conv/MatMul/Gemm only) is built, judged on the held-back
-   samples and timed once, interleaved with the FP32 models at the selection batch size;
+   samples and timed once, interleaved with the FP32 models at the selection batch size; on an x86
+   CPU without VNNI the U8S8 recipes get 7-bit weight twins ("-rr") and S8S8 is held back
+   (`candidates.auto_plan`), and a twin that differs only in reduce_range runs the same kernels, so
+   of two failing twins the repair takes the one closer to passing;
 2. repair: two failing INT8 combinations, static or dynamic, the closest to passing of those that
    probed at least MIN_REPAIR_SPEEDUP faster than FP32 (with FIRST_TARGET_SHARE of the time), then the
    fastest (mostly an all-op recipe that fails worst), are re-quantized with nodes left in float:
@@ -115,6 +118,7 @@ class AutoSearch:
     prune_by_latency: bool = True  # False: every failing combination is worth work (tests: no timing)
     only: tuple[str, ...] | None = None  # probe only these candidate names
     fp16_on_cpu: bool | None = None
+    cpu: frozenset[str] | None = None  # the CPU's flags the grid is planned for (candidates.cpu_flags; None: this one)
     unprovable: str | None = None  # why no variant can pass on these held-back samples: nothing is built
     notify: Notify = field(default=lambda stage, fraction: None)
     steps_s: dict[str, float] = field(default_factory=dict)
@@ -161,9 +165,13 @@ class AutoSearch:
         plan = auto_plan(provider=self.provider, method="minmax", has_calibration=not self.samples.synthetic,
                          fp16_on_cpu=self.fp16_on_cpu, matmul_heavy=matmul_heavy,
                          shared=self.shared, prepared=self.prepared, smoothed=self.smoothed,
-                         equalized=self.equalized, source=self.source)
-        self.skipped += plan.skipped
-        chosen = [c for c in plan.candidates if self.only is None or c.name in self.only]
+                         equalized=self.equalized, source=self.source, cpu=self.cpu)
+        # a candidate held back for this CPU is built when asked for by name (its skipped row then goes)
+        chosen = plan.candidates if self.only is None else [c for c in plan.candidates + plan.held_back
+                                                            if c.name in self.only]
+        named = {c.name for c in plan.held_back if c in chosen}
+        self.skipped += [s for s in plan.skipped if s["name"] not in named]
+        self.decisions += plan.notes
         self.skipped += [{"name": c.name, "reason": "not in the requested candidate list"}
                          for c in plan.candidates if c not in chosen]
         # On real models each static build calibrates again (~5-35 s): past its share of the budget the
@@ -238,7 +246,9 @@ class AutoSearch:
             if why_not:
                 self._skip(later, why_not)
                 continue
-            scope = str(row.settings["op_types"]) + ("-eq" if row.settings.get("equalize") else "")
+            # (7-bit weights change what a method's ranges give: a "-rr" twin is a scope of its own)
+            scope = (str(row.settings["op_types"]) + ("-eq" if row.settings.get("equalize") else "")
+                     + ("-rr" if row.settings.get("reduce_range") else ""))
             for i, candidate in enumerate(later):
                 method = candidate.settings["method"]
                 if (scope, method) in failed:
@@ -261,12 +271,25 @@ class AutoSearch:
         rows = [b.row for b in self.built.values()
                 if b.row.precision == "int8" and b.row.status == "rejected" and "exclude_nodes" not in b.row.settings]
         rows, slot = self._closer_of_equalized_twins(rows)
+        # Of rows that only differ in what does not change latency (a recipe and its "-rr" twin: same kernels),
+        # the one closest to passing is repaired: by probe time alone the noise between equal twins chose.
+        closest: dict[tuple, Any] = {}
+        for row in rows:
+            combo = self._combo(row.settings)
+            if combo not in closest or (accuracy_margin(row.accuracy, self.tolerance)
+                                        > accuracy_margin(closest[combo].accuracy, self.tolerance)):
+                closest[combo] = row
         worth, seen = [], set()
         for row in sorted(rows, key=lambda r: slot.get(r.name, self._probe_p50(r))):
             combo = self._combo(row.settings)
             if combo in seen or self._combo_passes(combo):
                 continue
             seen.add(combo)
+            if closest[combo] is not row:
+                self.skipped.append({"name": f"{row.name} (repair)", "reason": (
+                    f"{closest[combo].name} runs the same kernels (only reduce_range differs) and is closer to "
+                    "passing: it is repaired instead")})
+                row = closest[combo]
             why_not = self.not_worth_work(row)
             if why_not:
                 self.skipped.append({"name": f"{row.name} (repair)", "reason": why_not})
@@ -445,7 +468,8 @@ class AutoSearch:
         if row.settings.get("mode") == "static":
             op_types = None if row.settings["op_types"] == "all" else tuple(row.settings["op_types"])
             twin_name = static_name("minmax", "qdq", row.settings["activation_type"], op_types,
-                                    equalized=bool(row.settings.get("equalize")))
+                                    equalized=bool(row.settings.get("equalize")),
+                                    reduce_range=bool(row.settings.get("reduce_range")))
             twin = self._qdq_twin(twin_name)
             if twin is None or twin.model is None:
                 record["note"] = f"no QDQ twin ({twin_name}) to rank sensitive nodes on"
@@ -502,7 +526,7 @@ class AutoSearch:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix, prepared=self.prepared,
                                           smooth_alpha=(row.settings.get("smooth") or {}).get("alpha"),
-                                          smoothed=self.smoothed)
+                                          smoothed=self.smoothed, reduce_range=bool(row.settings.get("reduce_range")))
         candidate.settings.update({"repair_of": row.name, "repair": what})
         if time.monotonic() >= min(self.deadline, self._target_deadline):
             self.skipped.append({"name": candidate.name, "reason": "the time budget for this repair ran out"})
@@ -625,7 +649,8 @@ class AutoSearch:
 
     @staticmethod
     def _combo(settings: dict[str, Any]) -> tuple:
-        """What decides latency: everything but the calibration method."""
+        """What decides latency: everything but the calibration method and reduce_range (7-bit weights run the
+        same kernels)."""
         if settings.get("mode") == "static":
             return ("static", settings["format"], settings["activation_type"], str(settings["op_types"]),
                     str(settings.get("equalize")))

@@ -45,6 +45,9 @@ class Candidate:
 class Plan:
     candidates: list[Candidate] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {name, reason}: not tried, and why
+    notes: list[str] = field(default_factory=list)  # why the grid is what it is on this CPU (the report's decisions)
+    # skipped for this CPU (listed in `skipped`), built only when a request names them (AutoSearch.only)
+    held_back: list[Candidate] = field(default_factory=list)
 
 
 def fp16_candidate(provider: str) -> Candidate:
@@ -63,18 +66,24 @@ def _excluding(name: str, settings: dict[str, Any], exclude: tuple[str, ...], su
 
 def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclude: tuple[str, ...] = (),
                       suffix: str = "", prepared: int8_dynamic.Preprocessed | None = None,
-                      smooth_alpha: float | None = None, smoothed: smooth.Smoothed | None = None) -> Candidate:
+                      smooth_alpha: float | None = None, smoothed: smooth.Smoothed | None = None,
+                      reduce_range: bool = False) -> Candidate:
     """Dynamic INT8; `exclude` names nodes of the source model to keep in float (a repair).
+
+    `reduce_range`: 7-bit weights ("-rr"), for x86 CPUs without VNNI (`u8s8_saturates`).
 
     `prepared`: the search's cache of pre-processed sources, so its builds pre-process once, not once each.
     `smooth_alpha`: smooth LayerNorm outputs first (optimizer/passes/smooth.py, on the calibration samples),
     with the search's cache of smoothed sources `smoothed`.
     """
     config = int8_dynamic.Int8DynamicConfig(weight_type=weight_type, per_channel=per_channel,
-                                            nodes_to_exclude=exclude)
+                                            nodes_to_exclude=exclude, reduce_range=reduce_range)
     wt = "s8" if weight_type == "int8" else "u8"
     settings: dict[str, Any] = {"mode": "dynamic", "weight_type": weight_type, "per_channel": per_channel}
     name = f"int8-dynamic-{wt}{'-pc' if per_channel else ''}"
+    if reduce_range:
+        settings["reduce_range"] = True
+        name += "-rr"
     if smooth_alpha is None:
         return Candidate(_excluding(name, settings, exclude, suffix), "int8", settings,
                          lambda m, s: int8_dynamic.run(m, config, s.holdout[0], prepared))
@@ -102,19 +111,24 @@ def static_candidate(method: str = "minmax", quant_format: str = "qdq", activati
                      op_types: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
                      suffix: str = "", shared: int8_static.SharedCalibration | None = None,
                      equalizing: equalize.EqualizeConfig | None = None,
-                     equalized: equalize.Equalized | None = None) -> Candidate:
+                     equalized: equalize.Equalized | None = None, reduce_range: bool = False) -> Candidate:
     """Static INT8 (per-channel S8 weights); `exclude` names nodes to keep in float (a repair).
+
+    `reduce_range`: 7-bit weights ("-rr"), for x86 CPUs without VNNI (`u8s8_saturates`).
 
     `shared`: the search's calibration cache, so its builds calibrate once per method, not once each.
     `equalizing`: equalize Conv channel ranges first (optimizer/passes/equalize.py, on the calibration
     samples), with the search's cache of equalized sources `equalized`.
     """
     config = int8_static.Int8StaticConfig(method=method, quant_format=quant_format, activation_type=activation_type,
-                                          op_types=op_types, nodes_to_exclude=exclude)
+                                          op_types=op_types, nodes_to_exclude=exclude, reduce_range=reduce_range)
     settings: dict[str, Any] = {"mode": "static", "method": method, "format": quant_format,
                                 "activation_type": activation_type, "weight_type": "int8", "per_channel": True,
                                 "op_types": list(op_types) if op_types else "all"}
-    name = static_name(method, quant_format, activation_type, op_types, equalized=equalizing is not None)
+    if reduce_range:
+        settings["reduce_range"] = True
+    name = static_name(method, quant_format, activation_type, op_types, equalized=equalizing is not None,
+                       reduce_range=reduce_range)
     if equalizing is None:
         return Candidate(_excluding(name, settings, exclude, suffix), "int8", settings,
                          lambda m, s: int8_static.run(m, config, s.calibration, s.holdout[0], shared))
@@ -132,21 +146,24 @@ def static_candidate(method: str = "minmax", quant_format: str = "qdq", activati
 
 
 def static_name(method: str, quant_format: str, activation_type: str, op_types: tuple[str, ...] | None,
-                equalized: bool = False) -> str:
+                equalized: bool = False, reduce_range: bool = False) -> str:
     act = "s8" if activation_type == "int8" else "u8"
-    return f"int8-static-{method}-{quant_format}-{act}s8-{'heavy' if op_types else 'all'}{'-eq' if equalized else ''}"
+    return (f"int8-static-{method}-{quant_format}-{act}s8-{'heavy' if op_types else 'all'}{'-eq' if equalized else ''}"
+            f"{'-rr' if reduce_range else ''}")
 
 
 def static_twin(settings: dict[str, Any], *, method: str | None = None, quant_format: str | None = None,
                 exclude: tuple[str, ...] = (), suffix: str = "",
                 shared: int8_static.SharedCalibration | None = None,
                 equalized: equalize.Equalized | None = None) -> Candidate:
-    """The static candidate with the same settings as a report row, one of them changed (equalization kept)."""
+    """The static candidate with the same settings as a report row, one of them changed (equalization and
+    reduce_range kept)."""
     op_types = None if settings["op_types"] == "all" else tuple(settings["op_types"])
     equalizing = equalize.EqualizeConfig(**settings["equalize"]) if settings.get("equalize") else None
     return static_candidate(method or settings["method"], quant_format or settings["format"],
                             settings["activation_type"], op_types, exclude=exclude, suffix=suffix, shared=shared,
-                            equalizing=equalizing, equalized=equalized)
+                            equalizing=equalizing, equalized=equalized,
+                            reduce_range=bool(settings.get("reduce_range")))
 
 
 def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, has_calibration: bool,
@@ -168,19 +185,51 @@ def plan(precision: str, *, provider: str, int8_mode: str | None, method: str, h
     return result
 
 
-def cpu_has_fp16_arithmetic() -> bool:
+#: Why S8S8 static recipes are not built on x86 without VNNI (`u8s8_saturates`).
+S8S8_WITHOUT_VNNI = ("skipped: this x86 CPU has no VNNI, and there S8S8 measured slower than FP32 and than its U8S8 "
+                     "twin on every real model tried (AMD EPYC AVX2, ONNX Runtime 1.32: QOperator S8S8 0.24-0.52x "
+                     "FP32, QDQ S8S8 0.52-0.91x, their U8S8 twins 0.73-1.52x; bench/auto_avx2_kernels.py); name it "
+                     "in the candidate list to build it anyway")
+#: x86 flags (Linux's names) of an 8-bit dot product that sums u8*s8 products straight into int32.
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+#: x86 flags of the SIMD levels whose U8S8 kernels (MLAS) use vpmaddubsw: one of them marks an x86 CPU.
+U8S8_SIMD_FLAGS = frozenset({"sse4_1", "avx2", "avx512bw"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags (x86 "flags", ARM "Features") from `cpuinfo` text, by default /proc/cpuinfo's;
+    empty when it cannot be read (then no CPU-specific candidate is planned or skipped)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_fp16_arithmetic(flags: frozenset[str] | None = None) -> bool:
     """True when the CPU computes in FP16 natively (x86 AVX512-FP16, ARM FP16 SIMD)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_flags() if flags is None else flags
     return "avx512_fp16" in flags or "asimdhp" in flags
+
+
+def u8s8_saturates(flags: frozenset[str] | None = None) -> bool:
+    """True on an x86 CPU without VNNI: ONNX Runtime's U8S8 kernels there multiply with vpmaddubsw, which sums
+    each pair of u8*s8 products into int16 and saturates (255 * 127 * 2 > 32767), so full-range 8-bit weights
+    can lose accuracy that a VNNI CPU keeps; 7-bit weights (reduce_range) cannot overflow a pair."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & U8S8_SIMD_FLAGS) and not flags & VNNI_FLAGS
 
 
 def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu: bool | None = None,
               matmul_heavy: bool = False, shared: int8_static.SharedCalibration | None = None,
               prepared: int8_dynamic.Preprocessed | None = None, smoothed: smooth.Smoothed | None = None,
-              equalized: equalize.Equalized | None = None, source: onnx.ModelProto | None = None) -> Plan:
+              equalized: equalize.Equalized | None = None, source: onnx.ModelProto | None = None,
+              cpu: frozenset[str] | None = None) -> Plan:
     """The probe grid for auto: every recipe that is cheap to build, each built, judged and timed once.
 
     Static candidates are calibrated with MinMax here whatever `method` says: latency does not
@@ -193,8 +242,16 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
     ("-eq", after its plain twin) for CNNs; without one it is not planned (each build would equalize again).
     With the `source` model, a candidate that cannot apply to it (`cannot_apply`) is listed as skipped, not
     built: its build would only fail at once, and the table would show a failure that is none.
+    `cpu`: the serving CPU's flags (`cpu_flags`; None: this machine's). On x86 without VNNI (`u8s8_saturates`)
+    each recipe with U8 activations and S8 weights gets a twin with 7-bit weights right after it ("-rr": same
+    kernels, so the same speed; it trades a bit of weight precision for no int16 saturation), and the S8S8
+    recipes are held back (`Plan.held_back`: skipped, built only when a request names them): on such a CPU
+    they measured slower than FP32 and than their U8S8 twins on every real model tried
+    (bench/auto_avx2_kernels.py).
     """
     del method  # the probe always uses MinMax (see above); other methods are a later, pruned step
+    cpu = cpu_flags() if cpu is None else cpu
+    saturates = u8s8_saturates(cpu)
     result = Plan()
     if provider == "cuda":
         result.candidates.append(fp16_candidate(provider))
@@ -203,35 +260,55 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
         return result
     dynamic = [dynamic_candidate("int8", per_channel=True, prepared=prepared),
                dynamic_candidate("uint8", per_channel=True, prepared=prepared)]
+    if saturates:  # dynamic S8 weights run U8S8 (activations quantized to u8); U8 weights run U8U8, no pairs
+        dynamic.insert(1, dynamic_candidate("int8", per_channel=True, prepared=prepared, reduce_range=True))
     if matmul_heavy and has_calibration:
         # LayerNorm outputs' outlier channels made MiniLM's repair keep 8 nodes in float (1.51x); smoothed, 2 (1.90x)
         dynamic.append(dynamic_candidate("int8", per_channel=True, prepared=prepared, smooth_alpha=SMOOTH_ALPHA,
                                          smoothed=smoothed))
-    if matmul_heavy:
-        result.candidates += dynamic
+    static: list[Candidate] = []
     if has_calibration:
         for quant_format, activation_type in (("qoperator", "uint8"), ("qdq", "uint8"), ("qdq", "int8"),
                                               ("qoperator", "int8")):
             for op_types in (None, HEAVY_OPS):
-                result.candidates.append(static_candidate("minmax", quant_format, activation_type, op_types,
-                                                          shared=shared))
+                static.append(static_candidate("minmax", quant_format, activation_type, op_types, shared=shared))
+                if saturates and activation_type == "uint8":  # same kernels, same speed: built right after
+                    static.append(static_candidate("minmax", quant_format, activation_type, op_types,
+                                                   shared=shared, reduce_range=True))
         if not matmul_heavy and equalized is not None:
             # Conv channel ranges equalized first: only QDQ U8S8 on Conv/MatMul/Gemm gained on real CNNs
             # (bench/equalize.py; QOperator and all-op scopes quantize the float ops the scales must pass through)
-            result.candidates.insert(4, static_candidate("minmax", "qdq", "uint8", HEAVY_OPS, shared=shared,
-                                                         equalizing=EQUALIZE, equalized=equalized))
-    if not matmul_heavy:
-        result.candidates[-2:-2] = dynamic  # before QOperator S8S8
+            plain = next(i for i, c in enumerate(static) if c.name == static_name("minmax", "qdq", "uint8", HEAVY_OPS))
+            static.insert(plain + 1, static_candidate("minmax", "qdq", "uint8", HEAVY_OPS, shared=shared,
+                                                      equalizing=EQUALIZE, equalized=equalized))
+        if saturates:
+            s8s8 = [c for c in static if c.settings["activation_type"] == "int8"]
+            static = [c for c in static if c not in s8s8]
+            result.skipped += [{"name": c.name, "reason": S8S8_WITHOUT_VNNI} for c in s8s8]
+            result.held_back += s8s8
+    if matmul_heavy:
+        result.candidates += dynamic + static
+    elif saturates:
+        result.candidates += static + dynamic
+    else:
+        result.candidates += static[:-2] + dynamic + static[-2:]  # dynamic before QOperator S8S8
     if source is not None:
         for candidate in list(result.candidates):
             reason = cannot_apply(candidate, source)
             if reason:
                 result.candidates.remove(candidate)
                 result.skipped.append({"name": candidate.name, "reason": reason})
+    if saturates:
+        result.notes.append("this CPU has no VNNI (no avx512_vnni/avx_vnni/amx_int8): ONNX Runtime's U8S8 kernels sum "
+                            "u8*s8 products in pairs into int16 (vpmaddubsw), which saturates with 8-bit weights; "
+                            "each U8S8 recipe also gets a twin with 7-bit weights (reduce_range, \"-rr\")")
+    elif cpu & U8S8_SIMD_FLAGS:
+        result.skipped.append({"name": "int8 reduce_range (-rr)", "reason": "this CPU has VNNI: U8S8 products are "
+                               "summed in int32 without saturation, so 7-bit weights would only lose precision"})
     if not has_calibration:
         result.skipped.append({"name": "int8-static", "reason": "no calibration set was given: static INT8 needs "
                                "real inputs to calibrate activation ranges on"})
-    if fp16_on_cpu if fp16_on_cpu is not None else cpu_has_fp16_arithmetic():
+    if fp16_on_cpu if fp16_on_cpu is not None else cpu_has_fp16_arithmetic(cpu):
         result.candidates.append(fp16_candidate(provider))
     else:
         result.skipped.append({"name": "fp16", "reason": "this CPU has no FP16 arithmetic (no avx512_fp16/asimdhp): "

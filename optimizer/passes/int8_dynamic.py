@@ -210,6 +210,8 @@ class Int8DynamicConfig:
     weight_type: Literal["int8", "uint8"] = "int8"
     # Per-channel weights lifted a transformer's embedding cosine from 0.958 to 0.993 (pitfalls.md).
     per_channel: bool = False
+    # 7-bit weights: x86 without VNNI sums u8*s8 pairs in int16 and saturates (see int8_static.Int8StaticConfig)
+    reduce_range: bool = False
     op_types: Sequence[str] | None = None  # None: every type ORT can quantize dynamically
     nodes_to_exclude: Sequence[str] = ()  # names in the given model; fused nodes keep them as a prefix
 
@@ -238,6 +240,7 @@ def run(model: onnx.ModelProto, config: Int8DynamicConfig, feed: dict,
                 target,
                 op_types_to_quantize=list(config.op_types) if config.op_types else None,
                 per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
                 weight_type=_WEIGHT_TYPES[config.weight_type],
                 nodes_to_exclude=excluded,
                 # Tensors whose type shape inference lost (after contrib-op fusions) are float weights.
@@ -252,6 +255,7 @@ def run(model: onnx.ModelProto, config: Int8DynamicConfig, feed: dict,
         "quantized_ops": counts,
         "weight_type": config.weight_type,
         "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
         "nodes_before": len(model.graph.node),
         "nodes_after": len(quantized.graph.node),
         "op_histogram_after": op_histogram(quantized),

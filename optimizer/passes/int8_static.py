@@ -83,6 +83,9 @@ class Int8StaticConfig:
     activation_type: Literal["int8", "uint8"] = "int8"
     weight_type: Literal["int8", "uint8"] = "int8"
     per_channel: bool = True
+    # 7-bit weights: on x86 without VNNI, U8S8 kernels sum u8*s8 pairs in int16 (vpmaddubsw) and saturate; with
+    # weights in [-64, 64] a pair stays below 2 * 255 * 64 = 32640 (ORT's quantize_static docstring advises it there)
+    reduce_range: bool = False
     op_types: Sequence[str] | None = None  # None: every type ORT can quantize; ("Conv", "MatMul", "Gemm") is safer
     nodes_to_exclude: Sequence[str] = ()  # names in the given model; fused nodes keep them as a prefix
     extra_options: dict[str, Any] = field(default_factory=dict)  # passed to quantize_static as is
@@ -337,6 +340,7 @@ def _quantize(source: Path, target: Path, cache: Path, config: Int8StaticConfig,
         quant_format=_FORMATS[config.quant_format],
         op_types_to_quantize=op_types,
         per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
         activation_type=_TYPES[config.activation_type],
         weight_type=_TYPES[config.weight_type],
         nodes_to_exclude=list(excluded),
@@ -593,6 +597,7 @@ def run(model: onnx.ModelProto, config: Int8StaticConfig, calibration_feeds: Seq
         "activation_type": config.activation_type,
         "weight_type": config.weight_type,
         "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
         "calibration_samples": len(calibration_feeds),
         "calibration_chunk": chunk,
         "activation_bytes_per_sample": per_sample,

@@ -1,0 +1,74 @@
+"""Which INT8 kernels pay on this CPU: S8S8 vs U8S8 vs U8S8 with 7-bit weights (reduce_range), per real model.
+
+    python bench/auto_avx2_kernels.py [--seconds 1.5] MODEL ...     (names from bench/real_models.py list)
+
+Each recipe is built once on the model as given (MinMax ranges shared, as auto shares them) and timed
+interleaved with the FP32 model; the figure is the median of round-by-round ratios to FP32 with its 95%
+interval (optimizer.latency.paired_ratio), so load that hits a round hits both runs. Why: on x86 without VNNI
+ONNX Runtime's U8S8 kernels sum u8*s8 pairs in int16 (vpmaddubsw) and S8S8 has no fast kernel; auto's grid
+(optimizer.candidates.auto_plan) adds "-rr" twins and holds S8S8 back there on the strength of these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import real_models  # noqa: E402
+from bench.machine import describe  # noqa: E402
+from optimizer.calibration import SampleSet  # noqa: E402
+from optimizer.candidates import HEAVY_OPS, Candidate, dynamic_candidate, static_candidate  # noqa: E402
+from optimizer.latency import measure_batches, paired_ratio  # noqa: E402
+from optimizer.passes import int8_dynamic, int8_static  # noqa: E402
+from optimizer.runtime import SessionSettings  # noqa: E402
+
+
+def recipes(kind: str) -> list[Candidate]:
+    """U8S8, its 7-bit twin and S8S8, per format and scope; dynamic S8/S8-rr/U8 first for MatMul models."""
+    prepared = int8_dynamic.Preprocessed()
+    shared = int8_static.SharedCalibration(prepared)
+    static = [static_candidate("minmax", fmt, act, scope, shared=shared, reduce_range=rr)
+              for scope in (HEAVY_OPS, None) for fmt in ("qdq", "qoperator")
+              for act, rr in (("uint8", False), ("uint8", True), ("int8", False))]
+    if kind not in ("transformer", "rnn"):
+        return static
+    return [dynamic_candidate("int8", prepared=prepared), dynamic_candidate("int8", prepared=prepared,
+                                                                            reduce_range=True),
+            dynamic_candidate("uint8", prepared=prepared), *static[:3]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--seconds", type=float, default=1.5, help="timing per variant (all interleaved)")
+    args = parser.parse_args()
+    print(f"machine: {describe()}")
+    for real in real_models.available_models():
+        if real.name not in args.models:
+            continue
+        model = onnx.load(str(real.path))
+        feeds = real.sample_feeds(16, 0)
+        samples = SampleSet(calibration=feeds[:12], holdout=feeds[12:], synthetic=False, source="bench")
+        timed = {"fp32": model.SerializeToString()}
+        for candidate in recipes(real.kind):
+            try:
+                timed[candidate.name] = candidate.build(model, samples).model.SerializeToString()
+            except Exception as exc:  # noqa: BLE001 - a tool failure is a line, not the end
+                print(f"  {candidate.name:48} build failed: {str(exc)[:100]}")
+        stats = measure_batches(timed, feeds[12], SessionSettings(), batch_sizes=(1,), min_runs=20,
+                                target_seconds=args.seconds * len(timed))[1]
+        print(f"## {real.name}: FP32 p50 {stats['fp32'].p50_ms:.2f} ms, {len(stats['fp32'].round_ms)} rounds")
+        for name, s in stats.items():
+            if name != "fp32":
+                r = paired_ratio(stats["fp32"], s)
+                print(f"  {name:48} p50 {s.p50_ms:8.2f} ms  {r.median:.2f}x FP32 [{r.low:.2f}-{r.high:.2f}]",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
