@@ -13,5 +13,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
 def get_job(job_id: str, services: Services = Depends(services_of)) -> JobOut:
-    """Status (queued, running, succeeded, failed), the stage running, progress 0..1, the error if any."""
-    return JobOut.of(services.jobs.get(job_id))
+    """Status (queued, running, succeeded, failed), the stage running, progress 0..1, the error if any, and, while
+    running, whether its worker was lost (worker_lost)."""
+    job = services.jobs.get(job_id)
+    return JobOut.of(job, worker_lost=services.jobs.lost_worker(job))

@@ -41,12 +41,16 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    worker_lost: str | None = Field(
+        default=None, description="while running: set when the job's worker stopped beating (crashed, killed, cut "
+                                  "off), saying when it was last heard and when the job is retried or fails")
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, worker_lost: str | None = None) -> JobOut:
         return cls(id=job.id, model=job.name, version=job.version, status=job.status, stage=job.stage,
                    progress=round(job.progress, 4), error=job.error, attempts=job.attempts,
-                   created_at=utc(job.created_at), started_at=utc(job.started_at), finished_at=utc(job.finished_at))
+                   created_at=utc(job.created_at), started_at=utc(job.started_at), finished_at=utc(job.finished_at),
+                   worker_lost=worker_lost)
 
 
 class TensorOut(BaseModel):

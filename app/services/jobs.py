@@ -21,7 +21,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
@@ -112,6 +112,44 @@ class JobQueue:
         with self.db.read() as session:
             oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
         return max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
+
+    def lost_worker(self, job: Job) -> str | None:
+        """What a running job's view says when its worker has stopped beating, None while it beats (or the job is
+        not running). WHY: the job read "running", progress frozen, until its lease ended and a worker requeued it,
+        and for ever with no worker left to do that. The job is not taken from the worker here: one on another host
+        may only be cut off from the database, and the lease is what keeps two workers off one job."""
+        if job.status != "running":
+            return None
+        with self.db.read() as session:
+            beat = session.get(WorkerBeat, job.worker_id) if job.worker_id else None
+        now = utcnow()
+        renewed = job.lease_expires_at - self.lease if job.lease_expires_at is not None else None
+        heard = max((t for t in (renewed, beat.last_seen if beat is not None else None) if t is not None),
+                    default=job.started_at)
+        gone = worker_is_dead(job.worker_id)
+        # the longest a live worker stays silent: it beats every 2 s or each poll (<= 60 s), renews every lease/3
+        silent_after = timedelta(seconds=max(WORKER_SEEN_WITHIN_S, 2 * min(60.0, self.lease.total_seconds() / 3)))
+        if not gone and (heard is None or now - heard <= silent_after):
+            return None
+        if job.attempts >= self.max_attempts:
+            then = f"fails (attempt {job.attempts} of {self.max_attempts} was its last)"
+        else:
+            then = f"is retried (attempt {job.attempts + 1} of {self.max_attempts})"
+        when = f"{_iso(heard)} (no heartbeat since)" if heard is not None else "an unknown time"
+        lost = f"worker {job.worker_id} lost at {when}" + ("; its process is gone" if gone else "")
+        expires = job.lease_expires_at
+        if gone or expires is None or expires <= now:
+            retry = f"the job {then} when a worker next looks for work, within seconds while one runs"
+        else:
+            retry = f"the job {then} after {_iso(expires)}, when its lease ends"
+        since = now - timedelta(seconds=WORKER_SEEN_WITHIN_S)
+        with self.db.read() as session:
+            others = session.scalar(select(func.count()).select_from(WorkerBeat).where(
+                WorkerBeat.last_seen >= since, WorkerBeat.id != job.worker_id))
+        if not others:
+            retry += ("; no worker is running to do it: start one (`onnxforge worker`, or `onnxforge serve` without "
+                      "--no-worker)")
+        return f"{lost}; {retry}"
 
     # -- the worker's side --------------------------------------------------------------------------
 
@@ -251,6 +289,11 @@ class JobQueue:
                     _fail_version(session, job.version_id, job.error)
                     actions.append((job.id, "failed"))
         return actions
+
+
+def _iso(moment: datetime) -> str:
+    """A stored (naive UTC) time as the API writes times: ISO 8601, seconds, Z."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fail_version(session, version_id: str, reason: str, *, unrunnable: bool = False) -> None:  # noqa: ANN001
