@@ -30,15 +30,19 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+import numpy as np
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import error_of, error_response
 from app.api.models import PREDICT, VERSION_PREDICT, predict_json
-from app.api.v2 import INFER, VERSION_INFER, infer, read_body
-from app.errors import NotReadyError, PayloadTooLargeError
-from app.protocol.v2_codec import HEADER_LENGTH
+from app.api.v2 import INFER, VERSION_INFER, _version, infer, read_body
+from app.errors import NotFoundError, NotReadyError, PayloadTooLargeError
+from app.protocol.v2_codec import HEADER_LENGTH, InferRequest, decode_request, encode_response, response_headers
+from app.runtime.batching import Waiter
 from app.security import READ, ApiKeys, Receive, Scope, Send, body_limit_message, check_key
 from app.services.container import Services
+from app.services.predict import PredictService, large
 
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 STOPPING = "the service is stopping"
@@ -47,6 +51,8 @@ _ROUTES = (("/v2/models/", "/infer", INFER, VERSION_INFER), ("/v1/models/", "/pr
 
 
 Target = tuple[str, str, str | None]  # fast_target's answer: route template, model name, version text or None
+# FastInfer.enqueue's answer: the route, when the predict started, the output names, the decoded request
+Batched = tuple[Any, float, tuple[str, ...] | list[str], InferRequest]
 
 
 def fast_target(path: str) -> Target | None:
@@ -154,6 +160,48 @@ class FastInfer:
         # /v2 infer: the binary extension's header length and Content-Encoding say how to read it
         return await infer(services, name, version, body, headers.header_length, headers.encoding,
                            self.max_body_bytes)
+
+    def enqueue(self, services: Services, target: Target, headers: Headers, body: bytes,
+                waiter: Waiter) -> Batched | None:
+        """A /v2 infer request of a model whose requests are batched, decoded, checked and in its batch queue (what
+        `run` does up to the run): its outputs come to `waiter` (Batcher.enqueue), for `outputs` and `encode`. Raises
+        the service's errors as `run` does. None: not such a request, or not at hand without a coroutine (`run` in a
+        task is its way). WHY: the short HTTP path answers it from its batch's callback (app/http_protocol.py)."""
+        template, name, version = target
+        if template in (PREDICT, VERSION_PREDICT) or (headers.encoding or "identity") != "identity":
+            return None
+        try:
+            number = _version(version, name)
+        except NotFoundError:  # said by `run`, in the order it checks things
+            return None
+        route = services.predict.batched_route(name, number)
+        if route is None:
+            return None
+        request = decode_request(body, headers.header_length)
+        started, names = services.predict.enqueue(route, request.inputs, request.outputs, waiter)
+        return route, started, names, request
+
+    @staticmethod
+    def outputs(batched: Batched, values: list[np.ndarray] | None, exc: BaseException | None) -> dict[str, np.ndarray]:
+        """The outputs of an `enqueue`d request from what its batch gave it (raises the service's error, as `run`)."""
+        route, started, names, _ = batched
+        return PredictService.finish(route, started, names, values, exc)
+
+    @staticmethod
+    def encode(batched: Batched, outputs: dict[str, np.ndarray]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The answer's body and headers, as `run` gives them (not for `large` outputs: `encoded`)."""
+        route, _, _, request = batched
+        content, length = encode_response(route.name, route.version, request, outputs)
+        return content, response_headers(len(content), length)
+
+    @staticmethod
+    async def encoded(batched: Batched, outputs: dict[str, np.ndarray]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """`encode`, in a thread for `large` outputs (as `run` encodes them)."""
+        if not large(outputs):
+            return FastInfer.encode(batched, outputs)
+        route, _, _, request = batched
+        content, length = await run_in_threadpool(encode_response, route.name, route.version, request, outputs)
+        return content, response_headers(len(content), length)
 
     @staticmethod
     def failure(exc: BaseException, gone: bool, where: str) -> tuple[int, JSONResponse | None]:

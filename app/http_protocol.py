@@ -32,19 +32,26 @@ WATCH_AFTER_S on; a client gone before sending its whole body counts 499 (the AS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httptools
+import numpy as np
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from app.errors import PayloadTooLargeError
-from app.fastpath import FastInfer, Headers, Target, fast_target, headers_of
+from app.fastpath import Batched, FastInfer, Headers, Target, fast_target, headers_of
 from app.security import body_limit_message
 from app.services.container import Services
+from app.services.predict import large
+
+Answer = tuple[bytes, list[tuple[bytes, bytes]]]  # an answer's body and headers
 
 
 class _Held:
@@ -118,8 +125,8 @@ class _Request:
     bookkeeping goes on unchanged: a request pipelined behind it waits until `response_complete`, a graceful
     shutdown clears `keep_alive` (closed once answered), a lost connection sets `disconnected`."""
 
-    __slots__ = ("body", "disconnected", "headers", "keep_alive", "path", "protocol", "query", "response_complete",
-                 "services", "size", "target", "task")
+    __slots__ = ("batched", "body", "disconnected", "headers", "keep_alive", "path", "protocol", "query",
+                 "response_complete", "services", "size", "target", "task")
     message_event = _NoEvent()
 
     def __init__(self, protocol: OneWriteHttpToolsProtocol, target: Target, path: str, query: bytes,
@@ -133,17 +140,42 @@ class _Request:
         self.body: list[bytes] = []
         self.size = 0
         self.services: Services | None = None  # once admitted
-        self.task: asyncio.Task | None = None  # once the body is whole
+        self.task: asyncio.Task | None = None  # once the body is whole, unless batched
+        self.batched: Batched | None = None  # while in a batch (FastInfer.enqueue): it is the batch's waiter
         self.response_complete = False
         self.disconnected = False
 
-    async def answer(self) -> None:
-        """The model's answer (or the error's) to the whole request, written in one write."""
-        fast = self.protocol.fast
+    def start(self) -> None:
+        """Once the body is whole: into its model's batch queue, answered from the batch's callback (`set_result`),
+        when FastInfer.enqueue takes it; else `answer` in a task. Either way it is in uvicorn's `tasks` until
+        answered: its graceful shutdown waits for it, then cancels it (503)."""
+        protocol = self.protocol
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body = []
         try:
-            content, headers = await fast.run(self.services, self.target, self.headers, body, self.query)
+            self.batched = protocol.fast.enqueue(self.services, self.target, self.headers, body, self)
+        except Exception as exc:  # noqa: BLE001 - every error is answered in the one shape; the server goes on
+            self.fail(exc)
+            return
+        if self.batched is not None:
+            protocol.tasks.add(self)  # (a stand-in for a task there: `cancel` is what uvicorn calls)
+            return
+        context = contextvars.Context() if protocol.config.reset_contextvars else None  # as uvicorn's _start_asgi_task
+        self.later(functools.partial(protocol.fast.run, self.services, self.target, self.headers, body, self.query),
+                   context)
+
+    def later(self, answer: Callable[[], Awaitable[Answer]], context: contextvars.Context | None = None) -> None:
+        """Answer by what `answer()` gives, in a task (uvicorn's graceful shutdown waits for it, then cancels it)."""
+        protocol = self.protocol
+        self.task = task = protocol.loop.create_task(self.answer(answer), context=context)
+        task.add_done_callback(protocol.tasks.discard)
+        protocol.tasks.add(task)
+
+    async def answer(self, answer: Callable[[], Awaitable[Answer]]) -> None:
+        """The model's answer (or the error's) to the whole request, written in one write."""
+        fast = self.protocol.fast
+        try:
+            content, headers = await answer()
             flow = self.protocol.flow
             if flow.write_paused:  # a client that does not read its answers: wait, as uvicorn's cycle does
                 await flow.drain()
@@ -154,6 +186,53 @@ class _Request:
         else:
             self.write(200, headers, content)
             self.count(200)
+
+    # -- as the waiter of its batch (Batcher.enqueue): called on the event loop ----------------------------------
+
+    def done(self) -> bool:
+        return self.batched is None
+
+    def set_result(self, values: list[np.ndarray]) -> None:
+        self._batch_done(values, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._batch_done(None, exc)
+
+    def _batch_done(self, values: list[np.ndarray] | None, exc: BaseException | None) -> None:
+        """Its batch ran: answer now (one write), as `answer` would have; a large answer, or one to a client that
+        does not read its answers, goes on in a task (encoded in a thread, written once the client reads)."""
+        batched, self.batched = self.batched, None
+        protocol = self.protocol
+        protocol.tasks.discard(self)
+        fast = protocol.fast
+        try:
+            outputs = fast.outputs(batched, values, exc)
+            if protocol.flow.write_paused or large(outputs):
+                self.later(functools.partial(fast.encoded, batched, outputs))
+                return
+            content, headers = fast.encode(batched, outputs)
+        except Exception as exc:  # noqa: BLE001 - every error is answered in the one shape; the server goes on
+            self.fail(exc)
+        else:
+            self.write(200, headers, content)
+            self.count(200)
+
+    def cancel(self, msg: str | None = None) -> None:
+        """uvicorn's graceful shutdown gave up waiting for it: out of its batch (not run if not started), 503. Soon,
+        not now, as a task's cancel: uvicorn calls it while iterating over its tasks, which `stop` changes."""
+        self.protocol.loop.call_soon(self.stop, False)
+
+    def stop(self, gone: bool) -> None:
+        """Out of its batch, not answered by it (not run if its batch has not started): its client is gone (499,
+        nobody to answer) or the server is stopping (503), as a cancelled task is answered."""
+        batched, self.batched = self.batched, None
+        if batched is None:
+            return
+        self.protocol.tasks.discard(self)
+        exc = asyncio.CancelledError()
+        with contextlib.suppress(asyncio.CancelledError):
+            self.protocol.fast.outputs(batched, None, exc)  # counts the predict (rejected)
+        self.respond(*self.protocol.fast.failure(exc, gone, ""))
 
     def fail(self, exc: Exception) -> None:
         self.respond(*self.protocol.fast.failure(exc, False, f"POST {self.path}"))
@@ -284,19 +363,19 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             return
         if request.response_complete:
             return
-        context = contextvars.Context() if self.config.reset_contextvars else None  # as uvicorn's _start_asgi_task
-        request.task = task = self.loop.create_task(request.answer(), context=context)
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it, then cancels it (503)
         self.running = request
+        request.start()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         running, self.running = self.running, None
         if running is not None and not running.response_complete:  # its client is gone: nobody to answer, 499
             running.disconnected = True
-            running.task.cancel()
+            if running.task is not None:
+                running.task.cancel()
+            else:
+                running.stop(True)
         request = self.cycle
-        if type(request) is _Request and request.task is None and not request.response_complete:
+        if type(request) is _Request and request is not running and not request.response_complete:
             request.disconnected = True  # gone before the whole body came
             request.respond(499, None)

@@ -348,3 +348,26 @@ def _encode(model: str, version: int, request: InferRequest,
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
+
+
+_HEADER_LENGTH = HEADER_LENGTH.encode()
+# (body length, JSON header length) -> the answer's headers. WHY: the same few for every answer of a fixed-size model,
+# and building them (two int-to-text conversions, three tuples, a list) is a per-request cost of the event loop.
+_RESPONSE_HEADERS: dict[tuple[int, int | None], list[tuple[bytes, bytes]]] = {}
+
+
+def response_headers(size: int, length: int | None) -> list[tuple[bytes, bytes]]:
+    """The HTTP headers of an infer answer of `size` bytes whose JSON header is `length` bytes long (None: all JSON,
+    no binary outputs). Shared: callers must not change the list."""
+    key = (size, length)
+    headers = _RESPONSE_HEADERS.get(key)
+    if headers is None:
+        if length is None:
+            headers = [(b"content-length", str(size).encode()), (b"content-type", b"application/json")]
+        else:
+            headers = [(b"content-length", str(size).encode()), (b"content-type", b"application/octet-stream"),
+                       (_HEADER_LENGTH, str(length).encode())]
+        if len(_RESPONSE_HEADERS) >= _PLANS_MAX:
+            _RESPONSE_HEADERS.clear()
+        _RESPONSE_HEADERS[key] = headers
+    return headers

@@ -58,7 +58,7 @@ from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -272,11 +272,19 @@ class BatchPolicy:
     max_delay_s: float = 0.0
 
 
+class Waiter(Protocol):
+    """Where a queued request's outputs go: an asyncio future, or anything that takes them the same way."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: list[np.ndarray], /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True)
 class _Request:
     feed: Feed
     rows: int
-    future: asyncio.Future
+    future: Waiter
     queued_at: float
 
 
@@ -375,12 +383,21 @@ class Batcher:
 
         `policy` is the model's own (None: the default); the latest one given for a key applies.
         """
+        future = asyncio.get_running_loop().create_future()
+        self.enqueue(key, session, names, feed, policy, future)
+        return await future
+
+    def enqueue(self, key: Hashable, session, names: list[str] | tuple[str, ...], feed: Feed,  # noqa: ANN001
+                policy: BatchPolicy | None, waiter: Waiter) -> None:
+        """`run` without a coroutine: the outputs (or the exception) go to `waiter`, on the event loop, once the
+        request's batch has run; a `waiter` already done by then (its caller went away) is skipped, and if it was
+        not dispatched yet, not run. WHY: the short HTTP path (app/http_protocol.py) answers a batched request from
+        its batch's callback, without a task, a future and a chain of coroutines per request."""
         rows = next(iter(feed.values())).shape[0]
         # (np.dtype itself, not its .str: that builds a new string per call; equal dtypes hash and compare equal)
         signature = (names if type(names) is tuple else tuple(names),
                      tuple([(k, v.dtype, v.shape[1:]) for k, v in feed.items()]))
-        loop = asyncio.get_running_loop()
-        request = _Request(feed, rows, loop.create_future(), time.perf_counter())
+        request = _Request(feed, rows, waiter, time.perf_counter())
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(policy or self.default)
@@ -391,13 +408,13 @@ class Batcher:
         if queue.may_start(group, self.max_running):
             if queue.policy.max_delay_s <= 0:
                 if queue.timer is None:  # after the requests already due in this loop iteration (module doc)
-                    queue.timer = loop.call_soon(self._dispatch, key, session)
+                    queue.timer = asyncio.get_running_loop().call_soon(self._dispatch, key, session)
             elif sum(r.rows for r in group) < queue.limit():
                 if queue.timer is None:
-                    queue.timer = loop.call_later(queue.policy.max_delay_s, self._dispatch, key, session)
+                    queue.timer = asyncio.get_running_loop().call_later(queue.policy.max_delay_s, self._dispatch,
+                                                                        key, session)
             else:
                 self._dispatch(key, session)
-        return await request.future
 
     # -- on the event loop --------------------------------------------------------------------------
 
@@ -459,14 +476,6 @@ class Batcher:
                   rows: int) -> None:
         exc = done.exception()
         results, seconds = (None, 0.0) if exc is not None else done.result()
-        for i, request in enumerate(batch):
-            if request.future.done():  # the caller went away
-                continue
-            outcome = exc if exc is not None else results[i]
-            if isinstance(outcome, BaseException):
-                request.future.set_exception(outcome)
-            else:
-                request.future.set_result(outcome)
         queue = self._queues[key]
         queue.running -= 1
         if exc is None and rows and queue.dispatches > self.max_running:
@@ -476,7 +485,18 @@ class Batcher:
             # limit fall back to 1 half the time. Not the first run of each slot: a session's first runs
             # allocate (an MLP's took 6 ms, not 50 us).
             queue.timed(rows, seconds + DISPATCH_COST_S)
+        # The next batch first: it runs in its thread while this one's requests are answered (a waiter of `enqueue`
+        # writes its answer from here).
         self._dispatch(key, session)
+        for i, request in enumerate(batch):
+            waiter = request.future
+            if waiter.done():  # the caller went away
+                continue
+            outcome = exc if exc is not None else results[i]
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
 
 
 # -- in the executor ---------------------------------------------------------------------------------

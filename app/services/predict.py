@@ -43,7 +43,15 @@ from app.errors import (
     ServiceError,
 )
 from app.metrics import Metrics, PredictSeries
-from app.runtime.batching import Batcher, BatchPolicy, batching_pays, in_thread, rows_agree, unbatchable_reason
+from app.runtime.batching import (
+    Batcher,
+    BatchPolicy,
+    Waiter,
+    batching_pays,
+    in_thread,
+    rows_agree,
+    unbatchable_reason,
+)
 from app.runtime.runs import Lane, Lanes, Limited, RowByRow, RunTimeout, Watchdog
 from app.runtime.sessions import LoadedSession, SessionCache
 from app.services.inputs import FeedChecker
@@ -76,9 +84,13 @@ class Prediction:
 
     @property
     def large(self) -> bool:
-        """Whether encoding the answer belongs in a thread: a 50M-element JSON answer (200 MB) held the event loop,
-        and every other request with it, for 5.8 s; below 256K elements encoding takes a few ms at most."""
-        return sum(array.size for array in self.outputs.values()) > LARGE_ANSWER_ELEMENTS
+        return large(self.outputs)
+
+
+def large(outputs: dict[str, np.ndarray]) -> bool:
+    """Whether encoding an answer of `outputs` belongs in a thread: a 50M-element JSON answer (200 MB) held the event
+    loop, and every other request with it, for 5.8 s; below 256K elements encoding takes a few ms at most."""
+    return sum(array.size for array in outputs.values()) > LARGE_ANSWER_ELEMENTS
 
 
 @dataclass
@@ -365,7 +377,37 @@ class PredictService:
         if route is None:
             route = await self._route(await self.serving(name, version, variant))
         started = time.perf_counter()
-        outcome = "rejected"  # until its inputs pass their checks and its run starts (metrics.PREDICT_OUTCOMES)
+        names, feed = self._checked(route, inputs, cast, output_names, started)
+        try:
+            if route.policy is not None:
+                values = await self.batcher.run(route.key, route.runner, names, feed, route.policy)
+            else:
+                values = await in_thread(route.lane, route.runner.run, names, feed)
+        except BaseException as exc:
+            self.finish(route, started, names, None, exc)  # raises
+        outputs = self.finish(route, started, names, values, None)
+        return Prediction(route.name, route.version, route.variant, route.loaded.provider, outputs)
+
+    def batched_route(self, name: str, version: int | None) -> _Route | None:
+        """The route of the default variant of (name, version) when it is at hand without a coroutine (`_hot_route`)
+        and its requests are batched; None otherwise (then `predict` is the way)."""
+        route = self._hot_route(name, version, None)
+        return route if route is not None and route.policy is not None else None
+
+    def enqueue(self, route: _Route, inputs: Mapping[str, np.ndarray], output_names: list[str] | None,
+                waiter: Waiter) -> tuple[float, tuple[str, ...] | list[str]]:
+        """`predict` (cast=False) of a `batched_route` without a coroutine: the inputs' checks now (raising as
+        `predict` does), then the request joins its batch queue and its outputs come to `waiter` (Batcher.enqueue),
+        to be given to `finish` with what this returns (when it started, the output names).
+        WHY: the short HTTP path answers batched requests from their batch's callback (app/http_protocol.py)."""
+        started = time.perf_counter()
+        names, feed = self._checked(route, inputs, False, output_names, started)
+        self.batcher.enqueue(route.key, route.runner, names, feed, route.policy, waiter)
+        return started, names
+
+    def _checked(self, route: _Route, inputs: Mapping[str, np.ndarray], cast: bool, output_names: list[str] | None,
+                 started: float) -> tuple[tuple[str, ...] | list[str], dict[str, np.ndarray]]:
+        """The output names and the feed of a request, checked; raises (counted "rejected") when they are wrong."""
         try:
             feed = route.feed(inputs, cast=cast, max_elements=self.max_input_elements)
             if output_names is not None:
@@ -376,30 +418,35 @@ class PredictService:
             names = output_names or route.outputs  # (ONNX Runtime takes a tuple as well as a list)
             if route.non_tensors:
                 _refuse_non_tensors(route, names)
-            outcome = "failed"  # from here on, what goes wrong is the run's (a client gone meanwhile: rejected)
-            try:
-                if route.policy is not None:
-                    values = await self.batcher.run(route.key, route.runner, names, feed, route.policy)
-                else:
-                    values = await in_thread(route.lane, route.runner.run, names, feed)
-            except RunTimeout as exc:
-                raise RunTimeLimitError(
-                    f"model {route.name!r} version {route.version}: a run took longer than the service's limit of "
-                    f"{exc.limit_s:g} s (ONNXFORGE_PREDICT_TIME_LIMIT_S) and was stopped; send fewer rows or "
-                    "smaller inputs, or ask the operator for a longer limit"
-                ) from None
-            except Exception as exc:  # noqa: BLE001 - inputs that pass the declared checks but not the graph
-                raise BadRequestError(
-                    f"ONNX Runtime could not run model {route.name!r} on these inputs: {first_line(exc)}"
-                ) from None
-            outcome = "ok"
-            outputs = dict(zip(names, values, strict=True))
-            return Prediction(route.name, route.version, route.variant, route.loaded.provider, outputs)
-        except asyncio.CancelledError:
-            outcome = "rejected"
+        except BaseException:
+            route.series.observe(started, "rejected")  # (metrics.PREDICT_OUTCOMES)
             raise
-        finally:
-            route.series.observe(started, outcome)
+        return names, feed
+
+    @staticmethod
+    def finish(route: _Route, started: float, names: tuple[str, ...] | list[str], values: list[np.ndarray] | None,
+               exc: BaseException | None) -> dict[str, np.ndarray]:
+        """The outputs by name of a run that gave `values`, or the service's error for one that raised `exc`
+        (raised); either way the predict is counted: ok, failed, or rejected when its caller went away
+        (CancelledError) before its answer."""
+        if exc is None:
+            route.series.observe(started, "ok")
+            return dict(zip(names, values, strict=True))
+        if isinstance(exc, asyncio.CancelledError):
+            route.series.observe(started, "rejected")
+            raise exc
+        route.series.observe(started, "failed")
+        if isinstance(exc, RunTimeout):
+            raise RunTimeLimitError(
+                f"model {route.name!r} version {route.version}: a run took longer than the service's limit of "
+                f"{exc.limit_s:g} s (ONNXFORGE_PREDICT_TIME_LIMIT_S) and was stopped; send fewer rows or "
+                "smaller inputs, or ask the operator for a longer limit"
+            ) from None
+        if isinstance(exc, Exception):  # inputs that pass the declared checks but not the graph
+            raise BadRequestError(
+                f"ONNX Runtime could not run model {route.name!r} on these inputs: {first_line(exc)}"
+            ) from None
+        raise exc
 
     def batching_note(self, version_id: str, variant: str) -> str | None:
         """Why a routed (version, variant) is not batched although its upload asked for it or its graph forbids
