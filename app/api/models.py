@@ -103,10 +103,12 @@ def _version_number(text: str, name: str) -> int:
 # -- upload and registry ------------------------------------------------------------------------------
 
 
-@router.post("", status_code=202, response_model=UploadAccepted, responses=_ERRORS,
+@router.post("", status_code=202, response_model=UploadAccepted, responses={**_ERRORS, 504: {"model": ErrorOut}},
              openapi_extra={"requestBody": _UPLOAD_FORM})
 async def upload_model(request: Request, services: Services = Depends(services_of)) -> JSONResponse:
     """Upload a model (and optionally calibration samples); it is validated now and optimized in the background.
+
+    A validation that runs past the service's time limit is stopped: 504.
 
     Uploading an existing name adds a version; the current one keeps serving until the new one is ready.
     """

@@ -3,8 +3,9 @@
 Everything here runs before the 202, so a user learns at once what is wrong with what they sent;
 the worker only ever sees models ONNX Runtime can load and sample sets that fit them.
 
-Loading a model to validate it takes about twice its size in memory, in the API process: at most
-`max_concurrent_validations` run at once (ValidationLimiter). An upload that finds no free slot
+Loading a model to validate it takes about twice its size in memory: that part runs in a child process per upload
+(app/services/validation_child.py), so the API process neither holds the model nor the GIL meanwhile; at most
+`max_concurrent_validations` children run at once (ValidationLimiter). An upload that finds no free slot
 within `validation_wait_s` gets 503 with Retry-After (the server is busy, not the client wrong or
 over a quota: hence 503, not 429), and nothing of it is kept.
 """
@@ -24,6 +25,7 @@ from typing import Any
 import onnx
 
 from app.errors import BadRequestError, NotReadyError, UnsupportedMediaTypeError
+from app.services.validation_child import run_checks
 from app.storage.base import storage_errors
 from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
@@ -287,7 +289,9 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
     Raises UnsupportedMediaTypeError (415) for files of the wrong kind, BadRequestError or an
     optimizer.errors subclass (400) for a bad model, calibration set or option (an input larger than
     `max_input_elements`, the limit predict applies, included), ValidationBusyError (503) when no
-    validation slot frees up in time. The cheap checks come before the slot.
+    validation slot frees up in time, ValidationTimeoutError (504) or ValidationCrashedError (500) when the
+    child process checking the contents ran out of time or died. The cheap checks come before the slot; the
+    model and the samples are read in the child (app/services/validation_child.py), never in this process.
     """
     name = model_name(fields.get("name", "").strip() or None, filename)
     options = parse_options(fields, calibration_path is not None)
@@ -295,16 +299,25 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
     if calibration_path is not None:
         _refuse_non_npz(calibration_path)
     with limiter.slot():
-        return _validate_contents(name, options, model_path, filename, calibration_path, max_input_elements)
+        facts = run_checks({"model_path": str(model_path),
+                            "calibration_path": str(calibration_path) if calibration_path is not None else None,
+                            "max_input_elements": max_input_elements, "metrics": options.metrics})
+    return ValidatedUpload(name=name, filename=filename or f"{name}.onnx", model_path=model_path,
+                           calibration_path=calibration_path, options=options, **facts)
 
 
-def _validate_contents(name: str, options: UploadOptions, model_path: Path, filename: str | None,
-                       calibration_path: Path | None, max_input_elements: int | None) -> ValidatedUpload:
-    """The part that loads the model and the samples (the memory-hungry part, run under a slot)."""
+def check_contents(model_path: str, calibration_path: str | None, max_input_elements: int | None,
+                   metrics: dict[str, str] | None) -> dict[str, Any]:
+    """Load the model and the samples and check them (the memory-hungry part: run in the validation child).
+
+    Returns ValidatedUpload's fields that come from the files (sha256, size_bytes, inputs, outputs, notes), as JSON
+    types; rewrites the model in place when loading had to lower its IR version.
+    """
+    path = Path(model_path)
     # load_model reads external data relative to the file's folder; uploads come as one file, and
     # each sits alone under a unique name, so a model pointing at external data is refused.
     try:
-        loaded: LoadedModel = load_model(model_path, base_dir=model_path.parent / f"{model_path.name}.external")
+        loaded: LoadedModel = load_model(path, base_dir=path.parent / f"{path.name}.external")
     except ExternalDataError as exc:
         raise ExternalDataError(
             f"{exc}. The service takes the model as one .onnx file: save it with every tensor inside "
@@ -319,21 +332,16 @@ def _validate_contents(name: str, options: UploadOptions, model_path: Path, file
     sample_notes = load_samples(calibration_path, loaded.proto).notes if calibration_path is not None else []
     if loaded.ir_version != loaded.original_ir_version:
         with storage_errors("while storing the upload"):
-            model_path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
+            path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
     outputs = [o.name for o in loaded.proto.graph.output]
-    unknown = sorted(set(options.metrics or {}) - set(outputs))
+    unknown = sorted(set(metrics or {}) - set(outputs))
     if unknown:
         raise BadRequestError(f"metrics names outputs the model does not have: {', '.join(unknown)}; its outputs are "
                               f"{', '.join(outputs)}")
-    return ValidatedUpload(
-        name=name,
-        filename=filename or f"{name}.onnx",
-        model_path=model_path,
-        calibration_path=calibration_path,
-        sha256=loaded.sha256,
-        size_bytes=loaded.size_bytes,
-        inputs=inputs,
-        outputs=_value_infos(loaded.proto.graph.output, set()),
-        options=options,
-        notes=[*loaded.notes, *(f"calibration set: {note}" for note in sample_notes)],
-    )
+    return {
+        "sha256": loaded.sha256,
+        "size_bytes": loaded.size_bytes,
+        "inputs": inputs,
+        "outputs": _value_infos(loaded.proto.graph.output, set()),
+        "notes": [*loaded.notes, *(f"calibration set: {note}" for note in sample_notes)],
+    }
