@@ -30,6 +30,7 @@ from app.storage.base import storage_errors
 from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
 from optimizer.errors import ExternalDataError
+from optimizer.input_ranges import check_index_ranges
 from optimizer.loading import LoadedModel, load_model, require_tensor_outputs
 from optimizer.pipeline import CALIBRATION_METHODS, INT8_MODES, PRECISIONS
 
@@ -329,7 +330,12 @@ def check_contents(model_path: str, calibration_path: str | None, max_input_elem
     _refuse_oversized_inputs(inputs, max_input_elements)  # before the samples: they may be as large
     # What reading the samples noted (too few held back for a meaningful accuracy check, dtypes cast) goes
     # on the version, beside the model's own notes: it was only in the report's calibration section before.
-    sample_notes = load_samples(calibration_path, loaded.proto).notes if calibration_path is not None else []
+    sample_notes: list[str] = []
+    if calibration_path is not None:
+        samples = load_samples(calibration_path, loaded.proto)
+        # ids past an embedding's rows: a 400 now, not ONNX Runtime's error in a failed job
+        check_index_ranges(loaded.proto, [*samples.calibration, *samples.holdout], samples.source)
+        sample_notes = samples.notes
     if loaded.ir_version != loaded.original_ir_version:
         with storage_errors("while storing the upload"):
             path.write_bytes(loaded.to_bytes())  # store what ONNX Runtime here can load
