@@ -242,6 +242,10 @@ class AutoSearch:
             if repaired:
                 self._skip(later, f"the repaired {repaired} already passes")
                 continue
+            twin = self._passing_twin(row)
+            if twin:
+                self._skip(later, f"{twin} runs the same kernels (only reduce_range differs) and already passes")
+                continue
             why_not = self.not_worth_work(row)
             if why_not:
                 self._skip(later, why_not)
@@ -659,6 +663,14 @@ class AutoSearch:
     def _combo_passes(self, combo: tuple) -> bool:
         return any(b.row.status == "ok" and b.row.precision == "int8" and self._combo(b.row.settings) == combo
                    for b in self.built.values())
+
+    def _passing_twin(self, row: Any) -> str | None:
+        """A passing single recipe that differs from `row` only in reduce_range (the same kernels and speed)."""
+        def recipe(settings: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in settings.items() if k != "reduce_range"}
+        return next((b.row.name for b in self.built.values() if b.row.status == "ok" and b.row is not row
+                     and "exclude_nodes" not in b.row.settings and recipe(b.row.settings) == recipe(row.settings)),
+                    None)
 
     def not_worth_work(self, row: Any) -> str | None:
         """Why more work on this failing variant cannot pay, by the probe timing; None if it may."""

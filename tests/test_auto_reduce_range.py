@@ -128,3 +128,15 @@ def test_a_repair_works_on_the_reduce_range_twin_when_it_is_closer_to_passing() 
     assert [r["target"] for r in search.repairs] == ["qdq-u8-heavy-rr"]
     skipped = {s["name"]: s["reason"] for s in search.skipped}
     assert "only reduce_range differs" in skipped["qdq-u8-heavy (repair)"]
+
+
+def test_no_histogram_calibration_for_a_recipe_whose_reduce_range_twin_passes() -> None:
+    plain = _failing("int8-static-minmax-qdq-u8s8-heavy", "qdq", "uint8", True, cosine=0.95, p50=1.0)
+    twin = _failing("int8-static-minmax-qdq-u8s8-heavy-rr", "qdq", "uint8", True, cosine=0.995, p50=1.0)
+    twin.settings["reduce_range"], twin.status, twin.accuracy["passed"] = True, "ok", True
+    search = _search(models.mlp(), [plain, twin])
+    search.other_methods()
+    skipped = {s["name"]: s["reason"] for s in search.skipped}
+    for method in ("percentile", "entropy"):
+        assert skipped[f"int8-static-{method}-qdq-u8s8-heavy"].startswith(f"{twin.name} runs the same kernels")
+        assert "already passes" in skipped[f"int8-static-{method}-qdq-u8s8-heavy-rr"]
