@@ -45,6 +45,11 @@ MEANINGFUL_HOLDOUT = 20
 #: memory grow with every sample: PP-OCR's cls with 11,200 calibration samples spent 58 s calibrating of a 60 s
 #: budget and peaked at 4.9 GB; Entropy/Percentile keep 14-256 MB per sample on real CNNs.
 MAX_CALIBRATION_SAMPLES = 256
+#: Most samples a set may hold; a larger one is refused from its .npy headers, before any array is read. WHY: a set is
+#: calibrated on MAX_CALIBRATION_SAMPLES and 20% of it is held back (20,000 of 100,000: far more than an accuracy check
+#: needs), while reading it costs time and memory per sample: a 125 KB .npz of 4M rows of 8 zeros (122 MiB declared,
+#: well under DEFAULT_MAX_BYTES) took 1.7 GiB and 109 s of the API process when every row became a Python object.
+MAX_SAMPLES = 100_000
 
 Feed = dict[str, np.ndarray]
 #: A user's sample set: an .npz file (path or bytes), or its arrays in memory ({input name: array}).
@@ -160,13 +165,16 @@ def _check_dtype(source: str, name: str, dtype: np.dtype) -> None:
         )
 
 
-def _declared_arrays(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str, np.dtype]:
+Declared = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dtype), from the .npy headers
+
+
+def _declared_arrays(archive: zipfile.ZipFile, source: str, max_bytes: int) -> Declared:
     """Check every member's header before loading: numeric dtype, no pickle, total size under max_bytes.
 
     np.load reads exactly the bytes a header declares, so bounding the declared sizes bounds memory
     even when the zip's own size fields lie (a zip bomb).
     """
-    declared: dict[str, np.dtype] = {}
+    declared: Declared = {}
     total = 0
     for member in archive.infolist():
         if member.is_dir():
@@ -188,7 +196,7 @@ def _declared_arrays(archive: zipfile.ZipFile, source: str, max_bytes: int) -> d
                 f"{source} declares more than {max_bytes} bytes of arrays (limit reached at {name!r}): send "
                 "fewer samples"
             )
-        declared[name] = dtype
+        declared[name] = shape, dtype
     if not declared:
         raise CalibrationError(f"{source} contains no arrays: save one array per model input")
     return declared
@@ -260,32 +268,54 @@ def _check_dims(spec: _InputSpec, sample_shape: tuple[int, ...], full_shape: tup
             raise _shape_mismatch(spec, full_shape, f"axis {axis} of a sample is empty")
 
 
-def _samples(array: np.ndarray) -> list[np.ndarray]:
-    """Axis 0 as a list of arrays. Not `list(array)`: for a rank-0 input (Silero's `sr`) that gives numpy
-    scalars, which ONNX Runtime refuses ("Unable to handle object of type numpy.int64")."""
-    return [np.asarray(sample) for sample in array]
-
-
-def _split(array: np.ndarray, spec: _InputSpec) -> list[np.ndarray]:
-    """One array per sample, in either layout."""
+def _layout(spec: _InputSpec, shape: tuple[int, ...]) -> int | None:
+    """How axis 0 of an array of `shape` holds the samples: None for one complete feed per entry, or the size of the
+    batch-axis chunk each sample takes. Decided and checked from the shape alone, so from an .npy header, before any
+    data is read."""
     if spec.dims is None:  # rank unknown: only the stacked layout is unambiguous
-        if array.ndim < 1 or array.shape[0] == 0:
-            raise CalibrationError(f"input {spec.name!r}: expected [samples, ...], got {list(array.shape)}")
-        return _samples(array)
+        if len(shape) < 1 or shape[0] == 0:
+            raise CalibrationError(f"input {spec.name!r}: expected [samples, ...], got {list(shape)}")
+        return None
     rank = len(spec.dims)
-    if array.ndim == rank + 1:
-        if array.shape[0] == 0:
-            raise _shape_mismatch(spec, array.shape, "the array holds no samples")
-        _check_dims(spec, array.shape[1:], array.shape)
-        return _samples(array)
-    if array.ndim == rank and rank >= 1:
+    if len(shape) == rank + 1:
+        if shape[0] == 0:
+            raise _shape_mismatch(spec, shape, "the array holds no samples")
+        _check_dims(spec, shape[1:], shape)
+        return None
+    if len(shape) == rank and rank >= 1:
         # Axis 0 is the batch axis: batch-1 samples, or chunks of the batch size the model fixes.
         step = spec.dims[0] if isinstance(spec.dims[0], int) else 1
-        if array.shape[0] == 0 or array.shape[0] % step:
-            raise _shape_mismatch(spec, array.shape, f"axis 0 must be a non-zero multiple of the batch size {step}")
-        _check_dims(spec, (step, *array.shape[1:]), array.shape)
-        return [array[i : i + step] for i in range(0, array.shape[0], step)]
-    raise _shape_mismatch(spec, array.shape, f"rank {array.ndim} fits neither layout")
+        if shape[0] == 0 or shape[0] % step:
+            raise _shape_mismatch(spec, shape, f"axis 0 must be a non-zero multiple of the batch size {step}")
+        _check_dims(spec, (step, *shape[1:]), shape)
+        return step
+    raise _shape_mismatch(spec, shape, f"rank {len(shape)} fits neither layout")
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A set's samples as one array per input whose axis 0 is the sample index: a sample is only made into a feed
+    when it is picked (WHY: a dict and a view per sample for a million-row set cost ~400 bytes per row and minutes)."""
+
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray], steps: Mapping[str, int | None]) -> _Rows:
+        return cls({name: array if steps[name] is None else array.reshape(-1, steps[name], *array.shape[1:])
+                    for name, array in arrays.items()})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def feeds(self, indices: Sequence[int] | np.ndarray, copy: bool) -> list[Feed]:
+        """The samples at `indices`, in that order. `copy`: gathered into new arrays, so the arrays of the samples
+        left out are freed rather than held for the whole job. np.asarray, not the entry itself: for a rank-0 input
+        (Silero's `sr`) an entry is a numpy scalar, which ONNX Runtime refuses ("Unable to handle object of type
+        numpy.int64")."""
+        picked = {name: array[np.asarray(indices, dtype=np.intp)] if copy else array
+                  for name, array in self.arrays.items()}
+        positions = range(len(indices)) if copy else indices
+        return [{name: np.asarray(array[int(i)]) for name, array in picked.items()} for i in positions]
 
 
 def _check_shared_dims(specs: list[_InputSpec], sample: Feed) -> None:
@@ -320,10 +350,9 @@ def how_many_samples(holdout_fraction: float, min_holdout: int) -> str:
             "meaningful ones")
 
 
-def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int, seed: int,
-                  notes: list[str]) -> tuple[list[Feed], list[Feed]]:
-    """Disjoint (calibration, holdout) lists; the holdout never exceeds half the samples."""
-    n = len(samples)
+def holdout_indices(n: int, holdout_fraction: float, min_holdout: int, seed: int,
+                    notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted (calibration, holdout) indices into `n` samples; the holdout never exceeds half of them."""
     if n < 2:
         raise CalibrationError(
             f"the calibration set has {n} sample(s); at least 2 are needed (one to calibrate on, one held back "
@@ -335,40 +364,33 @@ def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int
             f"only {n} samples: held back {n_holdout} for the accuracy check (fewer than {min_holdout}) and "
             f"calibrated on {n - n_holdout}; accuracy numbers are rough"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    held = set(order[:n_holdout].tolist())
-    calibration = [s for i, s in enumerate(samples) if i not in held]
-    holdout = [s for i, s in enumerate(samples) if i in held]
-    return calibration, holdout
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[:n_holdout]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def cap_calibration(calibration: list[Feed], holdout: list[Feed], cap: int,
-                    notes: list[str]) -> tuple[list[Feed], list[Feed]]:
-    """At most `cap` calibration samples, evenly spread over the set's order (a set sorted by class or by source
-    keeps each part), with a note saying how many of how many. What is kept is copied, so the arrays of the samples
-    left out (views into the loaded file) are freed rather than held for the whole job."""
+def split_holdout(samples: list[Feed], holdout_fraction: float, min_holdout: int, seed: int,
+                  notes: list[str]) -> tuple[list[Feed], list[Feed]]:
+    """Disjoint (calibration, holdout) lists of `samples`, as `holdout_indices` picks them."""
+    calibration, holdout = holdout_indices(len(samples), holdout_fraction, min_holdout, seed, notes)
+    return [samples[i] for i in calibration], [samples[i] for i in holdout]
+
+
+def _spread(calibration: np.ndarray, held_back: int, cap: int, notes: list[str]) -> np.ndarray:
+    """At most `cap` of the calibration indices, evenly spread over the set's order (a set sorted by class or by
+    source keeps each part), with a note saying how many of how many."""
     n = len(calibration)
     if n <= cap:
-        return calibration, holdout
-    kept = [calibration[i * n // cap] for i in range(cap)]
+        return calibration
     notes.append(f"calibrated on {cap} of the {n} samples not held back (evenly spread over the set; "
-                 f"{len(holdout)} held back for the accuracy check): calibration ranges settle within a few hundred "
+                 f"{held_back} held back for the accuracy check): calibration ranges settle within a few hundred "
                  "samples, and each one more costs time and memory")
-
-    def copied(samples: list[Feed]) -> list[Feed]:
-        return [{name: np.array(array) for name, array in feed.items()} for feed in samples]
-
-    return copied(kept), copied(holdout)
+    return calibration[[i * n // cap for i in range(cap)]]
 
 
-def read_samples(path_or_bytes: Samples, model: onnx.ModelProto,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
-    """Read a user's `.npz` (or a dict of arrays in the same layout) and validate it against the model's inputs:
-    every sample in `holdout`, none held back from it (`bench` times one; no accuracy check, so one sample is enough).
-
-    Raises CalibrationError for anything the user must fix (names, dtypes, shapes, a pickle, a
-    corrupt or oversized file, empty arrays), with the input's name and the expected and given shapes.
-    """
+def _read(path_or_bytes: Samples, model: onnx.ModelProto, max_bytes: int) -> tuple[_Rows, str, list[str]]:
+    """A user's `.npz` (or a dict of arrays in the same layout) checked against the model's inputs: names, layouts and
+    sample counts from the .npy headers before any array is read, then dtypes and values (`read_samples`)."""
     specs = model_inputs(model)
     given: dict[str, np.ndarray] | None = None
     if isinstance(path_or_bytes, Mapping):  # arrays in memory: nothing to distrust but their dtypes
@@ -378,7 +400,7 @@ def read_samples(path_or_bytes: Samples, model: onnx.ModelProto,
             _check_dtype(source, name, array.dtype)
         if not given:
             raise CalibrationError(f"{source} holds no arrays: give one array per model input")
-        declared = {name: array.dtype for name, array in given.items()}
+        declared = {name: (array.shape, array.dtype) for name, array in given.items()}
     elif isinstance(path_or_bytes, str | Path | bytes | bytearray | memoryview):
         archive, source = _open_zip(path_or_bytes)
         with archive:
@@ -401,45 +423,63 @@ def read_samples(path_or_bytes: Samples, model: onnx.ModelProto,
             f"{source}: {'; '.join(problems)}. The model's inputs are {expected}; the file has {list(declared)}. "
             "Save one array per input, named exactly like the input"
         )
-
-    arrays = given if given is not None else _load_arrays(path_or_bytes, source, expected)
-    notes: list[str] = []
-    per_input: dict[str, list[np.ndarray]] = {}
-    for spec in specs:
-        per_input[spec.name] = _split(_cast(arrays[spec.name], spec, notes), spec)
-    counts = {name: len(parts) for name, parts in per_input.items()}
+    steps = {spec.name: _layout(spec, declared[spec.name][0]) for spec in specs}
+    counts = {name: declared[name][0][0] // (step or 1) for name, step in steps.items()}
     if len(set(counts.values())) > 1:
         raise CalibrationError(
             f"{source}: the inputs give different numbers of samples {counts}; every input needs one entry per "
             "sample"
         )
-    samples = [{name: parts[i] for name, parts in per_input.items()} for i in range(next(iter(counts.values())))]
-    for sample in samples:
-        _check_shared_dims(specs, sample)
-    return SampleSet([], samples, synthetic=False, source=source, notes=notes)
+    count = next(iter(counts.values()))
+    if count > MAX_SAMPLES:
+        raise CalibrationError(
+            f"{source} holds {count} samples; at most {MAX_SAMPLES} are read (at most {MAX_CALIBRATION_SAMPLES} are "
+            f"calibrated on, and 20% of {MAX_SAMPLES} held back is plenty for the accuracy check): send a random "
+            f"subset of at most {MAX_SAMPLES}"
+        )
+
+    arrays = given if given is not None else _load_arrays(path_or_bytes, source, expected)
+    notes: list[str] = []
+    rows = _Rows.of({spec.name: _cast(arrays[spec.name], spec, notes) for spec in specs}, steps)
+    _check_shared_dims(specs, rows.feeds([0], copy=False)[0])  # every sample of an input has the same shape
+    return rows, source, notes
+
+
+def read_samples(path_or_bytes: Samples, model: onnx.ModelProto,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> SampleSet:
+    """Read a user's `.npz` (or a dict of arrays in the same layout) and validate it against the model's inputs:
+    every sample in `holdout`, none held back from it (`bench` times one; no accuracy check, so one sample is enough).
+
+    Raises CalibrationError for anything the user must fix (names, dtypes, shapes, a pickle, a
+    corrupt or oversized file, more than MAX_SAMPLES samples, empty arrays), with the input's name and the expected
+    and given shapes.
+    """
+    rows, source, notes = _read(path_or_bytes, model, max_bytes)
+    return SampleSet([], rows.feeds(range(len(rows)), copy=False), synthetic=False, source=source, notes=notes)
 
 
 def load_samples(path_or_bytes: Samples, model: onnx.ModelProto, holdout_fraction: float = 0.2,
                  min_holdout: int = 4, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_calibration: int = MAX_CALIBRATION_SAMPLES) -> SampleSet:
-    """Read a user's `.npz`, validate it against the model's inputs (`read_samples`), split off the holdout and keep
-    at most `max_calibration` of the rest to calibrate on (`cap_calibration`)."""
+    """Read a user's `.npz`, validate it against the model's inputs (as `read_samples`), split off the holdout
+    (`holdout_indices`) and keep at most `max_calibration` of the rest to calibrate on (`_spread`). The split is
+    decided on indices: only the picked samples are made into feeds."""
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    read = read_samples(path_or_bytes, model, max_bytes)
-    samples, source = read.holdout, read.source
-    if len(samples) < 2:
-        given = ", ".join(f"{name}: {list(a.shape)}" for sample in samples[:1] for name, a in sample.items())
+    rows, source, notes = _read(path_or_bytes, model, max_bytes)
+    if len(rows) < 2:
+        given = ", ".join(f"{name}: {list(a.shape)}" for name, a in rows.feeds([0], copy=False)[0].items())
         raise CalibrationError(
-            f"{source} holds {len(samples)} sample ({given}); at least 2 are needed, one to calibrate on and one "
+            f"{source} holds {len(rows)} sample ({given}); at least 2 are needed, one to calibrate on and one "
             f"held back for the accuracy check; {how_many_samples(holdout_fraction, min_holdout)}. Stack samples "
             "along a new first axis or along the batch axis"
         )
-    calibration, holdout = split_holdout(samples, holdout_fraction, min_holdout, seed, read.notes)
+    calibration, holdout = holdout_indices(len(rows), holdout_fraction, min_holdout, seed, notes)
     offered = len(calibration)
-    calibration, holdout = cap_calibration(calibration, holdout, max_calibration, read.notes)
-    return SampleSet(calibration, holdout, synthetic=False, source=source, notes=read.notes,
-                     offered=offered if offered > len(calibration) else None)
+    calibration = _spread(calibration, len(holdout), max_calibration, notes)
+    copy = len(calibration) + len(holdout) < len(rows)  # some samples left out: gather the rest, free the file's arrays
+    return SampleSet(rows.feeds(calibration, copy), rows.feeds(holdout, copy), synthetic=False, source=source,
+                     notes=notes, offered=offered if offered > len(calibration) else None)
 
 
 class CalibrationTimeout(OptimizerError):
