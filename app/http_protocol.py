@@ -278,6 +278,32 @@ class _Request:
         protocol.on_response_complete()
 
 
+_UNKNOWN = object()
+# Request URL bytes -> (route template etc., path, query) of a request the short path answers, or None. WHY: clients
+# send the same few URLs again and again; parsing one (httptools.parse_url, decode, fast_target) is a per-request cost
+# of the event loop. Bounded: cleared when full (URLs with a query of their own only refill it).
+_routes: dict[bytes, tuple[Target, str, bytes] | None] = {}
+_ROUTES_MAX = 1024
+
+
+def _route_of(url: bytes) -> tuple[Target, str, bytes] | None:
+    """What `_routes` keeps for `url` (after keeping it): None when not a short path's, or unparsable (uvicorn's
+    cycle then fails it as before; not kept)."""
+    try:
+        parsed = httptools.parse_url(url)
+        path = parsed.path.decode("ascii")
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        return None
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    target = fast_target(path)
+    route = None if target is None else (target, path, parsed.query or b"")
+    if len(_routes) >= _ROUTES_MAX:
+        _routes.clear()
+    _routes[url] = route
+    return route
+
+
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's `http="httptools"` protocol whose responses go out in one write, and whose predict requests take
     the short path (module doc)."""
@@ -288,7 +314,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         # Where the app's fast path would not answer such a request by itself, or uvicorn adds to it: uvicorn's cycle.
         short = isinstance(fast, FastInfer) and not self.root_path and self.limit_concurrency is None
         self.fast: FastInfer | None = fast if short else None
-        self.running: _Request | None = None  # the short request whose task runs
+        self.running: _Request | None = None  # the short request started last (its task runs or it is in a batch)
+        self.idle_since: float | None = None  # loop time of the last response, while no data came since
 
     def on_message_begin(self) -> None:
         if self.fast is None:
@@ -315,17 +342,46 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:  # pipelined: uvicorn queues it
             return None
-        try:
-            url = httptools.parse_url(self.url)
-            path = url.path.decode("ascii")
-        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
-            return None  # uvicorn's cycle fails it as before
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        target = fast_target(path)
-        if target is None:
+        route = _routes.get(self.url, _UNKNOWN)
+        if route is _UNKNOWN:
+            route = _route_of(self.url)
+        if route is None:
             return None
-        return _Request(self, target, path, url.query or b"", parser.should_keep_alive(), headers_of(self.headers))
+        target, path, query = route
+        return _Request(self, target, path, query, parser.should_keep_alive(), headers_of(self.headers))
+
+    # -- the keep-alive timeout: one timer per idle spell, not one per request ---------------------------------------
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, but the keep-alive timer is armed only when none is: WHY: uvicorn arms a timer after every
+        response and cancels it when the next request's data comes (a TimerHandle made and cancelled per request,
+        ~2.7 us of the event loop here); this one, when it fires, looks at how long the connection has been idle and
+        closes it or waits for the rest. Same timeout, measured from the last response as uvicorn does."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self.idle_since = None
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
+
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_since = None  # busy (data came): the timer, if armed, finds it so and leaves the next response to it
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self.idle_since is None:
+            return
+        left = self.idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def on_headers_complete(self) -> None:
         if self.fast is not None:
@@ -368,6 +424,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         running, self.running = self.running, None
         if running is not None and not running.response_complete:  # its client is gone: nobody to answer, 499
             running.disconnected = True

@@ -64,7 +64,7 @@ def _slow(trips: int) -> bytes:
 
 
 def _request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}"]
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {"Content-Type": "application/json"}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 

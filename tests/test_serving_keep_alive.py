@@ -1,0 +1,79 @@
+"""The keep-alive timeout of app/http_protocol.py (one timer per idle spell, not one per request): a connection idle
+for the timeout is closed, as uvicorn closes it; one whose requests keep coming within the timeout stays open however
+long it lives; the timeout counts from the last response. Real uvicorn in this process (a thread), real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from app.main import create_app
+from app.prefork import UVICORN_OPTIONS
+from app.settings import Settings
+from tests import models
+from tests.conftest import TEST_SETTINGS
+from tests.service import free_port
+from tests.test_serving_batched_path import _request
+from tests.test_serving_protocol_path import V2_JSON, _Reader
+
+KEEP_ALIVE_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("keepalive") / "data",
+                           "run_worker": False})
+    app = create_app(settings)
+    number = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=number, log_level="warning",
+                                           **{**UVICORN_OPTIONS, "timeout_keep_alive": KEEP_ALIVE_S,
+                                              "timeout_graceful_shutdown": 1}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        response = httpx.post(f"http://127.0.0.1:{number}/v1/models", timeout=60, data={"name": "mlp"},
+                              files={"file": ("mlp.onnx", models.mlp().SerializeToString())})
+        assert response.status_code == 202, response.text
+        yield number
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closes `sock` (None: still open after `seconds`)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return None
+    assert data == b"", data
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("path", ["/v2/models/mlp/infer", "/v2/models/mlp/infer/"])  # the short path, uvicorn's cycle
+def test_an_idle_connection_closes_after_the_timeout_and_a_busy_one_stays(port: int, path: str) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        reader = _Reader(sock)
+        began = time.monotonic()
+        while time.monotonic() - began < 3 * KEEP_ALIVE_S:  # requests every 0.3 s for three timeouts: stays open
+            sock.sendall(_request(path, V2_JSON))
+            status, _, body, _ = reader.answer()
+            assert status == 200, body
+            time.sleep(KEEP_ALIVE_S * 0.3)
+        sock.sendall(_request(path, V2_JSON))
+        assert reader.answer()[0] == 200
+        closed = _closed_within(sock, 5 * KEEP_ALIVE_S)  # then idle: closed one timeout after the last answer
+        assert closed is not None, "an idle connection was not closed"
+        assert 0.8 * KEEP_ALIVE_S <= closed <= 2.5 * KEEP_ALIVE_S, closed
