@@ -65,9 +65,12 @@ def test_a_killed_validation_child_is_a_500_saying_so_and_the_next_upload_works(
         server = _server_pid()
         assert server is not None and server != os.getpid()  # validation happens in another process
 
+        niceness: list[int] = []
+
         def kill_child() -> bool:
             children = _children(server)
             for child in children:
+                niceness.append(int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[16]))
                 os.kill(child, signal.SIGKILL)
             return bool(children)
 
@@ -75,6 +78,7 @@ def test_a_killed_validation_child_is_a_500_saying_so_and_the_next_upload_works(
         assert refused.status_code == 500, refused.text
         error = refused.json()["error"]
         assert "was killed by signal SIGKILL" in error and "out-of-memory killer" in error, error
+        assert niceness == [min(19, os.nice(0) + validation_child._NICE)]  # predicts of this replica go first
         assert _server_pid() == server  # the server lives on: only the upload's child died
         assert [m["name"] for m in api.client.get("/v1/models").json()] == ["warm"]  # nothing of it kept
         assert api.upload(models.mlp(), "next.onnx").status_code == 202
