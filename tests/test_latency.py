@@ -107,3 +107,18 @@ def test_a_model_that_does_not_load_is_a_benchmark_error() -> None:
 def test_bad_run_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="min_runs <= max_runs"):
         measure({"a": mlp().SerializeToString()}, random_feed(mlp()), min_runs=10, max_runs=5)
+
+
+def test_extensions_bound_how_often_a_measurement_is_extended() -> None:
+    """The confirmation extends while its A/A control excludes 1.0, at most `extensions` times: never a loop."""
+    model = mlp().SerializeToString()
+    asked: list[int] = []
+
+    def always(batch: int, stats: dict[str, LatencyStats]) -> bool:
+        asked.append(stats["a"].runs)
+        return True
+
+    by_batch = measure_batches({"a": model}, random_feed(mlp(), batch=1), SETTINGS, batch_sizes=(1,),
+                               extend_if=always, extensions=3, **FAST)
+    assert len(asked) == 3 and by_batch[1]["a"].extended
+    assert by_batch[1]["a"].runs >= 4 * FAST["min_runs"] and asked == sorted(asked)
