@@ -53,12 +53,24 @@ The rules, in one place:
   agreeing positions is still reported (`mask_agreement`). Every other
   metric is still measured and reported for that output but does not gate it; outputs not named
   keep the strict default ("default").
+- Outputs that are not numbers (strings, bools: a scikit-learn classifier's `label` exported with
+  zipmap=False) have no cosine nor argmax: they gate on "exact", the share of values equal to the
+  original's, and so may a numeric output whose user names that metric (an int64 label). It is
+  reported in the top-1 fields (`top1` = the share, its rows and units: one unit per row of the
+  first axis) and gates as top-1 does, on its 95% lower bound reaching `min_top1`, not on 100%.
+  WHY that and not 1.0: a label is the argmax of the scores beside it, whose top-1 gate already
+  allows `min_top1`; asking the label for 1.0 would refuse what the scores' gate allows, and 1.0 on
+  a few held-back rows proves no more than top-1 on them does. A variant whose numeric outputs all
+  reproduce the original's up to float rounding (a fused FP32 graph) needs no proof here either:
+  any label it changes is a near-tie, as in `_unproven`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -101,7 +113,8 @@ class Tolerance:
     min_slice_cosine: float | None = 0.98
     max_slice_error: float | None = 0.25
     class_outputs: list[str] | None = None  # outputs to judge on top-1 (None: guess from graph, shape and name)
-    # output name -> "default" | "cosine" | "top1" | "mask:<threshold>": the metric that gates it (module docstring)
+    # output name -> "default" | "cosine" | "top1" | "exact" | "mask:<threshold>": the metric that gates it
+    # (module docstring); a string or bool output gates on "exact" unless named otherwise
     metrics: dict[str, str] | None = None
     # output name -> (role, what in the graph says so), from `output_roles` of the model; read before the name rule
     graph_roles: dict[str, tuple[str, str]] | None = None
@@ -121,12 +134,13 @@ class Tolerance:
             parse_metric(metric, output)
 
 
-METRICS = ("default", "cosine", "top1", "mask:<threshold>")
+METRICS = ("default", "cosine", "top1", "exact", "mask:<threshold>")
 
 
 def parse_metric(metric: str, output: str = "?") -> tuple[str, float | None]:
-    """("default" | "cosine" | "top1" | "mask", threshold or None) for a metric name; ToleranceError otherwise."""
-    if metric in ("default", "cosine", "top1"):
+    """("default" | "cosine" | "top1" | "exact" | "mask", threshold or None) for a metric name; ToleranceError
+    otherwise."""
+    if metric in ("default", "cosine", "top1", "exact"):
         return metric, None
     if isinstance(metric, str) and metric.startswith("mask:"):
         try:
@@ -163,7 +177,7 @@ class OutputAccuracy:
     mean_abs: float | None = None
     relative_error: float | None = None
     cosine: float | None = None
-    top1: float | None = None  # None: not class scores
+    top1: float | None = None  # None: not class scores; metric "exact": the share of values equal to the original's
     top1_rows: int | None = None  # how many argmax decisions top1 was measured on
     # how many of them are independent: one per row of a rank-2 output, one per sequence of a rank >= 3 output
     top1_units: int | None = None
@@ -174,7 +188,7 @@ class OutputAccuracy:
     samples_to_prove: int | None = None
     # why top-1 gates this output when nobody said so (the graph or the shape-and-name guess); None: not guessed
     top1_guess: str | None = None
-    metric: str = "default"  # what gates this output (Tolerance.metrics)
+    metric: str = "default"  # what gates this output (Tolerance.metrics; "exact" for a string or bool output)
     mask_agreement: float | None = None  # share of positions on the same side of the mask threshold (reported)
     mask_iou: float | None = None  # the worst held-back sample's IoU of the regions x > threshold (gates)
     mask_iou_sample: int | None = None  # which held-back sample that was
@@ -300,9 +314,13 @@ def top1_guess(name: str, array: np.ndarray,
 
 
 def guess_hint(name: str, guess: str) -> str:
-    """The words every reason that blames a guessed top-1 gate ends with: the guess, and how to turn it off."""
-    return (f"the top-1 gate is a guess: {guess}; if it is not class scores, say so: metrics "
-            f"{{{name!r}: 'cosine'}}")
+    """The words every reason that blames a guessed top-1 gate ends with: the guess, and how to turn it off.
+
+    In JSON, which the upload's `metrics` field and the command line's --metrics read (a Python dict's repr was
+    refused there), and as the flag to paste, quoted for a shell; a Python caller reads the same JSON as a dict."""
+    value = json.dumps({name: "cosine"})
+    return (f"the top-1 gate is a guess: {guess}; if it is not class scores, say so: metrics {value} "
+            f"(on the command line: --metrics {shlex.quote(value)})")
 
 
 def default_channel_axis(shape: Sequence[int]) -> int | None:
@@ -422,8 +440,30 @@ def _slices(ref: list[np.ndarray], cand: list[np.ndarray], axis: int) -> SliceRe
                        worst_cosine_index=worst_cos, worst_cosine=worst_cos_value)
 
 
+def is_numeric(array: np.ndarray) -> bool:
+    """Whether differences, cosine and argmax mean anything for an output: numbers, not strings nor bools."""
+    return bool(np.issubdtype(array.dtype, np.number))
+
+
+def _set_exact(result: OutputAccuracy, ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
+    """Metric "exact" in the top-1 fields: the share of values equal to the original's, over one unit per row."""
+    equal = sum(int(np.count_nonzero(np.asarray(r == c))) for r, c in zip(ref, cand, strict=True))
+    total = sum(int(r.size) for r in ref)
+    result.top1 = equal / total if total else 1.0
+    result.top1_rows = total
+    result.top1_units = units = sum(int(r.shape[0]) if r.ndim else 1 for r in ref)
+    result.top1_lower_95 = agreement_lower_bound(result.top1 * units, units) if total and units else None
+
+
+def _reproduces(out: OutputAccuracy) -> bool:
+    """A numeric output the variant computes as the original does, up to float32 rounding."""
+    return out.max_abs == 0.0 or (out.relative_error is not None and out.relative_error <= FLOAT_ROUNDING)
+
+
 def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | None], tol: Tolerance,
-                    checked: bool) -> OutputAccuracy:
+                    checked: bool, same_function: bool = False) -> OutputAccuracy:
+    """`same_function`: every numeric output of the variant reproduces the original's (`_reproduces`), so an exact
+    output needs no proof (module docstring)."""
     result = OutputAccuracy(name=name, checked=checked, shape=[int(d) for d in ref[0].shape])
 
     def fail(reason: str) -> OutputAccuracy:
@@ -436,7 +476,20 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
         if r.shape != c.shape:
             return fail(f"shape {list(c.shape)} differs from the original's {list(r.shape)} (sample {i})")
     cands: list[np.ndarray] = [c for c in cand if c is not None]
+    result.metric = (tol.metrics or {}).get(name, "default" if is_numeric(ref[0]) else "exact")
+    kind, threshold = parse_metric(result.metric, name)
 
+    def exact() -> OutputAccuracy:
+        _set_exact(result, ref, cands)
+        if result.top1 < tol.min_top1:
+            return fail(f"{result.top1:.2%} of its values equal the original's < limit {tol.min_top1:.2%} "
+                        "(metric exact)")
+        unproven = None if same_function else _unproven(result, tol, len(ref))
+        return fail(unproven) if unproven else result
+
+    if not is_numeric(ref[0]):  # strings, bools: no number to take a difference of (compare allows only exact)
+        result.elements = sum(int(r.size) for r in ref)
+        return exact()
     a = np.concatenate([x.ravel() for x in ref]).astype(np.float64)
     b = np.concatenate([x.ravel() for x in cands]).astype(np.float64)
     ref_finite = np.isfinite(a)
@@ -455,9 +508,7 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
         per_sample = [_cosine(r.ravel().astype(np.float64), c.ravel().astype(np.float64))
                       for r, c in zip(ref, cands, strict=True) if r.size and np.isfinite(r).all()]
         result.worst_sample_cosine = min(per_sample, default=result.cosine)
-    result.metric = (tol.metrics or {}).get(name, "default")
-    kind, threshold = parse_metric(result.metric, name)
-    if kind == "cosine":  # the user says it is not class scores
+    if kind in ("cosine", "exact"):  # the user says it is not class scores
         is_scores = False
     elif tol.class_outputs is not None:
         is_scores = name in tol.class_outputs
@@ -479,6 +530,8 @@ def _compare_output(name: str, ref: list[np.ndarray], cand: list[np.ndarray | No
 
     if tol.max_abs is not None and result.max_abs is not None and result.max_abs > tol.max_abs:
         return fail(f"max absolute difference {result.max_abs:.4g} > limit {tol.max_abs:.4g}")
+    if kind == "exact":  # declared for a numeric output (an int64 label): cosine and slices above are reported
+        return exact()
     if kind == "top1":  # the declared task metric gates alone; cosine and slices above are reported
         if result.top1 is None:
             _set_top1(result, ref, cands)
@@ -524,7 +577,8 @@ def _unproven(result: OutputAccuracy, tol: Tolerance, samples: int) -> str | Non
         # the same function up to float rounding (a fused FP32 graph): a top-1 it changes is a near-tie that the
         # original's own rounding decides as arbitrarily; nothing is less accurate, so there is nothing to prove
         return None
-    what = "rows" if units == result.top1_rows else "sequences"
+    what = "rows" if units == result.top1_rows or result.metric == "exact" else "sequences"
+    measure = "exact agreement" if result.metric == "exact" else "top-1 agreement"
     needed = rows_to_prove(tol.min_top1, result.top1)
     result.unproven = True
     if needed is None:
@@ -536,7 +590,7 @@ def _unproven(result: OutputAccuracy, tol: Tolerance, samples: int) -> str | Non
                 f"{samples})")
     proven = math.floor(bound * 1000) / 1000
     hint = f"; {guess_hint(result.name, result.top1_guess)}" if result.top1_guess else ""
-    return (f"unproven: top-1 agreement {result.top1:.1%} reaches the {tol.min_top1:.1%} asked for on {units} "
+    return (f"unproven: {measure} {result.top1:.1%} reaches the {tol.min_top1:.1%} asked for on {units} "
             f"{what}, but so few prove only {bound:.1%} (95% lower bound); {need}, or min_top1 {proven:g} is what "
             f"these prove{hint}")
 
@@ -559,19 +613,24 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
             raise ToleranceError(f"the tolerance names output {listed!r}, but the model's outputs are {names}")
     for listed, metric in (tol.metrics or {}).items():
         shape = np.shape(reference[0][listed])
+        kind = parse_metric(metric, listed)[0]
+        if kind not in ("default", "exact") and not is_numeric(np.asarray(reference[0][listed])):
+            raise ToleranceError(f"output {listed!r} holds {np.asarray(reference[0][listed]).dtype} values, not "
+                                 f"numbers: it can only be compared exactly (metric exact), not by {metric}")
         if parse_metric(metric, listed)[0] == "top1" and (len(shape) < 1 or shape[-1] < 2):
             raise ToleranceError(f"metric top1 needs classes on the last axis of output {listed!r}, whose shape "
                                  f"is {list(shape)}")
     checked = set(tol.outputs) if tol.outputs is not None else set(names)
 
     report = AccuracyReport(passed=True, reason=None, samples=len(reference))
-    failed = []
-    for name in names:
-        out = _compare_output(name, [run[name] for run in reference], [run.get(name) for run in candidate],
-                              tol, name in checked)
-        report.outputs[name] = out
-        if not out.passed and out.checked:
-            failed.append(out)
+    numeric = [name for name in names if is_numeric(np.asarray(reference[0][name]))]
+    results = {}
+    for name in numeric + [name for name in names if name not in numeric]:  # numeric first: they say same_function
+        same_function = bool(numeric) and all(_reproduces(results[n]) for n in numeric if n in results)
+        results[name] = _compare_output(name, [run[name] for run in reference], [run.get(name) for run in candidate],
+                                        tol, name in checked, same_function and name not in numeric)
+    report.outputs = {name: results[name] for name in names}
+    failed = [out for out in report.outputs.values() if not out.passed and out.checked]
     if failed:
         report.passed, report.reason = False, "; ".join(out.reason for out in failed if out.reason)
         report.unproven = all(out.unproven for out in failed)

@@ -12,20 +12,23 @@ def _fmt(value: Any, spec: str = "") -> str:
 
 
 def gate(output: dict[str, Any]) -> str:
-    """What an output was gated on and its value: "cos 0.9955", "top1 99.5%", "mask:0.3 IoU 0.9712". A mask gates on
-    its worst sample's IoU (reports before that gated on the share of agreeing positions: shown as "agree")."""
+    """What an output was gated on and its value: "cos 0.9955", "top1 99.5%", "exact 100.00%" (a string or bool
+    output), "mask:0.3 IoU 0.9712". A mask gates on its worst sample's IoU (reports before that gated on the share of
+    agreeing positions: shown as "agree")."""
     metric = output.get("metric") or "default"
     if metric.startswith("mask:"):
         if output.get("mask_iou") is not None:
             return f"{metric} IoU {output['mask_iou']:.4f}"
         return f"{metric} agree {_fmt(output.get('mask_agreement'), '.2%')}"
-    if metric == "top1" and output.get("top1") is not None:
-        return f"top1 {output['top1']:.2%}"
+    if metric in ("top1", "exact") and output.get("top1") is not None:  # exact: the share of equal values
+        return f"{metric} {output['top1']:.2%}"
     return f"cos {output['cosine']:.4f}" if output.get("cosine") is not None else metric
 
 
 def _accuracy(variant: dict[str, Any]) -> str:
-    """pass/FAIL and, per checked output, the figure it was gated on (not always the cosine: see `gate`)."""
+    """pass/FAIL/unproven and, per checked output, the figure it was gated on (not always the cosine: see `gate`).
+    "unproven" is the report's `accuracy.unproven`: it failed only because its held-back samples are too few to
+    prove the top-1 asked for (its figures reach it); "FAIL" read as if they did not."""
     accuracy = variant.get("accuracy")
     if not accuracy:
         return "-"
@@ -35,7 +38,8 @@ def _accuracy(variant: dict[str, Any]) -> str:
     # the worst cosine stands for the cosine-gated outputs (as before); each task metric is shown on its own
     shown = ([min(defaults, key=lambda o: o["cosine"])] if defaults else []) + [o for o in outputs if o not in defaults]
     figures = ", ".join(gate(o) for o in shown)
-    return f"{'pass' if accuracy.get('passed') else 'FAIL'} {figures}".strip()
+    verdict = "pass" if accuracy.get("passed") else "unproven" if accuracy.get("unproven") else "FAIL"
+    return f"{verdict} {figures}".strip()
 
 
 def ratio_text(ratio: dict[str, Any] | None) -> str:

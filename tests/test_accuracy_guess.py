@@ -25,7 +25,8 @@ from tests import models
 AUTO = {"benchmark_seconds": 0.2, "batch_sizes": (1,), "precision": "auto", "time_budget_s": 120.0,
         "auto_candidates": ("int8-dynamic-s8-pc",)}
 HINT = ("the top-1 gate is a guess: 'output' looks like class scores ([batch, 10] float, name not an embedding's); "
-        "if it is not class scores, say so: metrics {'output': 'cosine'}")
+        """if it is not class scores, say so: metrics {"output": "cosine"} (on the command line: """
+        """--metrics '{"output": "cosine"}')""")
 
 
 def _renamed(model: onnx.ModelProto, name: str = "output") -> onnx.ModelProto:
