@@ -153,6 +153,7 @@ class _Graph:
                     self.consumers.setdefault(inp, []).append(node)
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.graph_outputs = {o.name for o in model.graph.output}
+        self.graph_inputs = {i.name for i in model.graph.input}
         self.values: dict[str, onnx.ValueInfoProto] = {}
         for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
             self.values[value.name] = value
@@ -267,11 +268,24 @@ def _compose_perm(first: list[int], second: list[int]) -> list[int]:
     return [first[axis] for axis in second]
 
 
+def _joins_kept_names(g: _Graph, first: onnx.NodeProto, last: onnx.NodeProto) -> bool:
+    """True when no-op nodes from `first`'s input to `last`'s output join two names the graph must keep: a graph
+    output computed straight from a graph input (or from another graph output). WHY not redundant: a tensor has one
+    name, so removing them renames the input or the output, which callers feed and fetch by name (typed_io's
+    `text` -> Identity -> `text_same` was listed as redundant, and cleanup then as redundant_left)."""
+    if not first.input or not last.output:
+        return False
+    return last.output[0] in g.graph_outputs and (first.input[0] in g.graph_inputs or
+                                                   first.input[0] in g.graph_outputs)
+
+
 def find_redundant(g: _Graph) -> list[Finding]:
     findings: list[Finding] = []
     paired: set[int] = set()
     for node in g.nodes:
         name = g.name(node)
+        if _joins_kept_names(g, node, node):
+            continue
         if node.op_type == "Identity":
             findings.append(Finding("identity", "Identity", [name], "Identity copies its input"))
         elif node.op_type == "Dropout" and _dropout_is_noop(g, node):
@@ -294,7 +308,7 @@ def find_redundant(g: _Graph) -> list[Finding]:
             if perm is None or child_perm is None or len(perm) != len(child_perm):
                 continue
             composed = _compose_perm(list(perm), list(child_perm))
-            if composed == list(range(len(composed))):
+            if composed == list(range(len(composed))) and not _joins_kept_names(g, node, child):
                 paired.add(id(child))
                 findings.append(Finding("transpose_pair", "Transpose", [name, g.name(child)],
                                         f"perm {list(perm)} then {list(child_perm)} cancel out"))
@@ -426,6 +440,33 @@ def find_fused(g: _Graph) -> dict[str, int]:
         ):
             fused[QDQ_PAIR] += 1
     return dict(sorted(fused.items(), key=lambda item: (-item[1], item[0])))
+
+
+# --- already quantized ---------------------------------------------------------------------------
+
+# Ops that compute on (or carry) integer-quantized tensors: ONNX's QDQ and QOperator formats and ONNX Runtime's
+# quantized contrib ops (QLinear*/QOrdered* by prefix), and its low-bit weight MatMul.
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm",
+                 "MatMulNBits")
+
+
+def quantized_ops(report: GraphReport) -> dict[str, int]:
+    """The quantized ops in the main graph and how many of each (empty: a float model)."""
+    return {op: n for op, n in report.op_histogram.items()
+            if op in QUANTIZED_OPS or op.startswith(FUSED_PREFIXES)}
+
+
+def already_quantized(model: onnx.ModelProto | GraphReport) -> str | None:
+    """A note for a model that is already quantized (None for a float model): INT8 variants of it are not worth
+    building. WHY: onnxforge's own dynamic-INT8 transformer given back to it was quantized again on top of its
+    QAttention/MatMulInteger; every such variant was slower and spent the time budget, and nothing said why."""
+    found = quantized_ops(model if isinstance(model, GraphReport) else inspect(model))
+    if not found:
+        return None
+    ops = ", ".join(f"{op} x{n}" for op, n in found.items())
+    return (f"the model is already quantized ({ops}): INT8 variants are not built (quantizing it again rounds what "
+            "is already rounded; an INT8 transformer quantized again was slower in every variant)")
 
 
 # --- the report ---------------------------------------------------------------------------------
