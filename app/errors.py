@@ -74,6 +74,14 @@ class DatabaseUnreachableError(NotReadyError):
     headers = {"Retry-After": "2"}
 
 
+class RunMemoryError(ServiceError):
+    """A run that needs more memory than the process's shared run arena has left (optimizer.runtime.shared_arena):
+    507 Insufficient Storage, as the server cannot hold what the run needs; the message names the limit, the setting
+    and what to send instead."""
+
+    status_code = 507
+
+
 class StorageError(ServiceError, OSError):
     """The server's disk or artifact store cannot take a write or a removal (full, read-only): 507 Insufficient
     Storage, the server's problem and not the request's, said in words instead of a 500.

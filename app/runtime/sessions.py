@@ -13,14 +13,16 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnxruntime as ort
 
+from app.errors import RunMemoryError
 from app.runtime.batching import batchable, row_coupling_ops
 from app.runtime.signature import TensorSpec, signature_of
-from optimizer.runtime import SessionSettings, create_session, session_provider
+from app.settings import MiB
+from optimizer.runtime import SessionSettings, arena_refusal, create_session, session_provider, shared_arena
 
 # A loaded session's memory, estimated as the model file's size times this. Measured as RSS growth
 # per extra session of one model (ONNX Runtime 1.32 CPU, serving settings, median of 4 in a fresh
@@ -31,6 +33,27 @@ from optimizer.runtime import SessionSettings, create_session, session_provider
 # depends on the inputs sent, not the file (a 1.4 MiB CNN took 10.6-11.6 MiB at 64x64): small
 # models are held in check by the count bound (session_cache_size), not by this estimate.
 MEMORY_PER_FILE_BYTE = 1.5
+
+
+#: The least the runs of all sessions may hold together when the cache has a memory budget. WHY: the budget is sized
+#: for the models' weights (a few small models: a few MiB), while a run's tensors grow with the rows sent (a
+#: 1.4 MiB CNN held ~11 MiB at 64x64); a budget of 1 MiB must not refuse ordinary runs.
+RUN_MEMORY_FLOOR = 1024 * MiB
+
+
+def run_memory_error(exc: BaseException, what: str) -> RunMemoryError | None:
+    """The service's answer (507) when `exc` is a run of `what` ("model 'm' version 2") that the shared run arena
+    refused (SessionCache: its budget caps it); None for any other failure."""
+    refused = arena_refusal(exc)
+    if refused is None:
+        return None
+    asked, cap = refused
+    return RunMemoryError(
+        f"{what}: a run asked for {asked / MiB:,.0f} MiB at once, more than is left of the {cap / MiB:,.0f} MiB the "
+        f"runs of all models on this server may hold together (ONNXFORGE_SESSION_CACHE_MAX_MB, at least "
+        f"{RUN_MEMORY_FLOOR // MiB}), and was stopped; send fewer rows or smaller inputs, or ask the operator for a "
+        "larger budget"
+    )
 
 
 def estimated_bytes(path: Path) -> int:
@@ -67,7 +90,11 @@ class SessionCache:
                  max_bytes: int = 0) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes  # budget for the sessions' estimated memory; 0 = count bound only
-        self.settings = settings
+        # The same budget caps the memory the sessions' runs hold together (optimizer.runtime.shared_arena: tensors,
+        # not weights), at least RUN_MEMORY_FLOOR: a run past it fails alone (run_memory_error) rather than taking
+        # the replica's memory. One cap per process (ONNX Runtime's): the first cache's; the service makes one.
+        arena = shared_arena(max(max_bytes, RUN_MEMORY_FLOOR)) if max_bytes else 0
+        self.settings = replace(settings, arena_max_bytes=arena) if arena else settings
         self._loader = loader
         self._entries: OrderedDict[Hashable, LoadedSession] = OrderedDict()
         self._lock = threading.Lock()
