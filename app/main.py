@@ -15,10 +15,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api import health, jobs, models, v2
-from app.api.errors import install_error_handlers
+from app.api.errors import error_response, install_error_handlers
 from app.api.web import install_dashboard
 from app.fastpath import FastInfer, fast_target
 from app.metrics import HttpMetricsMiddleware
+from app.origin_guard import SECURITY_HEADERS, OriginGuard, guard_of
 from app.security import Receive, Scope, Send, cors_origins, install_security, load_api_keys
 from app.services.container import open_services
 from app.settings import Settings
@@ -45,20 +46,58 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 class Onnxforge(FastAPI):
     """FastAPI with the fast path (app/fastpath.py) in front of its whole stack: a /v2 infer or /v1 predict
-    request is recognized by a string test and answered there; every other request goes through FastAPI."""
+    request is recognized by a string test and answered there; every other request goes through FastAPI.
+
+    In front of both: the browser guard (app/origin_guard.py; here rather than as a middleware, which the fast path
+    would bypass) and the security headers on every answer."""
 
     fast_infer: FastInfer | None = None  # None: every request takes the normal stack (CORS is configured)
+    guard: OriginGuard = OriginGuard(open=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].endswith("/"):
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        send = with_security_headers(send)
+        if self.guard.open:
+            host, origin, fetch_site = browser_headers(scope["headers"])
+            refused = self.guard.refusal(scope["method"], host, origin, fetch_site, scope.get("server"))
+            if refused is not None:
+                await error_response(403, refused)(scope, receive, send)
+                return
+        if scope["path"].endswith("/"):
             scope = without_trailing_slash(scope)
-        if self.fast_infer is not None and scope["type"] == "http" and scope["method"] == "POST" \
+        if self.fast_infer is not None and scope["method"] == "POST" \
                 and not scope.get("root_path"):
             target = fast_target(scope["path"])
             if target is not None:
                 await self.fast_infer(scope, receive, send, target)
                 return
         await super().__call__(scope, receive, send)
+
+
+def with_security_headers(send: Send) -> Send:
+    """`send` adding SECURITY_HEADERS to the answer's head."""
+
+    async def secured(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
+        await send(message)
+
+    return secured
+
+
+def browser_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """The Host, Origin and Sec-Fetch-Site headers (None when absent), what the browser guard reads."""
+    host = origin = fetch_site = None
+    for key, value in headers:
+        if key == b"host":
+            host = value
+        elif key == b"origin":
+            origin = value
+        elif key == b"sec-fetch-site":
+            fetch_site = value
+    return host, origin, fetch_site
 
 
 def without_trailing_slash(scope: Scope) -> Scope:
@@ -97,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: the key check's 401/403 and the body limit's 413 are answers too, counted with their status.
     app.add_middleware(HttpMetricsMiddleware, routes=lambda: app.router.routes,
                        metrics=lambda: app.state.services.metrics if app.state.services else None)
+    app.guard = guard_of(not keys.enabled, cors_origins(settings))
     if not cors_origins(settings):
         app.fast_infer = FastInfer(app, keys, settings.max_predict_body_bytes)
     return app

@@ -17,10 +17,16 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 router = APIRouter(include_in_schema=False)
 
+# The page loads only its own script and stylesheet and talks only to this service: nothing inline, from another
+# host, or in a frame (X-Frame-Options, on every answer, app/origin_guard.py, says the same for older browsers).
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
 
 @router.get("/")
 def dashboard() -> FileResponse:
-    return FileResponse(WEB_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html",
+                        headers={"Cache-Control": "no-cache", "Content-Security-Policy": DASHBOARD_CSP})
 
 
 def install_dashboard(app: FastAPI) -> None:
