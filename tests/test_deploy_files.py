@@ -70,7 +70,38 @@ def test_compose_stack_is_nginx_two_replicas_worker_postgres_and_shared_volume()
     assert set(compose["volumes"]) == {"data", "pgdata"}
     nginx = services["nginx"]
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
-    assert nginx["ports"] == ["8080:8080"]
+    assert nginx["ports"] == ["127.0.0.1:8080:8080"]
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR:-default}`: the variable when set and not empty, else the default."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), value)
+
+
+def test_compose_defaults_stay_on_this_host_and_take_secrets_and_memory_limits_from_the_environment() -> None:
+    """`docker compose up` as shipped: nginx on 127.0.0.1 only (the service has no keys until they are set), the
+    database password and the API keys from the environment (.env), and a memory limit on every replica and
+    worker (a model that needs too much memory takes its container down, not the host)."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    services = _compose("docker-compose.yml")["services"]
+    assert services["nginx"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert "ONNXFORGE_API_KEYS" in text.split("ports:")[-2]  # the comment above the port says what to set first
+    env = services["api"]["environment"]
+    assert env["ONNXFORGE_API_KEYS"] == "${ONNXFORGE_API_KEYS:-}"
+    assert _interpolate(env["ONNXFORGE_API_KEYS"], {"ONNXFORGE_API_KEYS": "admin:k"}) == "admin:k"
+    password = services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    for shell in ({}, {"POSTGRES_PASSWORD": "s3cret-Value_1"}):  # the database and the service agree
+        url = _interpolate(env["ONNXFORGE_DATABASE_URL"], shell)
+        assert url == f"postgresql://onnxforge:{_interpolate(password, shell)}@postgres:5432/onnxforge"
+    assert _interpolate(password, {"POSTGRES_PASSWORD": "s3cret-Value_1"}) == "s3cret-Value_1"
+    assert "onnxforge:onnxforge@" not in text  # the URL's password is the variable's
+    limits = (("api", "ONNXFORGE_API_MEMORY", "8g"), ("worker", "ONNXFORGE_WORKER_MEMORY", "10g"))
+    for name, variable, default in limits:
+        memory = services[name]["deploy"]["resources"]["limits"]["memory"]
+        assert memory == f"${{{variable}:-{default}}}", name
+        assert _interpolate(memory, {variable: "32g"}) == "32g"
+    job_mb = Settings().job_memory_limit_mb * Settings().worker_concurrency
+    assert int(default.removesuffix("g")) * 1024 >= job_mb + 1024  # the worker's limit is over its child's RLIMIT_AS
 
 
 def test_gpu_override_gives_replicas_and_workers_the_gpu() -> None:
