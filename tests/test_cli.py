@@ -116,10 +116,10 @@ def test_auto_prints_each_variant_and_the_selection_once(auto_run: tuple[subproc
 def test_quiet_silences_the_quantizers_root_logger_warnings(auto_run: tuple[subprocess.CompletedProcess[str],
                                                                            dict]) -> None:
     run, report = auto_run
-    # the QOperator S8S8 variants are the ones ONNX Runtime's quantize_static warns about through the root
-    # logger ("Please use QuantFormat.QDQ for activation type QInt8..."): they were built, and nothing was said
-    built = {v["name"] for v in report["variants"] if v["status"] != "failed"}
-    assert "int8-static-minmax-qoperator-s8s8-all" in built
+    # ONNX Runtime's root-logger advice ("Please use QuantFormat.QDQ for activation type QInt8...", for the QOperator
+    # S8S8 builds, which auto holds back on CPUs without VNNI since d37685a) is routed away whatever the options
+    # (tests/test_small_fixes_logging); --quiet leaves stderr empty
+    assert any(v["status"] != "failed" for v in report["variants"] if v["name"].startswith("int8-static-")), report
     assert run.stderr == ""
 
 
