@@ -47,6 +47,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from app.errors import PayloadTooLargeError
 from app.fastpath import Batched, FastInfer, Headers, Target, fast_target, headers_of
+from app.origin_guard import SECURITY_HEADERS
 from app.security import body_limit_message
 from app.services.container import Services
 from app.services.predict import large
@@ -265,6 +266,7 @@ class _Request:
             parts += (name, b": ", value, b"\r\n")
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
+        parts.append(_SECURITY)  # after the answer's own, as app/main.py adds them on the ASGI path
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", content)
@@ -278,6 +280,7 @@ class _Request:
         protocol.on_response_complete()
 
 
+_SECURITY = b"".join(name + b": " + value + b"\r\n" for name, value in SECURITY_HEADERS)
 _UNKNOWN = object()
 # Request URL bytes -> (route template etc., path, query) of a request the short path answers, or None. WHY: clients
 # send the same few URLs again and again; parsing one (httptools.parse_url, decode, fast_target) is a per-request cost

@@ -139,7 +139,7 @@ def test_the_service_answers_through_it(tmp_path: Path) -> None:
             reader = sock.makefile("rb")
             for _ in range(3):
                 sock.sendall(
-                    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
                     b"Inference-Header-Content-Length: %d\r\n\r\n" % (len(body), len(header)) + body
                 )
                 status = reader.readline()
@@ -152,5 +152,5 @@ def test_the_service_answers_through_it(tmp_path: Path) -> None:
                 split = int(headers["inference-header-content-length"])
                 assert b'"binary_data_size":40' in content[:split]
                 assert len(content) - split == 40  # 10 float32 scores
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert reader.readline().startswith(b"HTTP/1.1 200")
