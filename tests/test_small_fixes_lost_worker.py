@@ -35,6 +35,10 @@ def test_a_job_whose_worker_process_is_gone_says_so(serve) -> None:  # noqa: ANN
         assert lost.startswith(f"worker {dead} lost at "), lost
         assert "its process is gone; the job is retried (attempt 2 of 2) when a worker next looks for work" in lost
         assert "no worker is running to do it" in lost, lost
+        version = api.client.get("/v1/models/m/versions/1").json()  # the version view's job says the same
+        assert version["job"]["worker_lost"] == lost, version["job"]
+        listed = api.client.get("/v1/models/m").json()["versions"][0]["job"]
+        assert listed["worker_lost"] == lost, listed
 
         assert queue.recover_lost() == [(job_id, "requeued")]  # what the next worker does
         view = api.job(job_id)

@@ -178,7 +178,7 @@ def describe_model(name: str, services: Services = Depends(services_of)) -> Mode
         batching_note=services.predict.batching_note(serving.id, variant) if serving else None,
         inputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.inputs, "inputs")],
         outputs=[TensorOut(**t) for t in _loaded_or_declared(loaded, described.outputs, "outputs")],
-        versions=[VersionOut.of(v, jobs.get(v.id)) for v in versions],
+        versions=[_version_out(services, v, jobs.get(v.id)) for v in versions],
     )
 
 
@@ -192,7 +192,12 @@ def _loaded_or_declared(loaded, declared: list[dict[str, Any]], which: str) -> l
 @router.get("/{name}/versions/{version}", response_model=VersionOut, responses=_ERRORS)
 def describe_version(name: str, version: str, services: Services = Depends(services_of)) -> VersionOut:
     row = services.registry.resolve(name, _version_number(version, name))
-    return VersionOut.of(row, services.registry.jobs_of([row.id]).get(row.id))
+    return _version_out(services, row, services.registry.jobs_of([row.id]).get(row.id))
+
+
+def _version_out(services: Services, row, job) -> VersionOut:  # noqa: ANN001 - ORM rows
+    """The version view, its job saying whether its worker was lost, as GET /v1/jobs/{id} does."""
+    return VersionOut.of(row, job, services.jobs.lost_worker(job) if job is not None else None)
 
 
 @router.delete("/{name}", responses=_ERRORS)

@@ -85,12 +85,12 @@ class VersionOut(BaseModel):
     job: JobOut | None
 
     @classmethod
-    def of(cls, row: ModelVersion, job: Job | None) -> VersionOut:
+    def of(cls, row: ModelVersion, job: Job | None, worker_lost: str | None = None) -> VersionOut:
         return cls(version=row.version, status=row.status, created_at=utc(row.created_at), ready_at=utc(row.ready_at),
                    filename=row.filename, sha256=row.sha256, size_bytes=row.size_bytes,
                    has_calibration=row.has_calibration, options=row.options or {}, selected=row.selected,
                    provider=row.provider, error=row.error, notes=list(row.notes or []),
-                   batching=dict(row.serving or {}), job=JobOut.of(job) if job is not None else None,
+                   batching=dict(row.serving or {}), job=JobOut.of(job, worker_lost) if job is not None else None,
                    servable=not row.unrunnable)
 
 
