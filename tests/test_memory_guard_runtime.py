@@ -77,13 +77,11 @@ def _predict_bomb(tmp_path: Path):  # noqa: ANN202 - (bomb's answer, the good mo
 
 def test_a_predict_past_the_arena_is_refused_and_the_other_models_serve(tmp_path: Path) -> None:
     bomb, good = _predict_bomb(tmp_path)
-    assert bomb.status_code in (400, 507), bomb.text  # 400 until app/services/predict.py maps run_memory_error
-    assert "ONNXFORGE_SESSION_CACHE_MAX_MB" in bomb.text or "Available memory of" in bomb.text
+    assert bomb.status_code == 507, bomb.text
+    assert "ONNXFORGE_SESSION_CACHE_MAX_MB" in bomb.text
     assert good.status_code == 200, good.text
 
 
-@pytest.mark.xfail(strict=True, reason="needs app/services/predict.py (another helper's) to raise run_memory_error "
-                                       "in PredictService.finish before its BadRequestError fallback")
 def test_a_predict_past_the_arena_is_a_507_naming_the_setting(tmp_path: Path) -> None:
     bomb, _ = _predict_bomb(tmp_path)
     assert bomb.status_code == 507 and "ONNXFORGE_SESSION_CACHE_MAX_MB" in bomb.text

@@ -53,7 +53,7 @@ from app.runtime.batching import (
     unbatchable_reason,
 )
 from app.runtime.runs import Lane, Lanes, Limited, RowByRow, RunTimeout, Watchdog
-from app.runtime.sessions import LoadedSession, SessionCache
+from app.runtime.sessions import LoadedSession, SessionCache, run_memory_error
 from app.services.inputs import FeedChecker
 from app.services.registry import VARIANTS, Registry, serving_variant
 from app.store import ModelVersion
@@ -442,6 +442,8 @@ class PredictService:
                 f"{exc.limit_s:g} s (ONNXFORGE_PREDICT_TIME_LIMIT_S) and was stopped; send fewer rows or "
                 "smaller inputs, or ask the operator for a longer limit"
             ) from None
+        if (refused := run_memory_error(exc, f"model {route.name!r} version {route.version}")) is not None:
+            raise refused from None
         if isinstance(exc, Exception):  # inputs that pass the declared checks but not the graph
             raise BadRequestError(
                 f"ONNX Runtime could not run model {route.name!r} on these inputs: {first_line(exc)}"
