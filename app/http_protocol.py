@@ -282,6 +282,12 @@ class _Request:
 
 _SECURITY = b"".join(name + b": " + value + b"\r\n" for name, value in SECURITY_HEADERS)
 _UNKNOWN = object()
+# The longest a connection may take to send a request's head (request line and headers), from its connection or its
+# request's first byte. WHY: uvicorn has no such limit, so a connection that sends nothing, or a header line now and
+# then (slowloris), is held for ever: 19,990 of them used up a replica's 20,000 file descriptors and /healthz refused
+# connections (security review), with no key needed. A real client sends its head in one segment; nginx's own
+# default is 60 s, our replicas may also face clients directly.
+HEAD_TIMEOUT_S = 10.0
 # Request URL bytes -> (route template etc., path, query) of a request the short path answers, or None. WHY: clients
 # send the same few URLs again and again; parsing one (httptools.parse_url, decode, fast_target) is a per-request cost
 # of the event loop. Bounded: cleared when full (URLs with a query of their own only refill it).
@@ -319,8 +325,31 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.fast: FastInfer | None = fast if short else None
         self.running: _Request | None = None  # the short request started last (its task runs or it is in a batch)
         self.idle_since: float | None = None  # loop time of the last response, while no data came since
+        self.head_since: float | None = None  # loop time a request's head began (or the connection), until complete
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    # -- the head timeout: one timer per connection, re-armed only when it fires ----------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self.head_since = self.loop.time()
+        self.head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_due)
+
+    def _head_due(self) -> None:
+        """Close a connection whose request head has been coming for HEAD_TIMEOUT_S (no answer: it has not asked
+        anything yet); else look again when the head now coming would be due, or a timeout from now."""
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        due = HEAD_TIMEOUT_S if self.head_since is None else self.head_since + HEAD_TIMEOUT_S - now
+        if due <= 0:
+            self.transport.close()
+            return
+        self.head_timer = self.loop.call_later(due, self._head_due)
 
     def on_message_begin(self) -> None:
+        self.head_since = self.loop.time()
         if self.fast is None:
             super().on_message_begin()
             return
@@ -387,6 +416,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_handler()
 
     def on_headers_complete(self) -> None:
+        self.head_since = None
         if self.fast is not None:
             request = self._short()
             if request is not None:
@@ -427,6 +457,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None

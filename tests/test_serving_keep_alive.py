@@ -13,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
+from app import http_protocol
 from app.main import create_app
 from app.prefork import UVICORN_OPTIONS
 from app.settings import Settings
@@ -77,3 +78,61 @@ def test_an_idle_connection_closes_after_the_timeout_and_a_busy_one_stays(port: 
         closed = _closed_within(sock, 5 * KEEP_ALIVE_S)  # then idle: closed one timeout after the last answer
         assert closed is not None, "an idle connection was not closed"
         assert 0.8 * KEEP_ALIVE_S <= closed <= 2.5 * KEEP_ALIVE_S, closed
+
+
+# -- the head timeout (app.http_protocol.HEAD_TIMEOUT_S): a connection must send each request's head in time ---------
+
+HEAD_S = 1.0
+
+
+@pytest.fixture
+def head_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", HEAD_S)
+    return HEAD_S
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(port: int, head_timeout: float) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        closed = _closed_within(sock, 5 * head_timeout)
+        assert closed is not None, "a silent connection was held open"
+        assert 0.8 * head_timeout <= closed <= 2.5 * head_timeout, closed
+
+
+def test_a_head_trickled_a_line_at_a_time_is_cut_at_the_head_timeout(port: int, head_timeout: float) -> None:
+    """Slowloris: a header line every 0.2 s keeps the connection busy, but its head never completes in time."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        began = time.monotonic()
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        cut = None
+        for i in range(30):  # 6 s of header lines at most
+            time.sleep(0.2)
+            try:
+                sock.sendall(b"X-Slow-%d: x\r\n" % i)
+            except (BrokenPipeError, ConnectionResetError):
+                cut = time.monotonic() - began
+                break
+            sock.settimeout(0.01)
+            try:
+                if sock.recv(1) == b"":
+                    cut = time.monotonic() - began
+                    break
+            except TimeoutError:
+                pass
+        assert cut is not None, "a trickled head was held open for 6 s"
+        assert cut <= 2.5 * head_timeout, cut
+
+
+def test_heads_sent_in_time_are_answered_however_long_the_connection_lives(port: int, head_timeout: float) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        reader = _Reader(sock)
+        request = _request("/v2/models/mlp/infer", V2_JSON)
+        sock.sendall(request[:20])  # a head in two parts, half a timeout apart
+        time.sleep(0.5 * head_timeout)
+        sock.sendall(request[20:])
+        assert reader.answer()[0] == 200
+        began = time.monotonic()
+        while time.monotonic() - began < 3 * head_timeout:  # keep-alive requests for three head timeouts
+            time.sleep(0.3 * head_timeout)
+            sock.sendall(request)
+            status, _, body, _ = reader.answer()
+            assert status == 200, body
