@@ -165,11 +165,24 @@ def _clear_anonymous_dim_names(model: onnx.ModelProto, notes: list[str]) -> None
                      "exporters such as Paddle2ONNX write it for every dynamic dimension")
 
 
-def load_model(source: str | Path | bytes | onnx.ModelProto, *, base_dir: str | Path | None = None) -> LoadedModel:
+#: The session loading makes to prove the model loads: no graph optimization, the quickest to create.
+CHECK_SESSION = SessionSettings(optimization_level="disabled")
+
+
+class LoadMemoryError(UnsupportedModelError):
+    """ONNX Runtime ran out of memory creating the model's session: most often a constant the graph computes at load
+    time (constant folding, e.g. a ConstantOfShape or Expand of a constant shape) too large for the memory there is."""
+
+
+def load_model(source: str | Path | bytes | onnx.ModelProto, *, base_dir: str | Path | None = None,
+               session: SessionSettings = CHECK_SESSION) -> LoadedModel:
     """Load and validate a model from a path, bytes or a ModelProto (validated as its bytes would be).
 
     `base_dir` is the folder that external data files must lie in; for a path it defaults to the
-    model's folder, for bytes there is none (external data is then refused).
+    model's folder, for bytes there is none (external data is then refused). `session` is how the proving session
+    is made: a caller about to serve the model passes its serving settings, so that what ONNX Runtime computes at
+    load (constant folding, at the optimization levels above "disabled") is computed here first, where the caller
+    can bound the memory; LoadMemoryError when that ran out.
     Raises an OptimizerError subclass that says what is wrong; never a bare library error.
 
     Memory: the checker, ONNX Runtime and shape inference each parse a copy of their own. They read
@@ -220,7 +233,7 @@ def load_model(source: str | Path | bytes | onnx.ModelProto, *, base_dir: str | 
             path.write_bytes(source)  # type: ignore[arg-type] - bytes: the path case set `path`
         del model
         _check(path)
-        _try_session(path)
+        _try_session(path, session)
         proto = _infer_shapes(path, Path(scratch) / "inferred.onnx")
     return LoadedModel(proto=proto, sha256=sha256, size_bytes=size_bytes, original_ir_version=original_ir,
                        notes=notes, external_bytes=external_bytes)
@@ -298,11 +311,17 @@ def fixed_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
     return {spec.name: list(spec.dims) for spec in specs}  # type: ignore[arg-type] - all ints, checked above
 
 
-def _try_session(path: Path) -> None:
+def _try_session(path: Path, settings: SessionSettings) -> None:
     """ONNX Runtime can create a session (dropped again: validation only proves that it loads)."""
     try:
-        create_session(path, SessionSettings(optimization_level="disabled"))
+        create_session(path, settings)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        # Under an address-space limit ORT fails folding cleanly: "Exception during initialization: std::bad_alloc".
+        if isinstance(exc, MemoryError) or "bad_alloc" in str(exc):
+            raise LoadMemoryError(
+                "ONNX Runtime ran out of memory creating a session of the model: a constant the graph computes at "
+                "load time (e.g. a ConstantOfShape or Expand of a constant shape) is too large; compute it from the "
+                "inputs at run time or make it smaller") from None
         raise UnsupportedModelError(
             f"ONNX Runtime cannot load the model: {ort_reason(exc)}; {_opset_hint(path)}"
         ) from None

@@ -25,14 +25,16 @@ from typing import Any
 import onnx
 
 from app.errors import BadRequestError, NotReadyError, UnsupportedMediaTypeError
+from app.services.fold_guard import budget_mb, refuse_large_constants, too_large
 from app.services.validation_child import run_checks
 from app.storage.base import storage_errors
 from optimizer.accuracy import ToleranceError, parse_metric
 from optimizer.calibration import load_samples
 from optimizer.errors import ExternalDataError
 from optimizer.input_ranges import check_index_ranges
-from optimizer.loading import LoadedModel, load_model, require_tensor_outputs
+from optimizer.loading import LoadedModel, LoadMemoryError, load_model, require_tensor_outputs
 from optimizer.pipeline import CALIBRATION_METHODS, INT8_MODES, PRECISIONS
+from optimizer.runtime import SessionSettings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -51,6 +53,12 @@ _NOT_ONNX = [
     (b"\x80\x05", "a Python pickle (a PyTorch checkpoint?)"),
 ]
 
+
+#: The session validation makes: at the serving optimization level (SessionSettings' default, which
+#: app/services/container.py keeps), so that what ONNX Runtime folds at load is folded here, in the validation child
+#: and under its memory limit (app/services/fold_guard.py), before the API process ever loads it. One thread: folding
+#: runs on one, and each of ORT's threads reserves address space.
+SERVING_CHECK = SessionSettings(intra_op_threads=1)
 
 RETRY_AFTER_S = 5  # what a refused upload is told to wait; about one validation of a large model
 
@@ -302,29 +310,43 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
     with limiter.slot():
         facts = run_checks({"model_path": str(model_path),
                             "calibration_path": str(calibration_path) if calibration_path is not None else None,
-                            "max_input_elements": max_input_elements, "metrics": options.metrics})
+                            "max_input_elements": max_input_elements, "metrics": options.metrics,
+                            "memory_limit_mb": budget_mb(model_path)})
     return ValidatedUpload(name=name, filename=filename or f"{name}.onnx", model_path=model_path,
                            calibration_path=calibration_path, options=options, **facts)
 
 
 def check_contents(model_path: str, calibration_path: str | None, max_input_elements: int | None,
-                   metrics: dict[str, str] | None) -> dict[str, Any]:
+                   metrics: dict[str, str] | None, memory_limit_mb: int | None = None) -> dict[str, Any]:
     """Load the model and the samples and check them (the memory-hungry part: run in the validation child).
 
     Returns ValidatedUpload's fields that come from the files (sha256, size_bytes, inputs, outputs, notes), as JSON
-    types; rewrites the model in place when loading had to lower its IR version.
+    types; rewrites the model in place when loading had to lower its IR version. `memory_limit_mb`: the address space
+    the child was allowed (validation_child applies it); a model whose load needs more is a LoadMemoryError (400).
     """
+    try:
+        return _check_contents(model_path, calibration_path, max_input_elements, metrics, memory_limit_mb)
+    except (LoadMemoryError, MemoryError):
+        if memory_limit_mb is None:
+            raise
+        raise too_large(memory_limit_mb) from None
+
+
+def _check_contents(model_path: str, calibration_path: str | None, max_input_elements: int | None,
+                    metrics: dict[str, str] | None, memory_limit_mb: int | None) -> dict[str, Any]:
     path = Path(model_path)
     # load_model reads external data relative to the file's folder; uploads come as one file, and
     # each sits alone under a unique name, so a model pointing at external data is refused.
     try:
-        loaded: LoadedModel = load_model(path, base_dir=path.parent / f"{path.name}.external")
+        loaded: LoadedModel = load_model(path, base_dir=path.parent / f"{path.name}.external", session=SERVING_CHECK)
     except ExternalDataError as exc:
         raise ExternalDataError(
             f"{exc}. The service takes the model as one .onnx file: save it with every tensor inside "
             "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)"
         ) from None
     require_tensor_outputs(loaded.proto)  # a 400 now, not a 500 per predict and a failed job
+    if memory_limit_mb is not None:  # what ORT skipped folding under the limit would be folded by the serving process
+        refuse_large_constants(loaded.proto, memory_limit_mb)
     initializers = {t.name for t in loaded.proto.graph.initializer}
     inputs = _value_infos(loaded.proto.graph.input, initializers)
     _refuse_oversized_inputs(inputs, max_input_elements)  # before the samples: they may be as large

@@ -231,10 +231,13 @@ def _child(request: dict[str, Any], server_pid: int, answer_fd: int) -> None:
     """In the forked child: run the checks, write the answer, exit (never returns)."""
     code = 1
     try:
+        from app.services.fold_guard import limit_address_space
         from app.services.uploads import check_contents
         from app.worker.lifeline import die_with_parent
 
         die_with_parent(server_pid)
+        if request.get("memory_limit_mb") is not None:  # a fold past it fails here, not in the API process at predict
+            limit_address_space(request["memory_limit_mb"])
         try:
             answer: dict[str, Any] = {"facts": check_contents(**request)}
         except Exception as exc:  # noqa: BLE001 - every failure must reach the API as an answer
