@@ -80,11 +80,15 @@ class Headers(NamedTuple):
     length: bytes | None  # Content-Length as sent
     header_length: str | None  # the binary extension's Inference-Header-Content-Length
     encoding: str | None  # Content-Encoding, stripped and lower-case
+    host: bytes | None  # Host, Origin, Sec-Fetch-Site as sent: app/origin_guard.py decides by them
+    origin: bytes | None
+    fetch_site: bytes | None
 
 
 def headers_of(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """One pass over the (lower-case) request headers for every one this path reads."""
     authorization, length, header_length, encoding = b"", None, None, None
+    host = origin = fetch_site = None
     for key, value in headers:
         if key == _HEADER_LENGTH:
             header_length = value.decode("latin-1")
@@ -94,7 +98,13 @@ def headers_of(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
             authorization = value
         elif key == b"content-encoding":
             encoding = value.decode("latin-1").strip().lower()
-    return Headers(authorization, length, header_length, encoding)
+        elif key == b"host":
+            host = value
+        elif key == b"origin":
+            origin = value
+        elif key == b"sec-fetch-site":
+            fetch_site = value
+    return Headers(authorization, length, header_length, encoding, host, origin, fetch_site)
 
 
 WATCH_AFTER_S = 0.5  # how old a request gets before the fast path watches for its client's disconnect

@@ -422,6 +422,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             if request is not None:
                 self.cycle = request
                 try:
+                    self.app.guard.check("POST", request.headers.host, request.headers.origin,
+                                         request.headers.fetch_site, self.server)
                     request.services = self.fast.admit(request.headers)
                 except Exception as exc:  # noqa: BLE001 - answered now, as the ASGI path answers before the body
                     request.fail(exc)

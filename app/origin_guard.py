@@ -18,6 +18,7 @@ path (app/http_protocol.py, which has no scope) decide alike. `SECURITY_HEADERS`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -57,6 +58,13 @@ class OriginGuard:
         (ASGI's scope["server"], uvicorn's protocol.server; None for a Unix socket)."""
         if not self.open:
             return None
+        return self._refusal(method, host, origin, fetch_site, None if server is None else tuple(server))
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - guards live as long as their app
+    def _refusal(self, method: str, host: bytes | None, origin: bytes | None, fetch_site: bytes | None,
+                 server: tuple[str, int | None] | None) -> str | None:
+        """`refusal` of an open service, remembered: WHY: the short HTTP path asks once per request, and a
+        client's headers repeat (parsing an address each time cost microseconds of the event loop)."""
         host_text = host.decode("latin-1").strip().lower() if host is not None else None
         if host_text and server is not None and _is_loopback(server[0]) and not _is_loopback(_split_host(host_text)[0]):
             return (f"refused: Host {host_text!r} is not a name of this machine. Without API keys, a server reached "

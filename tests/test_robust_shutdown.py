@@ -123,7 +123,7 @@ def test_sigterm_with_workers_refuses_new_connections_and_exits_as_one_process(t
         port = int(base.rsplit(":", 1)[1])
         slow = socket.create_connection(("127.0.0.1", port), timeout=30)
         slow.sendall(
-            b"POST /v1/models/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/models/slow/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
         )
         time.sleep(0.5)  # read by its API process (not a timing assert: only how soon the signal goes)

@@ -68,7 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, list
 
 def _request(path: str, body: bytes, headers: dict[str, str] | None = None, key: str | None = READ_KEY,
              version: str = "1.1", method: str = "POST") -> bytes:
-    lines = [f"{method} {path} HTTP/{version}", "Host: x", f"Content-Length: {len(body)}"]
+    lines = [f"{method} {path} HTTP/{version}", "Host: localhost", f"Content-Length: {len(body)}"]
     if key is not None:
         lines.append(f"Authorization: Bearer {key}")
     lines += [f"{k}: {v}" for k, v in (headers or {"Content-Type": "application/json"}).items()]
@@ -186,7 +186,7 @@ def test_over_the_limit_while_the_body_streams_in(server: tuple[int, list[str]])
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         reader = _Reader(sock)
-        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + READ_KEY.encode()
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + READ_KEY.encode()
                      + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(3):
             sock.sendall(b"%x\r\n%s\r\n" % (LIMIT // 2, b" " * (LIMIT // 2)))

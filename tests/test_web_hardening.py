@@ -102,8 +102,6 @@ def test_the_dashboard_and_the_api_answer_with_security_headers(open_service: st
         assert response.status_code == status and _has_security_headers(response), path
 
 
-@pytest.mark.xfail(strict=True, reason="the short HTTP path (app/http_protocol.py) does not apply app/origin_guard.py "
-                                       "yet: remove this marker when it does")
 def test_the_short_http_path_refuses_a_cross_site_predict_and_sends_the_headers(open_service: str) -> None:
     """uvicorn answers /v1 predict and /v2 infer without the ASGI stack: the same rule and headers there."""
     path = f"{open_service}/v1/models/good/predict"
