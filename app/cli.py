@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from optimizer import __version__
+
 
 def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:  # noqa: ANN401
     """The settings given on the command line (the common options and `extra`), over the environment's."""
@@ -368,8 +370,9 @@ def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
                         help="accuracy tolerance: lowest top-1 agreement with the original, 0-1 (default 0.99)")
     parser.add_argument("--metrics", metavar="JSON",
                         help='the metric that gates an output, as JSON: output name -> "default" | "cosine" | '
-                             '"top1" | "mask:<threshold>", e.g. \'{"maps": "mask:0.3"}\'; "cosine" turns off the '
-                             'top-1 gate guessed for a [batch, N] output that is not class scores')
+                             '"top1" | "exact" (string/bool outputs) | "mask:<threshold>", e.g. '
+                             '\'{"maps": "mask:0.3"}\'; "cosine" turns off the top-1 gate guessed for a [batch, N] '
+                             'output that is not class scores')
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or library warnings on stderr "
                                                             "(errors still)")
@@ -478,6 +481,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxforge", description="Optimize ONNX models and serve them.")
+    parser.add_argument("--version", action="version", version=f"onnxforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_optimize(subparsers)
     _add_inspect(subparsers)

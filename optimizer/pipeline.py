@@ -503,7 +503,8 @@ def _unprovable(accuracy: dict[str, Any] | None, tolerance: Tolerance, holdout: 
                   f"{samples_to_upload(held, config.holdout_fraction)} or more samples holds back that many"
                   if held else "")
         hint = f"; {guess_hint(name, out['top1_guess'])}" if out.get("top1_guess") else ""
-        return (f"output {name!r} is gated on top-1 agreement >= {tolerance.min_top1:.1%}, and its {units} held-back "
+        gate = "exact agreement" if out.get("metric") == "exact" else "top-1 agreement"
+        return (f"output {name!r} is gated on {gate} >= {tolerance.min_top1:.1%}, and its {units} held-back "
                 f"unit(s), even all agreeing, prove at most {best:.1%} (95% lower bound): no variant can be shown "
                 f"to be as accurate as asked{upload}; or set min_top1 to {math.floor(best * 1000) / 1000:g} or "
                 f"lower{hint}")

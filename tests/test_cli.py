@@ -230,3 +230,12 @@ def test_accuracy_tolerance_options_are_checked_like_the_upload(option: str, val
     [line] = err.splitlines()
     assert line.startswith(f"error: {message}")
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_version_prints_the_installed_distributions_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from optimizer import __version__
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"onnxforge {__version__}" != "onnxforge 0+unknown"

@@ -60,7 +60,8 @@ _UPLOAD_FORM = {
             "min_top1": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.99,
                          "description": "accuracy tolerance: least top-1 agreement of classifier outputs"},
             "metrics": {"type": "string", "description": 'JSON object: output name -> the metric that gates it '
-                                                         '("default" | "cosine" | "top1" | "mask:<threshold>"), '
+                                                         '("default" | "cosine" | "top1" | "exact" | '
+                                                         '"mask:<threshold>"), '
                                                          'e.g. {"maps": "mask:0.3"}; "cosine" turns off the top-1 '
                                                          'gate guessed for a [batch, N] output that is not class '
                                                          'scores; other outputs keep the default'},
