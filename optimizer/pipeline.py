@@ -44,7 +44,7 @@ from optimizer.calibration import MEANINGFUL_HOLDOUT, SampleSet, holdout_size, l
 from optimizer.candidates import Candidate
 from optimizer.environment import environment
 from optimizer.errors import CalibrationError, ModelRunError, OptimizerError, first_line
-from optimizer.graph_inspect import inspect
+from optimizer.graph_inspect import already_quantized, inspect
 from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, model_row_coupling, paired_ratio
 from optimizer.loading import LoadedModel, fixed_input_shapes, load_model, require_tensor_outputs
 from optimizer.passes import cleanup
@@ -595,11 +595,13 @@ def optimize(
 
     search: AutoSearch | None = None
     skipped: list[dict[str, str]] = []
+    quantized = already_quantized(original)
     if config.precision == "auto" and provider == "cpu":
         if built[FUSED].model is not None:
             evaluate(built[FUSED].model, reference, samples, settings, tolerance, built[FUSED].row)
         search = AutoSearch(
-            unprovable=_unprovable(built[FUSED].row.accuracy, tolerance, len(samples.holdout), config),
+            unprovable=(f"{quantized}; nor FP16 variants of its float parts" if quantized else
+                        _unprovable(built[FUSED].row.accuracy, tolerance, len(samples.holdout), config)),
             source=source, samples=samples, settings=settings, tolerance=tolerance, reference=reference,
             provider=provider, deadline=build_deadline, timing_deadline=deadline - 0.1 * config.time_budget_s,
             built=built,
@@ -614,9 +616,13 @@ def optimize(
                                     method=config.calibration_method, has_calibration=not samples.synthetic,
                                     fp16_on_cpu=config.fp16_on_cpu)
         skipped = plan.skipped
-        for i, candidate in enumerate(plan.candidates):
+        candidates = plan.candidates
+        if quantized and any(c.precision == "int8" for c in candidates):
+            candidates = [c for c in candidates if c.precision != "int8"]
+            skipped = [*skipped, {"name": "every INT8 candidate", "reason": quantized}]
+        for i, candidate in enumerate(candidates):
             stage = "calibrate" if candidate.settings.get("mode") == "static" else "quantize"
-            notify(stage, 0.2 + 0.5 * i / max(len(plan.candidates), 1))
+            notify(stage, 0.2 + 0.5 * i / max(len(candidates), 1))
             built[candidate.name] = build(candidate, source, samples, build_deadline)
         notify("evaluate", 0.7)
         for name, b in built.items():
