@@ -45,6 +45,7 @@ from optimizer.candidates import auto_plan  # noqa: E402
 from optimizer.errors import OptimizerError  # noqa: E402
 from optimizer.passes.equalize import Equalized  # noqa: E402
 from optimizer.pipeline import MIN_GAIN, OptimizeConfig, optimize  # noqa: E402
+from optimizer.quiet import route_ort_warnings  # noqa: E402
 from tests import models  # noqa: E402
 
 Feeds = Callable[[int, int], list[dict[str, np.ndarray]]]
@@ -227,6 +228,7 @@ def _without_reduce_range(names: list[str] | None) -> tuple[str, ...]:
 
 
 def main() -> None:
+    route_ort_warnings()  # ORT's quantization advice at debug level, not amid the table
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="final timing, all passing variants interleaved")
     parser.add_argument("--budget", type=float, default=600.0, help="time_budget_s per model")
