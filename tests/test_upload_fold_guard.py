@@ -21,14 +21,20 @@ from optimizer.runtime import SessionSettings
 from tests import models
 
 
-def fold_model(n: int) -> onnx.ModelProto:
-    """The review's a09 model: ConstantOfShape([n]) -> ReduceSum -> Add; ~200 bytes, n floats folded at load."""
+def fold_model(n: int, computed_shape: bool = False) -> onnx.ModelProto:
+    """The review's a09 model: ConstantOfShape([n]) -> ReduceSum -> Add; ~200 bytes, n floats folded at load.
+    `computed_shape`: the shape is a Concat of two constants [n / 2^14, 2^14] (plain shape inference cannot see it)."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
                               value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
-             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=1), helper.make_node("Add", ["x", "s"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(np.array([n], np.int64), "shape")])
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0), helper.make_node("Add", ["x", "s"], ["y"])]
+    constants = [numpy_helper.from_array(np.array([n], np.int64), "shape")]
+    if computed_shape:
+        nodes.insert(0, helper.make_node("Concat", ["rows", "cols"], ["shape"], axis=0))
+        constants = [numpy_helper.from_array(np.array([n >> 14], np.int64), "rows"),
+                     numpy_helper.from_array(np.array([1 << 14], np.int64), "cols")]
+    graph = helper.make_graph(nodes, "g", [x], [y], constants)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -38,15 +44,16 @@ def _hwm_mib() -> int:
 
 
 # 2^28 floats = 1 GiB folded (2.1 GiB peak unbounded). Under 1536 MiB more ORT's fold fails with std::bad_alloc; under
-# 256 MiB it is skipped silently (the session loads) and the shapes catch it. Both must be the same 400.
-@pytest.mark.parametrize("limit_mb", [1536, 256])
-def test_a_huge_folded_constant_is_a_400_at_upload_and_the_api_stays_small(serve, monkeypatch,  # noqa: ANN001
-                                                                            limit_mb: int) -> None:
+# 256 MiB it is skipped silently (the session loads) and the shapes catch it, also when the shape is computed. All
+# must be the same 400.
+@pytest.mark.parametrize(("limit_mb", "computed_shape"), [(1536, False), (256, False), (256, True)])
+def test_a_huge_folded_constant_is_a_400_at_upload_and_the_api_stays_small(
+        serve, monkeypatch, limit_mb: int, computed_shape: bool) -> None:  # noqa: ANN001
     monkeypatch.setattr(fold_guard, "LOAD_MEMORY_MB", limit_mb)
     monkeypatch.setattr(fold_guard, "LOAD_MEMORY_PER_FILE_BYTE", 0)  # the limit is then exactly limit_mb
     with serve(run_worker=False) as api:
         before = _hwm_mib()
-        refused = api.upload(fold_model(1 << 28), "fold.onnx", precision="fp32")
+        refused = api.upload(fold_model(1 << 28, computed_shape), "fold.onnx", precision="fp32")
         assert refused.status_code == 400, refused.text
         error = refused.json()["error"]
         assert f"loading this model needs more than {limit_mb:,} MiB" in error, error
@@ -67,6 +74,8 @@ def test_ordinary_models_pass_the_default_limit(serve) -> None:  # noqa: ANN001
 def test_largest_folded_constant_sees_constant_subgraphs_only() -> None:
     proto = load_model(fold_model(1 << 28).SerializeToString()).proto
     assert fold_guard.largest_folded_constant(proto) == ("big", 4 << 28)
+    computed = load_model(fold_model(1 << 28, computed_shape=True).SerializeToString()).proto
+    assert fold_guard.largest_folded_constant(computed) == ("big", 4 << 28)  # [2^14, 2^14] floats
     # the cnn's weights are initializers, its activations depend on the input: nothing is computed from constants
     assert fold_guard.largest_folded_constant(load_model(models.cnn()).proto) is None
 

@@ -36,6 +36,8 @@ LOAD_MEMORY_PER_FILE_BYTE = 4
 #: ORT holds a folded constant twice at once (the computed tensor and the initializer made from it): a 1 GiB
 #: ConstantOfShape peaked at 2.1 GiB RSS (notes/memguard).
 _FOLD_COPIES = 2
+#: Initializers at most this large go into the data propagation copy (`_propagated_types`).
+_SMALL_BYTES = 1 << 20
 #: Ops ONNX Runtime never folds (their values change per run): computed at run time, where the run arena caps them.
 _NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
@@ -84,6 +86,31 @@ def _static_bytes(value_type: onnx.TypeProto | None) -> int | None:
     return math.prod(dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
 
 
+def _propagated_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The tensors' types from shape inference with data propagation, which also knows shapes computed from constants
+    (ConstantOfShape of a Concat of constants: without it such a 1 GiB constant passed a 256 MiB limit unseen). Run on
+    a copy whose initializers over _SMALL_BYTES are inputs of their type: shape tensors are small, weights need not
+    be copied. {} when it fails (the plain inference's types are used)."""
+    graph = model.graph
+    light = onnx.GraphProto(name=graph.name)
+    light.node.extend(graph.node)
+    light.input.extend(graph.input)
+    light.output.extend(graph.output)
+    inputs = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if tensor.ByteSize() <= _SMALL_BYTES:
+            light.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            light.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    copy = onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+    copy.functions.extend(model.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copy, data_prop=True).graph
+    except Exception:  # noqa: BLE001 - a model the plain inference took: its types are the fallback
+        return {}
+    return {v.name: v.type for v in [*inferred.value_info, *inferred.output]}
+
+
 def largest_folded_constant(model: onnx.ModelProto) -> tuple[str, int] | None:
     """(name, bytes) of the largest tensor of the main graph computed from constants alone whose shape inference
     knows (what ONNX Runtime folds at load), None if there is none. Needs the model's inferred value_info."""
@@ -91,6 +118,7 @@ def largest_folded_constant(model: onnx.ModelProto) -> tuple[str, int] | None:
     inputs = {i.name for i in graph.input}
     constant = {t.name for t in graph.initializer if t.name not in inputs} | {""}  # "": an optional input left out
     types = {v.name: v.type for v in [*graph.value_info, *graph.output]}
+    propagated = _propagated_types(model)
     largest: tuple[str, int] | None = None
     for node in graph.node:  # in topological order (the checker requires it)
         if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED:
@@ -101,7 +129,9 @@ def largest_folded_constant(model: onnx.ModelProto) -> tuple[str, int] | None:
             continue
         constant.update(node.output)
         for name in node.output:
-            size = _static_bytes(types.get(name))
+            size = _static_bytes(propagated.get(name))
+            if size is None:
+                size = _static_bytes(types.get(name))
             if size is not None and (largest is None or size > largest[1]):
                 largest = (name, size)
     return largest
