@@ -184,8 +184,6 @@ def test_a_long_file_name_is_cut_to_255_characters_keeping_its_extension() -> No
     assert len(clean_filename("x" * 300) or "") == 255
 
 
-@pytest.mark.xfail(strict=True, reason="app/services/uploads.py does not call app/filenames.clean_filename yet: "
-                                       "remove this marker when it does")
 def test_the_stored_file_name_is_the_clean_one(serve, tmp_path: Path) -> None:  # noqa: ANN001
     with serve(run_worker=False) as api:
         assert api.upload(MLP, filename="\u202egnp\u200b.onnx", name="named").status_code == 202

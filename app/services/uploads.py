@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 
 from app.errors import BadRequestError, NotReadyError, UnsupportedMediaTypeError
+from app.filenames import clean_filename
 from app.services.fold_guard import budget_mb, refuse_large_constants, too_large
 from app.services.validation_child import run_checks
 from app.storage.base import storage_errors
@@ -166,8 +167,8 @@ def _metrics(fields: dict[str, str]) -> dict[str, str] | None:
     text = fields.get("metrics", "").strip()
     if not text:
         return None
-    hint = 'metrics must be a JSON object of output name -> "default" | "cosine" | "top1" | "mask:<threshold>", ' \
-           'e.g. {"maps": "mask:0.3"}'
+    hint = 'metrics must be a JSON object of output name -> "default" | "cosine" | "top1" | "exact" | ' \
+           '"mask:<threshold>", e.g. {"maps": "mask:0.3"}'
     try:
         value = json.loads(text)
     except ValueError:
@@ -302,6 +303,7 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
     child process checking the contents ran out of time or died. The cheap checks come before the slot; the
     model and the samples are read in the child (app/services/validation_child.py), never in this process.
     """
+    filename = clean_filename(filename)
     name = model_name(fields.get("name", "").strip() or None, filename)
     options = parse_options(fields, calibration_path is not None)
     _refuse_non_onnx(model_path)
