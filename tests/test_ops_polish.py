@@ -271,7 +271,9 @@ def test_bench_names_models_by_file_not_by_a_cut_path(tmp_path: Path, capsys: py
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(models.mlp(), path)
     assert main(["bench", *map(str, paths), "--seconds", "0.1", "--batch", "1"]) == 0
-    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith("x")]
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["model", "batch"], table
+    rows = [line.split()[0] for line in table[1:] if len(line.split()) == 6]  # model, batch, p50, p90, p99, per s
     assert rows == ["fp32/model.onnx", "int8/model.onnx", "ocr_det.onnx"]
 
 
