@@ -186,8 +186,8 @@ def test_over_the_limit_while_the_body_streams_in(server: tuple[int, list[str]])
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         reader = _Reader(sock)
-        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + READ_KEY.encode()
-                     + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+                     + READ_KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(3):
             sock.sendall(b"%x\r\n%s\r\n" % (LIMIT // 2, b" " * (LIMIT // 2)))
         status, _, body, _ = reader.answer()
