@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import health, jobs, models, v2
 from app.api.errors import error_response, install_error_handlers
 from app.api.web import install_dashboard
-from app.fastpath import FastInfer, fast_target
+from app.fastpath import FastInfer, fast_target, headers_of
 from app.metrics import HttpMetricsMiddleware
 from app.origin_guard import SECURITY_HEADERS, OriginGuard, guard_of
 from app.security import Receive, Scope, Send, cors_origins, install_security, load_api_keys
@@ -60,8 +60,9 @@ class Onnxforge(FastAPI):
             return
         send = with_security_headers(send)
         if self.guard.open:
-            host, origin, fetch_site = browser_headers(scope["headers"])
-            refused = self.guard.refusal(scope["method"], host, origin, fetch_site, scope.get("server"))
+            headers = headers_of(scope["headers"])  # the short HTTP path's one pass, for the same three headers
+            refused = self.guard.refusal(scope["method"], headers.host, headers.origin, headers.fetch_site,
+                                         scope.get("server"))
             if refused is not None:
                 await error_response(403, refused)(scope, receive, send)
                 return
@@ -85,19 +86,6 @@ def with_security_headers(send: Send) -> Send:
         await send(message)
 
     return secured
-
-
-def browser_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None]:
-    """The Host, Origin and Sec-Fetch-Site headers (None when absent), what the browser guard reads."""
-    host = origin = fetch_site = None
-    for key, value in headers:
-        if key == b"host":
-            host = value
-        elif key == b"origin":
-            origin = value
-        elif key == b"sec-fetch-site":
-            fetch_site = value
-    return host, origin, fetch_site
 
 
 def without_trailing_slash(scope: Scope) -> Scope:

@@ -279,6 +279,19 @@ def typed_io(features: int = 4) -> onnx.ModelProto:
     )
 
 
+def scalar_input() -> onnx.ModelProto:
+    """y = x * float(sr), sr a rank-0 int64 input: Silero VAD takes its sample rate so."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "sr_f"], ["y"])],
+        "scalar_input",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def random_feed(model: onnx.ModelProto, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for one run: dynamic dims named "batch" get `batch`, any other dynamic dim gets `seq`."""
     rng = np.random.default_rng(seed)

@@ -268,17 +268,7 @@ def test_dim_value_minus_one_counts_as_dynamic() -> None:
 
 def test_a_scalar_input_gives_0d_array_samples_that_onnx_runtime_runs():
     """Silero VAD takes its sample rate as a rank-0 input: each sample must be a 0-d array, not a numpy scalar."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
-         helper.make_node("Mul", ["x", "sr_f"], ["y"])],
-        "scalar_input",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = models.scalar_input()
     raw = npz(x=np.ones((10, 1, 4), np.float32), sr=np.full(10, 16000, np.int64))
     samples = load_samples(raw, model, holdout_fraction=0.2)
     feed = samples.calibration[0]

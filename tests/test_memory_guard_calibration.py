@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numpy.lib import format as npy_format
-from onnx import TensorProto, helper
 
 from optimizer.calibration import MAX_SAMPLES, load_samples, read_samples
 from optimizer.errors import CalibrationError
@@ -52,15 +51,7 @@ def test_a_set_at_the_cap_is_read_and_split_as_before() -> None:
 
 def test_a_rank0_input_of_a_capped_set_still_gives_0d_arrays() -> None:
     """Samples gathered from a larger set (the copy path) are 0-d arrays too, not numpy scalars ONNX Runtime refuses."""
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
-         helper.make_node("Mul", ["x", "sr_f"], ["y"])],
-        "scalar_input",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = models.scalar_input()
     samples = load_samples({"x": np.ones((40, 1, 4), np.float32), "sr": np.arange(40, dtype=np.int64)}, model,
                            max_calibration=3)
     assert len(samples.calibration) == 3 and samples.offered == 32

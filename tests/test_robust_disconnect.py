@@ -28,10 +28,12 @@ LIMIT_S = 4.0
 
 
 @contextmanager
-def uvicorn_in_thread(app, port: int) -> Iterator[str]:  # noqa: ANN001
+def uvicorn_in_thread(app, port: int, **options: object) -> Iterator[str]:  # noqa: ANN001
+    """uvicorn serving `app` on 127.0.0.1:`port` in a thread of this process (`options`: more uvicorn settings)."""
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", **{**UVICORN_OPTIONS, "timeout_graceful_shutdown": 1}
+            app, host="127.0.0.1", port=port, log_level="warning",
+            **{**UVICORN_OPTIONS, "timeout_graceful_shutdown": 1, **options}
         )
     )
     thread = threading.Thread(target=server.run, daemon=True)

@@ -5,21 +5,19 @@ long it lives; the timeout counts from the last response. Real uvicorn in this p
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from app import http_protocol
 from app.main import create_app
-from app.prefork import UVICORN_OPTIONS
 from app.settings import Settings
 from tests import models
 from tests.conftest import TEST_SETTINGS
 from tests.service import free_port
+from tests.test_robust_disconnect import uvicorn_in_thread
 from tests.test_serving_batched_path import _request
 from tests.test_serving_protocol_path import V2_JSON, _Reader
 
@@ -30,25 +28,12 @@ KEEP_ALIVE_S = 1.0
 def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("keepalive") / "data",
                            "run_worker": False})
-    app = create_app(settings)
     number = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=number, log_level="warning",
-                                           **{**UVICORN_OPTIONS, "timeout_keep_alive": KEEP_ALIVE_S,
-                                              "timeout_graceful_shutdown": 1}))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+    with uvicorn_in_thread(create_app(settings), number, timeout_keep_alive=KEEP_ALIVE_S):
         response = httpx.post(f"http://127.0.0.1:{number}/v1/models", timeout=60, data={"name": "mlp"},
                               files={"file": ("mlp.onnx", models.mlp().SerializeToString())})
         assert response.status_code == 202, response.text
         yield number
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> float | None:
