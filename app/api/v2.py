@@ -11,7 +11,8 @@ import zlib
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends
+import orjson
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute
@@ -40,7 +41,10 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 503)}
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 _HEADER_ROOM = 64 * 1024  # bytes of a binary request's body kept for its JSON header by `most_rows`
-_SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+# Extensions as Triton names them, only those served: clients check this list before using one.
+_SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification",
+                                                                   "model_repository"]}
+_ONNX_ONLY = {"tensor(bfloat16)": "BF16"}  # ONNX types v2 names that datatype_of cannot give (numpy has no dtype)
 
 
 def _version(text: str | None, name: str) -> int | None:
@@ -53,7 +57,8 @@ def _version(text: str | None, name: str) -> int | None:
 
 def _tensor(spec: TensorSpec) -> dict[str, Any]:
     shape = [-1] if spec.shape is None else [d if isinstance(d, int) else -1 for d in spec.shape]
-    return {"name": spec.name, "datatype": datatype_of(spec.dtype) or spec.type, "shape": shape}
+    return {"name": spec.name, "datatype": datatype_of(spec.dtype) or _ONNX_ONLY.get(spec.type, spec.type),
+            "shape": shape}
 
 
 # -- server ------------------------------------------------------------------------------------------
@@ -85,6 +90,114 @@ async def ready(services: Services = Depends(services_of)) -> dict[str, Any]:
     if problem:
         raise NotReadyError(f"not ready: {problem}")
     return {"ready": True}
+
+
+# -- Triton's other extensions ------------------------------------------------------------------------
+# Answered, not left to the catch-all 404 (which reads like a typo, and read GET /v2/models/stats as a model named
+# "stats"): each says what onnxforge does instead, as a 400 in the one error shape tritonclient reads.
+# Declared before /models/{name} so that "stats" is not taken for a model's name.
+
+_STATISTICS = ("the statistics extension is not supported: per-model request counts and latencies are on "
+               "GET /metrics (onnxforge_predict_requests_total, onnxforge_predict_latency_seconds)")
+_SHARED_MEMORY = ("shared memory is not supported (no region can be registered): send tensors in the request body; "
+                  "binary_data=True (the binary tensor extension) is the fast way")
+
+
+@router.get("/models/stats", responses=_ERRORS, include_in_schema=False)
+@router.get("/models/{name}/stats", responses=_ERRORS, include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/stats", responses=_ERRORS, include_in_schema=False)
+async def statistics() -> None:
+    raise BadRequestError(_STATISTICS)
+
+
+_OPTIONS_MAX = 64 * 1024  # bytes of a repository request's body: options only, and no body limit is in front
+
+
+async def _options(request: Request) -> dict[str, Any]:
+    """A repository request's JSON body ({} when empty, as tritonclient sends it without options)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _OPTIONS_MAX:
+            raise PayloadTooLargeError(f"the body of {request.url.path} is over {_OPTIONS_MAX} bytes: it holds options")
+    try:
+        options = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        raise BadRequestError(f"the body of {request.url.path} is a JSON object or empty")
+    return options
+
+
+@router.post("/repository/index", responses=_ERRORS)
+async def repository_index(request: Request, services: Services = Depends(services_of)) -> list[dict[str, Any]]:
+    """Every live version of every model (Triton's model repository extension): READY when it can serve (its
+    session loads at its first request or readiness check), UNAVAILABLE with the reason when ONNX Runtime cannot
+    run it. Body `{"ready": true}`: the READY ones only."""
+    options = await _options(request)
+    models, _ = await run_in_threadpool(services.registry.names)
+    index: list[dict[str, Any]] = []
+    for row in (row for rows in models.values() for row in rows):
+        if not row.unrunnable:
+            index.append({"name": row.name, "version": str(row.version), "state": "READY"})
+        elif options.get("ready") is not True:
+            index.append({"name": row.name, "version": str(row.version), "state": "UNAVAILABLE",
+                          "reason": f"ONNX Runtime cannot run it: {row.error}"})
+    return index
+
+
+@router.post("/repository/models/{name}/load", responses=_ERRORS)
+async def load(name: str, request: Request, services: Services = Depends(services_of)) -> JSONResponse:
+    """Loads the serving version's session now, so that the first request does not pay for it. Models come in by
+    upload (POST /v1/models), not from a repository folder: a config or files in the body are refused."""
+    if (await _options(request)).get("parameters"):
+        raise BadRequestError("load parameters (config, files) are not supported: upload a model or a new version "
+                              "with POST /v1/models")
+    try:
+        await services.predict.serving(name)
+    except (ConflictError, ModelLoadError) as exc:
+        raise BadRequestError(f"failed to load {name!r}: {exc}") from None
+    return JSONResponse({})
+
+
+@router.post("/repository/models/{name}/unload", responses=_ERRORS)
+async def unload(name: str) -> None:
+    raise BadRequestError(f"unloading on request is not supported: {name!r} serves until it is deleted "
+                          f"(DELETE /v1/models/{name}); the session cache drops the least recently used "
+                          "sessions when full (ONNXFORGE_SESSION_CACHE_SIZE, ONNXFORGE_SESSION_CACHE_MAX_MB)")
+
+
+@router.get("/systemsharedmemory/status", include_in_schema=False)
+@router.get("/cudasharedmemory/status", include_in_schema=False)
+async def shared_memory_status() -> list:
+    return []  # none registered: register is refused
+
+
+@router.post("/systemsharedmemory/unregister", include_in_schema=False)
+@router.post("/systemsharedmemory/region/{region}/unregister", include_in_schema=False)
+@router.post("/cudasharedmemory/unregister", include_in_schema=False)
+@router.post("/cudasharedmemory/region/{region}/unregister", include_in_schema=False)
+async def shared_memory_unregister() -> JSONResponse:
+    return JSONResponse({})  # nothing is registered: nothing to undo (what Triton answers with none registered)
+
+
+@router.post("/systemsharedmemory/region/{region}/register", responses=_ERRORS, include_in_schema=False)
+@router.post("/cudasharedmemory/region/{region}/register", responses=_ERRORS, include_in_schema=False)
+@router.get("/systemsharedmemory/region/{region}/status", responses=_ERRORS, include_in_schema=False)
+@router.get("/cudasharedmemory/region/{region}/status", responses=_ERRORS, include_in_schema=False)
+async def shared_memory_region() -> None:
+    raise BadRequestError(_SHARED_MEMORY)
+
+
+@router.api_route("/trace/setting", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/models/{name}/trace/setting", methods=["GET", "POST"], include_in_schema=False)
+async def trace_settings() -> None:
+    raise BadRequestError("the trace extension is not supported: request counts and latencies are on GET /metrics")
+
+
+@router.api_route("/logging", methods=["GET", "POST"], include_in_schema=False)
+async def log_settings() -> None:
+    raise BadRequestError("log settings cannot be changed at run time: set ONNXFORGE_LOG_LEVEL and restart")
 
 
 # -- models ------------------------------------------------------------------------------------------

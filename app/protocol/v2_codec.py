@@ -55,6 +55,7 @@ class InferRequest:
     outputs: list[str] | None = None  # None: all of the model's outputs
     binary_outputs: set[str] = field(default_factory=set)
     binary_default: bool = False  # `binary_data_output`: outputs not named in `outputs` come as binary
+    classification: dict[str, int] = field(default_factory=dict)  # output -> class count (Triton's extension)
 
 
 # -- decoding ----------------------------------------------------------------------------------------
@@ -159,13 +160,14 @@ class _Plan:
     outputs: tuple[str, ...] | None
     binary_outputs: frozenset[str]
     binary_default: bool
+    classification: tuple[tuple[str, int], ...]
 
     def request(self, body: bytes, split: int) -> InferRequest:
         # np.ndarray over the body: what np.frombuffer(...).reshape(...) gives (read-only, no copy), at less than half
         # its cost; the sizes were checked when the plan was made and the body's length is checked before this
         inputs = {name: np.ndarray(shape, dtype, body, split + offset) for name, shape, dtype, offset in self.inputs}
         return InferRequest(inputs, self.id, None if self.outputs is None else list(self.outputs),
-                            set(self.binary_outputs), self.binary_default)
+                            set(self.binary_outputs), self.binary_default, dict(self.classification))
 
 
 # JSON header bytes -> its plan. WHY: a client sends the same header again and again (same inputs, shapes and
@@ -191,7 +193,7 @@ def _plan_of(request: InferRequest, header: dict, binary_size: int) -> _Plan | N
         inputs.append((spec["name"], array.shape, DATATYPES[datatype] if _LITTLE else _WIRE[datatype], offset))
         offset += size
     return _Plan(tuple(inputs), binary_size, request.id, None if request.outputs is None else tuple(request.outputs),
-                 frozenset(request.binary_outputs), request.binary_default)
+                 frozenset(request.binary_outputs), request.binary_default, tuple(request.classification.items()))
 
 
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -241,6 +243,9 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
         if name in inputs:
             raise BadRequestError(f"input {name!r} is given twice: name each input once")
         datatype = spec.get("datatype")
+        if datatype == "BF16":
+            raise BadRequestError(f"input {name!r}: BF16 tensors are not supported (ONNX Runtime's Python API takes "
+                                  "no bfloat16 arrays): serve a float32 or float16 version of the model")
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequestError(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         shape = _shape(spec, name)
@@ -267,9 +272,13 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
         request.outputs = [o["name"] for o in outputs]
         for o in outputs:
             params = _parameters(o, f"output {o['name']!r}")
-            if params.get("classification") is not None:  # tritonclient's InferRequestedOutput(class_count=...)
-                raise BadRequestError(f"output {o['name']!r}: parameters.classification (class_count) is not "
-                                      "supported: ask for the output itself and take its top classes")
+            count = params.get("classification")  # tritonclient's InferRequestedOutput(class_count=k)
+            if count is not None:
+                if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                    raise BadRequestError(f"output {o['name']!r}: parameters.classification must be a class count "
+                                          f"(a non-negative integer), got {count!r}")
+                if count:  # 0: the tensor itself, as Triton reads it
+                    request.classification[o["name"]] = count
             wants = params.get("binary_data")
             if wants or (wants is None and request.binary_default):
                 request.binary_outputs.add(o["name"])
@@ -277,6 +286,28 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
 
 
 # -- encoding ----------------------------------------------------------------------------------------
+
+
+def top_classes(name: str, array: np.ndarray, count: int) -> np.ndarray:
+    """Triton's classification extension: the `count` highest values of an output as BYTES "<value>:<index>",
+    highest first, per row ([batch, count]) when the output has a batch axis (rank 2 or more; the rest of a row
+    is flattened), else over the whole tensor ([count]). Values are written as C's %f (Triton's std::to_string),
+    integers as integers. Ties go to the lower index; NaN ranks last. No labels: ONNX files carry none.
+    WHY: tritonclient's InferRequestedOutput(name, class_count=k) is how Triton apps read classifiers."""
+    if array.dtype.kind not in "iuf":
+        raise BadRequestError(f"output {name!r}: classification (class_count) needs a numeric output, it is "
+                              f"{datatype_of(array.dtype) or array.dtype}")
+    rows = array.reshape(array.shape[0], math.prod(array.shape[1:])) if array.ndim >= 2 else array.reshape(1, -1)
+    count = min(count, rows.shape[1])
+    keys = np.where(np.isnan(rows), -np.inf, rows) if rows.dtype.kind == "f" else rows
+    # descending, ties to the lower index: a stable ascending sort of the reversed row, read backwards
+    order = rows.shape[1] - 1 - np.argsort(keys[:, ::-1], axis=1, kind="stable")[:, ::-1][:, :count]
+    picked = np.take_along_axis(rows, order, axis=1)
+    text = "{:f}:{}" if rows.dtype.kind == "f" else "{}:{}"
+    values = [[text.format(value, index) for value, index in zip(row.tolist(), indices.tolist(), strict=True)]
+              for row, indices in zip(picked, order, strict=True)]
+    result = np.array(values, dtype=object).reshape(rows.shape[0], count)
+    return result if array.ndim >= 2 else result.reshape(count)
 
 
 def _binary(array: np.ndarray) -> bytes:
@@ -332,6 +363,8 @@ def _encode(model: str, version: int, request: InferRequest,
     """encode_response the long way."""
     described, blobs = [], []
     for name, array in outputs.items():
+        if name in request.classification:
+            array = top_classes(name, array, request.classification[name])
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         binary = name in request.binary_outputs or (request.outputs is None and request.binary_default)
         if binary:
