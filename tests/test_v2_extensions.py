@@ -37,7 +37,21 @@ def _bf16_identity() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-MODELS = {"mlp": models.mlp(), "typed": models.typed_io(), "bf16": _bf16_identity()}
+_NUMBERS = {"INT8": TensorProto.INT8, "INT16": TensorProto.INT16, "INT32": TensorProto.INT32,
+            "INT64": TensorProto.INT64, "UINT16": TensorProto.UINT16, "UINT32": TensorProto.UINT32,
+            "UINT64": TensorProto.UINT64, "FP64": TensorProto.DOUBLE}
+
+
+def _identities() -> onnx.ModelProto:
+    """One Identity per numeric v2 datatype typed_io does not carry: `<datatype>` -> `<datatype>_out`."""
+    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in _NUMBERS]
+    inputs = [helper.make_tensor_value_info(name, kind, ["batch", 3]) for name, kind in _NUMBERS.items()]
+    outputs = [helper.make_tensor_value_info(f"{name}_out", kind, ["batch", 3]) for name, kind in _NUMBERS.items()]
+    graph = helper.make_graph(nodes, "identities", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {"mlp": models.mlp(), "typed": models.typed_io(), "bf16": _bf16_identity(), "numbers": _identities()}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +139,26 @@ def test_a_class_count_that_is_not_a_count_is_refused(count: object, message: st
     assert decode_request(zero, None).classification == {}  # 0: the tensor itself
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_every_integer_datatype_at_its_limits_and_fp64_round_trip(client, binary: bool) -> None:  # noqa: ANN001
+    """JSON UINT64 values over 2**63 were refused as "numbers with a fraction" (numpy reads them as float64)."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    sent, inputs = {}, []
+    for name in _NUMBERS:
+        dtype = np.dtype(triton_to_np_dtype(name))
+        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
+        sent[name] = np.array([[info.min, info.max, 0], [1, 2 ** 53 + 1 if dtype.itemsize == 8 else 3, 5]], dtype)
+        tensor = httpclient.InferInput(name, [2, 3], name)
+        tensor.set_data_from_numpy(sent[name], binary_data=binary)
+        inputs.append(tensor)
+    result = client.infer("numbers", inputs, outputs=[
+        httpclient.InferRequestedOutput(f"{name}_out", binary_data=binary) for name in _NUMBERS])
+    for name, array in sent.items():
+        got = result.as_numpy(f"{name}_out")
+        assert got.dtype == array.dtype and got.tolist() == array.tolist(), name
+
+
 def test_server_metadata_lists_what_is_served(client) -> None:  # noqa: ANN001
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification", "model_repository"]
 
@@ -132,9 +166,9 @@ def test_server_metadata_lists_what_is_served(client) -> None:  # noqa: ANN001
 def test_repository_index_and_load(client, server: str) -> None:  # noqa: ANN001
     index = client.get_model_repository_index()
     assert {(m["name"], m["version"], m["state"]) for m in index} == {
-        ("mlp", "1", "READY"), ("typed", "1", "READY"), ("bf16", "1", "READY")}
+        ("mlp", "1", "READY"), ("typed", "1", "READY"), ("bf16", "1", "READY"), ("numbers", "1", "READY")}
     ready = httpx.post(f"http://{server}/v2/repository/index", json={"ready": True})
-    assert ready.status_code == 200 and len(ready.json()) == 3
+    assert ready.status_code == 200 and len(ready.json()) == 4
     bad = httpx.post(f"http://{server}/v2/repository/index", content=b"[1]")
     assert bad.status_code == 400 and "JSON object or empty" in bad.json()["error"]
     huge = httpx.post(f"http://{server}/v2/repository/index", content=b" " * (64 * 1024 + 1))

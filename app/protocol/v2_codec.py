@@ -107,6 +107,19 @@ def _decode_binary(name: str, datatype: str, shape: tuple[int, ...], raw: memory
     return np.frombuffer(raw, dtype=_WIRE[datatype]).reshape(shape)
 
 
+def _big_integers(name: str, datatype: str, array: np.ndarray, data: Any) -> np.ndarray:  # noqa: ANN401
+    """`data` as the integer dtype when every value is an integer: numpy reads integers past int64's range as float64
+    (or objects past uint64's), which refused UINT64 values over 2**63 as "numbers with a fraction" and would round
+    those over 2**53. Else `array` unchanged, for the usual checks and messages."""
+    flat = np.asarray(data, dtype=object).reshape(-1)
+    if not all(type(v) is int for v in flat):
+        return array
+    try:
+        return np.array(flat.tolist(), dtype=DATATYPES[datatype]).reshape(array.shape)
+    except OverflowError:
+        raise BadRequestError(f"input {name!r}: values outside the range of {datatype}") from None
+
+
 def _decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:  # noqa: ANN401
     if data is None:
         raise BadRequestError(f"input {name!r} has no `data` and no `parameters.binary_data_size`")
@@ -120,9 +133,11 @@ def _decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
             array = np.asarray(data)
         except (ValueError, TypeError):
             raise BadRequestError(f"input {name!r}: `data` is not a flat or rectangular list of values") from None
+        want = DATATYPES[datatype]
+        if want.kind in "iu" and array.dtype.kind in "fO" and array.size:
+            array = _big_integers(name, datatype, array, data)
         if array.dtype.kind not in "biuf":
             raise BadRequestError(f"input {name!r}: {datatype} data must be numbers (or booleans for BOOL)")
-        want = DATATYPES[datatype]
         # `data: []` parses as float64: an empty tensor of any datatype, not a value of the wrong kind
         if want.kind == "b" and array.dtype.kind != "b" and array.size:
             raise BadRequestError(f"input {name!r}: BOOL data must be true/false")
