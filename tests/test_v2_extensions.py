@@ -159,6 +159,25 @@ def test_every_integer_datatype_at_its_limits_and_fp64_round_trip(client, binary
         assert got.dtype == array.dtype and got.tolist() == array.tolist(), name
 
 
+def test_nan_and_infinity_in_json_tensors_as_tritonclient_writes_them(client) -> None:  # noqa: ANN001
+    """tritonclient's JSON (Python's json) writes NaN, Infinity and -Infinity, as Triton reads them: orjson refused
+    the whole request ("does not parse"). Missing values as NaN are common in tabular models' features."""
+    inputs = []
+    for name in _NUMBERS:
+        array = np.zeros((1, 3), np.dtype(name.lower().replace("fp", "float")))  # e.g. "uint16", "float64"
+        if name == "FP64":
+            array = np.array([[np.nan, np.inf, -np.inf]])
+        tensor = httpclient.InferInput(name, [1, 3], name)
+        tensor.set_data_from_numpy(array, binary_data=False)
+        inputs.append(tensor)
+    result = client.infer("numbers", inputs, outputs=[httpclient.InferRequestedOutput("FP64_out", binary_data=True)])
+    got = result.as_numpy("FP64_out")
+    assert np.isnan(got[0, 0]) and got[0, 1:].tolist() == [np.inf, -np.inf]
+    with pytest.raises(BadRequestError, match="does not parse"):  # what orjson refuses besides them, still refused
+        decode_request(b'{"id": NaN, "inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", '
+                       b'"data": ["\\ud800"]}]}', None)
+
+
 def test_server_metadata_lists_what_is_served(client) -> None:  # noqa: ANN001
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification", "model_repository"]
 
