@@ -227,6 +227,21 @@ def test_shared_memory_cleanup_calls_succeed(client) -> None:  # noqa: ANN001
     assert client.get_cuda_shared_memory_status() == []
 
 
+def test_tensors_in_shared_memory_are_refused_not_ignored(client) -> None:  # noqa: ANN001
+    """An output asked into a region was answered in the body, the region left unwritten: the app read stale memory."""
+    x, _ = _features(1)
+    tensor = httpclient.InferInput("features", [1, 64], "FP32")
+    tensor.set_data_from_numpy(x)
+    output = httpclient.InferRequestedOutput("logits")
+    output.set_shared_memory("out0", 40)
+    with pytest.raises(InferenceServerException, match="output 'logits': shared memory is not supported") as refused:
+        client.infer("mlp", [tensor], outputs=[output])
+    assert refused.value.status() == "400"
+    tensor.set_shared_memory("in0", 256)
+    with pytest.raises(InferenceServerException, match="input 'features': shared memory is not supported"):
+        client.infer("mlp", [tensor])
+
+
 def test_bf16_is_described_as_bf16_and_refused_with_the_reason(client, server: str) -> None:  # noqa: ANN001
     metadata = client.get_model_metadata("bf16")
     assert metadata["inputs"] == [{"name": "x", "datatype": "BF16", "shape": [-1, 3]}]

@@ -28,7 +28,7 @@ from app.errors import (
     NotReadyError,
     PayloadTooLargeError,
 )
-from app.protocol.v2_codec import HEADER_LENGTH, datatype_of, decode_request, encode_response
+from app.protocol.v2_codec import HEADER_LENGTH, SHARED_MEMORY, datatype_of, decode_request, encode_response
 from app.runtime.batching import unbatchable_reason
 from app.runtime.signature import TensorSpec
 from app.security import body_limit_message
@@ -99,8 +99,6 @@ async def ready(services: Services = Depends(services_of)) -> dict[str, Any]:
 
 _STATISTICS = ("the statistics extension is not supported: per-model request counts and latencies are on "
                "GET /metrics (onnxforge_predict_requests_total, onnxforge_predict_latency_seconds)")
-_SHARED_MEMORY = ("shared memory is not supported (no region can be registered): send tensors in the request body; "
-                  "binary_data=True (the binary tensor extension) is the fast way")
 
 
 @router.get("/models/stats", responses=_ERRORS, include_in_schema=False)
@@ -186,7 +184,7 @@ async def shared_memory_unregister() -> JSONResponse:
 @router.get("/systemsharedmemory/region/{region}/status", responses=_ERRORS, include_in_schema=False)
 @router.get("/cudasharedmemory/region/{region}/status", responses=_ERRORS, include_in_schema=False)
 async def shared_memory_region() -> None:
-    raise BadRequestError(_SHARED_MEMORY)
+    raise BadRequestError(SHARED_MEMORY)
 
 
 @router.api_route("/trace/setting", methods=["GET", "POST"], include_in_schema=False)

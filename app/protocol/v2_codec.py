@@ -22,6 +22,8 @@ import orjson
 from app.errors import BadRequestError
 
 HEADER_LENGTH = "inference-header-content-length"
+SHARED_MEMORY = ("shared memory is not supported (no region can be registered): send tensors in the request body; "
+                 "binary_data=True (the binary tensor extension) is the fast way")
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -279,7 +281,10 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequestError(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         shape = _shape(spec, name)
-        size = _parameters(spec, f"input {name!r}").get("binary_data_size")
+        params = _parameters(spec, f"input {name!r}")
+        if "shared_memory_region" in params:
+            raise BadRequestError(f"input {name!r}: {SHARED_MEMORY}")
+        size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequestError(
@@ -302,6 +307,8 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
         request.outputs = [o["name"] for o in outputs]
         for o in outputs:
             params = _parameters(o, f"output {o['name']!r}")
+            if "shared_memory_region" in params:  # ignored, the answer would be in the body and the region unwritten
+                raise BadRequestError(f"output {o['name']!r}: {SHARED_MEMORY}")
             count = params.get("classification")  # tritonclient's InferRequestedOutput(class_count=k)
             if count is not None:
                 if not isinstance(count, int) or isinstance(count, bool) or count < 0:
