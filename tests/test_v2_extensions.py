@@ -51,7 +51,20 @@ def _identities() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-MODELS = {"mlp": models.mlp(), "typed": models.typed_io(), "bf16": _bf16_identity(), "numbers": _identities()}
+def _gate() -> onnx.ModelProto:
+    """pos = x > 0 (BOOL), r = relu(x): batchable, a numeric and a boolean output."""
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "zero"], ["pos"]), helper.make_node("Relu", ["x"], ["r"])], "gate",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("pos", TensorProto.BOOL, ["batch", 4]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {"mlp": models.mlp(), "typed": models.typed_io(), "bf16": _bf16_identity(), "numbers": _identities(),
+          "gate": _gate()}
+BATCHED = {"gate": "8"}  # its batch size: requests answered from their batch (app/http_protocol.py's short path)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +74,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields "
     try:
         for name, model in MODELS.items():
             files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
-            response = httpx.post(f"{base}/v1/models", files=files, data={"name": name}, timeout=30)
+            fields = {"name": name, **({"batch_max_size": BATCHED[name]} if name in BATCHED else {})}
+            response = httpx.post(f"{base}/v1/models", files=files, data=fields, timeout=30)
             assert response.status_code == 202, response.text
         yield base.removeprefix("http://")
     finally:
@@ -118,6 +132,29 @@ def test_class_count_beside_a_plain_output_and_past_the_class_count(client) -> N
     np.testing.assert_array_equal(result.as_numpy("half_twice"), half + half)
     with pytest.raises(InferenceServerException, match="needs a numeric output, it is BOOL"):
         client.infer("typed", inputs, outputs=[httpclient.InferRequestedOutput("flag_not", class_count=1)])
+
+
+def test_class_count_in_batched_requests(client, server: str) -> None:  # noqa: ANN001
+    """Requests combined into one run: each gets its own top classes, and a refusal (BOOL) is each one's 400."""
+    tensors = []
+    for row in ([1, -2, 3, -4], [0, 5, -1, 2]):
+        tensor = httpclient.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([row], np.float32))
+        tensors.append(tensor)
+    with httpclient.InferenceServerClient(server, concurrency=8) as batching:
+        good = [batching.async_infer("gate", [tensors[i % 2]], outputs=[
+            httpclient.InferRequestedOutput("r", class_count=2)]) for i in range(8)]
+        bad = [batching.async_infer("gate", [tensors[0]], outputs=[
+            httpclient.InferRequestedOutput("pos", class_count=2)]) for _ in range(4)]
+        for i, pending in enumerate(good):
+            assert pending.get_result().as_numpy("r").tolist() == [[b"3.000000:2", b"1.000000:0"],
+                                                                   [b"5.000000:1", b"2.000000:3"]][i % 2:i % 2 + 1]
+        for pending in bad:
+            with pytest.raises(InferenceServerException, match="needs a numeric output, it is BOOL"):
+                pending.get_result()
+    rows = [line for line in httpx.get(f"http://{server}/metrics").text.splitlines()
+            if line.startswith('onnxforge_batch_size_sum{model="gate"')]
+    assert rows and float(rows[0].split()[-1]) >= 12  # every request went through the batcher
 
 
 def test_top_classes_rank_nan_last_and_keep_a_rank_one_output_flat() -> None:
@@ -185,9 +222,9 @@ def test_server_metadata_lists_what_is_served(client) -> None:  # noqa: ANN001
 def test_repository_index_and_load(client, server: str) -> None:  # noqa: ANN001
     index = client.get_model_repository_index()
     assert {(m["name"], m["version"], m["state"]) for m in index} == {
-        ("mlp", "1", "READY"), ("typed", "1", "READY"), ("bf16", "1", "READY"), ("numbers", "1", "READY")}
+        (name, "1", "READY") for name in MODELS}
     ready = httpx.post(f"http://{server}/v2/repository/index", json={"ready": True})
-    assert ready.status_code == 200 and len(ready.json()) == 4
+    assert ready.status_code == 200 and len(ready.json()) == len(MODELS)
     bad = httpx.post(f"http://{server}/v2/repository/index", content=b"[1]")
     assert bad.status_code == 400 and "JSON object or empty" in bad.json()["error"]
     huge = httpx.post(f"http://{server}/v2/repository/index", content=b" " * (64 * 1024 + 1))
