@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         description="how long an upload waits for a validation slot before a 503 + Retry-After",
     )
 
+    # Retention.
+    keep_versions: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="versions of a model kept: at each upload (and at start) older ones are deleted, files and "
+                    "report, except the version serving and the one pinned; 0 = keep every version",
+    )
+
     # Access control (app/security.py).
     api_keys: SecretStr = Field(
         default=SecretStr(""), description="`read:<key>` / `admin:<key>` entries, comma-separated; empty = open"
@@ -203,6 +210,7 @@ _WHY = {
                      "worker",
     "predict_time_limit_s": " (0: no limit)",
     "job_memory_limit_mb": " (0: no limit)",
+    "keep_versions": " (0: keep every version)",
     "intra_op_threads": " (0: sized from the CPUs this process may use)",
     "inter_op_threads": " (0: ONNX Runtime's default)",
 }

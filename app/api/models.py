@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import services_of
@@ -133,6 +134,7 @@ async def upload_model(request: Request, services: Services = Depends(services_o
             services.validations, settings.max_input_elements,
         )
         accepted = await run_in_threadpool(services.registry.accept, validated, batching)
+        removed = await run_in_threadpool(_retire_old, services, accepted.name)
         log.info("upload accepted: model %r version %d, %d bytes, %s, precision %s; job %s", accepted.name,
                  accepted.version, validated.size_bytes,
                  f"calibration {calibration.size} bytes" if calibration else "no calibration",
@@ -142,14 +144,44 @@ async def upload_model(request: Request, services: Services = Depends(services_o
     services.predict.invalidate(accepted.name)
     status_url = f"{request.scope.get('root_path', '')}/v1/jobs/{accepted.job_id}"
     body = UploadAccepted(name=accepted.name, version=accepted.version, job_id=accepted.job_id, status_url=status_url,
-                          warnings=accepted.warnings)
+                          warnings=accepted.warnings, removed_versions=removed)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": status_url})
 
 
-@router.get("", response_model=list[ModelSummary])
-def list_models(services: Services = Depends(services_of)) -> list[ModelSummary]:
+def _retire_old(services: Services, name: str) -> list[int]:
+    """Apply ONNXFORGE_KEEP_VERSIONS to `name` after an upload; the version numbers deleted. The upload is accepted
+    whatever happens here: a database failure now leaves the old versions to the next upload (or worker start)."""
+    try:
+        retired = services.registry.retire_old(name, services.settings.keep_versions)
+    except SQLAlchemyError as exc:
+        log.warning("model %r: old versions not deleted (ONNXFORGE_KEEP_VERSIONS) as the database failed: %s", name,
+                    str(exc).splitlines()[0])
+        return []
+    if retired:
+        services.predict.forget([row_id for row_id, _ in retired])
+        log.info("model %r: deleted versions %s (ONNXFORGE_KEEP_VERSIONS=%d)", name,
+                 ", ".join(str(number) for _, number in retired), services.settings.keep_versions)
+    return [number for _, number in retired]
+
+
+LIST_CAP = 1000  # models in one answer of GET /v1/models; more: follow its Link rel="next"
+
+
+@router.get("", response_model=list[ModelSummary], responses={400: {"model": ErrorOut}})
+def list_models(request: Request, response: Response, limit: int = LIST_CAP, after: str | None = None,
+                services: Services = Depends(services_of)) -> list[ModelSummary]:
+    """Models in name order, at most `limit` (1 to 1000, default 1000) after the name `after`. When more follow,
+    the answer's `Link` header has the URL of the next page (rel="next"), as its `X-Next-After` header the name to
+    pass as `after`."""
+    if not 1 <= limit <= LIST_CAP:
+        raise BadRequestError(f"limit must be from 1 to {LIST_CAP}, got {limit}")
     summaries = []
-    models = services.registry.names()
+    models, more = services.registry.names(after, limit)
+    if more:
+        last = next(reversed(models))
+        following = request.url.include_query_params(after=last, limit=limit)
+        response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+        response.headers["X-Next-After"] = quote(last, safe="")
     jobs = services.registry.jobs_of([versions[-1].id for versions in models.values()])
     for name, versions in models.items():
         serving, latest = pick_serving(versions), versions[-1]

@@ -26,6 +26,10 @@ class UploadAccepted(BaseModel):
     status_url: str
     warnings: list[str] = Field(default_factory=list, description="e.g. the inputs/outputs differ from the version "
                                                                   "serving now (also in the version's notes)")
+    removed_versions: list[int] = Field(
+        default_factory=list, description="older versions of the model this upload deleted (files and report) under "
+                                          "ONNXFORGE_KEEP_VERSIONS; the serving and pinned versions are never removed",
+    )
 
 
 class JobOut(BaseModel):

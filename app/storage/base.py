@@ -125,3 +125,17 @@ class ArtifactStore(ABC):
     def free_bytes(self) -> int | None:
         """Space left for artifacts on this server's disk; None when the store does not live on it (a bucket)."""
         return None
+
+    @abstractmethod
+    def stored_versions(self) -> dict[tuple[str, int], float]:
+        """Every (name, version) with files in the store, and when the newest of them was written (Unix time):
+        finding the folders no version owns any more (a crash between a delete's commit and its file removal, an
+        upload cut off between storing its files and committing its version)."""
+
+
+def parse_version_key(key: str) -> tuple[str, int] | None:
+    """(name, version) of a key under models/<name>/<version>/, None for any other key."""
+    parts = key.split("/")
+    if len(parts) < 4 or parts[0] != "models" or not (parts[2].isascii() and parts[2].isdigit()):
+        return None
+    return parts[1], int(parts[2])

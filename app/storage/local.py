@@ -9,7 +9,13 @@ import uuid
 from pathlib import Path
 
 from app.errors import StorageError
-from app.storage.base import ArtifactStore, make_folder, remove_empty_parents, storage_errors
+from app.storage.base import (
+    ArtifactStore,
+    make_folder,
+    parse_version_key,
+    remove_empty_parents,
+    storage_errors,
+)
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -75,6 +81,17 @@ class LocalArtifactStore(ArtifactStore):
                 "stayed on the server's disk, though no version uses them any more; remove them once the store "
                 "(ONNXFORGE_DATA_DIR/artifacts) is writable",
                 reason.errno if reason is not None else None)
+
+    def stored_versions(self) -> dict[tuple[str, int], float]:
+        found: dict[tuple[str, int], float] = {}
+        for path in (self.root / "models").glob("*/*/*"):
+            version = parse_version_key(path.relative_to(self.root).as_posix())
+            try:
+                if version is not None:
+                    found[version] = max(found.get(version, 0.0), path.lstat().st_mtime)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+        return found
 
     def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.root).free

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ServiceError
-from app.storage.base import ArtifactStore, make_folder, remove_empty_parents
+from app.storage.base import ArtifactStore, make_folder, parse_version_key, remove_empty_parents
 
 
 class StorageConfigError(ServiceError):
@@ -115,6 +115,17 @@ class S3ArtifactStore(ArtifactStore):
         else:
             local.unlink(missing_ok=True)
         remove_empty_parents(local, self.cache)
+
+    def stored_versions(self) -> dict[tuple[str, int], float]:
+        found: dict[tuple[str, int], float] = {}
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                       Prefix=self._object("models/"))
+        for page in pages:
+            for item in page.get("Contents", []):
+                version = parse_version_key(item["Key"][len(self.prefix):])
+                if version is not None:
+                    found[version] = max(found.get(version, 0.0), item["LastModified"].timestamp())
+        return found
 
     def check(self) -> None:
         probe = self._object(f".ready/{uuid.uuid4().hex}")

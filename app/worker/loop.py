@@ -42,6 +42,7 @@ log = logging.getLogger("onnxforge.worker")
 
 _RECOVER_EVERY_S = 2.0
 _PROGRESS_WRITE_EVERY_S = 0.5
+_ORPHAN_AGE_S = 3600.0  # an upload's files wait for its commit far less than this
 
 
 class _Messages:
@@ -131,6 +132,8 @@ class Worker:
                     log.warning("job %s lost its worker: %s", job_id, action)
                 if not self._swept:
                     self.sweep_stale_work()
+                    self.sweep_orphaned_artifacts()
+                    self.retire_old_versions()
                     self._swept = True
             if len(self._running) >= self.settings.worker_concurrency:
                 return False
@@ -170,6 +173,58 @@ class Worker:
             log.info("removed the work folders of %d jobs that are over (left by a stopped worker): %s", len(stale),
                      ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""))
         return stale
+
+    def sweep_orphaned_artifacts(self, min_age_s: float = _ORPHAN_AGE_S) -> list[tuple[str, int]]:
+        """Remove the artifact folders no live version owns; returns their (name, version).
+
+        A deleted version's files are removed after its delete commits, so a crash (or a read-only disk) in between
+        leaves them, and an upload cut off between storing its files and committing its version leaves files with
+        no version at all: nothing else would ever remove either. A deleted version's folder goes at once (version
+        numbers are never reused); one with no version row only once older than `min_age_s`, since an upload
+        stores its files just before it commits. Raises SQLAlchemyError when the database does not answer.
+        """
+        try:
+            stored = self.store.stored_versions()
+        except Exception as exc:  # noqa: BLE001 - a bucket's errors are not OSErrors; the next start tries again
+            log.warning("could not list the artifact store to remove orphaned files: %s", exc)
+            return []
+        if not stored:
+            return []
+        with self.db.read() as session:
+            rows = {(name, number): status for name, number, status in session.execute(
+                sa.select(ModelVersion.name, ModelVersion.version, ModelVersion.status))}
+        now = time.time()
+        orphans = sorted(version for version, written in stored.items()
+                         if rows.get(version) == "deleted" or (version not in rows and now - written > min_age_s))
+        removed = []
+        for name, number in orphans:
+            try:
+                self.store.delete_prefix(version_prefix(name, number))
+                removed.append((name, number))
+            except Exception as exc:  # noqa: BLE001 - as above; the others are still removed
+                log.warning("could not remove the orphaned files of model %r version %d: %s", name, number, exc)
+        if removed:
+            log.info("removed the artifact folders of %d versions no live version owns (deleted, or an upload cut "
+                     "off): %s", len(removed), ", ".join(f"{n} v{v}" for n, v in removed[:5])
+                     + (", ..." if len(removed) > 5 else ""))
+        return removed
+
+    def retire_old_versions(self) -> dict[str, list[tuple[str, int]]]:
+        """Apply ONNXFORGE_KEEP_VERSIONS to every model once, at start: uploads apply it to their own model, so
+        without this a model nobody uploads to any more would keep its versions under a newly set limit.
+
+        WHY here and not in the API: the worker starts once for all API replicas. The registry is imported only
+        when the setting is on: it brings ONNX Runtime (~57 MiB) into this process, which otherwise never loads it.
+        """
+        if self.settings.keep_versions <= 0:
+            return {}
+        from app.services.registry import Registry  # noqa: PLC0415 - see the docstring
+
+        retired = Registry(self.db, self.store).retire_all(self.settings.keep_versions)
+        for name, gone in retired.items():
+            log.info("model %r: deleted versions %s (ONNXFORGE_KEEP_VERSIONS=%d)", name,
+                     ", ".join(str(number) for _, number in gone), self.settings.keep_versions)
+        return retired
 
     # -- one job -------------------------------------------------------------------------------------
 
