@@ -216,7 +216,11 @@ def test_nan_and_infinity_in_json_tensors_as_tritonclient_writes_them(client) ->
 
 
 def test_server_metadata_lists_what_is_served(client) -> None:  # noqa: ANN001
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification", "model_repository"]
+    from optimizer import __version__
+
+    metadata = client.get_server_metadata()
+    assert metadata["extensions"] == ["binary_tensor_data", "classification", "model_repository"]
+    assert metadata["version"] == __version__  # the package's, as `onnxforge --version` says (was a literal)
 
 
 def test_repository_index_and_load(client, server: str) -> None:  # noqa: ANN001

@@ -34,6 +34,7 @@ from app.runtime.signature import TensorSpec
 from app.security import body_limit_message
 from app.services.container import Services
 from app.services.predict import batch_policy
+from optimizer import __version__
 from optimizer.errors import first_line
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -42,7 +43,7 @@ _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 409, 503)}
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 _HEADER_ROOM = 64 * 1024  # bytes of a binary request's body kept for its JSON header by `most_rows`
 # Extensions as Triton names them, only those served: clients check this list before using one.
-_SERVER = {"name": "onnxforge", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification",
+_SERVER = {"name": "onnxforge", "version": __version__, "extensions": ["binary_tensor_data", "classification",
                                                                    "model_repository"]}
 _ONNX_ONLY = {"tensor(bfloat16)": "BF16"}  # ONNX types v2 names that datatype_of cannot give (numpy has no dtype)
 
