@@ -4,20 +4,30 @@ whose replicas share no filesystem. Needs the `s3` extra (boto3).
 S3 writes are atomic per object, so `put_file` is one upload. Readers need a local file (ONNX
 Runtime loads paths), so `fetch` downloads into a local cache once and reuses it while the object's
 ETag is unchanged: a version deleted and re-created under the same number is downloaded again, not
-served stale. Credentials, region and a non-AWS endpoint come from boto3's own configuration
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, ~/.aws).
+served stale. Copies of versions the bucket no longer holds (deleted through another replica, retired
+by a worker) are removed from the cache now and then (`prune_cache`). Credentials, region and a non-AWS
+endpoint come from boto3's own configuration (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, ~/.aws).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from app.errors import ServiceError
 from app.storage.base import ArtifactStore, make_folder, parse_version_key, remove_empty_parents
+
+log = logging.getLogger("onnxforge.storage")
+
+# How often (at most) the local cache is pruned, and how long a cached version is left alone after it was written.
+CACHE_KEEP_S = 600.0
 
 
 class StorageConfigError(ServiceError):
@@ -39,7 +49,8 @@ def _is_missing(exc: Exception) -> bool:
 
 
 class S3ArtifactStore(ArtifactStore):
-    def __init__(self, url: str, cache_dir: Path, client: Any = None) -> None:  # noqa: ANN401 - a boto3 S3 client
+    def __init__(self, url: str, cache_dir: Path, client: Any = None,  # noqa: ANN401 - a boto3 S3 client
+                 cache_keep_s: float = CACHE_KEEP_S) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
         if client is None:
             try:
@@ -51,6 +62,9 @@ class S3ArtifactStore(ArtifactStore):
         self.client = client
         self.cache = Path(cache_dir).resolve()
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.cache_keep_s = cache_keep_s
+        self._pruned_at = time.monotonic()
+        self._pruning: threading.Thread | None = None
 
     def _object(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
@@ -62,6 +76,7 @@ class S3ArtifactStore(ArtifactStore):
         return self.cache / key
 
     def put_file(self, key: str, source: Path, *, move: bool = False) -> None:
+        self._prune_now_and_then()
         self.client.upload_file(str(source), self.bucket, self._object(key))
         # Keep what was just written as the local copy; fetch checks its ETag before trusting it.
         target = self._cached(key)
@@ -73,6 +88,7 @@ class S3ArtifactStore(ArtifactStore):
             target.unlink(missing_ok=True)
 
     def fetch(self, key: str) -> Path:
+        self._prune_now_and_then()
         try:
             etag = self.client.head_object(Bucket=self.bucket, Key=self._object(key))["ETag"]
         except Exception as exc:
@@ -126,6 +142,49 @@ class S3ArtifactStore(ArtifactStore):
                 if version is not None:
                     found[version] = max(found.get(version, 0.0), item["LastModified"].timestamp())
         return found
+
+    def prune_cache(self) -> list[tuple[str, int]]:
+        """Remove the cached copies of versions the bucket no longer holds, untouched for `cache_keep_s`; returns
+        their (name, version).
+
+        WHY: every replica caches each version it stored or served, but a delete removes the cached copies of the
+        replica it went through only: the others kept theirs for good, filling their disks with deleted models.
+        The age guard leaves alone a version being stored just now, whose object the listing may predate.
+        """
+        stored = self.stored_versions()
+        cutoff = time.time() - self.cache_keep_s
+        removed = []
+        for folder in sorted(self.cache.glob("models/*/*")):
+            version = parse_version_key(f"{folder.relative_to(self.cache).as_posix()}/")
+            if version is None or version in stored:
+                continue
+            try:
+                written = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+            except FileNotFoundError:
+                continue
+            if written <= cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                remove_empty_parents(folder, self.cache)
+                removed.append(version)
+        if removed:
+            log.info("removed the cached copies of %d versions deleted from the bucket: %s", len(removed),
+                     ", ".join(f"{name} v{number}" for name, number in removed[:5]) + (", ..." if len(removed) > 5
+                                                                                       else ""))
+        return removed
+
+    def _prune_now_and_then(self) -> None:
+        """`prune_cache` in the background, at most every `cache_keep_s`: listing a large bucket takes seconds."""
+        if time.monotonic() - self._pruned_at < self.cache_keep_s:
+            return
+        self._pruned_at = time.monotonic()
+        self._pruning = threading.Thread(target=self._prune_quietly, name="s3-cache-prune", daemon=True)
+        self._pruning.start()
+
+    def _prune_quietly(self) -> None:
+        try:
+            self.prune_cache()
+        except Exception as exc:  # noqa: BLE001 - botocore's errors are not OSErrors; tried again later
+            log.warning("could not prune the S3 cache %s: %s", self.cache, exc)
 
     def check(self) -> None:
         probe = self._object(f".ready/{uuid.uuid4().hex}")
