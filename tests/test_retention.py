@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy import select
+
 from app.settings import Settings
+from app.store import ModelVersion
 from app.worker.loop import Worker
 from tests import models
 from tests.conftest import TEST_SETTINGS, Api
@@ -48,6 +51,9 @@ def test_uploads_delete_versions_beyond_the_newest_but_never_the_serving_or_pinn
         assert live_versions(api) == [1, 3, 4]
         assert stored_versions(api) == [1, 3, 4]
         assert api.client.get("/v1/models/m/versions/2").status_code == 404
+        with api.services.db.read() as session:  # a tombstone: its report is gone with its files
+            row = session.scalars(select(ModelVersion).where(ModelVersion.name == "m", ModelVersion.version == 2)).one()
+            assert (row.status, row.report, row.deleted_at is not None) == ("deleted", None, True)
 
         # unpinned, v1 still serves (v3 and v4 optimize): it stays, v3 goes
         assert api.client.delete("/v1/models/m/serving").status_code == 200
