@@ -215,6 +215,24 @@ def test_nan_and_infinity_in_json_tensors_as_tritonclient_writes_them(client) ->
                        b'"data": ["\\ud800"]}]}', None)
 
 
+def test_null_in_a_float_json_tensor_is_nan(server: str) -> None:
+    """KServe's client serializes with orjson, which writes NaN and Inf as null (as these answers write them): a
+    float tensor with null was refused as "must be numbers". Elsewhere null stays refused."""
+    import orjson
+
+    inputs = [{"name": name, "shape": [1, 3], "datatype": name, "data": [0, 0, 0]} for name in _NUMBERS]
+    sent = orjson.loads(orjson.dumps([float("nan"), 1.5, float("inf")]))  # what KServe's InferRequest.to_rest sends
+    assert sent == [None, 1.5, None]
+    inputs[-1]["data"] = sent
+    outputs = [{"name": "FP64_out", "parameters": {"binary_data": False}}]
+    answer = httpx.post(f"http://{server}/v2/models/numbers/infer", json={"inputs": inputs, "outputs": outputs})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["data"] == [None, 1.5, None]  # NaN in, NaN out (written as null)
+    inputs[0]["data"] = [None, 1, 2]  # INT8
+    refused = httpx.post(f"http://{server}/v2/models/numbers/infer", json={"inputs": inputs})
+    assert refused.status_code == 400 and "INT8 data must be numbers" in refused.json()["error"]
+
+
 def test_server_metadata_lists_what_is_served(client) -> None:  # noqa: ANN001
     from optimizer import __version__
 

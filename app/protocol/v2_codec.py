@@ -139,6 +139,10 @@ def _decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
         want = DATATYPES[datatype]
         if want.kind in "iu" and array.dtype.kind in "fO" and array.size:
             array = _big_integers(name, datatype, array, data)
+        elif want.kind == "f" and array.dtype.kind == "O" and all(v is None or type(v) in (int, float)
+                                                                   for v in array.reshape(-1)):
+            # null is NaN, as KServe's client (orjson) writes NaN and Inf, as these answers write them (_json_data)
+            array = array.astype(np.float64)
         if array.dtype.kind not in "biuf":
             raise BadRequestError(f"input {name!r}: {datatype} data must be numbers (or booleans for BOOL)")
         # `data: []` parses as float64: an empty tensor of any datatype, not a value of the wrong kind
