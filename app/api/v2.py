@@ -94,8 +94,9 @@ async def ready(services: Services = Depends(services_of)) -> dict[str, Any]:
 
 
 # -- Triton's other extensions ------------------------------------------------------------------------
-# Answered, not left to the catch-all 404 (which reads like a typo, and read GET /v2/models/stats as a model named
-# "stats"): each says what onnxforge does instead, as a 400 in the one error shape tritonclient reads.
+# The model repository's index and load are served. The others are answered, not left to the catch-all 404 (which
+# reads like a typo, and read GET /v2/models/stats as a model named "stats"): a 400 in the one error shape that
+# tritonclient reads, saying what onnxforge does instead; shared memory's status and unregister answer "none".
 # Declared before /models/{name} so that "stats" is not taken for a model's name.
 
 _STATISTICS = ("the statistics extension is not supported: per-model request counts and latencies are on "
