@@ -62,9 +62,18 @@ import onnx
 from optimizer import sensitivity
 from optimizer.accuracy import Tolerance, parse_metric
 from optimizer.calibration import SampleSet
-from optimizer.candidates import Candidate, auto_plan, dynamic_candidate, smooth_config, static_name, static_twin
+from optimizer.candidates import (
+    Candidate,
+    auto_plan,
+    conv_matmul_candidate,
+    dynamic_candidate,
+    smooth_config,
+    static_name,
+    static_twin,
+)
 from optimizer.errors import first_line
 from optimizer.latency import BenchmarkError, LatencyStats, measure_batches, paired_ratio
+from optimizer.passes import conv_matmul
 from optimizer.passes.equalize import EqualizeConfig, Equalized
 from optimizer.passes.int8_dynamic import Preprocessed
 from optimizer.passes.int8_static import SharedCalibration
@@ -133,6 +142,7 @@ class AutoSearch:
     # variant -> speed-up over `fp32_name` (median of paired rounds) from the probe or a repair's own timing
     _paired: dict[str, float] = field(default_factory=dict)
     _op_types: dict[int, dict[str, str]] = field(default_factory=dict)  # id(model) -> node name -> op type
+    _convs_as_matmul: onnx.ModelProto | None = None  # source with its 1-D Convs as MatMuls ("-c2m" targets rank on it)
     # one quant_pre_process per source for every INT8 build of this search, static and dynamic
     prepared: Preprocessed = field(default_factory=Preprocessed)
     # one calibration per method for every static build of this search (pre-processed by `prepared`)
@@ -526,6 +536,8 @@ class AutoSearch:
         if row.settings.get("mode") == "static":
             candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared,
                                     equalized=self.equalized)
+        elif row.settings.get("conv_as_matmul"):
+            candidate = conv_matmul_candidate(exclude=exclude, suffix=suffix, prepared=self.prepared)
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix, prepared=self.prepared,
@@ -611,6 +623,10 @@ class AutoSearch:
         if row.settings.get("smooth"):
             return self.smoothed.get(self.source, smooth_config(row.settings["smooth"]["alpha"]),
                                      self.samples.calibration, self.samples.holdout[0]).model
+        if row.settings.get("conv_as_matmul"):
+            if self._convs_as_matmul is None:
+                self._convs_as_matmul = conv_matmul.rewrite(self.source)[0]
+            return self._convs_as_matmul
         return self.source
 
     def _add(self, candidate: Candidate) -> Built:
@@ -658,7 +674,8 @@ class AutoSearch:
         if settings.get("mode") == "static":
             return ("static", settings["format"], settings["activation_type"], str(settings["op_types"]),
                     str(settings.get("equalize")))
-        return ("dynamic", settings.get("weight_type"), settings.get("per_channel"), str(settings.get("smooth")))
+        return ("dynamic", settings.get("weight_type"), settings.get("per_channel"), str(settings.get("smooth")),
+                bool(settings.get("conv_as_matmul")))
 
     def _combo_passes(self, combo: tuple) -> bool:
         return any(b.row.status == "ok" and b.row.precision == "int8" and self._combo(b.row.settings) == combo

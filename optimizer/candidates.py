@@ -16,7 +16,8 @@ import onnx
 from onnxruntime.quantization.registry import IntegerOpsRegistry
 
 from optimizer.calibration import SampleSet
-from optimizer.passes import equalize, fp16, int8_dynamic, int8_static, smooth
+from optimizer.errors import PassError
+from optimizer.passes import conv_matmul, equalize, fp16, int8_dynamic, int8_static, smooth
 from optimizer.passes.base import PassResult
 
 Build = Callable[[onnx.ModelProto, SampleSet], PassResult]
@@ -99,6 +100,32 @@ def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclu
         return result
 
     return Candidate(_excluding(f"{name}-sq", settings, exclude, suffix), "int8", settings, build)
+
+
+def conv_matmul_candidate(exclude: tuple[str, ...] = (), suffix: str = "",
+                           prepared: int8_dynamic.Preprocessed | None = None) -> Candidate:
+    """Dynamic S8 per-channel INT8 of the model with its 1-D Convs rewritten as im2col + MatMul ("-c2m",
+    optimizer/passes/conv_matmul.py): a range per run and a float output, on the fast MatMul kernels.
+
+    Only MatMul/Gemm are quantized: the Convs left (2-D) would become ConvInteger, 0.25-0.7x FP32 here.
+    Magika (bench/int8_levers.py, this AMX Xeon): every static recipe flips 6-7 of 268 top-1 decisions; this one
+    2 of 800 with its Dense layers in float (1.3-1.6x FP32 under load 8-11).
+    """
+    config = int8_dynamic.Int8DynamicConfig(weight_type="int8", per_channel=True, op_types=("MatMul", "Gemm"),
+                                            nodes_to_exclude=exclude)
+    settings: dict[str, Any] = {"mode": "dynamic", "weight_type": "int8", "per_channel": True,
+                                "op_types": ["MatMul", "Gemm"], "conv_as_matmul": True}
+
+    def build(model: onnx.ModelProto, samples: SampleSet) -> PassResult:
+        rewritten = conv_matmul.run(model, samples.holdout[0])
+        if not rewritten.changes["convs_as_matmul"]:
+            raise PassError(f"{conv_matmul.PASS_NAME}: {rewritten.notes[0]}")
+        result = int8_dynamic.run(rewritten.model, config, samples.holdout[0], prepared)
+        result.changes["convs_as_matmul"] = rewritten.changes["convs_as_matmul"]
+        result.notes[:0] = rewritten.notes
+        return result
+
+    return Candidate(_excluding("int8-dynamic-s8-pc-c2m", settings, exclude, suffix), "int8", settings, build)
 
 
 def smooth_config(alpha: float) -> smooth.SmoothConfig:
@@ -266,6 +293,9 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
                dynamic_candidate("uint8", per_channel=True, prepared=prepared)]
     if saturates:  # dynamic S8 weights run U8S8 (activations quantized to u8); U8 weights run U8U8, no pairs
         dynamic.insert(1, dynamic_candidate("int8", per_channel=True, prepared=prepared, reduce_range=True))
+    if source is not None and conv_matmul.qualifying(source):
+        # 1-D Convs as MatMuls: dynamic INT8's accuracy at MatMul speed (Magika: static flips 6-7 of 268 decisions)
+        dynamic.append(conv_matmul_candidate(prepared=prepared))
     if matmul_heavy and has_calibration:
         # LayerNorm outputs' outlier channels made MiniLM's repair keep 8 nodes in float (1.51x); smoothed, 2 (1.90x)
         dynamic.append(dynamic_candidate("int8", per_channel=True, prepared=prepared, smooth_alpha=SMOOTH_ALPHA,
