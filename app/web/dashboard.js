@@ -45,26 +45,110 @@ const wrapCell = (node) => { const td = el("td"); td.appendChild(node); return t
 
 // -- models list ----------------------------------------------------------------------------------
 
+// The list (and a report waiting for its job) is read again every POLL_MS while a job is queued or running, every
+// IDLE_POLL_MS otherwise: a version that finished, or an upload from elsewhere (CLI, another tab), showed its first
+// state until Refresh was clicked.
+const POLL_MS = 2000, IDLE_POLL_MS = 15000;
+const PENDING = ["queued", "optimizing"];
+let pollTimer = null;
+// A version's report and its provider do not change once it serves: read once per model@version@variant, not on
+// every list refresh (two requests per model each time made a list of many models slow, more so while polling).
+const servedInfo = new Map();
+
+async function servedFacts(m) {
+  const key = `${m.name}@${m.serving_version}@${m.serving_variant}@${m.latest_status}`;
+  if (!servedInfo.has(key)) {
+    let failed = false;
+    const facts = Promise.all([
+      api("/v1/models/" + enc(m.name)).catch(() => { failed = true; return null; }),
+      // 409: no report (a failed version, or one serving its original while it optimizes): kept until the key changes
+      api(`/v1/models/${enc(m.name)}/versions/${m.serving_version}/report`)
+        .catch((e) => { failed = failed || e.status !== 409; return null; }),
+    ]).then(([described, report]) => {
+      if (failed) servedInfo.delete(key);  // read again next time
+      return { provider: described ? described.provider : "—", report: report && report.report };
+    });
+    servedInfo.set(key, facts);
+  }
+  return servedInfo.get(key);
+}
+
 async function loadModels() {
+  clearTimeout(pollTimer);
+  pollTimer = null;
+  checkService();
   const tbody = $("#models tbody");
   let models;
-  try { models = await api("/v1/models"); } catch (e) { showListError(e); return; }
+  try { models = await api("/v1/models"); } catch (e) { showListError(e); return; }  // a new key reloads it
   $("#models-empty").hidden = models.length > 0;
   const rows = await Promise.all(models.map(async (m) => {
-    const [described, report] = await Promise.all([
-      api("/v1/models/" + enc(m.name)).catch(() => null),
-      m.serving_version ? api("/v1/models/" + enc(m.name) + "/report").catch(() => null) : null,
-    ]);
-    const r = report && report.report;
+    const facts = m.serving_version ? await servedFacts(m) : { provider: "—", report: null };
+    const r = facts.report;
     const status = el("span", { class: "status-" + m.latest_status }, m.latest_status);
-    const tr = row([m.name, m.versions, status, servingCell(m),
-      m.serving_variant || "—", described ? described.provider : "—",
+    // The name is a button: a keyboard reaches it with Tab and opens the report with Enter (a row cannot be focused).
+    const open = el("button", { type: "button", class: "link", title: "Open the report of " + m.name }, m.name);
+    const tr = row([open, m.versions, status, servingCell(m), m.serving_variant || "—", facts.provider,
       r ? servedSpeedup(r).text : "—", r ? fmt(r.size_ratio, 2) : "—"]);
     tr.dataset.model = m.name;
     tr.addEventListener("click", () => openReport(m.name, m.latest_version));
     return tr;
   }));
   tbody.replaceChildren(...rows);
+  if (state.described && !$("#report-section").hidden && reportIsStale(models.find((m) => m.name === state.model))) {
+    await refreshReport().catch(() => null);  // the next poll tries again
+  }
+  clearTimeout(pollTimer);  // a Refresh click or an upload may have loaded the list meanwhile
+  const pending = models.some((m) => PENDING.includes(m.latest_status));
+  pollTimer = setTimeout(loadModels, pending ? POLL_MS : IDLE_POLL_MS);
+}
+
+// The report shown is out of date when its model changed (a version added, deleted, finished; pinned elsewhere) or
+// went, or the version shown is still waiting for its job.
+function reportIsStale(summary) {
+  const d = state.described, shown = d.versions.find((v) => v.version === state.version);
+  return !summary || summary.versions !== d.versions.length || summary.latest_version !== d.versions.at(-1).version
+    || summary.latest_status.replace("queued", "optimizing") !== d.versions.at(-1).status
+    || summary.serving_version !== d.serving_version
+    || summary.pinned_version !== d.pinned_version || (shown && PENDING.includes(shown.status));
+}
+
+// Re-read the model shown and its version (it finished, failed, or was deleted elsewhere).
+async function refreshReport() {
+  let described;
+  try { described = await api("/v1/models/" + enc(state.model)); } catch (e) {
+    if (e.status === 404) { closeReport(); return; }
+    throw e;
+  }
+  const before = state.described && state.described.serving_version;
+  state.described = described;
+  state.inputs = described.inputs;
+  const version = described.versions.find((v) => v.version === state.version) || described.versions.at(-1);
+  renderVersions(described, version.version);
+  if (described.serving_version !== before) fillTryIt(described.inputs);  // "try it" runs the serving version
+  $("#try").hidden = described.serving_version === null;
+  $("#try-none").hidden = described.serving_version !== null;
+  await showVersion(version);
+}
+
+function closeReport() {
+  $("#report-section").hidden = true;
+  state.model = null; state.version = null; state.described = null;
+}
+
+// The service's own warnings (GET /readyz): no optimizer worker while jobs wait, low disk, database unreachable.
+// Without it a job queued with no worker running read "queued" for ever, with nothing to act on.
+async function checkService() {
+  const banner = $("#service-warning");
+  let health;
+  try {
+    const response = await fetch("/readyz");
+    health = await response.json();
+  } catch (e) { return; }
+  const problems = [health.warning, health.storage_warning,
+    health.status === "degraded" ? `Database ${health.database}: ${health.note}` : null,
+    health.status !== "ready" && health.status !== "degraded" ? health.error : null].filter(Boolean);
+  banner.textContent = problems.join("\n");
+  banner.hidden = problems.length === 0;
 }
 
 function servingCell(m) {
@@ -159,6 +243,7 @@ async function openReport(name, version) {
   $("#try").hidden = described.serving_version === null;
   $("#try-none").hidden = described.serving_version !== null;
   $("#pin-error").hidden = true;
+  $("#delete-error").hidden = true;
   await showVersion(described.versions.find((v) => v.version === Number(version)) || described.versions.at(-1));
   $("#report-section").scrollIntoView({ behavior: "instant", block: "start" });
 }
@@ -193,6 +278,7 @@ function renderServing() {
   pin.hidden = !shown || !["ready", "failed"].includes(shown.status) || shown.servable === false
     || d.pinned_version === state.version;
   $("#unpin").hidden = d.pinned_version === null;
+  $("#delete-version").textContent = `Delete v${state.version}`;
 }
 
 async function setPin(version) {
@@ -217,6 +303,23 @@ async function setPin(version) {
     if (described.serving_version !== before) fillTryIt(described.inputs);  // "try it" runs the serving version
     renderServing();
   }
+  await loadModels();
+}
+
+// Delete the version shown, or the whole model (DELETE /v1/models/{name}[/versions/{n}]), after the browser's confirm.
+async function remove(whole) {
+  const what = whole ? `every version of ${state.model}` : `${state.model} v${state.version}`;
+  if (!window.confirm(`Delete ${what}? Its files go; a running optimization is stopped.`)) return;
+  const path = `/v1/models/${enc(state.model)}` + (whole ? "" : `/versions/${state.version}`);
+  const error = $("#delete-error");
+  error.hidden = true;
+  try { await api(path, { method: "DELETE" }); } catch (e) {
+    error.textContent = "Delete refused: " + e.message;
+    error.hidden = false;
+    return;
+  }
+  if (whole) closeReport();
+  else { state.version = null; await refreshReport(); }
   await loadModels();
 }
 
@@ -270,7 +373,7 @@ function renderReport(r, v) {
   const speed = servedSpeedup(r);
   const cards = [
     ["Serves", r.selected], ["Speed-up", speed.text, speed.interval], ["Size ratio", fmt(r.size_ratio, 2)],
-    ["Provider", r.provider], ["Optimized in", fmt(r.duration_s, 1) + " s"],
+    ["Provider", r.provider, measuredOn(r.environment)], ["Optimized in", fmt(r.duration_s, 1) + " s"],
   ];
   $("#summary").replaceChildren(...cards.map(([label, value, sub]) => {
     const card = el("div", { class: "card", "data-field": label }, label);
@@ -303,6 +406,14 @@ function renderReport(r, v) {
   const rejected = variants.filter((x) => x.status !== "ok");
   $("#rejected-count").textContent = rejected.length;
   $("#rejected").replaceChildren(...rejected.map((x) => el("li", {}, `${x.name}: ${x.reason || x.status}`)));
+}
+
+// Which machine timed the candidates: a speed-up holds for that CPU and ONNX Runtime, not for another.
+function measuredOn(env) {
+  if (!env) return "";
+  const cpu = env.cpu && env.cpu.model;
+  return [cpu ? "on " + cpu : null, env.onnxruntime ? "ONNX Runtime " + env.onnxruntime : null]
+    .filter(Boolean).join(", ");
 }
 
 const kb = (bytes) => (bytes >= 1e6 ? fmt(bytes / 1e6, 2) + " MB" : fmt(bytes / 1e3, 1) + " kB");
@@ -395,17 +506,29 @@ function readTolerance(r) {
 }
 const pct = (x, digits) => (x === null || x === undefined ? "—" : fmt(x * 100, digits === undefined ? 2 : digits) + "%");
 
-// The gates in the header: a declared metric per output, the default (cosine and top-1) for the others.
+// The gates in the header: the metric of each output not on the default (declared in config.metrics, or "exact"
+// for a string or bool output, as its accuracy rows say), the default (cosine and top-1) for the others.
+// Was: only top1 and mask:<t> were known, so a declared "cosine" read "cosine (its region x > ne...) ≥ 0.990".
 function gatesText(r) {
   const cfg = r.config || {};
-  const declared = Object.entries(cfg.metrics || {}).filter(([, m]) => m !== "default");
+  const metrics = Object.assign({}, cfg.metrics || {});
+  for (const x of r.variants || []) {
+    for (const [name, o] of Object.entries((x.accuracy || {}).outputs || {})) {
+      if (!(name in metrics) && o.metric && o.metric !== "default") metrics[name] = o.metric;
+    }
+  }
+  const declared = Object.entries(metrics).filter(([, m]) => m !== "default");
   const outputs = cfg.outputs || (((r.graph || {}).before || {}).outputs || []).map((o) => o.name);
-  const parts = declared.map(([name, m]) => m === "top1" ? `${name}: top-1 ≥ ${fmt(cfg.min_top1, 3)}`
-    : `${name}: ${m} (its region x > ${m.slice(5)} against the original's) ≥ ${fmt(cfg.min_top1, 3)}`);
+  const slices = `channel slices cosine ≥ ${SLICE_COSINE} and error ≤ ${pct(SLICE_ERROR, 0)}`;
+  const gate = (name, m) => m === "top1" ? `${name}: top-1 ≥ ${fmt(cfg.min_top1, 3)}`
+    : m === "exact" ? `${name}: values equal to the original's ≥ ${fmt(cfg.min_top1, 3)}`
+      : m === "cosine" ? `${name}: cosine ≥ ${fmt(cfg.min_cosine, 3)}, ${slices}`
+        : `${name}: ${m} (its region x > ${m.slice(5)} against the original's) ≥ ${fmt(cfg.min_top1, 3)}`;
+  const parts = declared.map(([name, m]) => gate(name, m));
   const rest = outputs.filter((o) => !declared.some(([name]) => name === o));
   if (rest.length || !declared.length) {
     parts.push((declared.length ? "other outputs: " : "") + `cosine ≥ ${fmt(cfg.min_cosine, 3)}, ` +
-      `top-1 ≥ ${fmt(cfg.min_top1, 3)}, channel slices cosine ≥ ${SLICE_COSINE} and error ≤ ${pct(SLICE_ERROR, 0)}`);
+      `top-1 ≥ ${fmt(cfg.min_top1, 3)}, ${slices}`);
   }
   if (cfg.outputs) parts.push(`only ${cfg.outputs.join(", ")} gate${cfg.outputs.length > 1 ? "" : "s"}`);
   return parts.join("; ");
@@ -423,13 +546,27 @@ function criteria(o, cfg) {
       ? atLeast(`${metric}: worst sample's IoU of x > ${t}`, o.mask_iou, cfg.min_top1, percent)
       : atLeast(`${metric}: positions agreeing on x > ${t}`, o.mask_agreement, cfg.min_top1, percent)];
   }
-  if (metric === "top1") return [atLeast("top-1 agreement", o.top1, cfg.min_top1, percent)];
+  // The agreement as measured, then its 95% lower bound, which must reach the limit too (accuracy._unproven).
+  // Was: the bound showed only for the default metric, and not for a string output (no relative error), so an
+  // "unproven" verdict stood beside nothing but ✓.
+  const agreement = (what) => {
+    const out = [atLeast(what, o.top1, cfg.min_top1, percent)];
+    const rounding = o.relative_error != null && o.relative_error <= FLOAT_ROUNDING;  // a fused FP32: nothing to prove
+    if (o.top1 != null && o.top1_lower_95 != null && !rounding) {
+      const bound = atLeast(what + ", 95% lower bound", o.top1_lower_95, cfg.min_top1, percent);
+      if (!bound.ok && o.passed) {  // "exact" asks no proof when the variant's numeric outputs reproduce the original's
+        bound.ok = true;
+        bound.limit += ", not needed: the numeric outputs reproduce the original's";
+      }
+      out.push(bound);
+    }
+    return out;
+  };
+  if (metric === "top1") return agreement("top-1 agreement");
+  if (metric === "exact") return agreement("values equal to the original's");
   const out = [];
   if (o.cosine != null) out.push(atLeast("cosine", o.cosine, cfg.min_cosine, (x) => fmt(x, 4)));
-  if (o.top1 != null) out.push(atLeast("top-1 agreement", o.top1, cfg.min_top1, percent));
-  if (o.top1_lower_95 != null && o.relative_error > FLOAT_ROUNDING) {  // a fused FP32 needs no proof
-    out.push(atLeast("top-1, 95% lower bound", o.top1_lower_95, cfg.min_top1, percent));
-  }
+  if (o.top1 != null) out.push(...agreement("top-1 agreement"));
   const s = o.slices;
   if (s && s.worst_cosine != null) {
     out.push(atLeast(`worst channel slice cosine (axis ${s.axis})`, s.worst_cosine, SLICE_COSINE, (x) => fmt(x, 4)));
@@ -446,8 +583,8 @@ function reported(o) {
   const metric = o.metric || "default";
   const parts = [];
   if (metric !== "default" || o.checked === false) {
-    if (o.cosine != null) parts.push(`cosine ${fmt(o.cosine, 4)}`);
-    if (metric !== "top1" && o.top1 != null) parts.push(`top-1 ${pct(o.top1)}`);
+    if ((metric !== "cosine" || o.checked === false) && o.cosine != null) parts.push(`cosine ${fmt(o.cosine, 4)}`);
+    if (!["top1", "exact"].includes(metric) && o.top1 != null) parts.push(`top-1 ${pct(o.top1)}`);
   }
   if (metric.startsWith("mask:") && o.mask_iou != null && o.mask_agreement != null) {
     parts.push(`positions agreeing ${pct(o.mask_agreement)}`);
@@ -619,12 +756,15 @@ function start() {
     const described = await api("/v1/models/" + enc(state.model));
     state.described = described;
     $("#pin-error").hidden = true;
+    $("#delete-error").hidden = true;
     showVersion(described.versions.find((v) => v.version === Number(e.target.value)));
   });
   $("#download").addEventListener("click", download);
   $("#try-send").addEventListener("click", tryIt);
   $("#pin").addEventListener("click", () => setPin(state.version));
   $("#unpin").addEventListener("click", () => setPin(null));
+  $("#delete-version").addEventListener("click", () => remove(false));
+  $("#delete-model").addEventListener("click", () => remove(true));
   loadModels();
 }
 
