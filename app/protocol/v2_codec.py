@@ -189,7 +189,8 @@ class _Plan:
         # its cost; the sizes were checked when the plan was made and the body's length is checked before this
         inputs = {name: np.ndarray(shape, dtype, body, split + offset) for name, shape, dtype, offset in self.inputs}
         return InferRequest(inputs, self.id, None if self.outputs is None else list(self.outputs),
-                            set(self.binary_outputs), self.binary_default, dict(self.classification))
+                            set(self.binary_outputs), self.binary_default,
+                            dict(self.classification) if self.classification else {})  # {}: ~80 ns less a request
 
 
 # JSON header bytes -> its plan. WHY: a client sends the same header again and again (same inputs, shapes and
