@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.routing import Match
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -78,31 +77,120 @@ class _StateCollector(Collector):
 # WHY three: an operator must tell clients sending bad inputs (rejected, each told what to fix) from a model whose
 # runs fail or hang (failed); one "error" count mixed them.
 PREDICT_OUTCOMES = ("ok", "rejected", "failed")
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _Histogram:
+    """A histogram's counts per bucket (not cumulative; the last one is +Inf) and sum, as plain numbers."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: prometheus' `le`
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs, +Inf last, as prometheus_client's Histogram exposes them."""
+        counts, total, pairs = list(self.counts), 0, []
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), counts, strict=True):
+            total += count
+            pairs.append((bound, float(total)))
+        return pairs
 
 
 class PredictSeries:
-    """One model version's (variant's) predict count and latency children, looked up once rather than per
-    request: even the cached lookup (`Metrics._child`: a key tuple, the version as text, three dict gets) was
-    half of the ~1.8 us a predict's metrics cost here."""
+    """One model version's (variant's) predict counts by outcome and latency histogram, bound once per route.
 
-    __slots__ = ("ok", "rejected", "failed", "latency")
+    WHY plain numbers, not prometheus_client children: each child's inc and observe took a lock and several Python
+    calls (~2 us a predict on the event loop, where every microsecond is requests/s); these are only updated on the
+    event loop and read by `Metrics`' collector at scrape time, under the same names, labels and values."""
 
-    def __init__(self, ok, rejected, failed, latency) -> None:  # noqa: ANN001 - prometheus_client's labelled children
-        self.ok, self.rejected, self.failed, self.latency = ok, rejected, failed, latency
+    __slots__ = ("counts", "latency")
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]  # by PREDICT_OUTCOMES
+        self.latency = _Histogram(LATENCY_BUCKETS)
 
     def observe(self, started: float, outcome: str) -> None:
         """Count one predict by its outcome (PREDICT_OUTCOMES); an answered one also records its latency since
         `started` (perf_counter)."""
         if outcome == "ok":
-            self.ok.inc()
+            self.counts[0] += 1
             self.latency.observe(time.perf_counter() - started)
         elif outcome == "failed":
-            self.failed.inc()
+            self.counts[2] += 1
         else:
-            self.rejected.inc()
+            self.counts[1] += 1
+
+
+class _BatchSeries:
+    """One model version's (variant's) batching figures, from its first dispatch."""
+
+    __slots__ = ("depth", "queue", "size")
+
+    def __init__(self) -> None:
+        self.depth = 0.0
+        self.size = _Histogram(BATCH_SIZE_BUCKETS)
+        self.queue = _Histogram(LATENCY_BUCKETS)
+
+
+class _CountsCollector(Collector):
+    """The HTTP, predict and batching series of a `Metrics`, as prometheus_client's Counter, Histogram and Gauge
+    exposed them (same names, help, labels, values), built at scrape time from its plain numbers."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        m = self.metrics
+        # list(): snapshots taken under the GIL (a scrape runs in a thread while the event loop counts)
+        http = CounterMetricFamily("onnxforge_http_requests", "HTTP requests by route template and status",
+                                   labels=["method", "route", "status"])
+        for labels, count in list(m._http.items()):
+            http.add_metric(labels, float(count))
+        yield http
+        versioned = ["model", "version", "variant"]
+        predicts, batches = list(m._predict.items()), list(m._batch.items())
+        requests = CounterMetricFamily("onnxforge_predict_requests", _PREDICT_HELP, labels=[*versioned, "outcome"])
+        latency = HistogramMetricFamily("onnxforge_predict_latency_seconds",
+                                        "Predict latency (input checks, queueing and session.run)", labels=versioned)
+        for labels, series in predicts:
+            counts = list(series.counts)
+            for outcome, count in zip(PREDICT_OUTCOMES, counts, strict=True):
+                requests.add_metric([*labels, outcome], float(count))
+            latency.add_metric(labels, series.latency.buckets(), series.latency.sum)
+        yield requests
+        yield latency
+        size = HistogramMetricFamily("onnxforge_batch_size", "Rows per batched session.run (dynamic batching)",
+                                     labels=versioned)
+        queue = HistogramMetricFamily("onnxforge_batch_queue_seconds", "Time a request waited in the batching queue",
+                                      labels=versioned)
+        depth = GaugeMetricFamily("onnxforge_batch_queue_depth",
+                                  "Requests waiting in the batching queue after the last dispatch", labels=versioned)
+        for labels, series in batches:
+            size.add_metric(labels, series.size.buckets(), series.size.sum)
+            queue.add_metric(labels, series.queue.buckets(), series.queue.sum)
+            depth.add_metric(labels, series.depth)
+        yield size
+        yield queue
+        yield depth
+
+
+_PREDICT_HELP = ("Predict requests by model, version, variant and outcome: ok; rejected (its inputs failed their "
+                 "checks, or its client went away before its run); failed (the run raised or passed the time limit: "
+                 "the model's or the service's side)")
 
 
 class Metrics:
+    """WHY the HTTP, predict and batching series are plain numbers (exported by `_CountsCollector`): every request
+    counts in them on the event loop, and prometheus_client's labelled children take a lock and several Python calls
+    per update (~4-6 us a batched /v2 request of a small model, whose whole event-loop cost is ~70 us)."""
+
     def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int],
                  sessions_bytes: Callable[[], int] = lambda: 0,
                  validations: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
@@ -112,86 +200,47 @@ class Metrics:
         # be visible: ONNX Runtime's memory pool grows per loaded session (README, known limits).
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.http_requests = Counter(
-            "onnxforge_http_requests", "HTTP requests by route template and status",
-            ["method", "route", "status"], registry=self.registry,
-        )
-        self.predict_requests = Counter(
-            "onnxforge_predict_requests", "Predict requests by model, version, variant and outcome: ok; rejected "
-            "(its inputs failed their checks, or its client went away before its run); failed (the run raised or "
-            "passed the time limit: the model's or the service's side)",
-            ["model", "version", "variant", "outcome"], registry=self.registry,
-        )
-        self.predict_latency = Histogram(
-            "onnxforge_predict_latency_seconds", "Predict latency (input checks, queueing and session.run)",
-            ["model", "version", "variant"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "onnxforge_batch_size", "Rows per batched session.run (dynamic batching)",
-            ["model", "version", "variant"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
-        )
-        self.batch_queue_time = Histogram(
-            "onnxforge_batch_queue_seconds", "Time a request waited in the batching queue",
-            ["model", "version", "variant"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.batch_queue_depth = Gauge(
-            "onnxforge_batch_queue_depth", "Requests waiting in the batching queue after the last dispatch",
-            ["model", "version", "variant"], registry=self.registry,
-        )
+        # The label sets are bounded (routes x methods x statuses; served model versions).
+        self._http: dict[tuple[str, str, str], int] = {}  # (method, route, status) -> requests
+        self._predict: dict[tuple[str, str, str], PredictSeries] = {}  # (model, version, variant) -> its series
+        self._batch: dict[tuple[str, str, str], _BatchSeries] = {}
+        self.registry.register(_CountsCollector(self))
         self.registry.register(_StateCollector(job_counts, sessions_loaded, sessions_bytes, validations))
-        # (metric name, label values) -> the labelled child. prometheus_client's labels() validates and locks
-        # on every call: ~10 us of a predict's ~200 us on a small model; a dict lookup is ~0.1 us. The label
-        # sets are bounded (routes x methods x statuses; served model versions), as they are in the registry.
-        self._children: dict[tuple, object] = {}
-        # HTTP counts keyed by their labels alone: every request counts one, so no (metric, labels) key to build.
-        self._http: dict[tuple[str, str, str], object] = {}
-        # The series labelled by model and version (predict counts and latency, batching), dropped together
-        # when the version is deleted.
-        self._by_version = (self.predict_requests, self.predict_latency, self.batch_size, self.batch_queue_time,
-                            self.batch_queue_depth)
-
-    def _child(self, metric, *labels: str):  # noqa: ANN001, ANN202 - a prometheus_client metric and its child
-        key = (id(metric), labels)  # the metrics live as long as this object
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def count_http(self, method: str, route: str, status: str) -> None:
         labels = (method, route, status)
-        child = self._http.get(labels)
-        if child is None:
-            child = self._http[labels] = self.http_requests.labels(*labels)
-        child.inc()
+        self._http[labels] = self._http.get(labels, 0) + 1
 
     def predict_series(self, model: str, version: int, variant: str) -> PredictSeries:
         """The predict series of one model version's variant, bound once (the predict service keeps it per route)."""
         labels = (model, str(version), variant)
-        return PredictSeries(*(self._child(self.predict_requests, *labels, outcome) for outcome in PREDICT_OUTCOMES),
-                             self._child(self.predict_latency, *labels))
+        series = self._predict.get(labels)
+        if series is None:
+            series = self._predict[labels] = PredictSeries()
+        return series
 
     def observe_batch(self, labels: tuple[str, str, str], depth: int, size: int, waited: list[float]) -> None:
-        self._child(self.batch_queue_depth, *labels).set(depth)
-        self._child(self.batch_size, *labels).observe(size)
-        histogram = self._child(self.batch_queue_time, *labels)
+        series = self._batch.get(labels)
+        if series is None:
+            series = self._batch[labels] = _BatchSeries()
+        series.depth = float(depth)
+        series.size.observe(size)
+        queue = series.queue
         for seconds in waited:
-            histogram.observe(seconds)
+            queue.observe(seconds)
 
     def versions_with_series(self) -> set[tuple[str, str]]:
         """(model, version) of every model version this process has predict or batching series for."""
-        ids = {id(metric) for metric in self._by_version}
-        # list(): a snapshot taken under the GIL; predict and batching threads may add children meanwhile
-        return {labels[:2] for (metric_id, labels) in list(self._children) if metric_id in ids}
+        return {labels[:2] for labels in (*list(self._predict), *list(self._batch))}
 
     def forget_versions(self, gone: set[tuple[str, str]]) -> None:
         """Drop the series of deleted model versions: otherwise each deleted version's counters and histograms
         (~50 lines a variant) stay in every scrape until the process restarts."""
         if not gone:
             return
-        metrics = {id(metric): metric for metric in self._by_version}
-        for key in [k for k in list(self._children) if k[0] in metrics and k[1][:2] in gone]:
-            self._children.pop(key, None)
-            metrics[key[0]].remove(*key[1])
+        for series in (self._predict, self._batch):
+            for labels in [k for k in list(series) if k[:2] in gone]:
+                series.pop(labels, None)
 
     def render(self, queue: QueueState | None = None) -> tuple[bytes, str]:
         """The scrape; with `queue` (read from the database by the caller), the operators' queue gauges too,
