@@ -181,7 +181,9 @@ class Worker:
         leaves them, and an upload cut off between storing its files and committing its version leaves files with
         no version at all: nothing else would ever remove either. A deleted version's folder goes at once (version
         numbers are never reused); one with no version row only once older than `min_age_s`, since an upload
-        stores its files just before it commits. Raises SQLAlchemyError when the database does not answer.
+        stores its files just before it commits, and only if the database knows its model: a worker pointed at
+        another (or a new, empty) database than the one these files belong to must not take them for orphans.
+        Raises SQLAlchemyError when the database does not answer.
         """
         try:
             stored = self.store.stored_versions()
@@ -193,9 +195,10 @@ class Worker:
         with self.db.read() as session:
             rows = {(name, number): status for name, number, status in session.execute(
                 sa.select(ModelVersion.name, ModelVersion.version, ModelVersion.status))}
+        known = {name for name, _ in rows}
         now = time.time()
-        orphans = sorted(version for version, written in stored.items()
-                         if rows.get(version) == "deleted" or (version not in rows and now - written > min_age_s))
+        orphans = sorted(version for version, written in stored.items() if rows.get(version) == "deleted"
+                         or (version not in rows and version[0] in known and now - written > min_age_s))
         removed = []
         for name, number in orphans:
             try:
