@@ -272,7 +272,9 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
     cache of equalized sources (`equalized`) adds QDQ U8S8 heavy with Conv channel ranges equalized
     ("-eq", after its plain twin) for CNNs; without one it is not planned (each build would equalize again).
     With the `source` model, a candidate that cannot apply to it (`cannot_apply`) is listed as skipped, not
-    built: its build would only fail at once, and the table would show a failure that is none.
+    built: its build would only fail at once, and the table would show a failure that is none. A `source` with
+    1-D Convs that one MatMul can express (`conv_matmul.qualifying`) adds "-c2m": dynamic INT8 of them as
+    MatMuls (Magika: strict pass at 1.44x where every static recipe flipped top-1 decisions).
     `cpu`: the serving CPU's flags (`cpu_flags`; None: this machine's). On x86 without VNNI (`u8s8_saturates`)
     each recipe with U8 activations and S8 weights gets a twin with 7-bit weights right after it ("-rr": same
     kernels, so the same speed; it trades a bit of weight precision for no int16 saturation), and the S8S8
@@ -294,8 +296,9 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
     if saturates:  # dynamic S8 weights run U8S8 (activations quantized to u8); U8 weights run U8U8, no pairs
         dynamic.insert(1, dynamic_candidate("int8", per_channel=True, prepared=prepared, reduce_range=True))
     if source is not None and conv_matmul.qualifying(source):
-        # 1-D Convs as MatMuls: dynamic INT8's accuracy at MatMul speed (Magika: static flips 6-7 of 268 decisions)
-        dynamic.append(conv_matmul_candidate(prepared=prepared))
+        # 1-D Convs as MatMuls: dynamic INT8's accuracy at MatMul speed (Magika: static flips 6-7 of 268 decisions);
+        # first of the dynamic ones, which run such Convs as ConvInteger (Magika 0.28-0.47x)
+        dynamic.insert(0, conv_matmul_candidate(prepared=prepared))
     if matmul_heavy and has_calibration:
         # LayerNorm outputs' outlier channels made MiniLM's repair keep 8 nodes in float (1.51x); smoothed, 2 (1.90x)
         dynamic.append(dynamic_candidate("int8", per_channel=True, prepared=prepared, smooth_alpha=SMOOTH_ALPHA,

@@ -112,3 +112,19 @@ def test_auto_plans_c2m_only_for_a_model_with_a_qualifying_conv() -> None:
     conv = next(n for n in strided.graph.node if n.op_type == "Conv")
     conv.attribute.append(helper.make_attribute("strides", [2]))
     assert "int8-dynamic-s8-pc-c2m" not in names(strided)
+
+
+def test_a_repair_that_names_the_conv_or_the_gemm_leaves_that_one_in_float() -> None:
+    model = _conv1d_classifier()
+    feeds = _feeds(4, seed=5)
+    samples = SampleSet(calibration=feeds[:2], holdout=feeds[2:], synthetic=False, source="test")
+    conv, gemm = (next(n.name for n in model.graph.node if n.op_type == op) for op in ("Conv", "Gemm"))
+
+    def integer_matmuls(exclude: tuple[str, ...]) -> int:
+        built = conv_matmul_candidate(exclude=exclude, suffix="repair").build(model, samples).model
+        return sum(n.op_type == "MatMulInteger" for n in built.graph.node)
+
+    assert integer_matmuls(()) == 2
+    assert integer_matmuls((conv,)) == 1  # the Conv's "<name>/mm" MatMul is found by the Conv's name
+    assert integer_matmuls((gemm,)) == 1
+    assert conv_matmul_candidate(exclude=(gemm,), suffix="repair").name == "int8-dynamic-s8-pc-c2m-repair"
