@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ PROTECTED_PREFIXES = ("/v1/", "/v2/")
 OPEN_PREFIXES = ("/v2/health/",)  # probes of load balancers and KServe carry no key
 # POSTs that only read: running a model is what a read-only key is for.
 _READ_POST_SUFFIXES = ("/predict", "/infer")
+# /v2 POSTs that change nothing a read key could not: the repository index (a list), load (the serving version's
+# session now, as its first infer would) and shared-memory unregister (none is ever registered). tritonclient sends
+# them as POSTs; without this a read key got a 403 about uploading.
+_READ_POSTS = re.compile(r"^/v2/(repository/index|repository/models/[^/]+/load"
+                         r"|(system|cuda)sharedmemory(/region/[^/]+)?/unregister)/?$")
 
 
 class ApiKeyConfigError(ValueError):
@@ -97,7 +103,8 @@ def required_role(method: str, path: str) -> str | None:
     if not (path + "/").startswith(PROTECTED_PREFIXES) or path.startswith(OPEN_PREFIXES):
         return None
     # A trailing slash is the same route (app/main.py answers it in place, no redirect): the same role, not admin.
-    if method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and path.rstrip("/").endswith(_READ_POST_SUFFIXES)):
+    if method in ("GET", "HEAD", "OPTIONS") or (
+            method == "POST" and (path.rstrip("/").endswith(_READ_POST_SUFFIXES) or _READ_POSTS.match(path))):
         return READ
     return ADMIN
 

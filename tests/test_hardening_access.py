@@ -154,7 +154,13 @@ def test_roles_by_route() -> None:
     assert required_role("POST", "/v1/models/a/versions/2/predict") == "read"
     assert required_role("POST", "/v2/models/a/versions/2/infer") == "read"
     assert required_role("POST", "/v1/models/a/predict/") == "read"  # answered in place as /predict
-    assert required_role("POST", "/v2/repository/index") == "admin"  # a new /v2 route is covered by default
+    assert required_role("POST", "/v2/models/a/unknown") == "admin"  # a new /v2 route is covered by default
+    # tritonclient's read-only POSTs: the repository index, load, shared-memory unregister
+    assert required_role("POST", "/v2/repository/index") == "read"
+    assert required_role("POST", "/v2/repository/models/a/load") == "read"
+    assert required_role("POST", "/v2/systemsharedmemory/unregister") == "read"
+    assert required_role("POST", "/v2/cudasharedmemory/region/r/unregister") == "read"
+    assert required_role("POST", "/v2/repository/models/a/unload") == "admin"
     assert required_role("GET", "/v2/models/a/stats") == "read"
 
 
