@@ -188,3 +188,16 @@ def test_declared_cosine_and_exact_metrics_show_what_gated(browser, tmp_path: Pa
                     assert "top-1" not in r["also"], r  # the share of equal values is not a top-1
                 else:
                     assert r["gates"][0].startswith(("✓ cosine", "✗ cosine")) and "cosine" not in r["also"], r
+
+        # In a narrower window (a laptop's half screen) the charts fit the report. Was: drawn 1000 px wide, their
+        # values ran out of the section and the page scrolled sideways (1037 px of page in an 820 px window).
+        browser.set_window_size(820, 900)
+        browser.find_element("css selector", "#models tr[data-model=cnn] button").click()
+        wait_for(browser, "document.querySelector('#report-model').textContent === 'cnn'"
+                          " && document.querySelectorAll('#latency-chart g.bar').length > 0")
+        fit = browser.execute_script(
+            "const box = document.querySelector('#report-section').getBoundingClientRect();"
+            " return {page: document.documentElement.scrollWidth, window: document.documentElement.clientWidth,"
+            " charts: [...document.querySelectorAll('#report-body svg')].map((s) => s.getBoundingClientRect().right"
+            " <= box.right)}")
+        assert fit["page"] <= fit["window"] and fit["charts"] == [True, True], fit

@@ -420,7 +420,12 @@ const kb = (bytes) => (bytes >= 1e6 ? fmt(bytes / 1e6, 2) + " MB" : fmt(bytes / 
 const mark = (x, r) => (x.name === r.selected ? "selected" : x.name === r.baseline ? "baseline" :
   x.status === "ok" ? "ok" : "rejected");
 const COLORS = { selected: "#17733a", baseline: "#5a6272", ok: "#3b6fd8", rejected: "#c9ced8" };
-const CHART_WIDTH = 1000;  // the report section's inner width: the bars get what the names and values leave
+// The report's inner width (1000 px in a wide window): the bars get what the names and values leave. Was a fixed
+// 1000 px, so in a window under ~1080 px the values ran out of the section and the page scrolled sideways.
+const chartWidth = () => $("#report-body").clientWidth || 1000;
+
+// A chart's <svg>: its viewBox lets CSS (max-width: 100%) scale it down where even 200 px of bars do not fit.
+const chartSvg = (width, height, attrs) => svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, ...attrs });
 
 function svg(tag, attrs, text) {
   const node = document.createElementNS(SVG, tag);
@@ -442,10 +447,10 @@ function labelWidth(names) {
 // Each bar also says the variant's paired speed-up over the original (what the choice is made by).
 function latencyChart(variants, r) {
   const left = labelWidth(variants.map((x) => x.name)), values = 300, rowH = 24, top = 8;
-  const width = Math.max(200, CHART_WIDTH - left - values);
+  const width = Math.max(200, chartWidth() - left - values);
   const axisMax = Math.max(...variants.map((x) => Math.max(x.latency_ms.p50, x.latency_ms.p90 || 0))) * 1.25 || 1;
   const scale = (ms) => left + Math.min(ms, axisMax) / axisMax * width;
-  const chart = svg("svg", { width: left + width + values, height: top + rowH * variants.length + 24,
+  const chart = chartSvg(left + width + values, top + rowH * variants.length + 24, {
     class: "latency", role: "img" });
   variants.forEach((x, i) => {
     const y = top + i * rowH;
@@ -479,9 +484,9 @@ function latencyChart(variants, r) {
 
 function barChart(items, cls) {
   const left = labelWidth(items.map((i) => i.name)), values = 120, rowH = 22;
-  const width = Math.max(200, CHART_WIDTH - left - values);
+  const width = Math.max(200, chartWidth() - left - values);
   const max = Math.max(...items.map((i) => i.value)) || 1;
-  const chart = svg("svg", { width: left + width + values, height: rowH * items.length + 8, class: cls, role: "img" });
+  const chart = chartSvg(left + width + values, rowH * items.length + 8, { class: cls, role: "img" });
   items.forEach((item, i) => {
     const y = 4 + i * rowH;
     const g = svg("g", { class: "bar", "data-variant": item.name, "data-value": item.value });
