@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 import httpx
-from selenium.webdriver.common.keys import Keys
 
+from optimizer.report_table import served_speedup as served_speedup_line
 from tests import models, service
 from tests.test_dashboard import (  # noqa: F401 - `browser` is a fixture
     browser,
     needs_chromium,
     running_service,
     text,
+    to_fixed,
     wait_for,
 )
 
@@ -74,7 +75,7 @@ def test_a_queued_job_without_a_worker_says_so_and_the_keyboard_reaches_everythi
 
         # Was: only the row had a click handler, so Tab never reached a model and a keyboard could open no report.
         name = browser.find_element("css selector", "#models tr[data-model=mlp] button")
-        name.send_keys(Keys.ENTER)
+        name.send_keys("\ue007")  # Enter
         wait_for(browser, "!document.querySelector('#report-section').hidden")
         assert text(browser, "#report-failed") == "Version 1 is still optimizing (queued)."
         unlabeled = browser.execute_script(
@@ -201,3 +202,39 @@ def test_declared_cosine_and_exact_metrics_show_what_gated(browser, tmp_path: Pa
             " charts: [...document.querySelectorAll('#report-body svg')].map((s) => s.getBoundingClientRect().right"
             " <= box.right)}")
         assert fit["page"] <= fit["window"] and fit["charts"] == [True, True], fit
+
+
+def _ratio(x: dict) -> str:
+    return f"{to_fixed(x['median'], 2)}x [{to_fixed(x['low'], 2)}–{to_fixed(x['high'], 2)}]"
+
+
+@needs_chromium
+def test_the_speed_up_card_says_what_the_cli_says(browser, tmp_path: Path) -> None:  # noqa: ANN001, F811
+    """The CLI's summary (optimizer/report_table.served_speedup) gives the served figure with the selection run's
+    figure it was chosen by, or the candidate a second timing did not confirm; the card said neither."""
+    with running_service(tmp_path) as base, httpx.Client(base_url=base, timeout=60) as api:
+        accepted = api.post("/v1/models", files={"file": ("block.onnx", models.transformer().SerializeToString())},
+                            data={"name": "block", "precision": "fp32"})
+        assert accepted.status_code == 202, accepted.text
+        _finish(api, accepted.json()["status_url"])
+        report = api.get("/v1/models/block/report").json()["report"]
+        cli = served_speedup_line(report)
+        browser.get(base + "/")
+        wait_for(browser, "document.querySelector('#models tr[data-model=block]')")
+        browser.find_element("css selector", "#models tr[data-model=block] button").click()
+        wait_for(browser, "document.querySelector('[data-field=Speed-up] b')")
+        small = browser.find_elements("css selector", "[data-field='Speed-up'] small")
+        shown = small[0].text if small else ""
+        paired, confirmation = report["speedup_paired"], report["confirmation"]
+        if report["selected"] != report["baseline"]:  # fused, the usual outcome: 1.3x here
+            expected = f"95%, {paired['rounds']} paired rounds, timed again against the original alone"
+            if report["speedup_selection"]:
+                expected += f"; chosen at {_ratio(report['speedup_selection'])} in the selection run"
+                assert "the selection run, where it was chosen, measured" in cli
+        elif confirmation and confirmation.get("speedup"):  # a loaded machine: the second timing did not confirm
+            expected = f"{confirmation['variant']} measured {_ratio(confirmation['speedup'])} when timed again: " \
+                       "not confirmed"
+            assert "not confirmed" in cli
+        else:
+            expected = ""
+        assert shown == expected, (shown, cli)

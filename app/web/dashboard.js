@@ -352,12 +352,19 @@ async function showVersion(v) {
 // The speed-up the service proves for what it serves: the confirmation run's paired figure (speedup_paired: median of
 // round-by-round ratios over the original, 95% interval), 1x when the original serves. Not speedup_p50: a ratio of two
 // p50s timed apart; nor the selection run's figure of the winner, its best draw among the candidates (tends higher).
+// The interval line says what the CLI's summary says (optimizer/report_table.served_speedup): the figure the winner
+// was chosen by in the selection run, or the candidate that a second timing did not confirm when the original serves.
 function servedSpeedup(r) {
-  const p = r.speedup_paired;
-  if (r.selected === r.baseline) return { text: "1.00x (original)", interval: "" };
+  const p = r.speedup_paired, conf = r.confirmation;
+  const ratio = (x) => `${fmt(x.median, 2)}x [${fmt(x.low, 2)}–${fmt(x.high, 2)}]`;
+  if (r.selected === r.baseline) {
+    return { text: "1.00x (original)",
+      interval: conf && conf.speedup ? `${conf.variant} measured ${ratio(conf.speedup)} when timed again: not confirmed`
+        : "" };
+  }
   if (!p) return { text: fmt(r.speedup_p50, 2) + "x (p50s)", interval: "p50 ratio: no paired timing in this report" };
-  return { text: `${fmt(p.median, 2)}x [${fmt(p.low, 2)}–${fmt(p.high, 2)}]`,
-    interval: `95%, ${p.rounds} paired rounds` };
+  const chosen = r.speedup_selection ? `; chosen at ${ratio(r.speedup_selection)} in the selection run` : "";
+  return { text: ratio(p), interval: `95%, ${p.rounds} paired rounds, timed again against the original alone${chosen}` };
 }
 
 // A variant's own paired speed-up over the original, timed with all the others in the selection run.
