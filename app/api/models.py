@@ -28,6 +28,7 @@ from app.api.schemas import (
     VersionOut,
 )
 from app.errors import BadRequestError, MalformedRequestError, NotFoundError
+from app.protocol.json_tokens import loads_with_nan_tokens
 from app.services.container import Services
 from app.services.registry import pick_serving, pinned_version, serving_variant
 from app.services.uploads import validate_upload
@@ -359,7 +360,9 @@ def _predict_body(body: bytes) -> tuple[dict[str, Any], str | None]:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise MalformedRequestError(f"malformed request: the body is not valid JSON ({exc})") from None
+        parsed = loads_with_nan_tokens(body)  # (Python's json, e.g. requests' json=, writes NaN/Infinity)
+        if parsed is None:
+            raise MalformedRequestError(f"malformed request: the body is not valid JSON ({exc})") from None
     if not isinstance(parsed, dict):
         raise MalformedRequestError('malformed request: the body must be a JSON object {"inputs": {...}}')
     inputs = parsed.get("inputs")

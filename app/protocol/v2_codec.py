@@ -9,7 +9,6 @@ in the order of the header's `inputs` (row-major, little-endian; BYTES as 4-byte
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 import orjson
 
 from app.errors import BadRequestError
+from app.protocol.json_tokens import loads_with_nan_tokens
 
 HEADER_LENGTH = "inference-header-content-length"
 SHARED_MEMORY = ("shared memory is not supported (no region can be registered): send tensors in the request body; "
@@ -239,20 +239,6 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     return _decode(body, header_length)
 
 
-def _with_nan_tokens(head: bytes, error: orjson.JSONDecodeError) -> Any:  # noqa: ANN401 - parsed JSON
-    """The JSON header when orjson refused it for NaN, Infinity or -Infinity: tritonclient (Python's json) writes
-    them in JSON tensors, and Triton reads them (rapidjson's kParseNanAndInfFlag). Python's json reads them, on this
-    path only (it is slower); what orjson refuses besides them (lone surrogates...) is refused still."""
-    if b"NaN" not in head and b"Infinity" not in head:
-        raise BadRequestError(f"the request's JSON does not parse: {error}")
-    try:
-        header = json.loads(head)
-        orjson.dumps(header)  # orjson's other refusals: the same request without those tokens is refused
-    except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, orjson.JSONEncodeError
-        raise BadRequestError(f"the request's JSON does not parse: {error}") from None
-    return header
-
-
 def _decode(body: bytes, header_length: str | None) -> InferRequest:
     """decode_request the long way: every check, every message."""
     if header_length is not None:
@@ -267,7 +253,9 @@ def _decode(body: bytes, header_length: str | None) -> InferRequest:
     try:
         header = orjson.loads(body[:split])
     except orjson.JSONDecodeError as exc:
-        header = _with_nan_tokens(body[:split], exc)
+        header = loads_with_nan_tokens(body[:split])  # (tritonclient writes NaN/Infinity in JSON tensors)
+        if header is None:
+            raise BadRequestError(f"the request's JSON does not parse: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise BadRequestError("an infer request is a JSON object with an `inputs` list")
     binary = memoryview(body)[split:]
