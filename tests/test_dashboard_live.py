@@ -7,13 +7,18 @@ Needs the Debian packages chromium and chromium-driver (skips without them)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
 from optimizer.report_table import served_speedup as served_speedup_line
-from tests import models, service
+from tests import hostile, models, service
+from tests.conftest import TEST_SETTINGS
 from tests.test_dashboard import (  # noqa: F401 - `browser` is a fixture
     browser,
     needs_chromium,
@@ -238,3 +243,37 @@ def test_the_speed_up_card_says_what_the_cli_says(browser, tmp_path: Path) -> No
         else:
             expected = ""
         assert shown == expected, (shown, cli)
+
+
+@needs_chromium
+def test_a_job_whose_worker_died_says_so(browser, tmp_path: Path) -> None:  # noqa: ANN001, F811
+    """`serve --no-worker` and one `onnxforge worker` beside it, killed while it runs a job: the job reads "running",
+    its progress frozen, until a worker recovers it; the API says why (`worker_lost`), and now the page does too."""
+    (tmp_path / "hangs.onnx").write_bytes(hostile.model_that_hangs().SerializeToString())
+    env = {**os.environ, **{f"ONNXFORGE_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()},
+           "ONNXFORGE_JOB_TIME_LIMIT_S": "600", "ONNXFORGE_JOB_LEASE_S": "600"}
+    with service.running_service(tmp_path, "--no-worker", job_lease_s=600) as (base, _), \
+            httpx.Client(base_url=base, timeout=60) as api, \
+            open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--data-dir", str(tmp_path / "data")],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            browser.get(base + "/")
+            wait_for(browser, "!document.querySelector('#models-empty').hidden")
+            browser.find_element("css selector", "input[name=file]").send_keys(str(tmp_path / "hangs.onnx"))
+            browser.find_element("css selector", "#upload button[type=submit]").click()
+            wait_for(browser, "document.querySelector('#job').dataset.status === 'running'", timeout=60)
+        finally:
+            worker.kill()
+            worker.wait()
+        deadline = time.monotonic() + 30
+        while not (job := api.get("/v1/models/hangs").json()["versions"][0]["job"])["worker_lost"]:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job["status"] == "running" and "its process is gone" in job["worker_lost"]
+        expected = "The job's worker was lost: " + job["worker_lost"]
+        wait_for(browser, f"document.querySelector('#job-lost').textContent === {json.dumps(expected)}"
+                          " && !document.querySelector('#job-lost').hidden")
+        browser.find_element("css selector", "#models tr[data-model=hangs] button").click()
+        wait_for(browser, "!document.querySelector('#report-section').hidden")
+        assert text(browser, "#report-failed").endswith("\nIts worker was lost: " + job["worker_lost"])

@@ -181,6 +181,7 @@ async function upload(event) {
   $("#job").hidden = false;
   $("#job").dataset.status = "uploading";
   $("#job-error").hidden = true;
+  $("#job-lost").hidden = true;
   $("#job-bar").style.width = "0";
   $("#job-text").textContent = "Uploading…";
   let accepted;
@@ -214,6 +215,9 @@ async function watchJob(accepted) {
     const stage = job.stage ? ", stage " + job.stage : "";
     $("#job-text").textContent =
       `${job.model} v${job.version}: ${job.status}${stage} (${Math.round(job.progress * 100)}%)`;
+    // Was: a job whose worker died read "running" with its progress frozen, and nothing said why or what next.
+    $("#job-lost").textContent = job.worker_lost ? "The job's worker was lost: " + job.worker_lost : "";
+    $("#job-lost").hidden = !job.worker_lost;
     if (job.status === "succeeded") {
       await loadModels();
       return openReport(job.model, job.version);
@@ -334,7 +338,8 @@ async function showVersion(v) {
     failed.hidden = false;
     failed.textContent = v.status === "failed"
       ? `Version ${v.version} failed to optimize: ${v.error || "no reason recorded"}`
-      : `Version ${v.version} is still optimizing (${v.job ? v.job.stage || v.job.status : ""}).`;
+      : `Version ${v.version} is still optimizing (${v.job ? v.job.stage || v.job.status : ""}).` +
+        (v.job && v.job.worker_lost ? "\nIts worker was lost: " + v.job.worker_lost : "");
     return;
   }
   let answer;
