@@ -277,3 +277,24 @@ def test_a_job_whose_worker_died_says_so(browser, tmp_path: Path) -> None:  # no
         browser.find_element("css selector", "#models tr[data-model=hangs] button").click()
         wait_for(browser, "!document.querySelector('#report-section').hidden")
         assert text(browser, "#report-failed").endswith("\nIts worker was lost: " + job["worker_lost"])
+
+
+@needs_chromium
+def test_a_second_upload_takes_over_the_job_line(browser, tmp_path: Path) -> None:  # noqa: ANN001, F811
+    for name, seed in (("first", 0), ("second", 1)):
+        (tmp_path / f"{name}.onnx").write_bytes(models.mlp(seed=seed).SerializeToString())
+    with service.running_service(tmp_path, "--no-worker") as (base, _):  # both jobs stay queued
+        browser.get(base + "/")
+        wait_for(browser, "!document.querySelector('#models-empty').hidden")
+        for name in ("first", "second"):
+            browser.find_element("css selector", "input[name=file]").send_keys(str(tmp_path / f"{name}.onnx"))
+            browser.find_element("css selector", "#upload button[type=submit]").click()
+            wait_for(browser, f"document.querySelector('#job-text').textContent === '{name} v1: queued (0%)'")
+        browser.execute_script(
+            "window.jobLines = []; new MutationObserver(() => window.jobLines.push("
+            "document.querySelector('#job-text').textContent)).observe(document.querySelector('#job-text'),"
+            " {childList: true, characterData: true, subtree: true})")
+        time.sleep(2.5)  # five polls of a watcher
+        lines = browser.execute_script("return window.jobLines")
+        # Was: the first upload's watcher kept writing its own job there too, flickering every half second.
+        assert set(lines) == {"second v1: queued (0%)"}, lines

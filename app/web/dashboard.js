@@ -170,8 +170,13 @@ const wrapRow = (td) => { const tr = el("tr"); tr.appendChild(td); return tr; };
 
 // -- upload and job progress ----------------------------------------------------------------------
 
+// The upload whose job the page follows: a newer upload takes over the job line. Was: every upload's watcher kept
+// writing it, so two uploads in a row flickered between both jobs every half second.
+let watching = 0;
+
 async function upload(event) {
   event.preventDefault();
+  const token = ++watching;
   const form = new FormData(event.target);
   const file = form.get("calibration");
   if (file && file.size === 0 && !file.name) form.delete("calibration");
@@ -193,9 +198,10 @@ async function upload(event) {
   } finally {
     submit.disabled = false;
   }
-  $("#job-text").textContent = `${accepted.name} v${accepted.version}: queued`;
   loadModels();
-  watchJob(accepted);
+  if (token !== watching) return;  // a newer upload has the job line
+  $("#job-text").textContent = `${accepted.name} v${accepted.version}: queued`;
+  watchJob(accepted, token);
 }
 
 function showJobError(message) {
@@ -205,11 +211,14 @@ function showJobError(message) {
   $("#job").dataset.status = "failed";
 }
 
-async function watchJob(accepted) {
+async function watchJob(accepted, token) {
   $("#job").dataset.status = "queued";
   for (;;) {
     let job;
-    try { job = await api(accepted.status_url); } catch (e) { return showJobError("Cannot read the job: " + e.message); }
+    try { job = await api(accepted.status_url); } catch (e) {
+      return token === watching ? showJobError("Cannot read the job: " + e.message) : null;
+    }
+    if (token !== watching) return;
     $("#job").dataset.status = job.status;
     $("#job-bar").style.width = Math.round(job.progress * 100) + "%";
     const stage = job.stage ? ", stage " + job.stage : "";
