@@ -82,6 +82,8 @@ def test_a_queued_job_without_a_worker_says_so_and_the_keyboard_reaches_everythi
         name = browser.find_element("css selector", "#models tr[data-model=mlp] button")
         name.send_keys("\ue007")  # Enter
         wait_for(browser, "!document.querySelector('#report-section').hidden")
+        # and the focus moves to the report: Tab goes on to its controls, not back through the upload form
+        assert browser.execute_script("return document.activeElement.id") == "report-title"
         assert text(browser, "#report-failed") == "Version 1 is still optimizing (queued)."
         unlabeled = browser.execute_script(
             "return [...document.querySelectorAll('input, select, textarea')].filter((e) => !e.labels.length"

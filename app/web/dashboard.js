@@ -259,6 +259,8 @@ async function openReport(name, version) {
   $("#delete-error").hidden = true;
   await showVersion(described.versions.find((v) => v.version === Number(version)) || described.versions.at(-1));
   $("#report-section").scrollIntoView({ behavior: "instant", block: "start" });
+  // The keyboard follows the eye: Tab goes on from the report, not from the models list above the upload form.
+  $("#report-title").focus({ preventScroll: true });
 }
 
 function renderVersions(described, selected) {
