@@ -8,9 +8,11 @@ Per model, static QDQ/QOperator U8S8 heavy-op (Conv/MatMul/Gemm) and all-op buil
           histogram of the calibration activations: ORT's MinMax, Percentile and Entropy apply one rule to every
           tensor (keep all, clip a fixed share, match a distribution), none of them the tensor's own rounding +
           clipping error, which is what a uint8 grid on a long-tailed activation trades.
+--equalize applies auto's "-eq" Conv channel equalization (optimizer/passes/equalize.py) first.
 Ranges are handed to quantize_static as TensorQuantOverrides (rmin/rmax), so everything else is ORT's own.
-Printed per recipe: worst output cosine, top-1 agreement with its 95% lower bound and disagreeing rows, and the
-median round-by-round latency ratio to FP32 with its 95% interval (optimizer.latency.paired_ratio).
+Printed per recipe: the strict gate's verdict (optimizer.accuracy.compare's defaults), worst output cosine,
+top-1 agreement with its 95% lower bound and disagreeing rows, and the median round-by-round latency ratio to
+FP32 with its 95% interval (optimizer.latency.paired_ratio).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import real_models  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from optimizer.accuracy import compare, run_outputs  # noqa: E402
-from optimizer.candidates import HEAVY_OPS  # noqa: E402
+from optimizer.candidates import EQUALIZE, HEAVY_OPS  # noqa: E402
 from optimizer.latency import measure_batches, paired_ratio  # noqa: E402
-from optimizer.passes import int8_static  # noqa: E402
+from optimizer.passes import cleanup, equalize, int8_static  # noqa: E402
 from optimizer.runtime import SessionSettings, create_session  # noqa: E402
 
 Feed = dict[str, np.ndarray]
@@ -126,8 +128,9 @@ def overrides(stats: dict[str, tuple], verbose: bool) -> dict[str, list[dict[str
 
 
 def accuracy(model: bytes, holdout: Sequence[Feed], reference: list[dict]) -> str:
-    outputs = compare(reference, run_outputs(create_session(model), holdout)).to_dict()["outputs"]
-    parts = []
+    report = compare(reference, run_outputs(create_session(model), holdout))
+    outputs = report.to_dict()["outputs"]
+    parts = ["strict PASS" if report.passed else f"strict fail ({(report.reason or '')[:90]})"]
     cos = [o.get("cosine") for o in outputs.values() if o.get("cosine") is not None]
     if cos:
         parts.append(f"cos {min(cos):.4f}")
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--scopes", default="heavy,all")
     parser.add_argument("--formats", default="qdq,qoperator")
     parser.add_argument("--exclude", default="", help="comma-separated node names kept in float")
+    parser.add_argument("--equalize", action="store_true", help="auto's Conv channel equalization first (-eq)")
     args = parser.parse_args()
     print(f"machine: {describe()}")
     for real in real_models.requested(args.models):
@@ -161,6 +165,9 @@ def main() -> None:
         calibration, holdout = feeds[: args.calibration], feeds[args.calibration:]
         timed = {"fp32": model.SerializeToString()}
         reference = run_outputs(create_session(timed["fp32"]), holdout)
+        if args.equalize:  # FP32 unchanged (equalize checks it); the reference stays the given model's
+            fused = cleanup.run(model, cleanup.CleanupConfig(), feed=calibration[0]).model  # BN folded, as auto
+            model = equalize.run(fused, EQUALIZE, calibration, calibration[0]).model
         source = preprocessed(model, calibration[0])
         judged: dict[str, str] = {}
         print(f"## {real.name} ({args.calibration} calibration, {len(holdout)} held back)", flush=True)
