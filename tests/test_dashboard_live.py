@@ -7,8 +7,10 @@ Needs the Debian packages chromium and chromium-driver (skips without them)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from optimizer.accuracy import METRICS
 from optimizer.report_table import served_speedup as served_speedup_line
 from tests import hostile, models, service
 from tests.conftest import TEST_SETTINGS
@@ -300,3 +303,12 @@ def test_a_second_upload_takes_over_the_job_line(browser, tmp_path: Path) -> Non
         lines = browser.execute_script("return window.jobLines")
         # Was: the first upload's watcher kept writing its own job there too, flickering every half second.
         assert set(lines) == {"second v1: queued (0%)"}, lines
+
+
+def test_the_metrics_hint_names_every_metric_the_optimizer_takes(serve) -> None:  # noqa: ANN001
+    """Was: "default" | "top1" | "mask:<threshold>", without "cosine" (what a report's own hint tells a user to
+    declare for an output that only looks like class scores) and "exact"."""
+    with serve(run_worker=False) as api:
+        page = api.client.get("/").text
+    hint = re.search(r"title='JSON: output name -> (.*?); the outputs not named", html.unescape(page)).group(1)
+    assert re.findall(r'"([^"]+)"', hint) == list(METRICS)
