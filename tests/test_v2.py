@@ -204,7 +204,8 @@ def test_batching_reaches_the_metrics(client, server: str) -> None:  # noqa: ANN
 
 @pytest.mark.parametrize(("body", "message"), [
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]}', "needs 2 elements"),
-    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BF16", "data": [1, 2]}]}', "BF16 tensors are not supported"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BF16", "data": [1, 2]}]}',
+     "BF16 tensors are not supported"),
     (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT8", "data": [300]}]}', "outside the range of INT8"),
     (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [1.5]}]}', "must be integers"),
     (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}', "non-negative integers"),

@@ -169,11 +169,13 @@ LIST_CAP = 1000  # models in one answer of GET /v1/models; more: follow its Link
 
 
 @router.get("", response_model=list[ModelSummary], responses={400: {"model": ErrorOut}})
-def list_models(request: Request, response: Response, limit: int = LIST_CAP, after: str | None = None,
+def list_models(request: Request, response: Response, limit: int | None = None, after: str | None = None,
                 services: Services = Depends(services_of)) -> list[ModelSummary]:
     """Models in name order, at most `limit` (1 to 1000, default 1000) after the name `after`. When more follow,
     the answer's `Link` header has the URL of the next page (rel="next"), as its `X-Next-After` header the name to
     pass as `after`."""
+    if limit is None:
+        limit = LIST_CAP  # (read here, not as the parameter's default, so a test can make pages small)
     if not 1 <= limit <= LIST_CAP:
         raise BadRequestError(f"limit must be from 1 to {LIST_CAP}, got {limit}")
     summaries = []

@@ -13,7 +13,7 @@ function headers(extra) {
   return Object.assign(key ? { Authorization: "Bearer " + key } : {}, extra || {});
 }
 
-async function api(path, options) {
+async function apiAnswer(path, options) {
   const opts = Object.assign({}, options || {});
   opts.headers = headers(opts.headers);
   const response = await fetch(path, opts);
@@ -25,7 +25,24 @@ async function api(path, options) {
     error.status = response.status;
     throw error;
   }
-  return body;
+  return { body, headers: response.headers };
+}
+
+async function api(path, options) {
+  return (await apiAnswer(path, options)).body;
+}
+
+// Every model, page after page: GET /v1/models answers at most 1000 and names the last one in X-Next-After when
+// more follow (without following it, a service with more models showed the first 1000 only).
+async function listModels() {
+  let models = [];
+  let after = null;
+  do {
+    const page = await apiAnswer("/v1/models" + (after === null ? "" : "?after=" + after));
+    models = models.concat(page.body);
+    after = page.headers.get("X-Next-After");
+  } while (after);
+  return models;
 }
 
 const enc = encodeURIComponent;
@@ -79,7 +96,7 @@ async function loadModels() {
   checkService();
   const tbody = $("#models tbody");
   let models;
-  try { models = await api("/v1/models"); } catch (e) { showListError(e); return; }  // a new key reloads it
+  try { models = await listModels(); } catch (e) { showListError(e); return; }  // a new key reloads it
   $("#models-empty").hidden = models.length > 0;
   const rows = await Promise.all(models.map(async (m) => {
     const facts = m.serving_version ? await servedFacts(m) : { provider: "—", report: null };
