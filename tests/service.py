@@ -85,3 +85,15 @@ def running_service(tmp_path: Path, *extra_args: str, **settings: Any) -> Iterat
         yield base, process
     finally:
         stop(process)
+
+
+@contextmanager
+def serving_models(tmp_path: Path, uploads: dict[str, tuple[Any, dict[str, str]]]) -> Iterator[str]:  # noqa: ANN401
+    """The service without a worker (versions serve their original), each `uploads` name -> (onnx model, extra upload
+    fields) uploaded; yields "127.0.0.1:port" (what tritonclient takes)."""
+    with running_service(tmp_path, run_worker="false") as (base, _):
+        for name, (model, fields) in uploads.items():
+            files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
+            response = httpx.post(f"{base}/v1/models", files=files, data={"name": name, **fields}, timeout=30)
+            assert response.status_code == 202, response.text
+        yield base.removeprefix("http://")

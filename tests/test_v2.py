@@ -16,7 +16,7 @@ from app.errors import BadRequestError
 from app.protocol.v2_codec import decode_request
 from optimizer.runtime import create_session
 from tests import models
-from tests.service import start_service, stop
+from tests.service import serving_models
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -26,19 +26,11 @@ MODELS = {"mlp": models.mlp(), "encoder": models.transformer(), "typed": models.
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields "127.0.0.1:port"
-    tmp = tmp_path_factory.mktemp("v2")
-    base, process = start_service(tmp / "data", tmp / "server.log", run_worker="false")
-    try:
-        for name, model in MODELS.items():
-            files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
-            # The MLP's own batch size: batched without the timing probe, which a loaded machine can tip to "no
-            # batching" (its first run over 10 ms), and test_batching_reaches_the_metrics would find no batch.
-            fields = {"name": name, **({"batch_max_size": "32"} if name == "mlp" else {})}
-            response = httpx.post(f"{base}/v1/models", files=files, data=fields, timeout=30)
-            assert response.status_code == 202, response.text
-        yield base.removeprefix("http://")
-    finally:
-        stop(process)
+    # The MLP's own batch size: batched without the timing probe, which a loaded machine can tip to "no batching"
+    # (its first run over 10 ms), and test_batching_reaches_the_metrics would find no batch.
+    uploads = {name: (model, {"batch_max_size": "32"} if name == "mlp" else {}) for name, model in MODELS.items()}
+    with serving_models(tmp_path_factory.mktemp("v2"), uploads) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

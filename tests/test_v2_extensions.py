@@ -20,7 +20,7 @@ from app.errors import BadRequestError
 from app.protocol.v2_codec import decode_request, top_classes
 from optimizer.runtime import create_session
 from tests import models
-from tests.service import start_service, stop
+from tests.service import serving_models
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
 aioclient = pytest.importorskip("tritonclient.http.aio", reason="tritonclient[http] is in the dev extra")
@@ -69,17 +69,10 @@ BATCHED = {"gate": "8"}  # its batch size: requests answered from their batch (a
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - yields "127.0.0.1:port"
-    tmp = tmp_path_factory.mktemp("v2ext")
-    base, process = start_service(tmp / "data", tmp / "server.log", run_worker="false")
-    try:
-        for name, model in MODELS.items():
-            files = {"file": ("model.onnx", model.SerializeToString(), "application/octet-stream")}
-            fields = {"name": name, **({"batch_max_size": BATCHED[name]} if name in BATCHED else {})}
-            response = httpx.post(f"{base}/v1/models", files=files, data=fields, timeout=30)
-            assert response.status_code == 202, response.text
-        yield base.removeprefix("http://")
-    finally:
-        stop(process)
+    uploads = {name: (model, {"batch_max_size": BATCHED[name]} if name in BATCHED else {})
+               for name, model in MODELS.items()}
+    with serving_models(tmp_path_factory.mktemp("v2ext"), uploads) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
