@@ -22,13 +22,13 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import real_models  # noqa: E402
+from bench.judging import print_speedups  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from optimizer.accuracy import compare, run_outputs  # noqa: E402
 from optimizer.calibration import SampleSet  # noqa: E402
 from optimizer.candidates import HEAVY_OPS, Candidate, dynamic_candidate, static_candidate  # noqa: E402
-from optimizer.latency import measure_batches, paired_ratio  # noqa: E402
 from optimizer.passes import int8_dynamic, int8_static  # noqa: E402
-from optimizer.runtime import SessionSettings, create_session  # noqa: E402
+from optimizer.runtime import create_session  # noqa: E402
 
 
 def recipes(kind: str) -> list[Candidate]:
@@ -86,14 +86,7 @@ def main() -> None:
                 print(f"  {candidate.name:48} {judged[candidate.name]}", flush=True)
         if args.no_timing:
             continue
-        stats = measure_batches(timed, feeds[24], SessionSettings(), batch_sizes=(1,), min_runs=20,
-                                target_seconds=args.seconds * len(timed))[1]
-        print(f"  FP32 p50 {stats['fp32'].p50_ms:.2f} ms, {len(stats['fp32'].round_ms)} rounds")
-        for name, s in stats.items():
-            if name != "fp32":
-                r = paired_ratio(stats["fp32"], s)
-                print(f"  {name:48} p50 {s.p50_ms:8.2f} ms  {r.median:.2f}x FP32 [{r.low:.2f}-{r.high:.2f}]  "
-                      f"{judged[name]}", flush=True)
+        print_speedups(timed, feeds[24], judged, args.seconds, 48)
 
 
 if __name__ == "__main__":

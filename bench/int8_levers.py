@@ -30,12 +30,12 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import real_models  # noqa: E402
+from bench.judging import print_speedups  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from optimizer.accuracy import compare, run_outputs  # noqa: E402
 from optimizer.candidates import EQUALIZE, HEAVY_OPS  # noqa: E402
-from optimizer.latency import measure_batches, paired_ratio  # noqa: E402
 from optimizer.passes import cleanup, equalize, int8_static  # noqa: E402
-from optimizer.runtime import SessionSettings, create_session  # noqa: E402
+from optimizer.runtime import create_session  # noqa: E402
 
 Feed = dict[str, np.ndarray]
 BINS = 2048
@@ -191,14 +191,7 @@ def main() -> None:
                     print(f"  {name:32} {judged[name]}", flush=True)
         if args.no_timing:
             continue
-        stats_t = measure_batches(timed, holdout[0], SessionSettings(), batch_sizes=(1,), min_runs=20,
-                                  target_seconds=args.seconds * len(timed))[1]
-        print(f"  FP32 p50 {stats_t['fp32'].p50_ms:.2f} ms, {len(stats_t['fp32'].round_ms)} rounds")
-        for name, s in stats_t.items():
-            if name != "fp32":
-                r = paired_ratio(stats_t["fp32"], s)
-                print(f"  {name:32} p50 {s.p50_ms:7.2f} ms {r.median:.2f}x [{r.low:.2f}-{r.high:.2f}] {judged[name]}",
-                      flush=True)
+        print_speedups(timed, holdout[0], judged, args.seconds, 32)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 import onnx
 
 from optimizer.accuracy import AccuracyReport, Tolerance, compare, run_outputs
+from optimizer.latency import measure_batches, paired_ratio
 from optimizer.runtime import SessionSettings, create_session
 
 
@@ -32,3 +33,16 @@ def judge(model: onnx.ModelProto, reference: list[dict], holdout: list[dict],
     if task:
         row["task"] = compare(reference, outputs, Tolerance(metrics=task)).passed
     return row
+
+
+def print_speedups(timed: dict[str, bytes], feed: dict, judged: dict[str, str], seconds: float, width: int) -> None:
+    """Time every model of `timed` interleaved with its "fp32" entry at batch 1 (`seconds` each) and print each one's
+    p50 and round-by-round speed-up over FP32 [95%], beside what `judged` says of its accuracy."""
+    stats = measure_batches(timed, feed, SessionSettings(), batch_sizes=(1,), min_runs=20,
+                            target_seconds=seconds * len(timed))[1]
+    print(f"  FP32 p50 {stats['fp32'].p50_ms:.2f} ms, {len(stats['fp32'].round_ms)} rounds")
+    for name, s in stats.items():
+        if name != "fp32":
+            r = paired_ratio(stats["fp32"], s)
+            print(f"  {name:{width}} p50 {s.p50_ms:8.2f} ms  {r.median:.2f}x FP32 [{r.low:.2f}-{r.high:.2f}]  "
+                  f"{judged[name]}", flush=True)
