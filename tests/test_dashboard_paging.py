@@ -1,5 +1,6 @@
-"""The dashboard lists every model when GET /v1/models answers in pages (more than LIST_CAP models): it follows
-X-Next-After. Before, it showed the first page only. LIST_CAP is made 2 here so that 5 models take 3 pages.
+"""The dashboard's model list: every model when GET /v1/models answers in pages (more than LIST_CAP models: it
+follows X-Next-After; before, it showed the first page only; LIST_CAP is made 2 here so that 5 models take 3 pages),
+and back by itself after a failed read (a service restart).
 
 Needs the Debian packages chromium and chromium-driver (skips without them)."""
 
@@ -37,3 +38,22 @@ def test_every_page_of_models_is_listed(browser, tmp_path: Path, monkeypatch: py
         shown = browser.execute_script(
             "return [...document.querySelectorAll('#models tbody tr[data-model]')].map((r) => r.dataset.model)")
         assert shown == NAMES
+
+
+@needs_chromium
+def test_the_list_comes_back_after_the_service_restarts(browser, tmp_path: Path) -> None:  # noqa: ANN001, F811
+    """A failed list read (a restart, a proxy's 502 in a rolling deploy) is tried again; before, the page stopped
+    following the service until someone clicked Refresh."""
+    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path / "data", "run_worker": False})
+    port = free_port()
+    with uvicorn_in_thread(create_app(settings), port) as base, httpx.Client(base_url=base, timeout=60) as api:
+        files = {"file": ("alpha.onnx", models.mlp().SerializeToString())}
+        assert api.post("/v1/models", files=files, data={"name": "alpha"}).status_code == 202
+        browser.get(base + "/")
+        wait_for(browser, "document.querySelectorAll('#models tbody tr[data-model]').length === 1")
+    browser.find_element("id", "refresh").click()  # the service is down: the list read fails
+    wait_for(browser, "document.querySelector('#models tbody td.error') !== null")
+    with uvicorn_in_thread(create_app(settings), port) as base, httpx.Client(base_url=base, timeout=60) as api:
+        files = {"file": ("bravo.onnx", models.mlp().SerializeToString())}
+        assert api.post("/v1/models", files=files, data={"name": "bravo"}).status_code == 202
+        wait_for(browser, "document.querySelectorAll('#models tbody tr[data-model]').length === 2", timeout=40)

@@ -96,7 +96,13 @@ async function loadModels() {
   checkService();
   const tbody = $("#models tbody");
   let models;
-  try { models = await listModels(); } catch (e) { showListError(e); return; }  // a new key reloads it
+  try { models = await listModels(); } catch (e) {
+    showListError(e);
+    // A key problem waits for a new key (which reloads the list); anything else (a restart, a proxy's 502 during a
+    // rolling deploy, the network) is tried again: the page stopped following the service after one failed read.
+    if (e.status !== 401 && e.status !== 403) pollTimer = setTimeout(loadModels, IDLE_POLL_MS);
+    return;
+  }
   $("#models-empty").hidden = models.length > 0;
   const rows = await Promise.all(models.map(async (m) => {
     const facts = m.serving_version ? await servedFacts(m) : { provider: "—", report: null };
