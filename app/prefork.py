@@ -95,7 +95,10 @@ def serve_processes(settings: Settings, overrides: dict[str, Any]) -> int:
     database = Database(settings.resolved_database_url)
     database.create_schema()
     database.dispose()
-    worker = EmbeddedWorker(settings) if settings.run_worker else None
+    # The optimizer worker times variants with the threads a serving process's sessions get, so the report's
+    # latencies are those of what serves (with 2 processes on 2 cores: one thread each, not two).
+    worker = (EmbeddedWorker(settings.model_copy(update={"intra_op_threads": overrides.get(
+        "intra_op_threads", settings.intra_op_threads)})) if settings.run_worker else None)
     socket = config.bind_socket()
 
     stopped_by: list[int] = []

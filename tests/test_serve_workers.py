@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from optimizer.runtime import create_session
+from optimizer.runtime import create_session, default_threads
 from tests import models
 from tests.service import alive, start_service, stop
 
@@ -72,6 +72,15 @@ def test_two_api_processes_answer_one_worker_runs_and_sigterm_stops_all(tmp_path
         api = set(counted)
         assert api <= set(_children(process.pid)), "the answering processes are the parent's children"
         assert not api & set(workers)
+        # The worker timed the variants with the threads each API process's sessions get (the cores shared out),
+        # so the report's latencies are those of what serves (it timed with every core before).
+        status_url = f"{base}{accepted.json()['status_url']}"
+        deadline = time.monotonic() + 120
+        while httpx.get(status_url, timeout=10).json()["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, "the job did not finish"
+            time.sleep(0.2)
+        report = httpx.get(f"{base}/v1/models/m/report", timeout=10).json()["report"]
+        assert report["config"]["threads"] == max(1, default_threads() // 2)
         process.send_signal(signal.SIGTERM)
         assert process.wait(40) == -signal.SIGTERM  # exits by the signal like one process (status 143); requests done
         deadline = time.monotonic() + 10
