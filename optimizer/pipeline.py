@@ -49,6 +49,7 @@ from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, 
 from optimizer.loading import LoadedModel, fixed_input_shapes, load_model, require_tensor_outputs
 from optimizer.passes import cleanup
 from optimizer.runtime import SessionSettings, create_session, resolve_provider
+from optimizer.threads import add_fewer_thread_twins
 from optimizer.variants import Built, VariantReport, build, describe, evaluate, set_latency
 
 __all__ = ["OptimizeConfig", "OptimizationResult", "VariantReport", "optimize"]
@@ -610,6 +611,12 @@ def optimize(
             only=config.auto_candidates, fp16_on_cpu=config.fp16_on_cpu, notify=notify,
         )
         search.run()
+        threads_started = time.monotonic()
+        add_fewer_thread_twins(built, baseline=BASELINE, samples=samples, settings=settings, reference=reference,
+                               tolerance=tolerance, batch=min(config.batch_sizes),
+                               probe_seconds=max(config.benchmark_seconds / 2, 0.1),
+                               deadline=deadline - 0.1 * config.time_budget_s, note=search.decisions.append)
+        search.steps_s["fewer_threads"] = round(time.monotonic() - threads_started, 3)
         skipped = search.skipped
     else:
         plan = candidate_lists.plan(config.precision, provider=provider, int8_mode=int8_mode,

@@ -83,9 +83,10 @@ def test_a_head_that_breaks_int8_is_left_in_float_and_the_repair_passes(tmp_path
     skipped = {s["name"]: s["reason"] for s in report["auto"]["skipped"]}
     for method in ("percentile", "entropy"):
         assert skipped[f"int8-static-{method}-qdq-u8s8-all"] == f"the repaired {repair['passed']} already passes"
-    assert report["selected"] in (BASELINE, "fused", repair["passed"])
+    served = report["selected"].removesuffix("-1thread")  # each may win on one intra-op thread (optimizer.threads)
+    assert served in (BASELINE, "fused", repair["passed"])
     assert report["auto"]["excluded_nodes"] == (repaired["settings"]["exclude_nodes"]
-                                                if report["selected"] == repair["passed"] else [])
+                                                if served == repair["passed"] else [])
     assert set(report["auto"]["steps_s"]) >= {"probe_build", "probe_benchmark", "calibration_methods", "repair",
                                               "benchmark"}
     assert json.loads((tmp_path / "report.json").read_text())["auto"]["repairs"][0]["passed"] == repair["passed"]
@@ -121,7 +122,8 @@ def test_head_nodes_follow_chains_to_the_last_heavy_node() -> None:
 def test_when_nothing_is_faster_the_original_or_fused_fp32_is_served(tmp_path: Path) -> None:
     # 8 generated rows prove a top-1 of 74.7% at most: ask for 70% so the search runs at all
     report = optimize(models.elementwise().SerializeToString(), out_dir=tmp_path,
-                      config=OptimizeConfig(auto_prune_by_latency=False, min_top1=0.7, **FAST)).report
+                      # one thread: no one-thread twin (optimizer.threads), which may be faster on a tiny model
+                      config=OptimizeConfig(auto_prune_by_latency=False, min_top1=0.7, threads=1, **FAST)).report
     assert report["selected"] in (BASELINE, "fused")
     rows = {c["name"]: c for c in report["auto"]["candidates"]}
     skipped = {s["name"]: s["reason"] for s in report["auto"]["skipped"]}
