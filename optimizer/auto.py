@@ -134,6 +134,7 @@ class AutoSearch:
     skipped: list[dict[str, str]] = field(default_factory=list)
     repairs: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
+    threads_notes: list[str] = field(default_factory=list)  # what the fewer-threads step decided (optimizer.threads)
     deferred: list[Candidate] = field(default_factory=list)
     # (target, exclusions) -> the attempt's outcome: a union repeating an earlier attempt is not built again
     _tried: dict[tuple[str, tuple[str, ...]], Built | bool] = field(default_factory=dict)
@@ -738,6 +739,7 @@ class AutoSearch:
             "repairs": self.repairs,
             "skipped": self.skipped,
             "decisions": self.decisions,
+            "fewer_threads": self.threads_notes,
             "steps_s": self.steps_s,
         }
 
@@ -861,6 +863,8 @@ def search_notes(auto: dict[str, Any]) -> list[str]:
         # wrapped, not cut: a reason cut mid-word hid what to do about it (a user review)
         lines.append(textwrap.fill(f"not tried: {skipped['name']}: {skipped['reason']}", width=120,
                                    subsequent_indent="    "))
+    lines += [textwrap.fill(f"threads: {note}", width=120, subsequent_indent="    ")
+              for note in auto.get("fewer_threads", [])]  # reports written before the step have none
     if auto["excluded_nodes"]:
         lines.append(f"left in float: {', '.join(auto['excluded_nodes'])}")
     lines.append(f"rule: {auto['rule']}")

@@ -615,7 +615,8 @@ def optimize(
         add_fewer_thread_twins(built, baseline=BASELINE, samples=samples, settings=settings, reference=reference,
                                tolerance=tolerance, batch=min(config.batch_sizes),
                                probe_seconds=max(config.benchmark_seconds / 2, 0.1),
-                               deadline=deadline - 0.1 * config.time_budget_s, note=search.decisions.append)
+                               deadline=deadline - 0.1 * config.time_budget_s, note=search.threads_notes.append)
+        search.decisions += search.threads_notes
         search.steps_s["fewer_threads"] = round(time.monotonic() - threads_started, 3)
         skipped = search.skipped
     else:

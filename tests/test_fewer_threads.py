@@ -17,6 +17,7 @@ import pytest
 from app.runtime.sessions import LoadedSession
 from optimizer import threads
 from optimizer.accuracy import Tolerance, run_outputs
+from optimizer.auto import format_table
 from optimizer.calibration import load_samples
 from optimizer.pipeline import BASELINE, OptimizeConfig, optimize
 from optimizer.runtime import THREADS_KEY, SessionSettings, create_session, threads_hint
@@ -102,7 +103,8 @@ def test_auto_probes_fewer_threads_and_reports_what_it_decided(tmp_path: Path) -
     assert len(decided) == 1
     twins = [c for c in auto["candidates"] if c["name"].endswith(threads.SUFFIX)]
     assert bool(twins) == ("twins of" in decided[0])
-    assert "fewer_threads" in auto["steps_s"]
+    assert "fewer_threads" in auto["steps_s"] and auto["fewer_threads"] == decided
+    assert f"threads: {decided[0][:40]}" in format_table(result.report)  # the CLI prints what was decided
     # whatever won, the file written is the one that serves, and a one-thread winner says so in its metadata
     served = onnx.load(str(result.model_path))
     hint = {p.key: p.value for p in served.metadata_props}.get(THREADS_KEY)
