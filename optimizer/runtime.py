@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import logging
 import math
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +85,7 @@ def max_supported_ir_version() -> int:
 
 
 def cuda_is_usable(available: Sequence[str] | None = None) -> bool:
-    """True only when onnxruntime-gpu is installed *and* a session really gets the CUDA provider.
+    """True only when onnxruntime-gpu is installed *and* a session really gets the CUDA provider and runs on it.
 
     onnxruntime-gpu lists CUDAExecutionProvider even without a GPU and silently falls back to
     CPU at session creation, so the list alone proves nothing.
@@ -90,39 +93,132 @@ def cuda_is_usable(available: Sequence[str] | None = None) -> bool:
     available = ort.get_available_providers() if available is None else available
     if CUDA not in available:
         return False
-    return _cuda_session_works()
+    return cuda_probe().works
+
+
+@dataclass(frozen=True)
+class ProviderProbe:
+    """What one trial session on a provider showed: `works` only when the session got that provider first and a
+    kernel run on it gave the right numbers; `detail` is ONNX Runtime's own words when it did not."""
+
+    works: bool
+    providers: tuple[str, ...] = ()  # what the trial session got (session.get_providers()), not what was asked
+    detail: str | None = None
+
+
+#: Run in a child process by `probe_provider`: a session asking for argv[1] (then CPU) on the model read from stdin,
+#: one run of it, and a JSON line with what it got. Its stderr is ONNX Runtime's log, read for the reason.
+_PROBE_CHILD = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+result = {"providers": [], "ran": False, "error": None}
+try:
+    session = ort.InferenceSession(sys.stdin.buffer.read(), providers=[sys.argv[1], "CPUExecutionProvider"])
+    result["providers"] = session.get_providers()
+    x = np.arange(1, 9, dtype=np.float32)
+    result["ran"] = bool(np.array_equal(session.run(None, {"x": x})[0], x + x))
+except Exception as exc:
+    result["error"] = f"{type(exc).__name__}: {exc}"
+print("\\n" + json.dumps(result))
+"""
+PROBE_TIMEOUT_S = 120.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LIBRARY_FAILED = re.compile(r"Failed to load library (\S+) with error: (.*)")
+
+
+def _probe_model() -> bytes:
+    """x + x: an elementwise kernel that really launches on the device (an Identity is a bare copy, so a GPU whose
+    architecture the wheel has no kernels for, e.g. one CUDA 13 dropped, would pass with it and fail every run)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # every ONNX Runtime of the two extras loads it (the GPU wheel may be older: pitfalls)
+    return model.SerializeToString()
+
+
+def probe_provider(provider: str, timeout_s: float = PROBE_TIMEOUT_S) -> ProviderProbe:
+    """Try `provider` for real: a session asking for it runs x + x, in a child process.
+
+    WHY a child: ONNX Runtime writes its reasons (the CUDA library that did not load, the CUDA error) straight to the
+    process's stderr, where they came before the service's one `error:` line, and only there; a broken driver can
+    hang or crash the process that initializes CUDA. The child's stderr is read for the reason instead.
+    """
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE_CHILD, provider], input=_probe_model(),
+                              capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return ProviderProbe(False, detail=f"a trial session on {provider} did not finish within {timeout_s:g} s")
+    except OSError as exc:
+        return ProviderProbe(False, detail=f"the trial process did not start: {exc}")
+    return probe_verdict(provider, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"),
+                         done.returncode)
+
+
+def probe_verdict(provider: str, stdout: str, stderr: str, returncode: int = 0) -> ProviderProbe:
+    """Read a probe child's output: works only if the session got `provider` first and its run was right."""
+    try:
+        result = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        said = _ort_error(stderr) or stderr.strip()[-300:] or "no output"
+        return ProviderProbe(False, detail=f"the trial process ended with code {returncode}: {said}")
+    providers = tuple(result.get("providers") or ())
+    if result.get("error"):
+        return ProviderProbe(False, providers, _ort_error(stderr) or _clean(result["error"]))
+    if not providers or providers[0] != provider:
+        return ProviderProbe(False, providers, _ort_error(stderr) or f"the session fell back to {', '.join(providers)}")
+    if not result.get("ran"):
+        return ProviderProbe(False, providers, f"a session got {provider} but x + x computed on it was wrong")
+    return ProviderProbe(True, providers)
+
+
+def _clean(text: str) -> str:
+    return " ".join(_ANSI.sub("", text).split())[:400]
+
+
+def _ort_error(stderr: str) -> str | None:
+    """ONNX Runtime's first logged error (an "[E:onnxruntime" line), e.g. "Failed to load library
+    .../libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared object file"."""
+    for line in _ANSI.sub("", stderr).splitlines():
+        if "[E:onnxruntime" in line:
+            message = line.split(" : FAIL : ", 1)[1] if " : FAIL : " in line else line.rsplit("] ", 1)[-1]
+            library = _LIBRARY_FAILED.search(message)
+            return _clean(f"{Path(library[1]).name} did not load: {library[2]}" if library else message)
+    return None
 
 
 @functools.cache
-def _cuda_session_works() -> bool:
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(_tiny_model(8), options, providers=[CUDA, CPU])
-    except Exception:  # noqa: BLE001
-        return False
-    return session.get_providers()[0] == CUDA
+def cuda_probe() -> ProviderProbe:
+    """The CUDA probe, once per process (a few seconds with a GPU: CUDA initializes in the child)."""
+    return probe_provider(CUDA)
 
 
 def cuda_unavailable_reason(available: Sequence[str] | None = None, *, session_works: bool | None = None,
-                            dev: Path = Path("/dev")) -> str | None:
+                            dev: Path = Path("/dev"), detail: str | None = None) -> str | None:
     """Why CUDA cannot run sessions here, in words an operator can act on; None when it can.
 
     The service refuses to start on an explicit `cuda` that cannot be met (as Triton refuses to load), so the
-    reason must say which of the three it is: the CPU wheel installed, no GPU visible, or CUDA's libraries missing.
+    reason must say which of the three it is: the CPU wheel installed, no GPU visible, or CUDA's libraries missing;
+    with ONNX Runtime's own words (`detail`, by default the probe's) naming the library or the CUDA error.
     """
     available = ort.get_available_providers() if available is None else available
     if CUDA not in available:
         wheel = "onnxruntime-gpu" if _installed("onnxruntime-gpu") else "onnxruntime (the CPU build)"
         return (f"CUDAExecutionProvider is not available: the installed ONNX Runtime is {wheel} {ort.__version__}, "
                 f"offering {', '.join(available)}; install onnxruntime-gpu (the gpu extra) in place of onnxruntime")
-    if _cuda_session_works() if session_works is None else session_works:
+    if session_works is None:
+        probe = cuda_probe()
+        session_works, detail = probe.works, detail or probe.detail
+    if session_works:
         return None
-    if not any(dev.glob("nvidia[0-9]*")):
+    said = f" (ONNX Runtime: {detail})" if detail else ""
+    if not any(dev.glob("nvidia[0-9]*")) and not (dev / "dxg").exists():  # dxg: the GPU of WSL2
         return ("onnxruntime-gpu is installed but no NVIDIA GPU is visible here (no /dev/nvidia*): in a container, "
-                "run it with the GPU (docker --gpus all, the NVIDIA Container Toolkit)")
-    return ("onnxruntime-gpu is installed and a GPU is visible, but a session fell back to CPU: the CUDA or cuDNN "
-            "libraries it needs did not load (ONNX Runtime's log names the missing one)")
+                f"run it with the GPU (docker --gpus all, the NVIDIA Container Toolkit){said}")
+    return ("onnxruntime-gpu is installed and a GPU is visible, but a trial session on CUDA failed or fell back to "
+            f"CPU: the CUDA or cuDNN libraries it needs did not load, or the GPU refused the work{said}")
 
 
 def _installed(distribution: str) -> bool:
@@ -133,10 +229,12 @@ def _installed(distribution: str) -> bool:
     return True
 
 
-def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None) -> str:
+def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None,
+                     available: Sequence[str] | None = None) -> str:
     """Turn "auto" | "cpu" | "cuda" into the provider that will really serve ("cpu" or "cuda").
 
-    "auto" picks CUDA only when it really works here. The library, asked for "cuda" where it does not work,
+    "auto" picks CUDA only when it really works here; where onnxruntime-gpu is installed (someone meant a GPU) and
+    it does not, the CPU is chosen with a warning saying why. The library, asked for "cuda" where it does not work,
     falls back to "cpu" with a warning saying why (the report says what was used); the service refuses to start
     instead (app/cli.py, with cuda_unavailable_reason).
     """
@@ -145,11 +243,14 @@ def resolve_provider(requested: str = "auto", *, cuda_usable: bool | None = None
         raise ValueError(f"unknown provider {requested!r}: use auto, cpu or cuda")
     if requested == "cpu":
         return "cpu"
-    usable = cuda_is_usable() if cuda_usable is None else cuda_usable
+    available = ort.get_available_providers() if available is None else available
+    usable = cuda_is_usable(available) if cuda_usable is None else cuda_usable
     if usable:
         return "cuda"
     if requested == "cuda":
-        log.warning("CUDA was requested but is not usable here (%s); using CPU", cuda_unavailable_reason())
+        log.warning("CUDA was requested but is not usable here (%s); using CPU", cuda_unavailable_reason(available))
+    elif CUDA in available:
+        log.warning("provider auto chose CPU: %s", cuda_unavailable_reason(available))
     return "cpu"
 
 
@@ -183,6 +284,10 @@ def create_session(model: bytes | str | Path, settings: SessionSettings | None =
         # THREADS_KEY). ONNX Runtime sizes its pool at creation, so the session is made again; only such models pay.
         options.intra_op_num_threads = fewer
         session = ort.InferenceSession(source, options, providers=providers, **extra)
+    if settings.provider == "cuda" and session.get_providers()[0] != CUDA:
+        # ONNX Runtime falls back to CPU when the CUDA provider cannot be made for this session (its "EP Error ...
+        # Falling back" on stdout, or nothing): callers read session_provider, and the log says it happened
+        log.warning("a session asked for CUDA got %s: it runs on the CPU", ", ".join(session.get_providers()))
     return session
 
 
