@@ -80,14 +80,20 @@ class Database:
                 else {"connect_timeout": _CONNECT_TIMEOUT_S}
             self.engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
             write_engine = self.engine
+        self._write_engine = write_engine
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(write_engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
         """Create missing tables. On PostgreSQL, replicas and workers starting at once would race on
         CREATE TABLE (one fails on a duplicate type), so they take turns under an advisory lock.
-        A database made by an older release gets the columns added since (ADDED_COLUMNS)."""
-        with self.engine.begin() as connection:
+        A database made by an older release gets the columns added since (ADDED_COLUMNS).
+
+        On SQLite the transaction takes the write lock up front (BEGIN IMMEDIATE): an API and a worker started
+        together on an older (or new) database both read the schema, then both write it; the second one's deferred
+        transaction cannot take the lock over a stale read and failed at once with "database is locked" (no busy
+        wait), so one of them died at start-up. Queued behind the lock, it reads the schema the first one wrote."""
+        with self._write_engine.begin() as connection:
             if not self.is_sqlite:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
             Base.metadata.create_all(connection)
