@@ -128,9 +128,18 @@ def summary(report: dict[str, Any]) -> str:
         f"vs original: median of round-by-round speed-ups over the original at batch {selection_batch(report)}, "
         "all variants timed interleaved in one run, with the 95% interval",
         "",
-        f"provider: {report['provider']}   accuracy data: {data}",
+        f"provider: {_provider(report)}   accuracy data: {data}",
         f"selected: {report['selected']} ({report.get('selection_reason', '')})",
         f"{served_speedup(report)}   size ratio: {_fmt(report.get('size_ratio'))}",
     ]
     lines += [f"note: {note}" for note in report.get("accuracy_notes", [])]
     return "\n".join(lines)
+
+
+def _provider(report: dict[str, Any]) -> str:
+    """The provider that measured, and the one asked for when it was not usable (the fallback's warning is a log
+    line, which `--quiet` hides: the table is what stays)."""
+    asked = (report.get("config") or {}).get("provider")
+    if asked in (None, "auto", report["provider"]):
+        return report["provider"]
+    return f"{report['provider']} ({asked} was asked for and is not usable here)"
