@@ -283,9 +283,19 @@ def _serving_after(services: Services, name: str, version: int | None) -> Servin
 # -- report and artifact ------------------------------------------------------------------------------
 
 
+def _no_version_query(version: str | None, name: str, what: str) -> None:
+    """BadRequestError when a model-level route gets `?version=`: it answered for the serving version instead (a
+    download of `?version=2` was version 1's file, with a 200)."""
+    if version is not None:
+        raise BadRequestError(f"{what} takes no 'version' query parameter: ask "
+                              f"/v1/models/{name}/versions/{version}/{what} for one version (without it: the serving "
+                              "version's)")
+
+
 @router.get("/{name}/report", responses=_ERRORS)
-def model_report(name: str, services: Services = Depends(services_of)) -> dict[str, Any]:
+def model_report(name: str, version: str | None = None, services: Services = Depends(services_of)) -> dict[str, Any]:
     """The optimizer's report for the serving version: variants, sizes, latency, accuracy, speedup, provider."""
+    _no_version_query(version, name, "report")
     row, report = services.registry.report(name)
     return {"model": row.name, "version": row.version, "selected": row.selected, "report": report}
 
@@ -305,8 +315,10 @@ def _artifact(services: Services, name: str, version: int | None, variant: str |
 
 
 @router.get("/{name}/artifact", response_class=FileResponse, responses=_ERRORS)
-def model_artifact(name: str, variant: str | None = None, services: Services = Depends(services_of)) -> FileResponse:
+def model_artifact(name: str, variant: str | None = None, version: str | None = None,
+                   services: Services = Depends(services_of)) -> FileResponse:
     """Download the serving version's ONNX file: `variant` optimized or original (default: the one that serves)."""
+    _no_version_query(version, name, "artifact")
     return _artifact(services, name, None, variant)
 
 
