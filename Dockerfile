@@ -3,7 +3,8 @@
 #   docker build --target gpu -t onnxforge:gpu .   (NVIDIA CUDA 13 + cuDNN 9 runtime + onnxruntime-gpu 1.31)
 # onnxruntime-gpu 1.31 on PyPI is built against CUDA 13.x and cuDNN 9.x (its `cuda`/`cudnn` extras
 # name nvidia-cuda-runtime~=13.0 and nvidia-cudnn-cu13~=9.0), so the GPU base is CUDA 13 with cuDNN 9.
-# Dependencies are installed before the code is copied: a code change rebuilds only the last layers.
+# Dependencies are installed before the code is copied: a code change rebuilds only the last layers. Their versions
+# are deploy/constraints.txt's (the ones the tests ran on): a rebuild does not pick up new releases unseen.
 # Every dependency ships binary wheels, so no compiler is needed in any stage.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
@@ -20,10 +21,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY deploy/constraints.txt ./deploy/
 # Install only the dependencies (empty packages stand in for the code), then drop the stand-in.
 # hadolint ignore=DL3013
 RUN mkdir app optimizer && touch app/__init__.py optimizer/__init__.py \
-    && pip install ".[cpu,postgres,s3]" "onnxruntime==${ORT_VERSION}" \
+    && pip install -c deploy/constraints.txt ".[cpu,postgres,s3]" "onnxruntime==${ORT_VERSION}" \
     && pip uninstall -y onnxforge && rm -rf app optimizer
 COPY app ./app
 COPY optimizer ./optimizer
@@ -43,9 +45,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY deploy/constraints.txt ./deploy/
 # hadolint ignore=DL3013
 RUN mkdir app optimizer && touch app/__init__.py optimizer/__init__.py \
-    && pip install ".[gpu,postgres,s3]" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+    && pip install -c deploy/constraints.txt ".[gpu,postgres,s3]" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
     && pip uninstall -y onnxforge && rm -rf app optimizer
 COPY app ./app
 COPY optimizer ./optimizer
