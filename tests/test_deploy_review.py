@@ -221,6 +221,8 @@ def test_nginx_timeouts_fit_the_service() -> None:
     limit = re.search(r"client_max_body_size (\d+)m;", predict)
     assert limit is not None
     assert Settings().max_predict_body_bytes <= int(limit.group(1)) * MiB <= Settings().max_predict_body_bytes + 2 * MiB
+    # A predict is not left waiting (and then replayed: non_idempotent) for the uploads' 960 s.
+    assert Settings().predict_time_limit_s < _seconds(predict, "proxy_read_timeout") <= 300
 
 
 def _nginx(tmp: Path, upstream_port: int) -> tuple[str, subprocess.Popen]:
