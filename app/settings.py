@@ -243,7 +243,8 @@ _UNITS = {"_s": " seconds", "_ms": " ms", "_mb": " MiB", "_bytes": " bytes"}
 
 # ONNXFORGE_* variables that are not settings but are read elsewhere: by docker compose (API_CPUS), between our own
 # processes (SERVE_OVERRIDES, WORKER_SETTINGS), by the benchmarks and the tests.
-OTHER_VARIABLES = frozenset({"ONNXFORGE_API_CPUS", "ONNXFORGE_SERVE_OVERRIDES", "ONNXFORGE_WORKER_SETTINGS",
+OTHER_VARIABLES = frozenset({"ONNXFORGE_API_CPUS", "ONNXFORGE_API_MEMORY", "ONNXFORGE_WORKER_MEMORY",
+                             "ONNXFORGE_SERVE_OVERRIDES", "ONNXFORGE_WORKER_SETTINGS",
                              "ONNXFORGE_BENCH_CACHE", "ONNXFORGE_TEST_POSTGRES_URL"})
 
 

@@ -544,3 +544,10 @@ def test_worker_container_stopped_mid_job_puts_the_job_back_for_the_next_worker(
         if worker.poll() is None:
             os.kill(pid1, signal.SIGKILL)
             worker.wait(10)
+
+
+def test_compose_only_variables_get_no_unknown_setting_warning() -> None:
+    """A shell that exports compose's own variables (the memory limits) got "not a setting" warnings from serve."""
+    from app.settings import unknown_variables
+
+    assert unknown_variables({name: "1" for name in COMPOSE_ONLY}) == []
