@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services.jobs import JobQueue, worker_is_dead
+from app.services.jobs import JobQueue, worker_host, worker_is_dead
 from app.store import Database, Job, ModelVersion, utcnow
 
 
@@ -45,7 +45,7 @@ def test_concurrent_workers_never_claim_a_job_twice(tmp_path: Path) -> None:
 
     def work(n: int) -> None:
         queue = JobQueue(Database(db.url), lease_s=30, max_attempts=2)  # its own engine and connections
-        while (job := queue.claim(f"{socket.gethostname()}:0:w{n}")) is not None:
+        while (job := queue.claim(f"{worker_host()}:0:w{n}")) is not None:
             with lock:
                 claimed.append(job.id)
 
@@ -97,9 +97,9 @@ def test_a_dead_local_worker_is_recovered_before_its_lease_ends(tmp_path: Path) 
     db = _db(tmp_path)
     (job_id,) = _add_jobs(db, 1)
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_worker = f"{socket.gethostname()}:{finished.stdout.strip()}:abc"
+    dead_worker = f"{worker_host()}:{finished.stdout.strip()}:abc"
     assert worker_is_dead(dead_worker)
-    assert not worker_is_dead(f"{socket.gethostname()}:1:abc")  # pid 1 lives
+    assert not worker_is_dead(f"{worker_host()}:1:abc")  # pid 1 lives
     queue = JobQueue(db, lease_s=3600, max_attempts=2)
     queue.claim(dead_worker)
     assert queue.recover_lost() == [(job_id, "requeued")]
@@ -126,3 +126,14 @@ def test_a_worker_that_lost_its_job_cannot_record_an_outcome(tmp_path: Path) -> 
 @pytest.mark.parametrize("worker_id", [None, "", "elsewhere:123:x", "garbage"])
 def test_unknown_workers_are_judged_by_their_lease(worker_id: str | None) -> None:
     assert worker_is_dead(worker_id) is (not worker_id)
+
+
+def test_a_worker_of_the_same_host_name_in_another_pid_namespace_is_judged_by_its_lease() -> None:
+    """Two worker containers sharing a host name: a pid not alive here says nothing about the other namespace's
+    worker (by host name alone, its running job was requeued and ran twice; deploy review, 2026-11-28)."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_here = finished.stdout.strip()
+    assert worker_is_dead(f"{worker_host()}:{dead_here}:abc")  # this namespace: certainly dead
+    assert worker_host().startswith(f"{socket.gethostname()}~")  # Linux: the namespace is part of the host
+    other_namespace = f"{socket.gethostname()}~1:{dead_here}:abc"
+    assert not worker_is_dead(other_namespace)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.services.jobs import JobQueue
+from app.services.jobs import JobQueue, worker_host
 from app.store import Database, Job, ModelVersion
 from tests import models
 
@@ -384,7 +384,7 @@ def test_workers_racing_on_postgresql_never_claim_a_job_twice(new_database: Call
     def work(n: int) -> None:
         queue = JobQueue(Database(db.url), lease_s=30, max_attempts=2)  # its own engine and connections
         barrier.wait()
-        while (job := queue.claim(f"{socket.gethostname()}:0:w{n}")) is not None:
+        while (job := queue.claim(f"{worker_host()}:0:w{n}")) is not None:
             with lock:
                 claimed.append(job.id)
         queue.db.dispose()

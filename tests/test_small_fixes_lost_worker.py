@@ -4,13 +4,12 @@ ended, and for ever with no worker running."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from datetime import timedelta
 
 from sqlalchemy import update
 
-from app.services.jobs import JobQueue, new_worker_id
+from app.services.jobs import JobQueue, new_worker_id, worker_host
 from app.store import Job, WorkerBeat, utcnow
 from tests import models
 
@@ -26,7 +25,7 @@ def test_a_job_whose_worker_process_is_gone_says_so(serve) -> None:  # noqa: ANN
     with serve(run_worker=False) as api:
         job_id = api.upload(models.mlp(), "m.onnx").json()["job_id"]
         queue = JobQueue(api.services.db, lease_s=30, max_attempts=2)
-        dead = f"{socket.gethostname()}:{_dead_pid()}:deadbeef"
+        dead = f"{worker_host()}:{_dead_pid()}:deadbeef"
         queue.beat(dead, 1)
         assert queue.claim(dead).id == job_id
         view = api.job(job_id)

@@ -7,7 +7,6 @@ Whether jobs ran at once is read from the database's own timestamps (started_at,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from app.services.jobs import _CLAIM_LOCK_KEY, JobQueue
+from app.services.jobs import _CLAIM_LOCK_KEY, JobQueue, worker_host
 from app.settings import Settings
 from app.store import Database, Job, utcnow
 from app.worker.embedded import SETTINGS_ENV
@@ -97,7 +96,7 @@ def test_racing_claimers_never_exceed_the_global_cap(queue_db: Database, cap: in
         queue = JobQueue(Database(db.url), lease_s=30, max_attempts=2, max_running=cap)  # its own connections
         barrier.wait()
         for _ in range(5):
-            job = queue.claim(f"{socket.gethostname()}:0:w{n}")
+            job = queue.claim(f"{worker_host()}:0:w{n}")
             if job is not None:
                 with lock:
                     claimed.append(job.id)

@@ -36,9 +36,24 @@ WORKER_SEEN_WITHIN_S = 15.0
 _FORGET_WORKERS_AFTER = timedelta(days=1)  # rows of workers gone this long are deleted
 
 
+def worker_host() -> str:
+    """The host name, and the process-id namespace when there is one: "host~namespace".
+
+    WHY the namespace: two worker containers given one host name (`network_mode: host`, a fixed `hostname:`) each
+    see pid numbers of their own; by host name alone, one took the other's running job for dead (its pid was not
+    alive in its own namespace) and queued it again, so the job ran twice. Another namespace is another host here:
+    judged by its lease."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc (not Linux): the host name alone
+        return socket.gethostname()
+    return f"{socket.gethostname()}~{namespace}"
+
+
 def new_worker_id() -> str:
-    """host:pid:nonce; the host and pid let a worker on the same machine see that another is dead."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """host:pid:nonce (host: `worker_host`); the host and pid let a worker of the same host and pid namespace see
+    that another is dead."""
+    return f"{worker_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def worker_is_dead(worker_id: str | None) -> bool:
@@ -50,7 +65,7 @@ def worker_is_dead(worker_id: str | None) -> bool:
         return True
     host, _, rest = worker_id.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != worker_host() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     try:
