@@ -15,6 +15,8 @@ import onnx
 import pytest
 
 from app.runtime.sessions import LoadedSession
+from app.services.jobs import new_worker_id
+from app.storage.base import OPTIMIZED, artifact_key
 from optimizer import threads
 from optimizer.accuracy import Tolerance, run_outputs
 from optimizer.auto import format_table
@@ -109,3 +111,23 @@ def test_auto_probes_fewer_threads_and_reports_what_it_decided(tmp_path: Path) -
     served = onnx.load(str(result.model_path))
     hint = {p.key: p.value for p in served.metadata_props}.get(THREADS_KEY)
     assert hint == ("1" if result.selected.endswith(threads.SUFFIX) else None)
+
+
+def test_the_download_of_a_one_thread_winner_says_how_many_threads_it_was_measured_on(serve, tmp_path: Path) -> None:  # noqa: ANN001
+    """Plain ONNX Runtime ignores the file's metadata: a downloaded one-thread winner ran 1.01x on its default threads
+    against the 1.27x reported (truth review, 2026-11-28), so the download says it in a header too."""
+    with serve(run_worker=False) as api:
+        assert api.upload(models.mlp(), name="m").status_code == 202
+        services = api.services
+        worker = new_worker_id()
+        job = services.jobs.claim(worker)
+        written = tmp_path / "one.onnx"
+        written.write_bytes(threads.with_threads(models.mlp(), 1).SerializeToString())
+        services.store.put_file(artifact_key(job.name, job.version, OPTIMIZED), written, move=True)
+        selected = f"original{threads.SUFFIX}"
+        report = {"baseline": "original", "selected": selected, "provider": "cpu"}
+        assert services.jobs.succeed(job, worker, report=report, selected=selected, provider="cpu")
+        optimized = api.client.get("/v1/models/m/artifact?variant=optimized")
+        assert optimized.status_code == 200
+        assert optimized.headers["x-onnxforge-intra-op-threads"] == "1"
+        assert "x-onnxforge-intra-op-threads" not in api.client.get("/v1/models/m/artifact?variant=original").headers
