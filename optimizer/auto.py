@@ -538,7 +538,8 @@ class AutoSearch:
             candidate = static_twin(row.settings, exclude=exclude, suffix=suffix, shared=self.shared,
                                     equalized=self.equalized)
         elif row.settings.get("conv_as_matmul"):
-            candidate = conv_matmul_candidate(exclude=exclude, suffix=suffix, prepared=self.prepared)
+            candidate = conv_matmul_candidate(exclude=exclude, suffix=suffix, prepared=self.prepared,
+                                              reduce_range=bool(row.settings.get("reduce_range")))
         else:
             candidate = dynamic_candidate(row.settings["weight_type"], row.settings["per_channel"], exclude=exclude,
                                           suffix=suffix, prepared=self.prepared,

@@ -103,18 +103,24 @@ def dynamic_candidate(weight_type: str = "int8", per_channel: bool = True, exclu
 
 
 def conv_matmul_candidate(exclude: tuple[str, ...] = (), suffix: str = "",
-                           prepared: int8_dynamic.Preprocessed | None = None) -> Candidate:
+                           prepared: int8_dynamic.Preprocessed | None = None, reduce_range: bool = False) -> Candidate:
     """Dynamic S8 per-channel INT8 of the model with its 1-D Convs rewritten as im2col + MatMul ("-c2m",
     optimizer/passes/conv_matmul.py): a range per run and a float output, on the fast MatMul kernels.
 
     Only MatMul/Gemm are quantized: the Convs left (2-D) would become ConvInteger, 0.25-0.7x FP32 here.
     Magika (bench/int8_levers.py, this AMX Xeon): every static recipe flips 6-7 of 268 top-1 decisions; this one
     2 of 800 with its Dense layers in float (1.3-1.6x FP32 under load 8-11).
+    `reduce_range`: 7-bit weights ("-rr"), for x86 CPUs without VNNI (`u8s8_saturates`): on an AVX2 EPYC the 8-bit
+    recipe's small 1-D CNN (tests/test_conv_matmul.py) kept 98.0% of 300 top-1 decisions, where VNNI kept 100%.
     """
     config = int8_dynamic.Int8DynamicConfig(weight_type="int8", per_channel=True, op_types=("MatMul", "Gemm"),
-                                            nodes_to_exclude=exclude)
+                                            nodes_to_exclude=exclude, reduce_range=reduce_range)
     settings: dict[str, Any] = {"mode": "dynamic", "weight_type": "int8", "per_channel": True,
                                 "op_types": ["MatMul", "Gemm"], "conv_as_matmul": True}
+    name = "int8-dynamic-s8-pc-c2m"
+    if reduce_range:
+        settings["reduce_range"] = True
+        name += "-rr"
 
     def build(model: onnx.ModelProto, samples: SampleSet) -> PassResult:
         rewritten = conv_matmul.run(model, samples.holdout[0])
@@ -125,7 +131,7 @@ def conv_matmul_candidate(exclude: tuple[str, ...] = (), suffix: str = "",
         result.notes[:0] = rewritten.notes
         return result
 
-    return Candidate(_excluding("int8-dynamic-s8-pc-c2m", settings, exclude, suffix), "int8", settings, build)
+    return Candidate(_excluding(name, settings, exclude, suffix), "int8", settings, build)
 
 
 def smooth_config(alpha: float) -> smooth.SmoothConfig:
@@ -299,6 +305,8 @@ def auto_plan(*, provider: str, method: str, has_calibration: bool, fp16_on_cpu:
         # 1-D Convs as MatMuls: dynamic INT8's accuracy at MatMul speed (Magika: static flips 6-7 of 268 decisions);
         # first of the dynamic ones, which run such Convs as ConvInteger (Magika 0.28-0.47x)
         dynamic.insert(0, conv_matmul_candidate(prepared=prepared))
+        if saturates:
+            dynamic.insert(1, conv_matmul_candidate(prepared=prepared, reduce_range=True))
     if matmul_heavy and has_calibration:
         # LayerNorm outputs' outlier channels made MiniLM's repair keep 8 nodes in float (1.51x); smoothed, 2 (1.90x)
         dynamic.append(dynamic_candidate("int8", per_channel=True, prepared=prepared, smooth_alpha=SMOOTH_ALPHA,
