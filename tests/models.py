@@ -6,6 +6,8 @@ onnxruntime wheel loads it) and a dynamic batch axis named "batch".
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -325,3 +327,11 @@ def zipmap_classifier() -> onnx.ModelProto:
     model = helper.make_model(helper.make_graph(nodes, "zipmap", [x], [label, probs]), opset_imports=opsets)
     model.ir_version = IR_VERSION
     return model
+
+
+def calibration_npz(model: onnx.ModelProto, samples: int = 24) -> bytes:
+    """A calibration .npz for `model`: `samples` rows of `random_feed` (batch 1, seeds 0..samples-1) per input."""
+    feeds = [random_feed(model, batch=1, seed=i) for i in range(samples)]
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
+    return buffer.getvalue()

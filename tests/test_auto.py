@@ -6,12 +6,10 @@ so what they assert does not depend on how fast this machine happens to be.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from optimizer import sensitivity
@@ -34,10 +32,7 @@ GRID = {"int8-dynamic-s8-pc", "int8-dynamic-u8-pc"} | {
 
 
 def _npz(model: onnx.ModelProto, samples: int = 24) -> bytes:
-    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(samples)]
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
-    return buffer.getvalue()
+    return models.calibration_npz(model, samples)
 
 
 def search_on(model: onnx.ModelProto) -> AutoSearch:

@@ -422,6 +422,16 @@ needs_pid_namespace = pytest.mark.skipif(not _pid_namespaces_work(),
                                          reason="unshare --pid is not permitted here (root, or a user namespace)")
 
 
+
+def _wait_for_200(url: str) -> None:
+    """Until `url` answers 200 (at most ~60 s of refused connections)."""
+    for _ in range(600):
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+
 def _as_pid_1(command: list[str], env: dict[str, str], log: Path, init: bool) -> tuple[subprocess.Popen, int]:
     """`command` as PID 1 of a new PID namespace, or under tini as PID 1 (compose's `init: true`); returns the
     unshare process and the host pid of PID 1, which is where `docker stop` sends SIGTERM."""
@@ -452,12 +462,7 @@ def test_sigterm_to_serve_as_pid_1_drains_an_in_flight_predict(tmp_path: Path, i
     process, pid1 = _as_pid_1([sys.executable, "-m", "app.cli", "serve", "--no-worker"], env, tmp_path / "log", init)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        _wait_for_200(f"{url}/healthz")
         files = {"file": ("slow.onnx", slow_loop().SerializeToString()), "calibration": ("s.npz", calibration())}
         assert httpx.post(f"{url}/v1/models", files=files, data={"name": "slow"}, timeout=60).status_code == 202
         # A predict of ~300,000 Loop trips (seconds): sent whole, then the signal while it runs.
@@ -501,12 +506,7 @@ def test_worker_container_stopped_mid_job_puts_the_job_back_for_the_next_worker(
     second = None
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        _wait_for_200(f"{url}/readyz")
         data = models.mlp().SerializeToString()
         answer = httpx.post(f"{url}/v1/models", files={"file": ("m.onnx", io.BytesIO(data))}, data={"name": "m"},
                             timeout=60)

@@ -6,7 +6,6 @@ the file asks for, never more threads than the settings give, and twins are judg
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
@@ -58,10 +57,7 @@ def test_the_service_serves_a_one_thread_variant_on_one_thread(tmp_path: Path) -
 
 
 def _npz(model: onnx.ModelProto, samples: int = 20) -> bytes:
-    feeds = [models.random_feed(model, batch=1, seed=i) for i in range(samples)]
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
-    return buffer.getvalue()
+    return models.calibration_npz(model, samples)
 
 
 def test_twins_are_built_for_the_original_and_passing_variants_and_judged(monkeypatch: pytest.MonkeyPatch) -> None:
