@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,8 @@ import onnx
 import pytest
 
 from tests import hostile, models, service
-from tests.conftest import npz
+from tests.conftest import CHROMEDRIVER, CHROMIUM, npz
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 KEY = "dashboard-test-key-0123456789"
 
 
@@ -75,26 +73,23 @@ def running_service(tmp_path: Path, **settings: Any) -> Iterator[str]:  # noqa: 
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - a selenium WebDriver
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+def browser(chromium):  # noqa: ANN001, ANN201 - a selenium WebDriver
+    """The run's Chromium (conftest.chromium) in a fresh tab, as a new browser shows a page: its own sessionStorage
+    (where the page keeps the API key), no alert, 1150x900; the previous test's tab, and what polls in it, is closed."""
+    from selenium.common.exceptions import NoAlertPresentException
 
-    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must not download anything
-    # Chromium writes its crash database (~/.config/chromium) and dconf (~/.cache/dconf) outside --user-data-dir.
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1150,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_script_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    old = chromium.window_handles
+    chromium.switch_to.new_window("tab")
+    fresh = chromium.current_window_handle
+    for handle in old:
+        chromium.switch_to.window(handle)
+        with suppress(NoAlertPresentException):
+            chromium.switch_to.alert.dismiss()
+        chromium.close()
+    chromium.switch_to.window(fresh)
+    chromium.set_window_size(1150, 900)
+    chromium.set_script_timeout(30)
+    return chromium
 
 
 def screenshot_dir(tmp_path: Path) -> Path:
