@@ -318,6 +318,57 @@ def validate_upload(model_path: Path, filename: str | None, calibration_path: Pa
                            calibration_path=calibration_path, options=options, **facts)
 
 
+def _external_data_advice(path: Path) -> str | None:
+    """What to do with a model whose weights sit in data files beside it, or None for a hostile location.
+
+    WHY: torch.onnx.export(..., dynamo=True) writes model.onnx + model.onnx.data whenever external_data=True (its
+    default), even for a 1 MB model. The 400 said the file was "missing from the model's folder", a folder an upload
+    does not have, and its fix (save_model(model, ...)) did not say that onnx.load must read the data file first.
+    Locations that are absolute or climb out (../) keep loading's own refusal: they are not an exporter's side file.
+    """
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - loading already parsed it; any doubt keeps loading's message
+        return None
+    sizes: dict[str, int] = {}
+    count = 0
+    for tensor in _tensors_with_external_data(model.graph):
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or "\\" in location:
+            return None
+        count += 1
+        sizes[location] = sizes.get(location, 0) + int(info.length or 0)
+    if not sizes:
+        return None
+    files = ", ".join(repr(name) for name in sorted(sizes))
+    total = sum(sizes.values())
+    shown = f", {total / 2**20:.1f} MiB" if total else ""
+    first = sorted(sizes)[0]
+    model_file = first[: -len(".data")] if first.endswith(".onnx.data") else "model.onnx"
+    return (f"the model keeps {count} tensors{shown} in the external data file {files} beside it, and an upload "
+            "takes one file: the service needs the .onnx file with every tensor inside (possible up to 2 GB). Write "
+            f"one with onnx.save_model(onnx.load({model_file!r}), 'model_inline.onnx', save_as_external_data=False) "
+            "(onnx.load reads the data file from the same folder), or export again with "
+            "torch.onnx.export(..., external_data=False) and upload that file")
+
+
+def _tensors_with_external_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The tensors of a graph and its subgraphs whose bytes live in an external file."""
+    for tensor in graph.initializer:
+        if onnx.external_data_helper.uses_external_data(tensor):
+            yield tensor
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and onnx.external_data_helper.uses_external_data(attr.t):
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors_with_external_data(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _tensors_with_external_data(sub)
+
+
 def check_contents(model_path: str, calibration_path: str | None, max_input_elements: int | None,
                    metrics: dict[str, str] | None, memory_limit_mb: int | None = None) -> dict[str, Any]:
     """Load the model and the samples and check them (the memory-hungry part: run in the validation child).
@@ -342,9 +393,9 @@ def _check_contents(model_path: str, calibration_path: str | None, max_input_ele
     try:
         loaded: LoadedModel = load_model(path, base_dir=path.parent / f"{path.name}.external", session=SERVING_CHECK)
     except ExternalDataError as exc:
-        raise ExternalDataError(
+        raise ExternalDataError(_external_data_advice(path) or (
             f"{exc}. The service takes the model as one .onnx file: save it with every tensor inside "
-            "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)"
+            "(onnx.save_model(model, path, save_as_external_data=False); possible up to 2 GB)")
         ) from None
     require_tensor_outputs(loaded.proto)  # a 400 now, not a 500 per predict and a failed job
     if memory_limit_mb is not None:  # what ORT skipped folding under the limit would be folded by the serving process
