@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from app.services.uploads import check_contents
 from optimizer.errors import ExternalDataError
+from optimizer.graph_inspect import inspect
 
 
 def _dynamo_style_linear(tmp_path: Path) -> Path:
@@ -64,3 +65,54 @@ def test_the_advised_inline_file_is_accepted(tmp_path: Path) -> None:
     facts = check_contents(str(inline), None, None, None)
     assert facts["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", "seq", 32]}]
     assert facts["size_bytes"] == inline.stat().st_size > (32 * 64 + 128) * 4
+
+
+def _sdpa_style_encoder(seed: int = 0) -> onnx.ModelProto:
+    """x + F.scaled_dot_product_attention(q, k, v) then LayerNormalization, as torch 2.13's dynamo exporter writes
+    it: q and k each scaled by a constant Mul (sqrt of 1/sqrt(d)), MatMul -> Softmax -> MatMul, no Reshape into
+    heads that ONNX Runtime's BERT attention fusion looks for."""
+    rng = np.random.default_rng(seed)
+    d = 16
+    weights = [numpy_helper.from_array((rng.standard_normal((d, d)) * 0.3).astype(np.float32), f"w{n}")
+               for n in "qkv"]
+    scale = numpy_helper.from_array(np.array(d ** -0.25, np.float32), "scale")
+    ln_w = numpy_helper.from_array(np.ones(d, np.float32), "ln.weight")
+    ln_b = numpy_helper.from_array(np.zeros(d, np.float32), "ln.bias")
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("Mul", ["q", "scale"], ["q_s"]),
+        helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 2, 1]),
+        helper.make_node("Mul", ["k_t", "scale"], ["k_s"]),
+        helper.make_node("MatMul", ["q_s", "k_s"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["context"]),
+        helper.make_node("Add", ["x", "context"], ["res"]),
+        helper.make_node("LayerNormalization", ["res", "ln.weight", "ln.bias"], ["y"], axis=-1, epsilon=1e-5),
+    ]
+    graph = helper.make_graph(nodes, "main_graph",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d])],
+                              [*weights, scale, ln_w, ln_b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_attention_the_transformer_optimizer_left_unfused_is_reported() -> None:
+    # torch 2.13's encoder (dynamo=True and False): inspect said "fusable: Attention x4", the fused variant had
+    # 0 Attention ops, and its note said "transformer fusion adds com.microsoft contrib ops (Attention, ...)".
+    from optimizer.graph_inspect import ATTENTION
+    from optimizer.passes import cleanup
+
+    model = _sdpa_style_encoder()
+    assert inspect(model).fusable_count(ATTENTION) == 1
+    result = cleanup.run(model)
+    fusion = result.changes["transformer_fusion"]
+    assert fusion["used"] is True
+    assert "Attention" not in fusion["operators"]
+    assert fusion["attention_left"] == 1
+    assert any(note.startswith("1 attention pattern(s)") and "left unfused" in note for note in result.notes)
+    assert not any("(Attention, SkipLayerNormalization, ...)" in note for note in result.notes)
+    # the ops it did add are named, with counts (here the residual Add + LayerNormalization)
+    assert fusion["operators"] == {"SkipLayerNormalization": 1}
+    assert "transformer fusion added SkipLayerNormalization x1: com.microsoft contrib ops" in " ".join(result.notes)

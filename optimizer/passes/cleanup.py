@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, version_converter
 
 from optimizer.errors import PassError, first_line
-from optimizer.graph_inspect import GraphReport, guess_attention_shape, inspect, is_transformer
+from optimizer.graph_inspect import ATTENTION, GraphReport, guess_attention_shape, inspect, is_transformer
 from optimizer.passes.base import PassResult, verify_runs
 from optimizer.runtime import SessionSettings, create_session, cuda_is_usable
 
@@ -198,6 +198,25 @@ def _transformer_fusion(model: onnx.ModelProto, config: CleanupConfig,
     return fused.model, detail
 
 
+def _transformer_notes(operators: dict[str, int]) -> list[str]:
+    """What the transformer optimizer added, named: the note said "(Attention, SkipLayerNormalization, ...)" whatever
+    it fused, so a torch export whose attention stayed unfused read as if it had been fused."""
+    if not operators:
+        return ["ONNX Runtime's transformer optimizer matched nothing in this graph"]
+    ops = ", ".join(f"{op} x{n}" for op, n in sorted(operators.items()))
+    return [f"transformer fusion added {ops}: com.microsoft contrib ops that ONNX Runtime's CPU and CUDA providers "
+            "implement; other runtimes may not"]
+
+
+def _attention_left_note(left: int) -> str:
+    """WHY: inspect lists MatMul -> Softmax -> MatMul as fusable into Attention, but ONNX Runtime's optimizer only
+    matches the attention subgraphs it knows (Hugging Face BERT-style exports); torch 2.13's exports of
+    nn.TransformerEncoderLayer and F.scaled_dot_product_attention (dynamo=True and dynamo=False alike) kept all 4."""
+    return (f"{left} attention pattern(s) (MatMul -> Softmax -> MatMul) were left unfused: ONNX Runtime's transformer "
+            "optimizer did not recognise this export's attention (it matches BERT-style exports, not torch's "
+            "nn.MultiheadAttention or F.scaled_dot_product_attention); they run as separate MatMul and Softmax ops")
+
+
 # --- checks -----------------------------------------------------------------------------------
 
 
@@ -320,8 +339,7 @@ def run(model: onnx.ModelProto, config: CleanupConfig | None = None,
         result, detail = _transformer_fusion(result, config, layer_norm=opset_detail.get("layer_norm", True))
         transformer_detail.update(detail)
         transformer_detail.update({k: v for k, v in opset_detail.items() if k != "layer_norm"})
-        notes.append("transformer fusion adds com.microsoft contrib ops (Attention, SkipLayerNormalization, ...) "
-                     "that ONNX Runtime's CPU and CUDA providers implement; other runtimes may not")
+        notes.extend(_transformer_notes(transformer_detail.get("operators", {})))
     if config.level == "extended":
         result = _ort_offline(result, "extended", provider)
         notes.append(f"extended level: fused ops chosen for the {provider} provider on this machine; keep the "
@@ -335,6 +353,11 @@ def run(model: onnx.ModelProto, config: CleanupConfig | None = None,
     diffs = compare_outputs(model, result, feed, config.atol, config.rtol)
 
     after = inspect(result)
+    if use_transformer:
+        left = after.fusable_count(ATTENTION)
+        transformer_detail["attention_left"] = left
+        if left:
+            notes.append(_attention_left_note(left))
     hist_before, hist_after = _histogram(model), _histogram(result)
     removed = dict(sorted((hist_before - hist_after).items()))
     added = dict(sorted((hist_after - hist_before).items()))
