@@ -186,6 +186,16 @@ _PREDICT_HELP = ("Predict requests by model, version, variant and outcome: ok; r
                  "the model's or the service's side)")
 
 
+class _Fixed(Collector):
+    """A series fixed for the process's life, given at start."""
+
+    def __init__(self, family: GaugeMetricFamily) -> None:
+        self.family = family
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        yield self.family
+
+
 class Metrics:
     """WHY the HTTP, predict and batching series are plain numbers (exported by `_CountsCollector`): every request
     counts in them on the event loop, and prometheus_client's labelled children take a lock and several Python calls
@@ -193,7 +203,7 @@ class Metrics:
 
     def __init__(self, job_counts: Callable[[], dict[str, int]], sessions_loaded: Callable[[], int],
                  sessions_bytes: Callable[[], int] = lambda: 0,
-                 validations: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+                 validations: Callable[[], tuple[int, int]] = lambda: (0, 0), provider: str = "cpu") -> None:
         self.registry = CollectorRegistry()
         # The process's memory, CPU and open files (process_*: read from /proc at each scrape, ~0.1 ms) and the
         # Python version (python_info, fixed): the process-global registry has them, ours would not. Memory must
@@ -206,6 +216,12 @@ class Metrics:
         self._batch: dict[tuple[str, str, str], _BatchSeries] = {}
         self.registry.register(_CountsCollector(self))
         self.registry.register(_StateCollector(job_counts, sessions_loaded, sessions_bytes, validations))
+        # WHY: a dashboard of latencies means little without what they ran on; a replica that fell back from CUDA
+        # to the CPU (onnxruntime-gpu without a usable GPU) must be visible where its latencies are.
+        info = GaugeMetricFamily("onnxforge_execution_provider", "The execution provider this process serves "
+                                 "on (1 on its label), after probing CUDA", labels=["provider"])
+        info.add_metric([provider], 1)
+        self.registry.register(_Fixed(info))
 
     def count_http(self, method: str, route: str, status: str) -> None:
         labels = (method, route, status)

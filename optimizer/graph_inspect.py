@@ -399,7 +399,11 @@ def _gelus(g: _Graph) -> FusableChain:
 
 def _attentions(g: _Graph) -> FusableChain:
     """MatMul(q, k) -> [Div|Mul scale] -> [Add mask] -> Softmax -> MatMul(probs, v), on activations."""
-    chain = FusableChain(ATTENTION, "Attention / MultiHeadAttention (ONNX Runtime transformer optimizer)")
+    # WHY the hedge: ONNX Runtime's optimizer fuses BERT-style exports; torch 2.13's nn.MultiheadAttention and
+    # F.scaled_dot_product_attention (either exporter) came out with 0 Attention ops (cleanup's attention_left).
+    chain = FusableChain(ATTENTION, "Attention / MultiHeadAttention where ONNX Runtime's transformer optimizer "
+                                    "recognises the pattern (BERT-style exports; not torch's nn.MultiheadAttention "
+                                    "or F.scaled_dot_product_attention)")
     for softmax in g.nodes:
         if softmax.op_type != "Softmax":
             continue

@@ -83,7 +83,7 @@ def open_services(settings: Settings) -> Services:
     jobs = JobQueue(db, settings.job_lease_s, settings.job_max_attempts)
     validations = ValidationLimiter(settings.max_concurrent_validations, settings.validation_wait_s)
     metrics = Metrics(jobs.counts, lambda: len(sessions), lambda: sessions.bytes,
-                      lambda: (validations.running, validations.refused))
+                      lambda: (validations.running, validations.refused), provider=provider)
     registry = Registry(db, store)
     # One thread more than one model may hold (max_running_per_model): a slow model leaves one to the others.
     executor = ThreadPoolExecutor(settings.predict_threads + 1, thread_name_prefix="predict")
