@@ -48,7 +48,7 @@ from optimizer.graph_inspect import already_quantized, inspect
 from optimizer.latency import AA_CONTROL, LatencyStats, Ratio, measure_batches, model_row_coupling, paired_ratio
 from optimizer.loading import LoadedModel, fixed_input_shapes, load_model, require_tensor_outputs
 from optimizer.passes import cleanup
-from optimizer.runtime import SessionSettings, create_session, resolve_provider
+from optimizer.runtime import SessionSettings, create_session, resolve_provider, timing_threads
 from optimizer.threads import add_fewer_thread_twins
 from optimizer.variants import Built, VariantReport, build, describe, evaluate, set_latency
 
@@ -672,6 +672,7 @@ def optimize(
         "provider": provider,
         # what the figures were measured with: versions, execution provider, CPU (optimizer.environment)
         "environment": environment(provider),
+        "threads": timing_threads(config.threads),  # what every session above timed with
         "config": asdict(config),
         # every limit the accuracy guard applied (the slice limits, float rounding and what the graph says each
         # output is are not in config)

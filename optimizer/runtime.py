@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -350,6 +351,16 @@ def _threads_within_limit() -> int:
     process fewer CPUs than the machine has: then that many. Read once: the limits of a running process stay."""
     limit = cpu_limit()
     return limit if limit < (os.cpu_count() or limit) else 0
+
+
+def timing_threads(requested: int) -> dict[str, Any]:
+    """The intra-op threads every timing ran with, for the report: `threads` 0 alone does not say it, and a worker
+    timing on a big host's cores while API replicas limited to 2 CPUs serve on 2 must be visible there."""
+    used = requested or _threads_within_limit()
+    rule = ("as configured" if requested else "the CPUs this process may use (affinity or CPU quota)" if used
+            else "ONNX Runtime's default: one per physical core of the machine")
+    return {"intra_op_threads": used or None, "cpus_usable": cpu_limit(), "rule": rule,
+            "note": "a '-1thread' variant runs on one thread whatever this says"}
 
 
 def session_provider(session: ort.InferenceSession) -> str:
