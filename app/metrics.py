@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
+    Gauge,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
@@ -186,16 +187,6 @@ _PREDICT_HELP = ("Predict requests by model, version, variant and outcome: ok; r
                  "the model's or the service's side)")
 
 
-class _Fixed(Collector):
-    """A series fixed for the process's life, given at start."""
-
-    def __init__(self, family: GaugeMetricFamily) -> None:
-        self.family = family
-
-    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
-        yield self.family
-
-
 class Metrics:
     """WHY the HTTP, predict and batching series are plain numbers (exported by `_CountsCollector`): every request
     counts in them on the event loop, and prometheus_client's labelled children take a lock and several Python calls
@@ -218,10 +209,8 @@ class Metrics:
         self.registry.register(_StateCollector(job_counts, sessions_loaded, sessions_bytes, validations))
         # WHY: a dashboard of latencies means little without what they ran on; a replica that fell back from CUDA
         # to the CPU (onnxruntime-gpu without a usable GPU) must be visible where its latencies are.
-        info = GaugeMetricFamily("onnxforge_execution_provider", "The execution provider this process serves "
-                                 "on (1 on its label), after probing CUDA", labels=["provider"])
-        info.add_metric([provider], 1)
-        self.registry.register(_Fixed(info))
+        Gauge("onnxforge_execution_provider", "The execution provider this process serves on (1 on its label), "
+              "after probing CUDA", ["provider"], registry=self.registry).labels(provider).set(1)
 
     def count_http(self, method: str, route: str, status: str) -> None:
         labels = (method, route, status)
